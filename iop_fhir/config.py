@@ -1,0 +1,46 @@
+"""Settings, read from IOP_FHIR_* environment variables; the defaults run with nothing else installed."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///iop_fhir.db"
+    base_url: str = ""  # public base of the FHIR API, e.g. https://iop.example.org/fhir; empty = from the request
+    max_body_bytes: int = 10 * 1024 * 1024
+    default_page_size: int = 20
+    max_page_size: int = 1000
+    max_bundle_entries: int = 5000
+    sql_echo: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = dict(os.environ) if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f"IOP_FHIR_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.type in ("int", int):
+                values[f.name] = int(raw)
+            elif f.type in ("bool", bool):
+                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                values[f.name] = raw
+        return replace(cls(**values), **overrides)
+
+
+# The configuration table in README.md is the user-facing copy of this.
+DESCRIPTIONS = {
+    "database_url": "SQLAlchemy URL; `postgresql+psycopg://host/db` for PostgreSQL",
+    "base_url": "public base URL of the FHIR API used in links and Location headers; empty: taken from the request",
+    "max_body_bytes": "largest request body accepted (413 above it)",
+    "default_page_size": "search page size when `_count` is not given",
+    "max_page_size": "largest `_count` honoured",
+    "max_bundle_entries": "most entries accepted in one batch or transaction Bundle",
+    "sql_echo": "log SQL statements (never enable with real data: parameters are logged)",
+}

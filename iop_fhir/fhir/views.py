@@ -1,0 +1,200 @@
+"""The /fhir blueprint: one view per FHIR REST interaction (https://hl7.org/fhir/R4/http.html).
+
+Each view unpacks the request, makes one repository call and builds the response; the rules live in repository.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+from flask import Blueprint, Response, current_app, request
+
+from iop_fhir.errors import BadRequest, information, operation_outcome
+from iop_fhir.fhir import capability, http
+from iop_fhir.fhir.history import history_bundle, history_params
+from iop_fhir.fhir.repository import Repository, check_type, validation_issues
+
+bp = Blueprint("fhir", __name__, url_prefix="/fhir")
+
+
+def repo() -> Repository:
+    repository: Repository = current_app.extensions["iop_fhir.repository"]
+    return repository
+
+
+def base_url() -> str:
+    configured: str = current_app.config["IOP_FHIR"].base_url
+    return configured.rstrip("/") if configured else request.host_url.rstrip("/") + bp.url_prefix
+
+
+@bp.before_request
+def _negotiate() -> None:
+    http.check_format(request)
+
+
+def _query_params() -> list[tuple[str, str]]:
+    return [(k, v) for k, v in request.args.items(multi=True)]
+
+
+def _prefer() -> str | None:
+    return request.headers.get("Prefer")
+
+
+@bp.get("/metadata")
+def metadata() -> Response:
+    return http.fhir_response(capability.capability_statement(base_url()))
+
+
+@bp.post("")
+@bp.post("/")
+def batch_or_transaction() -> Response:
+    from iop_fhir.fhir import transaction
+
+    bundle = http.json_body(request)
+    return http.fhir_response(transaction.process(repo(), bundle, base_url=base_url()))
+
+
+@bp.get("/_history")
+def system_history() -> Response:
+    return _history(None, None, "_history")
+
+
+@bp.get("/<res_type>")
+def search(res_type: str) -> Response:
+    return _search(res_type, _query_params())
+
+
+@bp.post("/<res_type>/_search")
+def search_post(res_type: str) -> Response:
+    if request.mimetype != "application/x-www-form-urlencoded":
+        raise BadRequest(
+            "POST _search takes a form (application/x-www-form-urlencoded) body", "Content-Type", code="not-supported"
+        )
+    body = request.get_data(as_text=True)
+    return _search(res_type, _query_params() + parse_qsl(body, keep_blank_values=True))
+
+
+def _search(res_type: str, params: list[tuple[str, str]]) -> Response:
+    from iop_fhir.fhir import searchset
+
+    search_request, result = repo().search(res_type, params, lenient=http.lenient(_prefer()))
+    return http.fhir_response(searchset.searchset_bundle(search_request, result, base_url()))
+
+
+@bp.post("/<res_type>")
+def create(res_type: str) -> Response:
+    check_type(res_type)
+    body = http.json_body(request)
+    result = repo().create(res_type, body, if_none_exist=request.headers.get("If-None-Exist"))
+    stored = result.stored
+    location = f"{base_url()}/{res_type}/{stored.res_id}/_history/{stored.version_id}"
+    return http.resource_response(
+        stored, status=201 if result.created else 200, prefer=_prefer(), location=location
+    )
+
+
+@bp.put("/<res_type>")
+def conditional_update(res_type: str) -> Response:
+    check_type(res_type)
+    body = http.json_body(request)
+    query = request.query_string.decode()
+    result = repo().conditional_update(res_type, query, body, if_match=http.parse_etag(request.headers.get("If-Match")))
+    return _written(res_type, result.stored, result.created)
+
+
+@bp.delete("/<res_type>")
+def conditional_delete(res_type: str) -> Response:
+    check_type(res_type)
+    deleted = repo().conditional_delete(res_type, request.query_string.decode())
+    return _deleted(deleted)
+
+
+@bp.get("/<res_type>/_history")
+def type_history(res_type: str) -> Response:
+    return _history(res_type, None, f"{res_type}/_history")
+
+
+@bp.get("/<res_type>/<res_id>")
+def read(res_type: str, res_id: str) -> Response:
+    stored = repo().read(res_type, res_id)
+    etag = f'W/"{stored.version_id}"'
+    if request.headers.get("If-None-Match") in (etag, f'"{stored.version_id}"'):
+        return http.fhir_response(None, 304, http.version_headers(stored))
+    return http.resource_response(stored)
+
+
+@bp.put("/<res_type>/<res_id>")
+def update(res_type: str, res_id: str) -> Response:
+    check_type(res_type)
+    body = http.json_body(request)
+    result = repo().update(res_type, res_id, body, if_match=http.parse_etag(request.headers.get("If-Match")))
+    return _written(res_type, result.stored, result.created)
+
+
+@bp.patch("/<res_type>/<res_id>")
+def patch(res_type: str, res_id: str) -> Response:
+    check_type(res_type)
+    operations = http.json_body(request, patch=True)
+    result = repo().patch(res_type, res_id, operations, if_match=http.parse_etag(request.headers.get("If-Match")))
+    return _written(res_type, result.stored, result.created)
+
+
+@bp.delete("/<res_type>/<res_id>")
+def delete(res_type: str, res_id: str) -> Response:
+    return _deleted(repo().delete(res_type, res_id))
+
+
+@bp.get("/<res_type>/<res_id>/_history")
+def instance_history(res_type: str, res_id: str) -> Response:
+    return _history(res_type, res_id, f"{res_type}/{res_id}/_history")
+
+
+@bp.get("/<res_type>/<res_id>/_history/<version>")
+def vread(res_type: str, res_id: str, version: str) -> Response:
+    return http.resource_response(repo().vread(res_type, res_id, version))
+
+
+@bp.post("/<res_type>/$validate")
+@bp.post("/<res_type>/<res_id>/$validate")
+def validate(res_type: str, res_id: str | None = None) -> Response:
+    """$validate (https://hl7.org/fhir/R4/resource-operation-validate.html): always 200 with the issues found."""
+    check_type(res_type)
+    body = http.json_body(request)
+    if isinstance(body, dict) and body.get("resourceType") == "Parameters":
+        body = _validate_parameter(body)
+    issues = validation_issues(res_type, body, res_id)
+    outcome = operation_outcome(issues) if issues else information("No issues found")
+    return http.fhir_response(outcome)
+
+
+def _validate_parameter(parameters: dict[str, Any]) -> Any:
+    for p in parameters.get("parameter") or []:
+        if isinstance(p, dict) and p.get("name") == "resource":
+            return p.get("resource")
+    raise BadRequest("$validate Parameters need a 'resource' parameter", "Parameters.parameter")
+
+
+def _written(res_type: str, stored: Any, created: bool) -> Response:
+    location = f"{base_url()}/{res_type}/{stored.res_id}/_history/{stored.version_id}"
+    return http.resource_response(
+        stored, status=201 if created else 200, prefer=_prefer(), location=location if created else None
+    )
+
+
+def _deleted(deleted: Any) -> Response:
+    headers = {"ETag": f'W/"{deleted.version_id}"'} if deleted is not None else {}
+    return http.fhir_response(None, 204, headers)
+
+
+def _history(res_type: str | None, res_id: str | None, path: str) -> Response:
+    params, count, offset, since, at = history_params(
+        _query_params(), default_count=current_app.config["IOP_FHIR"].default_page_size,
+        max_count=current_app.config["IOP_FHIR"].max_page_size,
+    )
+    versions, total = repo().history(res_type, res_id, since=since, at=at, count=count, offset=offset)
+    return http.fhir_response(
+        history_bundle(
+            versions, total, base_url=base_url(), path=path, params=params, count=count, offset=offset
+        )
+    )

@@ -1,0 +1,125 @@
+"""The SQL schema of the FHIR store: current resources, every version, and the search index.
+
+Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
+SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
+``migrations/`` create this schema; ``tests/store/test_migrations.py`` checks they agree.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+TYPE = 64  # longest R4 resource type name is 37 characters
+ID = 64  # https://hl7.org/fhir/R4/datatypes.html#id
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("res_type", String(TYPE), primary_key=True),
+    Column("res_id", String(ID), primary_key=True),
+    Column("version_id", Integer, nullable=False),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Column("content", LargeBinary, nullable=True),  # the stored JSON bytes; null once deleted
+    Index("ix_resources_type_updated", "res_type", "last_updated"),
+)
+
+history = Table(
+    "resource_history",
+    metadata,
+    Column("res_type", String(TYPE), primary_key=True),
+    Column("res_id", String(ID), primary_key=True),
+    Column("version_id", Integer, primary_key=True),
+    Column("last_updated", BigInteger, nullable=False),
+    Column("method", String(8), nullable=False),  # POST, PUT, PATCH, DELETE
+    Column("content", LargeBinary, nullable=True),
+    Index("ix_history_updated", "last_updated"),
+    Index("ix_history_type_updated", "res_type", "last_updated"),
+)
+
+
+def _index_table(name: str, *columns: Column[object], value_index: tuple[str, ...]) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("res_type", String(TYPE), nullable=False),
+        Column("res_id", String(ID), nullable=False),
+        Column("param", String(100), nullable=False),
+        *columns,
+        Index(f"ix_{name}_resource", "res_type", "res_id"),
+        Index(f"ix_{name}_value", "res_type", "param", *value_index),
+    )
+
+
+idx_token = _index_table(
+    "idx_token",
+    Column("system", Text, nullable=True),
+    Column("code", Text, nullable=True),
+    Column("text", Text, nullable=True),  # display / CodeableConcept.text, lower-cased, for :text
+    value_index=("code",),
+)
+idx_string = _index_table(
+    "idx_string",
+    Column("norm", Text, nullable=False),  # lower-cased, accents removed: default and :contains matching
+    Column("exact", Text, nullable=False),
+    value_index=("norm",),
+)
+idx_date = _index_table(
+    "idx_date",
+    Column("low", BigInteger, nullable=False),  # first microsecond of the value's range
+    Column("high", BigInteger, nullable=False),  # last microsecond of the value's range
+    value_index=("low", "high"),
+)
+idx_number = _index_table(
+    "idx_number",
+    Column("value", Float, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    value_index=("value",),
+)
+idx_quantity = _index_table(
+    "idx_quantity",
+    Column("value", Float, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Column("system", Text, nullable=True),
+    Column("code", Text, nullable=True),
+    Column("unit", Text, nullable=True),
+    value_index=("value",),
+)
+idx_reference = _index_table(
+    "idx_reference",
+    Column("target_type", String(TYPE), nullable=True),
+    Column("target_id", String(ID), nullable=True),
+    Column("url", Text, nullable=True),  # absolute or canonical references, kept as written
+    value_index=("target_id",),
+)
+idx_uri = _index_table(
+    "idx_uri",
+    Column("value", Text, nullable=False),
+    value_index=("value",),
+)
+
+INDEX_TABLES: dict[str, Table] = {
+    "token": idx_token,
+    "string": idx_string,
+    "date": idx_date,
+    "number": idx_number,
+    "quantity": idx_quantity,
+    "reference": idx_reference,
+    "uri": idx_uri,
+}

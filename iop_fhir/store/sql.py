@@ -1,0 +1,258 @@
+"""The SQL store: SQLite (embedded default, WAL) or PostgreSQL, through SQLAlchemy Core.
+
+Concurrency: every write runs in one database transaction. On SQLite a write transaction starts with
+``BEGIN IMMEDIATE``, which serialises writers across threads and processes. On PostgreSQL writers take transaction-scoped
+advisory locks (per resource, and per type for conditional interactions), so check-then-write sequences such as
+conditional create or If-Match updates are race-free on both databases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.pool import StaticPool
+
+from iop_fhir.store import schema
+from iop_fhir.store.base import IndexRows, SearchResult, StoredResource
+
+_R = schema.resources
+_H = schema.history
+
+
+def make_engine(url: str, *, echo: bool = False) -> Engine:
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url, echo)
+    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_engine(url: str, echo: bool) -> Engine:
+    memory = url in ("sqlite://", "sqlite:///:memory:")
+    engine = create_engine(
+        url,
+        echo=echo,
+        connect_args={"check_same_thread": False, "timeout": 60},
+        # An in-memory database exists only inside its one connection, so every thread must share it.
+        **({"poolclass": StaticPool} if memory else {}),
+    )
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the sqlite3 module so BEGIN IMMEDIATE can be issued for writes.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("iop_write") else "BEGIN")
+
+    return engine
+
+
+def _lock_id(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _row_to_stored(res_type: str, res_id: str, row: Any, method: str | None = None) -> StoredResource:
+    return StoredResource(
+        res_type=res_type,
+        res_id=res_id,
+        version_id=row.version_id,
+        last_updated=row.last_updated,
+        deleted=bool(row.deleted) if method is None else method == "DELETE",
+        content=row.content,
+        method=method,
+    )
+
+
+class SqlWriteTx:
+    """One write transaction. Inserts are buffered and sent in batches before any read and at commit."""
+
+    def __init__(self, conn: Connection, postgres: bool) -> None:
+        self.conn = conn
+        self.postgres = postgres
+        self._known: dict[tuple[str, str], StoredResource | None] = {}
+        self._locked: set[str] = set()
+        self._pending: dict[str, list[dict[str, Any]]] = {}
+
+    def lock(self, key: str) -> None:
+        if self.postgres and key not in self._locked:
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_id(key)})
+            self._locked.add(key)
+
+    def current(self, res_type: str, res_id: str) -> StoredResource | None:
+        key = (res_type, res_id)
+        if key in self._known:
+            return self._known[key]
+        self.lock(f"{res_type}/{res_id}")
+        self.flush()
+        row = self.conn.execute(
+            select(_R.c.version_id, _R.c.last_updated, _R.c.deleted, _R.c.content).where(
+                _R.c.res_type == res_type, _R.c.res_id == res_id
+            )
+        ).first()
+        found = _row_to_stored(res_type, res_id, row) if row else None
+        self._known[key] = found
+        return found
+
+    def _queue(self, table: str, row: dict[str, Any]) -> None:
+        self._pending.setdefault(table, []).append(row)
+
+    def save(self, version: StoredResource, index: IndexRows) -> None:
+        key = (version.res_type, version.res_id)
+        if key not in self._known:
+            raise RuntimeError("save() needs current() first")  # programming error, never user input
+        previous = self._known[key]
+        values = {
+            "version_id": version.version_id,
+            "last_updated": version.last_updated,
+            "deleted": False,
+            "content": version.content,
+        }
+        if previous is None:
+            self._queue("resources", {"res_type": version.res_type, "res_id": version.res_id, **values})
+        else:
+            self.flush()
+            self.conn.execute(
+                update(_R).where(_R.c.res_type == version.res_type, _R.c.res_id == version.res_id).values(**values)
+            )
+            self._drop_index(version.res_type, version.res_id)
+        self._queue(
+            "resource_history",
+            {"res_type": version.res_type, "res_id": version.res_id, "method": version.method or "PUT", **values},
+        )
+        base = {"res_type": version.res_type, "res_id": version.res_id}
+        for kind, rows in index.items():
+            table = schema.INDEX_TABLES[kind].name
+            for row in rows:
+                self._queue(table, {**base, **row})
+        self._known[key] = version
+
+    def delete(self, res_type: str, res_id: str, version_id: int, last_updated: int) -> None:
+        self.flush()
+        self.conn.execute(
+            update(_R)
+            .where(_R.c.res_type == res_type, _R.c.res_id == res_id)
+            .values(version_id=version_id, last_updated=last_updated, deleted=True, content=None)
+        )
+        self._queue(
+            "resource_history",
+            {
+                "res_type": res_type,
+                "res_id": res_id,
+                "version_id": version_id,
+                "last_updated": last_updated,
+                "method": "DELETE",
+                "deleted": True,
+                "content": None,
+            },
+        )
+        self._drop_index(res_type, res_id)
+        self._known[(res_type, res_id)] = StoredResource(res_type, res_id, version_id, last_updated, True, None)
+
+    def _drop_index(self, res_type: str, res_id: str) -> None:
+        for table in schema.INDEX_TABLES.values():
+            self.conn.execute(delete(table).where(table.c.res_type == res_type, table.c.res_id == res_id))
+
+    def search(self, request: Any) -> SearchResult:
+        from iop_fhir.store import search_sql
+
+        self.flush()
+        return search_sql.run(self.conn, request)
+
+    def flush(self) -> None:
+        # Parents first: resources, then history, then index rows.
+        for name in ("resources", "resource_history", *(t.name for t in schema.INDEX_TABLES.values())):
+            rows = self._pending.pop(name, None)
+            if rows:
+                table = schema.metadata.tables[name]
+                if name == "resource_history":
+                    rows = [{k: v for k, v in r.items() if k != "deleted"} for r in rows]
+                self.conn.execute(insert(table), rows)
+
+
+class SqlStore:
+    """The Store of store/base.py over one SQLAlchemy engine."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        self.engine = make_engine(url, echo=echo)
+        self.postgres = self.engine.dialect.name == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[SqlWriteTx]:
+        with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+            tx = SqlWriteTx(conn, self.postgres)
+            yield tx
+            tx.flush()
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def read(self, res_type: str, res_id: str) -> StoredResource | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(_R.c.version_id, _R.c.last_updated, _R.c.deleted, _R.c.content).where(
+                    _R.c.res_type == res_type, _R.c.res_id == res_id
+                )
+            ).first()
+        return _row_to_stored(res_type, res_id, row) if row else None
+
+    def vread(self, res_type: str, res_id: str, version_id: int) -> StoredResource | None:
+        with self._read() as conn:
+            row = conn.execute(
+                select(_H.c.version_id, _H.c.last_updated, _H.c.method, _H.c.content).where(
+                    _H.c.res_type == res_type, _H.c.res_id == res_id, _H.c.version_id == version_id
+                )
+            ).first()
+        return _row_to_stored(res_type, res_id, row, row.method) if row else None
+
+    def history(
+        self,
+        res_type: str | None,
+        res_id: str | None,
+        *,
+        since: int | None,
+        at: int | None,
+        count: int,
+        offset: int,
+    ) -> tuple[list[StoredResource], int]:
+        """Versions newest first (https://hl7.org/fhir/R4/http.html#history)."""
+        conditions = []
+        if res_type is not None:
+            conditions.append(_H.c.res_type == res_type)
+        if res_id is not None:
+            conditions.append(_H.c.res_id == res_id)
+        if since is not None:
+            conditions.append(_H.c.last_updated >= since)
+        if at is not None:
+            conditions.append(_H.c.last_updated <= at)
+        query = (
+            select(_H.c.res_type, _H.c.res_id, _H.c.version_id, _H.c.last_updated, _H.c.method, _H.c.content)
+            .where(*conditions)
+            .order_by(_H.c.last_updated.desc(), _H.c.version_id.desc(), _H.c.res_type, _H.c.res_id)
+            .limit(count)
+            .offset(offset)
+        )
+        with self._read() as conn:
+            total = conn.execute(select(func.count()).select_from(_H).where(*conditions)).scalar_one()
+            rows = conn.execute(query).all() if count else []
+        return [_row_to_stored(r.res_type, r.res_id, r, r.method) for r in rows], total
+
+    def search(self, request: Any) -> SearchResult:
+        from iop_fhir.store import search_sql
+
+        with self._read() as conn:
+            return search_sql.run(conn, request)
