@@ -1,0 +1,678 @@
+"""Parses a FHIR search query string into a typed, validated ``SearchRequest`` (pure: no database, no Flask).
+
+https://hl7.org/fhir/R4/search.html. ``store/search_sql.py`` turns the request into SQL, ``fhir/searchset.py`` into
+the searchset Bundle; ``SearchRequest.query()`` renders the canonical query string used in the Bundle's links.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from urllib.parse import quote
+
+from iop_fhir.errors import BadRequest, NotFound
+from iop_fhir.fhir import definitions
+
+# Parameter kinds backed by an index table of store/schema.py (composite and special are not searchable here).
+INDEXED_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})
+# Parameters searched on the resources table itself rather than on an index table.
+RESOURCE_COLUMNS = frozenset({"_id", "_lastUpdated"})
+# https://hl7.org/fhir/R4/search.html#prefix
+PREFIXES = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"})
+# https://hl7.org/fhir/R4/search.html#modifiers: what each kind accepts (":Type" on references is handled apart).
+MODIFIERS: dict[str, frozenset[str]] = {
+    "token": frozenset({"missing", "not", "text"}),
+    "string": frozenset({"missing", "exact", "contains"}),
+    "reference": frozenset({"missing"}),
+    "date": frozenset({"missing"}),
+    "number": frozenset({"missing"}),
+    "quantity": frozenset({"missing"}),
+    "uri": frozenset({"missing", "below", "above"}),
+}
+SUMMARY_VALUES = ("true", "text", "data", "count", "false")
+TOTAL_VALUES = ("none", "estimate", "accurate")
+# Search-result parameters (https://hl7.org/fhir/R4/search.html#return) and those accepted without effect here.
+_IGNORED = frozenset({"_format", "_pretty"})
+# Resource-level parameters that exist in the specification but that this server does not implement.
+_UNSUPPORTED = frozenset(
+    {"_has", "_list", "_filter", "_query", "_text", "_content", "_type", "_contained", "_containedType", "_graph"}
+)
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # https://hl7.org/fhir/R4/datatypes.html#id
+_ELEMENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
+_DATE = re.compile(
+    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_DT = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+US = timedelta(microseconds=1)
+
+
+# -- values ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenValue:
+    """``system|code``: system None = any system, "" = no system (``|code``); code None = any code (``system|``)."""
+
+    system: str | None
+    code: str | None
+
+
+@dataclass(frozen=True)
+class StringValue:
+    """A string search value (also the value of token ``:text``): as given, and normalised like ``idx_string.norm``."""
+
+    value: str
+    norm: str
+
+
+@dataclass(frozen=True)
+class DateValue:
+    """A date search value: its prefix and implicit range, both ends inclusive, in microseconds since the epoch."""
+
+    prefix: str
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class NumberValue:
+    """A number or quantity value: prefix, exact number, implicit precision range ``[low, high)``, and for quantities
+    the unit (system None = any system; code matches the unit's code or, without system, its unit text)."""
+
+    prefix: str
+    value: float
+    low: float
+    high: float
+    system: str | None = None
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class ReferenceValue:
+    """``Type/id`` (res_type and res_id), a bare ``id`` (res_type None), or an absolute/canonical ``url``."""
+
+    res_type: str | None = None
+    res_id: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class UriValue:
+    value: str
+
+
+Value = TokenValue | StringValue | DateValue | NumberValue | ReferenceValue | UriValue
+
+
+# -- the request -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One search parameter of the query: its values are OR-ed; the filters of a request are AND-ed.
+
+    ``kind`` is the parameter type (``_id`` is "token", ``_lastUpdated`` "date"; both search the resources table).
+    ``modifier`` is one of missing, not, text, exact, contains, below, above or None (``:Type`` on a reference sets
+    ``target_type`` instead). With ``missing`` set, ``values`` is empty. ``chain`` is the filter applied to the
+    resources this reference points to (of type ``target_type``), for ``subject:Patient.name=x``.
+    """
+
+    name: str  # the parameter as given, with its modifier and chain: the query-string key
+    param: str  # the SearchParameter code
+    kind: str
+    raw: str  # the value as given
+    modifier: str | None = None
+    values: tuple[Value, ...] = ()
+    missing: bool | None = None
+    target_type: str | None = None
+    chain: Filter | None = None
+
+    @property
+    def negated(self) -> bool:
+        """True when the filter matches resources that have no matching index row."""
+        return self.modifier == "not" or self.missing is True
+
+
+@dataclass(frozen=True)
+class SortKey:
+    param: str  # a parameter of an indexed kind, or _id / _lastUpdated
+    kind: str
+    descending: bool = False
+
+
+@dataclass(frozen=True)
+class Include:
+    """``_include=Source:param[:Target]`` or ``_revinclude=Source:param[:Target]`` (``param`` None: every reference
+    parameter, from ``*`` or ``Source:*``; ``source_type`` None: every type, from ``_include=*``)."""
+
+    source_type: str | None
+    param: str | None
+    target_type: str | None = None
+    iterate: bool = False
+    reverse: bool = False
+
+    def render(self) -> tuple[str, str]:
+        key = ("_revinclude" if self.reverse else "_include") + (":iterate" if self.iterate else "")
+        if self.source_type is None:
+            return key, "*"
+        value = f"{self.source_type}:{self.param or '*'}"
+        return key, value + (f":{self.target_type}" if self.target_type else "")
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """A validated search on one resource type (https://hl7.org/fhir/R4/search.html)."""
+
+    res_type: str
+    filters: tuple[Filter, ...] = ()
+    sort: tuple[SortKey, ...] = ()
+    count: int = 20  # page size, already capped; 0 asks for the total only
+    offset: int = 0
+    includes: tuple[Include, ...] = ()  # _include then _revinclude, in the order given
+    summary: str | None = None  # true | text | data | count | false
+    elements: tuple[str, ...] = ()
+    total: str | None = None  # none | estimate | accurate
+    ignored: tuple[str, ...] = ()  # parameters dropped under Prefer: handling=lenient, as given
+    _extra: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # result parameters echoed in links
+
+    @property
+    def wants_total(self) -> bool:
+        """Whether the total must be counted: ``_total=accurate|estimate``, ``_summary=count`` or ``_count=0``."""
+        if self.summary == "count":
+            return True
+        if self.total is None:
+            return self.count == 0
+        return self.total != "none"
+
+    def query(self, *, offset: int | None = None, count: int | None = None) -> str:
+        """The canonical query string: the filters as given (less those ignored), then the result parameters,
+        then ``_count`` and (when not 0) ``_offset``. Without arguments: this page's own (the self link)."""
+        offset = self.offset if offset is None else offset
+        count = self.count if count is None else count
+        pairs = [(f.name, f.raw) for f in self.filters]
+        if self.sort:
+            pairs.append(("_sort", ",".join(("-" if s.descending else "") + s.param for s in self.sort)))
+        pairs.extend(i.render() for i in self.includes)
+        if self.summary is not None:
+            pairs.append(("_summary", self.summary))
+        if self.elements:
+            pairs.append(("_elements", ",".join(self.elements)))
+        if self.total is not None:
+            pairs.append(("_total", self.total))
+        pairs.append(("_count", str(count)))
+        if offset:
+            pairs.append(("_offset", str(offset)))
+        return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in pairs)
+
+
+def _quote(text: str) -> str:
+    # ":" "/" "," are legal in a query and keep links readable; "|" is not legal and is escaped.
+    return quote(text, safe=":/,")
+
+
+# -- parsing -----------------------------------------------------------------------------------------------------
+
+
+def parse(
+    res_type: str,
+    params: list[tuple[str, str]],
+    *,
+    lenient: bool = False,
+    default_count: int = 20,
+    max_count: int = 1000,
+    base_url: str | None = None,
+) -> SearchRequest:
+    """Validate and type the parameters of a search on ``res_type`` (already URL-decoded, in request order).
+
+    Unknown or unsupported parameters and modifiers raise ``BadRequest`` (code ``not-supported``), or with
+    ``lenient`` are dropped and listed in ``ignored``; malformed values always raise ``BadRequest`` (``invalid``);
+    the issue's expression is the parameter as given. Parameters with an empty value are ignored
+    (https://hl7.org/fhir/R4/search.html#errors). ``base_url`` lets a reference given as an absolute URL on this
+    server match the relative references it stands for.
+    """
+    if res_type not in definitions.resource_types():
+        raise NotFound(f"Unknown resource type '{res_type}'", code="not-supported")
+    filters: list[Filter] = []
+    ignored: list[str] = []
+    includes: list[Include] = []
+    single: dict[str, tuple[str, str]] = {}  # result parameters that take one value: the last one given wins
+    for key, value in params:
+        if value == "":
+            continue
+        base = key.split(":", 1)[0]
+        if base in _IGNORED:
+            continue
+        try:
+            if base in ("_include", "_revinclude"):
+                includes.append(_parse_include(res_type, key, value))
+            elif base in ("_count", "_offset", "_sort", "_summary", "_elements", "_total"):
+                if ":" in key:
+                    raise _unsupported(key, f"'{key}': result parameter {base} takes no modifier")
+                single[base] = (key, value)
+            else:
+                filters.append(_parse_filter(res_type, key, value, base_url))
+        except _NotSupported as exc:
+            if not lenient:
+                raise BadRequest(str(exc), key, code="not-supported") from None
+            ignored.append(key)
+
+    count = default_count
+    if "_count" in single:
+        count = min(_non_negative(*single["_count"]), max_count)
+    offset = _non_negative(*single["_offset"]) if "_offset" in single else 0
+    summary = _choice(*single["_summary"], SUMMARY_VALUES) if "_summary" in single else None
+    total = _choice(*single["_total"], TOTAL_VALUES) if "_total" in single else None
+    elements: tuple[str, ...] = ()
+    if "_elements" in single:
+        key, value = single["_elements"]
+        elements = tuple(e.strip() for e in value.split(",") if e.strip())
+        bad = [e for e in elements if not _ELEMENT.match(e)]
+        if bad:
+            raise BadRequest(f"_elements: '{bad[0]}' is not an element name", key)
+        if summary not in (None, "false"):
+            raise BadRequest("_elements cannot be combined with _summary", key)
+    sort: tuple[SortKey, ...] = ()
+    if "_sort" in single:
+        try:
+            sort = _parse_sort(res_type, *single["_sort"])
+        except _NotSupported as exc:
+            raise BadRequest(str(exc), single["_sort"][0], code="not-supported") from None
+    return SearchRequest(
+        res_type=res_type,
+        filters=tuple(filters),
+        sort=sort,
+        count=count,
+        offset=offset,
+        includes=tuple(includes),
+        summary=summary,
+        elements=elements,
+        total=total,
+        ignored=tuple(ignored),
+    )
+
+
+class _NotSupported(Exception):
+    """An unknown or unsupported parameter or modifier: dropped in lenient mode, else a not-supported error."""
+
+
+def _unsupported(key: str, message: str) -> _NotSupported:
+    return _NotSupported(message)
+
+
+def _non_negative(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise BadRequest(f"{key}: '{value}' is not a non-negative integer", key)
+    return int(value)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise BadRequest(f"{key}: '{value}' is not one of {', '.join(allowed)}", key)
+    return value
+
+
+@cache
+def _searchable(res_type: str) -> dict[str, definitions.SearchParam]:
+    """The parameters of ``res_type`` this server can search: ``_id``, ``_lastUpdated`` and every parameter of an
+    indexed kind that fhir/indexing.py indexes."""
+    params = definitions.search_params(res_type)
+    indexed = _indexed_params(res_type)
+    return {
+        name: p
+        for name, p in params.items()
+        if name in RESOURCE_COLUMNS
+        or (p.type in INDEXED_KINDS and p.expression and name not in _UNSUPPORTED and (indexed is None or name in indexed))
+    }
+
+
+def _indexed_params(res_type: str) -> frozenset[str] | None:
+    # fhir/indexing.py decides which parameters it can extract; until it is importable every parameter of an
+    # indexed kind with an expression counts as indexed.
+    try:
+        from iop_fhir.fhir.indexing import indexed_params  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    return frozenset(indexed_params(res_type))
+
+
+def _lookup(res_type: str, name: str, key: str) -> definitions.SearchParam:
+    param = _searchable(res_type).get(name)
+    if param is not None:
+        return param
+    known = definitions.search_params(res_type).get(name)
+    if known is not None or name in _UNSUPPORTED:
+        kind = f" ({known.type})" if known is not None else ""
+        raise _unsupported(key, f"Search parameter '{name}'{kind} is not supported on {res_type}")
+    raise _unsupported(key, f"Unknown search parameter '{name}' for {res_type}")
+
+
+def _parse_filter(res_type: str, key: str, value: str, base_url: str | None) -> Filter:
+    head, dot, tail = key.partition(".")
+    name, _, modifier = head.partition(":")
+    param = _lookup(res_type, name, key)
+    if dot:
+        return _parse_chain(res_type, key, value, param, modifier, tail, base_url)
+    return _parse_simple(res_type, key, value, param, modifier, base_url)
+
+
+def _parse_simple(
+    res_type: str, key: str, value: str, param: definitions.SearchParam, modifier: str, base_url: str | None
+) -> Filter:
+    kind = param.type
+    target_type: str | None = None
+    if modifier and kind == "reference" and modifier in definitions.resource_types():
+        if param.target and modifier not in param.target:
+            raise BadRequest(f"{key}: {modifier} is not a target type of {param.name}", key)
+        target_type, modifier = modifier, ""
+    if modifier and (param.name in RESOURCE_COLUMNS and modifier != "missing"
+                     or modifier not in MODIFIERS[kind]):
+        raise _unsupported(key, f"Modifier ':{modifier}' is not supported on the {kind} parameter '{param.name}'")
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            raise BadRequest(f"{key}: ':missing' takes true or false, not '{value}'", key)
+        return Filter(key, param.name, kind, value, "missing", missing=value == "true")
+    parse_one = _value_parser(kind, modifier, param, target_type, key, base_url)
+    values = tuple(parse_one(v) for v in split_values(value))
+    return Filter(key, param.name, kind, value, modifier or None, values, target_type=target_type)
+
+
+def _parse_chain(
+    res_type: str,
+    key: str,
+    value: str,
+    param: definitions.SearchParam,
+    type_modifier: str,
+    tail: str,
+    base_url: str | None,
+) -> Filter:
+    """``subject:Patient.name=x``: one level of chaining (https://hl7.org/fhir/R4/search.html#chaining)."""
+    if param.type != "reference":
+        raise BadRequest(f"{key}: only reference parameters can be chained; '{param.name}' is {param.type}", key)
+    if "." in tail:
+        raise _unsupported(key, f"'{key}': chains deeper than one level are not supported")
+    chained_name, _, chained_modifier = tail.partition(":")
+    targets = param.target or tuple(sorted(definitions.resource_types()))
+    if type_modifier:
+        if type_modifier not in definitions.resource_types() or type_modifier not in targets:
+            raise BadRequest(f"{key}: '{type_modifier}' is not a target type of {param.name}", key)
+        target = type_modifier
+    else:
+        having = [t for t in targets if chained_name in definitions.search_params(t)]
+        if not having:
+            raise _unsupported(key, f"'{key}': no target type of {param.name} has a parameter '{chained_name}'")
+        if len(having) > 1:
+            raise BadRequest(
+                f"'{key}' is ambiguous: {chained_name} exists on {', '.join(having)}; "
+                f"name the type, e.g. {param.name}:{having[0]}.{tail}",
+                key,
+            )
+        target = having[0]
+    chained_param = _lookup(target, chained_name, key)
+    chained = _parse_simple(target, tail, value, chained_param, chained_modifier, base_url)
+    return Filter(key, param.name, "reference", value, None, target_type=target, chain=chained)
+
+
+def split_values(value: str, separator: str = ",") -> list[str]:
+    """Split at unescaped ``separator`` and undo the escapes ``\\,`` ``\\|`` ``\\$`` ``\\\\``
+    (https://hl7.org/fhir/R4/search.html#escaping)."""
+    parts: list[str] = []
+    current: list[str] = []
+    chars = iter(value)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            if nxt in (",", "|", "$", "\\"):
+                current.append(nxt if nxt != separator and separator == "," or nxt == separator else "\\" + nxt)
+            else:
+                current.append("\\" + nxt)
+        elif ch == separator:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _split_pipe(value: str) -> list[str]:
+    """Split one (comma-split) value at unescaped ``|``, then undo the remaining escapes."""
+    return [_unescape(p) for p in split_values(value, "|")]
+
+
+def _unescape(value: str) -> str:
+    return re.sub(r"\\([,|$\\])", r"\1", value)
+
+
+def _value_parser(
+    kind: str,
+    modifier: str,
+    param: definitions.SearchParam,
+    target_type: str | None,
+    key: str,
+    base_url: str | None,
+) -> Callable[[str], Value]:
+    def invalid(message: str) -> BadRequest:
+        return BadRequest(f"{key}: {message}", key)
+
+    def token(raw: str) -> Value:
+        if modifier == "text":
+            return StringValue(_unescape(raw), normalize(_unescape(raw)))
+        if param.name == "_id":
+            if not _ID.match(raw):
+                raise invalid(f"'{raw}' is not a resource id")
+            return TokenValue(None, raw)
+        parts = _split_pipe(raw)
+        if len(parts) == 1:
+            return TokenValue(None, parts[0])
+        if len(parts) != 2:
+            raise invalid(f"'{raw}' is not [system]|[code]")
+        system, code = parts
+        if not system and not code:
+            raise invalid(f"'{raw}' names neither a system nor a code")
+        return TokenValue(system, code or None)
+
+    def string(raw: str) -> Value:
+        text = _unescape(raw)
+        return StringValue(text, normalize(text))
+
+    def date(raw: str) -> Value:
+        prefix, rest = _prefix(raw)
+        if prefix == "ap":
+            raise _unsupported(key, f"'{key}': the ap prefix is not supported on dates")
+        try:
+            low, high = date_range(rest)
+        except ValueError:
+            raise invalid(f"'{raw}' is not a date, dateTime or instant") from None
+        return DateValue(prefix, low, high)
+
+    def number(raw: str) -> Value:
+        prefix, rest = _prefix(raw)
+        system = code = None
+        if kind == "quantity":
+            parts = _split_pipe(rest)
+            if len(parts) == 3:
+                rest, system, code = parts[0], parts[1] or None, parts[2] or None
+            elif len(parts) != 1:
+                raise invalid(f"'{raw}' is not [prefix]number|system|code")
+        if not _NUMBER.match(rest):
+            raise invalid(f"'{raw}' is not a {kind}")
+        value, low, high = number_range(rest)
+        return NumberValue(prefix, value, low, high, system, code)
+
+    def reference(raw: str) -> Value:
+        text = _unescape(raw)
+        if base_url and text.startswith(base_url.rstrip("/") + "/"):
+            text = text[len(base_url.rstrip("/")) + 1 :]
+        if "://" in text or text.startswith(("urn:", "#")):
+            return ReferenceValue(url=text)
+        parts = text.split("/")
+        if len(parts) in (2, 4) and (len(parts) == 2 or parts[2] == "_history"):
+            ref_type, ref_id = parts[0], parts[1]
+            if ref_type not in definitions.resource_types():
+                raise invalid(f"'{raw}': '{ref_type}' is not a resource type")
+            if target_type and ref_type != target_type:
+                raise invalid(f"'{raw}' does not refer to a {target_type}")
+            if param.target and ref_type not in param.target:
+                raise invalid(f"'{raw}': {ref_type} is not a target type of {param.name}")
+        elif len(parts) == 1:
+            ref_type = target_type or (param.target[0] if len(param.target) == 1 else None)
+            ref_id = text
+        else:
+            raise invalid(f"'{raw}' is not Type/id, id or an absolute URL")
+        if not _ID.match(ref_id):
+            raise invalid(f"'{raw}': '{ref_id}' is not a resource id")
+        return ReferenceValue(ref_type, ref_id)
+
+    def uri(raw: str) -> Value:
+        return UriValue(_unescape(raw))
+
+    parsers: dict[str, Callable[[str], Value]] = {
+        "token": token,
+        "string": string,
+        "date": date,
+        "number": number,
+        "quantity": number,
+        "reference": reference,
+        "uri": uri,
+    }
+    return parsers[kind]
+
+
+def _prefix(raw: str) -> tuple[str, str]:
+    if raw[:2] in PREFIXES:
+        return raw[:2], raw[2:]
+    return "eq", raw
+
+
+def _parse_include(res_type: str, key: str, value: str) -> Include:
+    """https://hl7.org/fhir/R4/search.html#include"""
+    base, _, modifier = key.partition(":")
+    reverse = base == "_revinclude"
+    if modifier not in ("", "iterate", "recurse"):
+        raise _unsupported(key, f"Modifier ':{modifier}' is not supported on {base}; use :iterate")
+    iterate = modifier != ""
+    if value == "*":
+        if reverse:
+            raise BadRequest(f"{key}: '*' is not supported; give Type:param or Type:*", key)
+        return Include(None, None, None, iterate, reverse)
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise BadRequest(f"{key}: '{value}' is not SourceType:parameter[:TargetType]", key)
+    source, name = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    types = definitions.resource_types()
+    if source not in types:
+        raise BadRequest(f"{key}: '{source}' is not a resource type", key)
+    if not reverse and not iterate and source != res_type:
+        raise BadRequest(f"{key}: {source} is not the type searched ({res_type}); use {base}:iterate", key)
+    if target is not None and target not in types:
+        raise BadRequest(f"{key}: '{target}' is not a resource type", key)
+    if name == "*":
+        return Include(source, None, target, iterate, reverse)
+    param = definitions.search_params(source).get(name)
+    if param is None or param.type != "reference":
+        raise BadRequest(f"{key}: '{name}' is not a reference parameter of {source}", key)
+    if target is not None and param.target and target not in param.target:
+        raise BadRequest(f"{key}: {target} is not a target type of {source}:{name}", key)
+    if reverse and not iterate and param.target and res_type not in param.target and target is None:
+        raise BadRequest(f"{key}: {source}:{name} cannot refer to {res_type}", key)
+    return Include(source, name, target, iterate, reverse)
+
+
+def _parse_sort(res_type: str, key: str, value: str) -> tuple[SortKey, ...]:
+    """https://hl7.org/fhir/R4/search.html#sort"""
+    keys = []
+    for item in value.split(","):
+        item = item.strip()
+        descending = item.startswith("-")
+        name = item[1:] if descending else item
+        if not name:
+            raise BadRequest(f"{key}: '{value}' has an empty sort key", key)
+        param = _searchable(res_type).get(name)
+        if param is None:
+            _lookup(res_type, name, key)  # raises: unknown or unsupported
+            raise AssertionError  # pragma: no cover
+        keys.append(SortKey(name, param.type, descending))
+    return tuple(keys)
+
+
+# -- value semantics shared with the index ------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Lower-cased, accents removed: how ``idx_string.norm`` stores strings, so that default and ``:contains``
+    string searches ignore case and accents (https://hl7.org/fhir/R4/search.html#string)."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
+
+
+def date_range(value: str) -> tuple[int, int]:
+    """The implicit range of a date, dateTime or instant as (first, last) microsecond since the epoch, UTC.
+
+    ``2021`` covers the whole year, ``2021-03-04T10:00`` the whole minute, ``...:05.1`` a tenth of a second; without
+    a time zone the value is taken as UTC (https://hl7.org/fhir/R4/search.html#date). Raises ValueError.
+    """
+    m = _DATE.match(value.replace(" ", "+"))  # an unencoded "+" in a query string arrives as a space
+    if not m:
+        raise ValueError(value)
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    y = int(year)
+    if month is None:
+        low = datetime(y, 1, 1, tzinfo=UTC)
+        high = datetime(y + 1, 1, 1, tzinfo=UTC) if y < 9999 else None
+    elif day is None:
+        mo = int(month)
+        low = datetime(y, mo, 1, tzinfo=UTC)
+        high = (datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=UTC)) if (y, mo) < (9999, 12) else None
+    elif hour is None:
+        low = datetime(y, int(month), int(day), tzinfo=UTC)
+        high = low + timedelta(days=1) if low.date() < _MAX_DT.date() else None
+    else:
+        tz = UTC
+        if zone and zone != "Z":
+            sign = 1 if zone[0] == "+" else -1
+            hh, mm = int(zone[1:3]), int(zone[4:6])
+            if hh > 14 or mm > 59:
+                raise ValueError(value)
+            tz = UTC if hh == mm == 0 else _tz(sign * (hh * 60 + mm))
+        base = datetime(y, int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=tz)
+        if second is None:
+            width = timedelta(minutes=1)
+        elif fraction is None:
+            width = timedelta(seconds=1)
+        else:
+            digits = fraction[:6]
+            base += timedelta(microseconds=int(digits.ljust(6, "0")))
+            width = timedelta(microseconds=10 ** (6 - len(digits)))
+        low = base
+        high = base + width if base + width <= _MAX_DT else None
+    first = (low - _EPOCH) // US
+    last = ((high - _EPOCH) // US - 1) if high is not None else (_MAX_DT - _EPOCH) // US
+    return first, last
+
+
+@cache
+def _tz(minutes: int) -> datetime.tzinfo:  # type: ignore[valid-type]
+    from datetime import timezone
+
+    return timezone(timedelta(minutes=minutes))
+
+
+def number_range(text: str) -> tuple[float, float, float]:
+    """A decimal's value and implicit precision range ``[low, high)``: ``100`` is [99.5, 100.5), ``1e2`` [50, 150)
+    (https://hl7.org/fhir/R4/search.html#number)."""
+    try:
+        number = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(text) from None
+    exponent = number.as_tuple().exponent
+    assert isinstance(exponent, int)
+    half = Decimal(5).scaleb(exponent - 1)
+    return float(number), float(number - half), float(number + half)

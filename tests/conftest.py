@@ -1,0 +1,111 @@
+"""Shared fixtures: a database per test on SQLite and on PostgreSQL, the app, its client.
+
+PostgreSQL is never skipped: if it cannot be reached the tests that need it fail. Each test session migrates a
+schema of its own once; each test starts from empty tables.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import create_engine, text
+
+from iop_fhir.app import create_app
+from iop_fhir.config import Settings
+from iop_fhir.store import migrate, schema
+
+POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "fhir-examples"
+if not EXAMPLES.exists():
+    EXAMPLES = Path(os.environ.get("IOP_FHIR_EXAMPLES", "../shared/fhir-examples")).resolve()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    engine = create_engine(f"sqlite:///{path}")
+    migrate.upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_schema_url() -> Iterator[str]:
+    name = f"iop_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{name}"'))
+    url = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{name}"
+    engine = create_engine(url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    yield url
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+    admin.dispose()
+
+
+def _empty_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        names = ", ".join(f'"{t.name}"' for t in schema.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {names}"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty, migrated database: every test that uses it runs once on each database."""
+    if request.param == "sqlite":
+        path = tmp_path / "iop_fhir.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("postgres_schema_url")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    """An empty SQLite database, for tests of behaviour that does not depend on the database."""
+    path = tmp_path / "iop_fhir.db"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def settings(db_url: str) -> Settings:
+    return Settings(database_url=db_url, base_url="http://testserver/fhir")
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["iop_fhir.store"].close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def sqlite_app(sqlite_url: str) -> Iterator[Flask]:
+    app = create_app(Settings(database_url=sqlite_url, base_url="http://testserver/fhir"))
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["iop_fhir.store"].close()
+
+
+@pytest.fixture
+def sqlite_client(sqlite_app: Flask) -> FlaskClient:
+    return sqlite_app.test_client()
