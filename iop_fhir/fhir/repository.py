@@ -185,7 +185,7 @@ class Repository:
 
     # -- writes inside a given transaction (used by the above and by transaction Bundles) ----------------------
 
-    def _matches(self, tx: WriteTx, res_type: str, query: str, header: str) -> list[StoredResource]:
+    def matches_in(self, tx: WriteTx, res_type: str, query: str, header: str) -> list[StoredResource]:
         from iop_fhir.fhir import search
 
         params = parse_conditional(res_type, query, header=header)
@@ -196,10 +196,10 @@ class Repository:
 
     def create_in(
         self, tx: WriteTx, res_type: str, body: dict[str, Any], *, if_none_exist: str | None = None,
-        res_id: str | None = None,
+        res_id: str | None = None, fresh: bool = False,
     ) -> WriteResult:
         if if_none_exist is not None:
-            matches = self._matches(tx, res_type, if_none_exist, "If-None-Exist")
+            matches = self.matches_in(tx, res_type, if_none_exist, "If-None-Exist")
             if len(matches) > 1:
                 raise PreconditionFailed(
                     f"If-None-Exist '{if_none_exist}' matches more than one {res_type}", "If-None-Exist",
@@ -207,9 +207,11 @@ class Repository:
                 )
             if matches:
                 return WriteResult(matches[0], unchanged=True)
-        res_id = res_id or str(uuid.uuid4())
-        if tx.current(res_type, res_id) is not None:
-            raise Conflict(f"{res_type}/{res_id} already exists")  # only reachable through a clashing fullUrl id
+        if res_id is None or fresh:
+            res_id = res_id or str(uuid.uuid4())
+            tx.reserve(res_type, res_id)
+        elif tx.current(res_type, res_id) is not None:
+            raise Conflict(f"{res_type}/{res_id} already exists")
         return WriteResult(self._save(tx, res_type, res_id, body, 1, "POST"), created=True)
 
     def update_in(
@@ -235,7 +237,7 @@ class Repository:
     def conditional_update_in(
         self, tx: WriteTx, res_type: str, query: str, body: dict[str, Any], *, if_match: int | None = None
     ) -> WriteResult:
-        matches = self._matches(tx, res_type, query, "url")
+        matches = self.matches_in(tx, res_type, query, "url")
         if len(matches) > 1:
             raise PreconditionFailed(
                 f"conditional update '{query}' matches more than one {res_type}", "url", code="duplicate"
@@ -277,7 +279,7 @@ class Repository:
         return StoredResource(res_type, res_id, current.version_id + 1, last_updated, True, None, "DELETE")
 
     def conditional_delete_in(self, tx: WriteTx, res_type: str, query: str) -> StoredResource | None:
-        matches = self._matches(tx, res_type, query, "url")
+        matches = self.matches_in(tx, res_type, query, "url")
         if len(matches) > 1:
             raise PreconditionFailed(
                 f"conditional delete '{query}' matches more than one {res_type}", "url", code="duplicate"

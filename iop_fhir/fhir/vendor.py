@@ -41,8 +41,12 @@ def _root(part: str) -> str:
     return part.lstrip("(").split(".", 1)[0].split(" ", 1)[0]
 
 
-def expression_for(expression: str | None, res_type: str) -> str | None:
-    """The parts of a (possibly multi-type) expression that apply to ``res_type``."""
+def expression_for(expression: str | None, res_type: str, *, single_base: bool = False) -> str | None:
+    """The parts of a (possibly multi-type) expression that apply to ``res_type``.
+
+    A few R4 expressions of single-type parameters omit the type (InsurancePlan-name is ``name | alias``); with
+    ``single_base`` such parts, which start with an element name, are rooted at the type.
+    """
     if not expression:
         return None
     parts = []
@@ -50,6 +54,8 @@ def expression_for(expression: str | None, res_type: str) -> str | None:
         root = _root(part)
         if root in ("Resource", "DomainResource"):
             part = part.replace(root, res_type, 1)  # evaluate against the concrete type
+        elif single_base and root[:1].islower():
+            part = f"{res_type}.{part}"
         elif root != res_type:
             continue
         parts.append(part)
@@ -67,7 +73,7 @@ def build_search_parameters(src: Path, resource_types: list[str]) -> dict[str, A
                 if res_type not in resource_types:
                     continue
                 definition: dict[str, Any] = {"type": sp["type"], "url": sp["url"]}
-                expr = expression_for(sp.get("expression"), res_type)
+                expr = expression_for(sp.get("expression"), res_type, single_base=len(sp["base"]) == 1)
                 if expr:
                     definition["expression"] = expr
                 if sp.get("target"):
@@ -90,6 +96,8 @@ def build(src: Path) -> None:
         if e["resource"]["resourceType"] == "StructureDefinition"
         and e["resource"]["kind"] == "resource"
         and not e["resource"].get("abstract")
+        # the package also carries a few later (R4B) types; the server speaks R4 4.0.1 only
+        and e["resource"].get("fhirVersion") == "4.0.1"
     )
     search = {
         "origin": ORIGIN,

@@ -25,7 +25,7 @@ def repo() -> Repository:
 
 def base_url() -> str:
     configured: str = current_app.config["IOP_FHIR"].base_url
-    return configured.rstrip("/") if configured else request.host_url.rstrip("/") + bp.url_prefix
+    return configured.rstrip("/") if configured else request.host_url.rstrip("/") + "/fhir"
 
 
 @bp.before_request
@@ -52,7 +52,9 @@ def batch_or_transaction() -> Response:
     from iop_fhir.fhir import transaction
 
     bundle = http.json_body(request)
-    return http.fhir_response(transaction.process(repo(), bundle, base_url=base_url()))
+    return http.fhir_response(transaction.process(
+            repo(), bundle, base_url=base_url(), max_entries=current_app.config["IOP_FHIR"].max_bundle_entries
+        ))
 
 
 @bp.get("/_history")

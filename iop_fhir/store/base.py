@@ -44,6 +44,9 @@ class WriteTx(Protocol):
     def current(self, res_type: str, res_id: str) -> StoredResource | None:
         """The current version (deleted or not), locked against concurrent writers until the transaction ends."""
 
+    def reserve(self, res_type: str, res_id: str) -> None:
+        """Declare a server-assigned id as new, so that save() needs no current() first."""
+
     def save(
         self,
         version: StoredResource,

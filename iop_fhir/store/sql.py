@@ -102,6 +102,10 @@ class SqlWriteTx:
         self._known[key] = found
         return found
 
+    def reserve(self, res_type: str, res_id: str) -> None:
+        """Declare a server-assigned (fresh uuid) id as new without a round trip; the primary key still guards."""
+        self._known.setdefault((res_type, res_id), None)
+
     def _queue(self, table: str, row: dict[str, Any]) -> None:
         self._pending.setdefault(table, []).append(row)
 
