@@ -19,7 +19,13 @@ from iop_fhir.store.sql import SqlStore
 
 log = logging.getLogger("iop_fhir")
 
-_HTTP_CODES = {400: "invalid", 404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
+_HTTP_CODES = {
+    400: "invalid",
+    404: "not-found",
+    405: "not-supported",
+    413: "too-costly",
+    415: "not-supported",
+}
 
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
@@ -73,8 +79,6 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
         # The message of an arbitrary exception may quote request data (PHI); log the type and frames only.
-        log.error(
-            "unhandled %s\n%s", type(error).__name__, "".join(traceback.format_tb(error.__traceback__))
-        )
+        log.error("unhandled %s\n%s", type(error).__name__, "".join(traceback.format_tb(error.__traceback__)))
         issue = Issue("exception", "internal server error; the request was not applied")
         return http.fhir_response(operation_outcome([issue]), 500)

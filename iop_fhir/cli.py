@@ -36,8 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
 
             return create_app(settings)
 
-    print(f"iop-fhir serving FHIR R4 at http://{args.host}:{args.port}/fhir ({settings.database_url.split(':')[0]})",
-          file=sys.stderr)
+    print(
+        f"iop-fhir serving FHIR R4 at http://{args.host}:{args.port}/fhir ({settings.database_url.split(':')[0]})",
+        file=sys.stderr,
+    )
     Server().run()
     return 0
 

@@ -15,8 +15,17 @@ from iop_fhir.fhir import definitions
 SEARCHABLE_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})
 # Resource-level parameters handled outside the index, or not at all (_text, _content, _query).
 _RESULT_PARAMS = ("_count", "_sort", "_include", "_revinclude", "_summary", "_elements", "_total")
-_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create",
-                 "search-type"]
+_INTERACTIONS = [
+    "read",
+    "vread",
+    "update",
+    "patch",
+    "delete",
+    "history-instance",
+    "history-type",
+    "create",
+    "search-type",
+]
 RELEASE_DATE = "2026-11-22"
 
 
@@ -49,13 +58,8 @@ def _resource(res_type: str) -> dict[str, Any]:
         "referencePolicy": ["literal", "logical"],
         "searchInclude": ["*"] + [f"{res_type}:{name}" for name in references],
         "searchRevInclude": ["*"],
-        "searchParam": [
-            {"name": p.name, "definition": p.url, "type": p.type}
-            for p in params
-        ],
-        "operation": [
-            {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
-        ],
+        "searchParam": [{"name": p.name, "definition": p.url, "type": p.type} for p in params],
+        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
     }
 
 
@@ -87,7 +91,10 @@ def _statement_bytes(base_url: str) -> bytes:
                 "resource": [_resource(t) for t in sorted(definitions.resource_types())],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
                 "operation": [
-                    {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}
+                    {
+                        "name": "validate",
+                        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+                    }
                 ],
             }
         ],

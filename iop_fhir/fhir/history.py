@@ -77,7 +77,9 @@ def history_params(
                 continue
             else:
                 raise BadRequest(
-                    f"'{name}' is not a history parameter (use _count, _since, _at)", name, code="not-supported"
+                    f"'{name}' is not a history parameter (use _count, _since, _at)",
+                    name,
+                    code="not-supported",
                 )
         except ValueError as exc:
             raise BadRequest(f"{name} '{value}' is not valid", name) from exc
@@ -89,5 +91,3 @@ def _instant(us: int) -> str:
     from iop_fhir.fhir.repository import instant
 
     return instant(us)
-
-

@@ -72,7 +72,9 @@ def version_headers(stored: StoredResource) -> dict[str, str]:
     return {"ETag": f'W/"{stored.version_id}"', "Last-Modified": http_date(stored.last_updated)}
 
 
-def fhir_response(body: bytes | dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def fhir_response(
+    body: bytes | dict[str, Any] | None, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     if isinstance(body, dict):
         body = orjson.dumps(body)
     response = Response(body or b"", status=status, headers=headers or {})

@@ -477,11 +477,7 @@ CONVERTERS: dict[str, dict[str, Converter]] = {
 
 def _converter(kind: str, fhir_type: str) -> Converter | None:
     conv = CONVERTERS[kind].get(fhir_type)
-    if (
-        conv is None
-        and kind == "reference"
-        and (fhir_type == "Resource" or fhir_type in definitions.resource_types())
-    ):
+    if conv is None and kind == "reference" and (fhir_type == "Resource" or fhir_type in definitions.resource_types()):
         return _reference_resource
     return conv
 

@@ -106,7 +106,10 @@ class Repository:
         if stored.deleted:
             raise Gone(
                 f"{res_type}/{res_id} was deleted",
-                headers={"ETag": f'W/"{stored.version_id}"', "Last-Modified": _http_date(stored.last_updated)},
+                headers={
+                    "ETag": f'W/"{stored.version_id}"',
+                    "Last-Modified": _http_date(stored.last_updated),
+                },
             )
         return stored
 
@@ -123,7 +126,9 @@ class Repository:
             raise Gone(f"version {version} of {res_type}/{res_id} is a deletion")
         return stored
 
-    def search(self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False) -> tuple[Any, SearchResult]:
+    def search(
+        self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False
+    ) -> tuple[Any, SearchResult]:
         from iop_fhir.fhir import search
 
         check_type(res_type)
@@ -195,14 +200,21 @@ class Repository:
         return tx.search(request).matches
 
     def create_in(
-        self, tx: WriteTx, res_type: str, body: dict[str, Any], *, if_none_exist: str | None = None,
-        res_id: str | None = None, fresh: bool = False,
+        self,
+        tx: WriteTx,
+        res_type: str,
+        body: dict[str, Any],
+        *,
+        if_none_exist: str | None = None,
+        res_id: str | None = None,
+        fresh: bool = False,
     ) -> WriteResult:
         if if_none_exist is not None:
             matches = self.matches_in(tx, res_type, if_none_exist, "If-None-Exist")
             if len(matches) > 1:
                 raise PreconditionFailed(
-                    f"If-None-Exist '{if_none_exist}' matches more than one {res_type}", "If-None-Exist",
+                    f"If-None-Exist '{if_none_exist}' matches more than one {res_type}",
+                    "If-None-Exist",
                     code="duplicate",
                 )
             if matches:
@@ -215,18 +227,24 @@ class Repository:
         return WriteResult(self._save(tx, res_type, res_id, body, 1, "POST"), created=True)
 
     def update_in(
-        self, tx: WriteTx, res_type: str, res_id: str, body: dict[str, Any], *, if_match: int | None = None,
+        self,
+        tx: WriteTx,
+        res_type: str,
+        res_id: str,
+        body: dict[str, Any],
+        *,
+        if_match: int | None = None,
         method: str = "PUT",
     ) -> WriteResult:
         current = tx.current(res_type, res_id)
         if if_match is not None:
             if current is None or current.deleted:
                 raise PreconditionFailed(
-                    f"If-Match W/\"{if_match}\" given but {res_type}/{res_id} does not exist", "If-Match"
+                    f'If-Match W/"{if_match}" given but {res_type}/{res_id} does not exist', "If-Match"
                 )
             if current.version_id != if_match:
                 raise PreconditionFailed(
-                    f"If-Match W/\"{if_match}\" does not match the current version {current.version_id} of "
+                    f'If-Match W/"{if_match}" does not match the current version {current.version_id} of '
                     f"{res_type}/{res_id}",
                     "If-Match",
                 )
@@ -291,9 +309,7 @@ class Repository:
     ) -> StoredResource:
         last_updated = now_us()
         resource = _stamp(body, res_id, version_id, last_updated)
-        stored = StoredResource(
-            res_type, res_id, version_id, last_updated, False, orjson.dumps(resource), method
-        )
+        stored = StoredResource(res_type, res_id, version_id, last_updated, False, orjson.dumps(resource), method)
         tx.save(stored, _index(resource))
         return stored
 

@@ -71,9 +71,7 @@ class _Entry:
         return f"Bundle.entry[{self.index}]"
 
 
-def process(
-    repo: Repository, bundle: Any, *, base_url: str, max_entries: int = DEFAULT_MAX_ENTRIES
-) -> bytes:
+def process(repo: Repository, bundle: Any, *, base_url: str, max_entries: int = DEFAULT_MAX_ENTRIES) -> bytes:
     """Run a ``batch`` or ``transaction`` Bundle; return its ``batch-response``/``transaction-response``.
 
     A transaction is all or nothing (https://hl7.org/fhir/R4/http.html#transaction): the first failing entry
@@ -83,8 +81,9 @@ def process(
     kind, raw_entries = _envelope(bundle, max_entries)
     base_url = base_url.rstrip("/")
     if kind == "batch":
-        return _response_bundle("batch-response", [_batch_entry(repo, i, raw, base_url) for i, raw in
-                                                   enumerate(raw_entries)])
+        return _response_bundle(
+            "batch-response", [_batch_entry(repo, i, raw, base_url) for i, raw in enumerate(raw_entries)]
+        )
     entries = [_parse_entry(i, raw, base_url) for i, raw in enumerate(raw_entries)]
     _link(entries, base_url)
     for entry in entries:
@@ -173,11 +172,9 @@ def _split_url(url: str, base_url: str, path: str) -> tuple[list[str], str | Non
     """``Patient/1?x=y`` (relative to the base, or absolute on this server) -> (["Patient", "1"], "x=y")."""
     rest = url.strip()
     if rest.startswith(base_url + "/") or rest.startswith(base_url + "?"):
-        rest = rest[len(base_url):]
+        rest = rest[len(base_url) :]
     elif "://" in rest.split("?", 1)[0]:
-        raise BadRequest(
-            f"request.url '{url}' is not on this server ({base_url})", path, code="not-supported"
-        )
+        raise BadRequest(f"request.url '{url}' is not on this server ({base_url})", path, code="not-supported")
     target, sep, query = rest.lstrip("/").partition("?")
     return (target.split("/") if target else []), (query if sep else None)
 
@@ -212,9 +209,7 @@ def _target(entry: _Entry, segments: list[str], query: str | None, url: str) -> 
             return
     elif method == "PATCH" and len(segments) == 2 and query is None:
         return
-    raise BadRequest(
-        f"{method} {url} is not an interaction supported in a Bundle entry", code="not-supported"
-    )
+    raise BadRequest(f"{method} {url} is not an interaction supported in a Bundle entry", code="not-supported")
 
 
 def _etag(value: Any, path: str) -> int | None:
@@ -225,7 +220,7 @@ def _etag(value: Any, path: str) -> int | None:
     tag = tag[2:] if tag.startswith("W/") else tag
     tag = tag.strip('"')
     if not tag.isdigit():
-        raise BadRequest(f"ifMatch {value!r} is not a version ETag such as W/\"1\"", path)
+        raise BadRequest(f'ifMatch {value!r} is not a version ETag such as W/"1"', path)
     return int(tag)
 
 
@@ -240,9 +235,7 @@ def _json_patch(resource: dict[str, Any], path: str) -> list[Any]:
             code="not-supported",
         )
     if kind != "Binary":
-        raise BadRequest(
-            f"a PATCH entry takes a Binary holding a JSON Patch, not {kind!r}", f"{path}.resource"
-        )
+        raise BadRequest(f"a PATCH entry takes a Binary holding a JSON Patch, not {kind!r}", f"{path}.resource")
     content_type = resource.get("contentType")
     if not isinstance(content_type, str) or content_type.split(";")[0].strip() != _JSON_PATCH:
         raise BadRequest(
@@ -253,9 +246,7 @@ def _json_patch(resource: dict[str, Any], path: str) -> list[Any]:
     try:
         operations = orjson.loads(base64.b64decode(str(resource.get("data") or ""), validate=True))
     except (binascii.Error, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
-        raise BadRequest(
-            f"Binary.data is not base64 of a JSON document: {exc}", f"{path}.resource.data"
-        ) from exc
+        raise BadRequest(f"Binary.data is not base64 of a JSON document: {exc}", f"{path}.resource.data") from exc
     if not isinstance(operations, list):
         raise BadRequest("a JSON Patch document must be an array of operations", f"{path}.resource.data")
     return operations
@@ -311,8 +302,7 @@ def _link(entries: list[_Entry], base_url: str) -> None:
         )
         if unresolved:
             raise BadRequest(
-                f"reference '{unresolved[0]}' is not the fullUrl of a created or updated entry of this "
-                "transaction",
+                f"reference '{unresolved[0]}' is not the fullUrl of a created or updated entry of this transaction",
                 _locate(entry.resource, unresolved[0], f"{entry.path}.resource") or f"{entry.path}.resource",
                 code="not-found",
             )
@@ -496,9 +486,7 @@ def _resolve(repo: Repository, tx: WriteTx, entries: list[_Entry]) -> dict[str, 
         if entry.method == "POST" and entry.if_none_exist is not None:
             provisional = f"{entry.res_type}/{entry.new_id}"
             with _blame(entry, f"{entry.path}.request.ifNoneExist"):
-                found = _find_matches(
-                    repo, tx, entry.res_type, entry.if_none_exist, "If-None-Exist", "ifNoneExist"
-                )
+                found = _find_matches(repo, tx, entry.res_type, entry.if_none_exist, "If-None-Exist", "ifNoneExist")
                 local.setdefault(_condition_key(entry.res_type, entry.if_none_exist), provisional)
             if found:
                 entry.matched = found[0]
@@ -534,8 +522,7 @@ def _resolve(repo: Repository, tx: WriteTx, entries: list[_Entry]) -> dict[str, 
                 found = repo.matches_in(tx, res_type, token, "reference")
                 if len(found) != 1:
                     raise PreconditionFailed(
-                        f"conditional reference '{token}' matches {'no' if not found else 'more than one'} "
-                        f"{res_type}",
+                        f"conditional reference '{token}' matches {'no' if not found else 'more than one'} {res_type}",
                         code="not-found" if not found else "multiple-matches",
                     )
                 final[token] = f"{res_type}/{found[0].res_id}"
@@ -555,12 +542,12 @@ def _delete(repo: Repository, tx: WriteTx, entry: _Entry, touched: dict[tuple[st
         current = tx.current(entry.res_type, res_id) if res_id is not None else None
         if current is None or current.deleted:
             raise PreconditionFailed(
-                f"ifMatch W/\"{entry.if_match}\" given but there is no {entry.res_type} to delete",
+                f'ifMatch W/"{entry.if_match}" given but there is no {entry.res_type} to delete',
                 f"{entry.path}.request.ifMatch",
             )
         if current.version_id != entry.if_match:
             raise PreconditionFailed(
-                f"ifMatch W/\"{entry.if_match}\" does not match the current version {current.version_id} of "
+                f'ifMatch W/"{entry.if_match}" does not match the current version {current.version_id} of '
                 f"{entry.res_type}/{res_id}",
                 f"{entry.path}.request.ifMatch",
             )
@@ -610,7 +597,9 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
             stored = repo.vread(entry.res_type, entry.res_id, entry.version)
     etag = f'W/"{stored.version_id}"'
     response: dict[str, Any] = {
-        "status": "200 OK", "etag": etag, "lastModified": instant(stored.last_updated)
+        "status": "200 OK",
+        "etag": etag,
+        "lastModified": instant(stored.last_updated),
     }
     if entry.if_none_match in (etag, f'"{stored.version_id}"'):
         response["status"] = "304 Not Modified"
@@ -628,7 +617,10 @@ def _search(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) 
             request, result = repo.search(entry.res_type, params)
         else:
             request = search.parse(
-                entry.res_type, params, default_count=repo.default_count, max_count=repo.max_count,
+                entry.res_type,
+                params,
+                default_count=repo.default_count,
+                max_count=repo.max_count,
                 base_url=base_url,
             )
             result = tx.search(request)
@@ -703,7 +695,8 @@ def _blame(entry: _Entry, expression: str | None = None) -> Iterator[None]:
         yield
     except FhirError as exc:
         exc.issues = [
-            i if i.expression and i.expression.startswith("Bundle.")
+            i
+            if i.expression and i.expression.startswith("Bundle.")
             else replace(i, expression=expression or _entry_expression(entry, i.expression))
             for i in exc.issues
         ]
@@ -714,8 +707,12 @@ def _entry_expression(entry: _Entry, expression: str | None) -> str:
     path = entry.path
     if expression is None:
         return path
-    header = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.ifMatch", "url": "request.url",
-              "body": "resource"}.get(expression)
+    header = {
+        "If-None-Exist": "request.ifNoneExist",
+        "If-Match": "request.ifMatch",
+        "url": "request.url",
+        "body": "resource",
+    }.get(expression)
     if header is not None:
         return f"{path}.{header}"
     head, sep, rest = expression.partition(".")

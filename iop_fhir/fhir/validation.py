@@ -49,9 +49,7 @@ RELATIVE_REF_RE = re.compile(r"([A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(/_history/[A-Z
 CONDITIONAL_REF_RE = re.compile(r"([A-Za-z]+)\?\S+")
 SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 ABSOLUTE_REF_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s/?#]+\S*")
-UUID_REF_RE = re.compile(
-    r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
+UUID_REF_RE = re.compile(r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 OID_REF_RE = re.compile(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+")
 BASE64_RE = re.compile(r"[A-Za-z0-9+/=]*")
 WHITESPACE_RE = re.compile(r"\s+", re.ASCII)
@@ -244,18 +242,14 @@ def validate(
     res_id = resource.get("id")
     if expected_id is not None and res_id is not None and res_id != expected_id:
         issues.append(
-            Issue(
-                "invalid", f"id in body {res_id!r} does not match id in URL {expected_id!r}", f"{res_type}.id"
-            )
+            Issue("invalid", f"id in body {res_id!r} does not match id in URL {expected_id!r}", f"{res_type}.id")
         )
     elif (require_id or expected_id is not None) and res_id is None:
         wanted = f" (the URL says {expected_id!r})" if expected_id is not None else ""
         issues.append(Issue("required", f"The resource must have an id{wanted}", f"{res_type}.id"))
     walk = _Walker(issues)
     try:
-        walk.resource(
-            resource, res_type, res_type, Context(frozenset(), conditional_references), contained=False
-        )
+        walk.resource(resource, res_type, res_type, Context(frozenset(), conditional_references), contained=False)
     except RecursionError:
         # e.g. Questionnaire.item nested hundreds deep: refuse it rather than fail the request
         issues.append(Issue("too-costly", "The resource is nested too deeply to be validated", res_type))
@@ -277,9 +271,7 @@ class _Walker:
     def add(self, code: str, diagnostics: str, expression: str) -> None:
         self.issues.append(Issue(code, f"{expression}: {diagnostics}", expression))
 
-    def resource(
-        self, res: dict[str, Any], res_type: str, path: str, ctx: Context, *, contained: bool
-    ) -> None:
+    def resource(self, res: dict[str, Any], res_type: str, path: str, ctx: Context, *, contained: bool) -> None:
         tbl = table(res_type)
         if tbl is None:  # pragma: no cover - every R4 type has a table
             self.add("not-supported", f"no definition for resourceType '{res_type}'", path)
@@ -292,9 +284,7 @@ class _Walker:
                 if type(c) is dict and type(c.get("id")) is str
             )
             bundle_type = res.get("type") if res_type == "Bundle" else None
-            conditional = ctx.conditional_refs or (
-                type(bundle_type) is str and bundle_type in CONDITIONAL_BUNDLES
-            )
+            conditional = ctx.conditional_refs or (type(bundle_type) is str and bundle_type in CONDITIONAL_BUNDLES)
             ctx = Context(ids, conditional)
         else:
             # dom-2, dom-4 (https://hl7.org/fhir/R4/domainresource.html#invs)
@@ -315,15 +305,11 @@ class _Walker:
             self.unmodelled.append(path)
         self.object(res, tbl, path, ctx)
 
-    def object(
-        self, obj: dict[str, Any], tbl: Table, path: str, ctx: Context, *, has_value: bool = False
-    ) -> None:
+    def object(self, obj: dict[str, Any], tbl: Table, path: str, ctx: Context, *, has_value: bool = False) -> None:
         """Checks a JSON object against ``tbl``; ``has_value``: a primitive's ``_name`` with a value."""
         elements = tbl.elements
         if not has_value and (not obj or (len(obj) == 1 and "id" in obj)):
-            self.add(
-                "structure", "an element must have a value or children (empty objects are not allowed)", path
-            )
+            self.add("structure", "an element must have a value or children (empty objects are not allowed)", path)
         choices: dict[str, str] | None = None
         for key, value in obj.items():
             el = elements.get(key)
@@ -353,15 +339,12 @@ class _Walker:
                 if type(value) is not list:
                     self.add(
                         "structure",
-                        f"{el.path} repeats (max {el.max}): its value must be a JSON array, "
-                        f"not {_json_type(value)}",
+                        f"{el.path} repeats (max {el.max}): its value must be a JSON array, not {_json_type(value)}",
                         epath,
                     )
                     self.value(value, el, epath, ctx)
                 elif not value:
-                    self.add(
-                        "structure", "an empty array is not allowed: leave the element out instead", epath
-                    )
+                    self.add("structure", "an empty array is not allowed: leave the element out instead", epath)
                 else:
                     ext = obj.get("_" + key) if el.kind == PRIMITIVE else None
                     for i, item in enumerate(value):
@@ -370,9 +353,7 @@ class _Walker:
                             if not (type(ext) is list and i < len(ext) and isinstance(ext[i], dict)):
                                 self.add(
                                     "structure",
-                                    "null is not allowed in an array unless the matching _"
-                                    + key
-                                    + " item is set",
+                                    "null is not allowed in an array unless the matching _" + key + " item is set",
                                     f"{epath}[{i}]",
                                 )
                         else:
@@ -387,9 +368,7 @@ class _Walker:
                 self.value(value, el, epath, ctx)
         if tbl.name == "Extension" and ("extension" in obj) == any(k.startswith("value") for k in obj):
             # ext-1 (https://hl7.org/fhir/R4/extensibility.html#Extension)
-            self.add(
-                "invariant", "an extension must have either extensions or a value[x], not both (ext-1)", path
-            )
+            self.add("invariant", "an extension must have either extensions or a value[x], not both (ext-1)", path)
         for name, keys, min_ in tbl.required:
             if not any(k in obj or "_" + k in obj for k in keys):
                 what = f"{tbl.name}.{name}[x]" if len(keys) > 1 or keys[0] != name else f"{tbl.name}.{name}"
@@ -398,9 +377,7 @@ class _Walker:
     def unknown(self, key: str, tbl: Table, path: str) -> None:
         close = difflib.get_close_matches(key, list(tbl.elements), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        self.add(
-            "structure", f"unknown element '{key}': {tbl.name} has no such element{hint}", f"{path}.{key}"
-        )
+        self.add("structure", f"unknown element '{key}': {tbl.name} has no such element{hint}", f"{path}.{key}")
 
     def primitive_extension(
         self, obj: dict[str, Any], key: str, value: Any, tbl: Table, path: str, ctx: Context
@@ -422,8 +399,7 @@ class _Walker:
             if type(values) is list and len(values) != len(value):
                 self.add(
                     "structure",
-                    f"{key} must have as many items as {name} ({len(value)} vs {len(values)}), "
-                    "with null as filler",
+                    f"{key} must have as many items as {name} ({len(value)} vs {len(values)}), with null as filler",
                     epath,
                 )
             for i, item in enumerate(value):
@@ -444,9 +420,7 @@ class _Walker:
                     has_value = type(values) is list and i < len(values) and values[i] is not None
                     self.object(item, element, f"{epath}[{i}]", ctx, has_value=has_value)
         elif type(value) is not dict:
-            self.add(
-                "structure", f"{key} must be a JSON object (id and extension), not {_json_type(value)}", epath
-            )
+            self.add("structure", f"{key} must be a JSON object (id and extension), not {_json_type(value)}", epath)
         else:
             self.object(value, element, epath, ctx, has_value=obj.get(name) is not None)
 
@@ -454,11 +428,7 @@ class _Walker:
         if el.kind == PRIMITIVE:
             prim = el.primitive
             assert prim is not None
-            if (
-                _check_primitive(value, prim, path, self.add)
-                and el.codes is not None
-                and value not in el.codes
-            ):
+            if _check_primitive(value, prim, path, self.add) and el.codes is not None and value not in el.codes:
                 self.add("code-invalid", _not_in_value_set(value, el, None), path)
         elif type(value) is not dict:
             self.add("structure", f"{el.path} must be a JSON object, not {_json_type(value)}", path)
@@ -506,9 +476,7 @@ class _Walker:
             return
         if value.startswith("urn:"):
             if not (UUID_REF_RE.fullmatch(value) or OID_REF_RE.fullmatch(value)):
-                self.add(
-                    "value", f"'{_short(value)}' is neither a valid urn:uuid: nor urn:oid: reference", rpath
-                )
+                self.add("value", f"'{_short(value)}' is neither a valid urn:uuid: nor urn:oid: reference", rpath)
             return
         if SCHEME_RE.match(value):
             if not ABSOLUTE_REF_RE.fullmatch(value):
@@ -535,9 +503,7 @@ class _Walker:
             return
         target = m.group(1)
         if target not in _r4_types():
-            self.add(
-                "value", f"'{_short(value)}' refers to '{target}', which is not an R4 resource type", rpath
-            )
+            self.add("value", f"'{_short(value)}' refers to '{target}', which is not an R4 resource type", rpath)
         elif el.targets is not None and target not in el.targets:
             allowed = "|".join(sorted(el.targets))
             self.add("value", f"{el.path} may refer to {allowed} only, not {target}", rpath)
@@ -572,8 +538,7 @@ def _check_primitive(value: Any, prim: Primitive, path: str, add: Callable[[str,
         if name == "xhtml" and not _xhtml_div(value):
             add(
                 "value",
-                'the narrative must be an XHTML <div xmlns="http://www.w3.org/1999/xhtml"> element '
-                "with content",
+                'the narrative must be an XHTML <div xmlns="http://www.w3.org/1999/xhtml"> element with content',
                 path,
             )
             return False
@@ -626,9 +591,7 @@ def _not_in_value_set(code: str, el: Element, system: str | None) -> str:
     systems = _value_set(el.value_set) or {}
     codes = sorted(systems.get(system, ())) if system is not None else sorted(_all_codes(el.value_set) or ())
     allowed = (
-        "allowed: " + ", ".join(codes)
-        if len(codes) <= MAX_LISTED_CODES
-        else f"{len(codes)} codes, see the value set"
+        "allowed: " + ", ".join(codes) if len(codes) <= MAX_LISTED_CODES else f"{len(codes)} codes, see the value set"
     )
     where = f" of system {system}" if system is not None else ""
     return f"'{_short(code)}' is not a code{where} in the required value set {el.value_set} ({allowed})"

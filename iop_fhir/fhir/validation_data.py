@@ -142,9 +142,7 @@ def build_elements(
             value_set = binding["valueSet"].split("|")[0] if binding.get("strength") == "required" else None
             for t in el.get("type") or ():
                 code = _type_code(t)
-                json_name, choice = (
-                    (name[:-3] + _cap(code), name[:-3]) if name.endswith("[x]") else (name, None)
-                )
+                json_name, choice = (name[:-3] + _cap(code), name[:-3]) if name.endswith("[x]") else (name, None)
                 full = parent + "." + json_name
                 if full not in path2type:
                     dropped.append(full)
@@ -170,9 +168,7 @@ def build_primitives(type_sds: list[dict[str, Any]]) -> dict[str, dict[str, str]
     for sd in type_sds:
         if sd["kind"] != "primitive-type":
             continue
-        prim: dict[str, str] = {
-            "json": JSON_KIND.get(sd["id"], "decimal" if sd["id"] == "decimal" else "string")
-        }
+        prim: dict[str, str] = {"json": JSON_KIND.get(sd["id"], "decimal" if sd["id"] == "decimal" else "string")}
         for el in sd["snapshot"]["element"]:
             if el["path"].endswith(".value"):
                 for ext in el["type"][0].get("extension", ()):
@@ -231,14 +227,10 @@ def build(src: Path) -> dict[str, Any]:
     resource_sds = [
         sd for sd in _entries(src / "profiles-resources.json") if sd["resourceType"] == "StructureDefinition"
     ]
-    type_sds = [
-        sd for sd in _entries(src / "profiles-types.json") if sd["resourceType"] == "StructureDefinition"
-    ]
+    type_sds = [sd for sd in _entries(src / "profiles-types.json") if sd["resourceType"] == "StructureDefinition"]
     roots = {p.split(".", 1)[0] for p in path2type}
     resource_types = sorted(
-        sd["id"]
-        for sd in resource_sds
-        if sd["kind"] == "resource" and not sd.get("abstract") and sd["id"] in roots
+        sd["id"] for sd in resource_sds if sd["kind"] == "resource" and not sd.get("abstract") and sd["id"] in roots
     )
     not_r4 = sorted(sd["id"] for sd in resource_sds if sd["kind"] == "resource" and sd["id"] not in roots)
     complex_sds = [
@@ -256,9 +248,7 @@ def build(src: Path) -> dict[str, Any]:
     for name in ("valuesets.json", "v3-codesystems.json"):
         for r in _entries(src / name):
             (value_sets if r["resourceType"] == "ValueSet" else code_systems)[r["url"]] = r
-    bound = sorted(
-        {spec[2] for table in elements.values() for spec in table.values() if len(spec) > 2 and spec[2]}
-    )
+    bound = sorted({spec[2] for table in elements.values() for spec in table.values() if len(spec) > 2 and spec[2]})
     expansions: dict[str, dict[str, list[str]]] = {}
     not_checked: dict[str, str] = {}
     for url in bound:

@@ -52,9 +52,11 @@ def batch_or_transaction() -> Response:
     from iop_fhir.fhir import transaction
 
     bundle = http.json_body(request)
-    return http.fhir_response(transaction.process(
+    return http.fhir_response(
+        transaction.process(
             repo(), bundle, base_url=base_url(), max_entries=current_app.config["IOP_FHIR"].max_bundle_entries
-        ))
+        )
+    )
 
 
 @bp.get("/_history")
@@ -71,7 +73,9 @@ def search(res_type: str) -> Response:
 def search_post(res_type: str) -> Response:
     if request.mimetype != "application/x-www-form-urlencoded":
         raise BadRequest(
-            "POST _search takes a form (application/x-www-form-urlencoded) body", "Content-Type", code="not-supported"
+            "POST _search takes a form (application/x-www-form-urlencoded) body",
+            "Content-Type",
+            code="not-supported",
         )
     body = request.get_data(as_text=True)
     return _search(res_type, _query_params() + parse_qsl(body, keep_blank_values=True))
@@ -91,9 +95,7 @@ def create(res_type: str) -> Response:
     result = repo().create(res_type, body, if_none_exist=request.headers.get("If-None-Exist"))
     stored = result.stored
     location = f"{base_url()}/{res_type}/{stored.res_id}/_history/{stored.version_id}"
-    return http.resource_response(
-        stored, status=201 if result.created else 200, prefer=_prefer(), location=location
-    )
+    return http.resource_response(stored, status=201 if result.created else 200, prefer=_prefer(), location=location)
 
 
 @bp.put("/<res_type>")
@@ -191,12 +193,11 @@ def _deleted(deleted: Any) -> Response:
 
 def _history(res_type: str | None, res_id: str | None, path: str) -> Response:
     params, count, offset, since, at = history_params(
-        _query_params(), default_count=current_app.config["IOP_FHIR"].default_page_size,
+        _query_params(),
+        default_count=current_app.config["IOP_FHIR"].default_page_size,
         max_count=current_app.config["IOP_FHIR"].max_page_size,
     )
     versions, total = repo().history(res_type, res_id, since=since, at=at, count=count, offset=offset)
     return http.fhir_response(
-        history_bundle(
-            versions, total, base_url=base_url(), path=path, params=params, count=count, offset=offset
-        )
+        history_bundle(versions, total, base_url=base_url(), path=path, params=params, count=count, offset=offset)
     )

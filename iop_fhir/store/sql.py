@@ -130,7 +130,12 @@ class SqlWriteTx:
             self._drop_index(version.res_type, version.res_id)
         self._queue(
             "resource_history",
-            {"res_type": version.res_type, "res_id": version.res_id, "method": version.method or "PUT", **values},
+            {
+                "res_type": version.res_type,
+                "res_id": version.res_id,
+                "method": version.method or "PUT",
+                **values,
+            },
         )
         base = {"res_type": version.res_type, "res_id": version.res_id}
         for kind, rows in index.items():

@@ -77,9 +77,7 @@ def _strings(param: str, *exact: str) -> list[dict[str, Any]]:
 def test_phq9_panel_code_is_a_loinc_token_with_its_text_lower_cased() -> None:
     panel = _load("Observation-PHQ9-panel-example-44249-1.json")
     assert _rows(panel, "token", "code") == [
-        _token(
-            "http://loinc.org", "44249-1", "phq-9 quick depression assessment panel [reported.phq]", "code"
-        )
+        _token("http://loinc.org", "44249-1", "phq-9 quick depression assessment panel [reported.phq]", "code")
     ]
 
 
@@ -87,18 +85,14 @@ def test_phq9_panel_subject_and_patient_refer_to_the_patient() -> None:
     panel = _load("Observation-PHQ9-panel-example-44249-1.json")
     assert _rows(panel, "reference", "subject") == [_ref("Patient", "example", None, "subject")]
     assert _rows(panel, "reference", "patient") == [_ref("Patient", "example", None, "patient")]
-    assert _rows(panel, "reference", "performer") == [
-        _ref("Practitioner", "practitioner-1", None, "performer")
-    ]
+    assert _rows(panel, "reference", "performer") == [_ref("Practitioner", "practitioner-1", None, "performer")]
     members = _rows(panel, "reference", "has-member")
     assert len(members) == 11
     assert members[0] == _ref("Observation", "PHQ9-item-example-44250-9", None, "has-member")
 
 
 def test_phq9_panel_date_is_its_microsecond_instant() -> None:
-    panel = _load(
-        "Observation-PHQ9-panel-example-44249-1.json"
-    )  # effectiveDateTime 2022-11-29T20:50:32.718000Z
+    panel = _load("Observation-PHQ9-panel-example-44249-1.json")  # effectiveDateTime 2022-11-29T20:50:32.718000Z
     instant = _us("2022-11-29T20:50:32.718000+00:00")
     assert _rows(panel, "date", "date") == [{"param": "date", "low": instant, "high": instant}]
 
@@ -285,16 +279,12 @@ def test_synthea_encounter_rows() -> None:
     assert extract(encounter)["uri"] == [
         {"param": "_profile", "value": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-encounter"}
     ]
-    assert (
-        extract(encounter)["string"] == extract(encounter)["number"] == extract(encounter)["quantity"] == []
-    )
+    assert extract(encounter)["string"] == extract(encounter)["number"] == extract(encounter)["quantity"] == []
 
 
 def test_searchset_bundle_composition_refers_to_its_first_entry() -> None:
     bundle = _load("bundle-docref-example1.json")  # Bundle.entry[0].resource, evaluated with fhirpathpy
-    assert _rows(bundle, "reference", "composition") == [
-        _ref("DocumentReference", "ccd123", None, "composition")
-    ]
+    assert _rows(bundle, "reference", "composition") == [_ref("DocumentReference", "ccd123", None, "composition")]
 
 
 # --- value rules --------------------------------------------------------------------------------------------
@@ -367,9 +357,7 @@ def test_sentinels_lie_outside_every_date() -> None:
         ("1e3", (1000.0, 500.0, 1500.0)),
     ],
 )
-def test_number_range_is_half_a_unit_of_the_last_digit(
-    value: Any, expected: tuple[float, float, float]
-) -> None:
+def test_number_range_is_half_a_unit_of_the_last_digit(value: Any, expected: tuple[float, float, float]) -> None:
     assert number_range(value) == expected
 
 
@@ -490,9 +478,7 @@ def test_meta_tag_security_and_source_are_indexed() -> None:
         "resourceType": "Patient",
         "meta": {
             "tag": [{"system": "http://ex.org/tags", "code": "iop"}],
-            "security": [
-                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "42CFRPart2"}
-            ],
+            "security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "42CFRPart2"}],
             "source": "http://ex.org/ehr",
         },
     }
@@ -622,9 +608,7 @@ def test_union_members_left_out_are_only_of_the_unindexed_datatypes() -> None:
 def test_rows_have_exactly_the_columns_of_their_table() -> None:
     rows = extract(_load("Observation-average-blood-pressure.json"))
     rows["string"] = extract(_load("patient-example.json"))["string"]
-    rows["number"] = extract({"resourceType": "RiskAssessment", "prediction": [{"probabilityDecimal": 0.2}]})[
-        "number"
-    ]
+    rows["number"] = extract({"resourceType": "RiskAssessment", "prediction": [{"probabilityDecimal": 0.2}]})["number"]
     for kind, table in schema.INDEX_TABLES.items():
         columns = [c.name for c in table.columns if c.name not in ("res_type", "res_id")]
         assert rows[kind], kind
@@ -647,9 +631,7 @@ def _examples() -> list[Any]:
 
 
 def _sorted(rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
-    return {
-        kind: sorted(json.dumps(r, sort_keys=True) for r in kind_rows) for kind, kind_rows in rows.items()
-    }
+    return {kind: sorted(json.dumps(r, sort_keys=True) for r in kind_rows) for kind, kind_rows in rows.items()}
 
 
 @pytest.mark.parametrize("resources", _examples())

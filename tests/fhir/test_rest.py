@@ -23,8 +23,11 @@ def patient(family: str = "Rivera", **extra: Any) -> dict[str, Any]:
 
 
 def post(client: FlaskClient, resource: dict[str, Any], **headers: str) -> Any:
-    return client.post(f"/fhir/{resource['resourceType']}", data=orjson.dumps(resource),
-                       headers={"Content-Type": FHIR, **headers})
+    return client.post(
+        f"/fhir/{resource['resourceType']}",
+        data=orjson.dumps(resource),
+        headers={"Content-Type": FHIR, **headers},
+    )
 
 
 def put(client: FlaskClient, path: str, resource: dict[str, Any], **headers: str) -> Any:
@@ -180,7 +183,8 @@ def test_json_patch_that_breaks_the_resource_is_refused_and_changes_nothing(clie
     created = post(client, patient()).get_json()
     ops = [{"op": "replace", "path": "/gender", "value": "bogus"}]
     response = client.patch(
-        f"/fhir/Patient/{created['id']}", data=orjson.dumps(ops),
+        f"/fhir/Patient/{created['id']}",
+        data=orjson.dumps(ops),
         headers={"Content-Type": "application/json-patch+json"},
     )
     assert response.status_code == 400
@@ -192,7 +196,8 @@ def test_json_patch_with_a_failing_test_op_returns_422(client: FlaskClient) -> N
     created = post(client, patient()).get_json()
     ops = [{"op": "test", "path": "/gender", "value": "male"}]
     response = client.patch(
-        f"/fhir/Patient/{created['id']}", data=orjson.dumps(ops),
+        f"/fhir/Patient/{created['id']}",
+        data=orjson.dumps(ops),
         headers={"Content-Type": "application/json-patch+json"},
     )
     assert response.status_code == 422
@@ -231,7 +236,9 @@ def test_wrong_content_type_returns_415(client: FlaskClient) -> None:
 
 def test_application_json_and_format_parameter_are_accepted(client: FlaskClient) -> None:
     response = client.post(
-        "/fhir/Patient?_format=json", data=orjson.dumps(patient()), headers={"Content-Type": "application/json"}
+        "/fhir/Patient?_format=json",
+        data=orjson.dumps(patient()),
+        headers={"Content-Type": "application/json"},
     )
     assert response.status_code == 201
 
@@ -244,7 +251,12 @@ def test_xml_is_not_acceptable(client: FlaskClient) -> None:
 
 def test_body_over_the_limit_returns_413(client: FlaskClient) -> None:
     client.application.config["MAX_CONTENT_LENGTH"] = 1000
-    big = patient(text={"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * 2000 + "</div>"})
+    big = patient(
+        text={
+            "status": "generated",
+            "div": '<div xmlns="http://www.w3.org/1999/xhtml">' + "x" * 2000 + "</div>",
+        }
+    )
     response = post(client, big)
     assert response.status_code == 413
     assert issue(response)["code"] == "too-costly"
@@ -278,7 +290,12 @@ def test_every_validation_issue_is_reported_at_once(client: FlaskClient) -> None
 
 
 def test_validate_operation_reports_issues_without_storing(client: FlaskClient) -> None:
-    bad = {"resourceType": "CarePlan", "status": "active", "intent": "bogus", "subject": {"reference": "Patient/p"}}
+    bad = {
+        "resourceType": "CarePlan",
+        "status": "active",
+        "intent": "bogus",
+        "subject": {"reference": "Patient/p"},
+    }
     response = client.post("/fhir/CarePlan/$validate", data=orjson.dumps(bad), headers={"Content-Type": FHIR})
     assert response.status_code == 200
     assert issue(response)["expression"] == ["CarePlan.intent"]

@@ -36,8 +36,9 @@ def transaction(*entries: dict[str, Any], kind: str = "transaction") -> dict[str
     return {"resourceType": "Bundle", "type": kind, "entry": list(entries)}
 
 
-def entry(method: str, url: str, resource: dict[str, Any] | None = None, full_url: str | None = None,
-          **request: str) -> dict[str, Any]:
+def entry(
+    method: str, url: str, resource: dict[str, Any] | None = None, full_url: str | None = None, **request: str
+) -> dict[str, Any]:
     e: dict[str, Any] = {"request": {"method": method, "url": url, **request}}
     if full_url is not None:
         e["fullUrl"] = full_url
@@ -137,8 +138,11 @@ def synthea_bundle(patient_id: str = SYNTHEA_PATIENT) -> dict[str, Any]:
     conditional = {
         r["reference"]
         for e in encounters
-        for r in [*(p["individual"] for p in e.get("participant", [])),
-                  *(loc["location"] for loc in e.get("location", [])), e.get("serviceProvider", {})]
+        for r in [
+            *(p["individual"] for p in e.get("participant", [])),
+            *(loc["location"] for loc in e.get("location", [])),
+            e.get("serviceProvider", {}),
+        ]
         if "?" in r.get("reference", "")
     }
     entries = []
@@ -185,8 +189,9 @@ def test_synthea_record_is_stored_with_every_urn_uuid_reference_rewritten_to_the
     assert [r["response"]["status"] for r in body["entry"]] == ["201 Created"] * len(bundle["entry"])
     patient_ref = new_ref[f"urn:uuid:{SYNTHEA_PATIENT}"]
     assert patient_ref != f"Patient/{SYNTHEA_PATIENT}"
-    conditions = [(e, r) for e, r in zip(bundle["entry"], body["entry"], strict=True)
-                  if e["request"]["url"] == "Condition"]
+    conditions = [
+        (e, r) for e, r in zip(bundle["entry"], body["entry"], strict=True) if e["request"]["url"] == "Condition"
+    ]
     assert len(conditions) == 3
     for request_entry, response_entry in conditions:
         stored = read(client, ref_of(response_entry))
@@ -230,9 +235,12 @@ def test_conditional_references_resolve_to_the_conditional_creates_of_the_same_b
 
 def test_conditional_reference_to_an_existing_resource_is_replaced_by_its_id(client: FlaskClient) -> None:
     existing = create(client, patient("MRN-7"))
-    status, body = post(client, transaction(
-        entry("POST", "Observation", observation("Patient?identifier=urn:example:mrn|MRN-7")),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Observation", observation("Patient?identifier=urn:example:mrn|MRN-7")),
+        ),
+    )
     assert status == 200, body
     assert body["entry"][0]["resource"]["subject"]["reference"] == f"Patient/{existing['id']}"
 
@@ -246,10 +254,13 @@ def test_conditional_reference_without_exactly_one_match_fails_with_412_at_its_p
 ) -> None:
     create(client, patient("TWIN"))
     create(client, patient("TWIN"))
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient("NEW"), urn()),
-        entry("POST", "Observation", observation(f"Patient?identifier=urn:example:mrn|{identifier}")),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient("NEW"), urn()),
+            entry("POST", "Observation", observation(f"Patient?identifier=urn:example:mrn|{identifier}")),
+        ),
+    )
     assert status == 412
     assert issue(body) == (code, ["Bundle.entry[1].resource.subject.reference"])
     assert count(client, "Patient", "identifier=NEW") == 0
@@ -257,10 +268,13 @@ def test_conditional_reference_without_exactly_one_match_fails_with_412_at_its_p
 
 def test_put_with_a_urn_full_url_links_references_to_its_url_id(client: FlaskClient) -> None:
     pid = urn()
-    status, body = post(client, transaction(
-        entry("POST", "Observation", observation(pid)),
-        entry("PUT", "Patient/chosen-id", {**patient(), "id": "chosen-id"}, pid),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Observation", observation(pid)),
+            entry("PUT", "Patient/chosen-id", {**patient(), "id": "chosen-id"}, pid),
+        ),
+    )
     assert status == 200, body
     assert [r["response"]["status"] for r in body["entry"]] == ["201 Created", "201 Created"]
     assert read(client, ref_of(body["entry"][0]))["subject"]["reference"] == "Patient/chosen-id"
@@ -278,10 +292,13 @@ def test_attachment_url_equal_to_a_full_url_is_rewritten_but_other_strings_are_n
         "content": [{"attachment": {"contentType": "text/plain", "url": binary_url}}],
     }
     binary = {"resourceType": "Binary", "contentType": "text/plain", "data": base64.b64encode(b"hi").decode()}
-    status, body = post(client, transaction(
-        entry("POST", "Binary", binary, binary_url),
-        entry("POST", "DocumentReference", document),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Binary", binary, binary_url),
+            entry("POST", "DocumentReference", document),
+        ),
+    )
     assert status == 200, body
     stored = read(client, ref_of(body["entry"][1]))
     binary_ref = ref_of(body["entry"][0])
@@ -294,11 +311,14 @@ def test_relative_reference_to_a_created_entry_with_an_absolute_full_url_follows
     client: FlaskClient,
 ) -> None:
     base = "http://clinic.example/fhir"
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient(), f"{base}/Patient/p1"),
-        entry("POST", "Observation", observation("Patient/p1"), f"{base}/Observation/o1"),
-        entry("POST", "Observation", observation(f"{base}/Patient/p1"), urn()),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient(), f"{base}/Patient/p1"),
+            entry("POST", "Observation", observation("Patient/p1"), f"{base}/Observation/o1"),
+            entry("POST", "Observation", observation(f"{base}/Patient/p1"), urn()),
+        ),
+    )
     assert status == 200, body
     patient_ref = ref_of(body["entry"][0])
     assert patient_ref != "Patient/p1"
@@ -306,10 +326,13 @@ def test_relative_reference_to_a_created_entry_with_an_absolute_full_url_follows
 
 
 def test_reference_to_a_urn_that_is_no_entry_fails_at_its_path(client: FlaskClient) -> None:
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient(), urn()),
-        entry("POST", "Observation", observation(urn())),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient(), urn()),
+            entry("POST", "Observation", observation(urn())),
+        ),
+    )
     assert status == 400
     assert issue(body) == ("not-found", ["Bundle.entry[1].resource.subject.reference"])
     assert count(client, "Patient") == 0
@@ -323,11 +346,14 @@ def test_invalid_resource_in_the_middle_fails_the_transaction_at_its_path_and_no
 ) -> None:
     pid = urn()
     bad = {**observation(pid), "status": "done"}
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient(), pid),
-        entry("POST", "Observation", bad),
-        entry("POST", "Observation", observation(pid)),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient(), pid),
+            entry("POST", "Observation", bad),
+            entry("POST", "Observation", observation(pid)),
+        ),
+    )
     assert status == 400
     assert issue(body) == ("code-invalid", ["Bundle.entry[1].resource.status"])
     assert count(client, "Patient") == 0
@@ -336,12 +362,15 @@ def test_invalid_resource_in_the_middle_fails_the_transaction_at_its_path_and_no
 
 def test_failure_after_writes_inside_the_transaction_rolls_every_write_back(client: FlaskClient) -> None:
     pid = urn()
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient(), pid),
-        entry("POST", "Observation", observation(pid)),
-        entry("PUT", "Patient/kept-out", {**patient("B-2"), "id": "kept-out"}),
-        entry("PATCH", "Patient/missing", _json_patch([{"op": "remove", "path": "/gender"}])),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient(), pid),
+            entry("POST", "Observation", observation(pid)),
+            entry("PUT", "Patient/kept-out", {**patient("B-2"), "id": "kept-out"}),
+            entry("PATCH", "Patient/missing", _json_patch([{"op": "remove", "path": "/gender"}])),
+        ),
+    )
     assert status == 404
     assert issue(body) == ("not-found", ["Bundle.entry[3]"])
     assert client.get("/fhir/Patient/kept-out").status_code == 404
@@ -352,10 +381,13 @@ def test_failure_after_writes_inside_the_transaction_rolls_every_write_back(clie
 
 def test_if_match_failure_answers_412_and_rolls_back(client: FlaskClient) -> None:
     existing = create(client, patient())
-    status, body = post(client, transaction(
-        entry("POST", "Observation", observation(f"Patient/{existing['id']}")),
-        entry("PUT", f"Patient/{existing['id']}", {**existing, "gender": "male"}, ifMatch='W/"2"'),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Observation", observation(f"Patient/{existing['id']}")),
+            entry("PUT", f"Patient/{existing['id']}", {**existing, "gender": "male"}, ifMatch='W/"2"'),
+        ),
+    )
     assert status == 412
     assert issue(body) == ("conflict", ["Bundle.entry[1].request.ifMatch"])
     assert count(client, "Observation") == 0
@@ -364,11 +396,14 @@ def test_if_match_failure_answers_412_and_rolls_back(client: FlaskClient) -> Non
 
 def test_if_match_on_the_current_version_updates(client: FlaskClient) -> None:
     existing = create(client, patient())
-    status, body = post(client, transaction(
-        entry("PUT", f"Patient/{existing['id']}", {**existing, "gender": "male"}, ifMatch='W/"1"'),
-        entry("DELETE", "Patient?identifier=nobody", ifMatch='W/"1"'),
-        kind="batch",
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("PUT", f"Patient/{existing['id']}", {**existing, "gender": "male"}, ifMatch='W/"1"'),
+            entry("DELETE", "Patient?identifier=nobody", ifMatch='W/"1"'),
+            kind="batch",
+        ),
+    )
     assert status == 200
     assert body["entry"][0]["response"]["status"] == "200 OK"
     assert body["entry"][0]["response"]["etag"] == 'W/"2"'
@@ -377,15 +412,16 @@ def test_if_match_on_the_current_version_updates(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize("first", ["DELETE", "PUT"])
-def test_two_entries_acting_on_one_resource_found_by_condition_are_refused(
-    client: FlaskClient, first: str
-) -> None:
+def test_two_entries_acting_on_one_resource_found_by_condition_are_refused(client: FlaskClient, first: str) -> None:
     existing = create(client, patient("SAME"))
     ops = _json_patch([{"op": "replace", "path": "/gender", "value": "male"}])
-    status, body = post(client, transaction(
-        entry(first, "Patient?identifier=urn:example:mrn|SAME", patient("SAME") if first == "PUT" else None),
-        entry("PATCH", f"Patient/{existing['id']}", ops),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry(first, "Patient?identifier=urn:example:mrn|SAME", patient("SAME") if first == "PUT" else None),
+            entry("PATCH", f"Patient/{existing['id']}", ops),
+        ),
+    )
     assert status == 400
     assert issue(body) == ("invalid", ["Bundle.entry[1].request.url"])
     stored = read(client, f"Patient/{existing['id']}")
@@ -393,10 +429,13 @@ def test_two_entries_acting_on_one_resource_found_by_condition_are_refused(
 
 
 def test_two_entries_naming_one_resource_are_refused_before_any_write(client: FlaskClient) -> None:
-    status, body = post(client, transaction(
-        entry("PUT", "Patient/twice", {**patient(), "id": "twice"}),
-        entry("DELETE", "Patient/twice"),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("PUT", "Patient/twice", {**patient(), "id": "twice"}),
+            entry("DELETE", "Patient/twice"),
+        ),
+    )
     assert status == 400
     assert issue(body) == ("invalid", ["Bundle.entry[1].request.url"])
     assert client.get("/fhir/Patient/twice").status_code == 404
@@ -409,16 +448,21 @@ def test_delete_runs_before_post_so_a_conditional_create_after_a_conditional_del
     client: FlaskClient,
 ) -> None:
     old = create(client, patient("X-1", "Old"))
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient("X-1", "New"), urn(), ifNoneExist="identifier=urn:example:mrn|X-1"),
-        entry("DELETE", "Patient?identifier=urn:example:mrn|X-1"),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient("X-1", "New"), urn(), ifNoneExist="identifier=urn:example:mrn|X-1"),
+            entry("DELETE", "Patient?identifier=urn:example:mrn|X-1"),
+        ),
+    )
     assert status == 200, body
     created, deleted = body["entry"]
     assert created["response"]["status"] == "201 Created"
     assert created["resource"]["name"][0]["family"] == "New"
     assert deleted["response"] == {
-        "status": "204 No Content", "etag": 'W/"2"', "lastModified": deleted["response"]["lastModified"]
+        "status": "204 No Content",
+        "etag": 'W/"2"',
+        "lastModified": deleted["response"]["lastModified"],
     }
     assert client.get(f"/fhir/Patient/{old['id']}").status_code == 410
     found = search(client, "Patient?identifier=X-1")
@@ -428,10 +472,13 @@ def test_delete_runs_before_post_so_a_conditional_create_after_a_conditional_del
 def test_conditional_create_matching_an_existing_resource_links_its_urn_to_it(client: FlaskClient) -> None:
     existing = create(client, patient("M-5"))
     pid = urn()
-    status, body = post(client, transaction(
-        entry("POST", "Observation", observation(pid)),
-        entry("POST", "Patient", patient("M-5", "Other"), pid, ifNoneExist="identifier=urn:example:mrn|M-5"),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Observation", observation(pid)),
+            entry("POST", "Patient", patient("M-5", "Other"), pid, ifNoneExist="identifier=urn:example:mrn|M-5"),
+        ),
+    )
     assert status == 200, body
     obs, pat = body["entry"]
     assert pat["response"]["status"] == "200 OK"
@@ -444,10 +491,13 @@ def test_conditional_create_matching_an_existing_resource_links_its_urn_to_it(cl
 def test_conditional_update_in_a_transaction_updates_its_match_and_links_its_urn(client: FlaskClient) -> None:
     existing = create(client, patient("U-1"))
     pid = urn()
-    status, body = post(client, transaction(
-        entry("POST", "Observation", observation(pid)),
-        entry("PUT", "Patient?identifier=urn:example:mrn|U-1", patient("U-1", "Updated"), pid),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Observation", observation(pid)),
+            entry("PUT", "Patient?identifier=urn:example:mrn|U-1", patient("U-1", "Updated"), pid),
+        ),
+    )
     assert status == 200, body
     assert body["entry"][1]["response"]["location"] == f"Patient/{existing['id']}/_history/2"
     assert body["entry"][0]["resource"]["subject"]["reference"] == f"Patient/{existing['id']}"
@@ -464,10 +514,16 @@ def _json_patch(operations: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_patch_entry_applies_a_json_patch_binary(client: FlaskClient) -> None:
     existing = create(client, patient())
-    status, body = post(client, transaction(
-        entry("PATCH", f"Patient/{existing['id']}", _json_patch([{"op": "replace", "path": "/gender",
-                                                                   "value": "male"}])),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry(
+                "PATCH",
+                f"Patient/{existing['id']}",
+                _json_patch([{"op": "replace", "path": "/gender", "value": "male"}]),
+            ),
+        ),
+    )
     assert status == 200, body
     assert body["entry"][0]["response"]["status"] == "200 OK"
     assert body["entry"][0]["resource"]["gender"] == "male"
@@ -487,14 +543,17 @@ def test_fhirpath_patch_is_refused_as_not_supported(client: FlaskClient) -> None
 def test_get_entries_read_vread_and_search_and_see_the_transactions_own_writes(client: FlaskClient) -> None:
     existing = create(client, patient("G-1"))
     pid = urn()
-    status, body = post(client, transaction(
-        entry("GET", f"Patient/{existing['id']}"),
-        entry("GET", f"Patient/{existing['id']}/_history/1"),
-        entry("GET", "Patient?identifier=urn:example:mrn|G-2"),
-        entry("POST", "Patient", patient("G-2"), pid),
-        entry("HEAD", f"Patient/{existing['id']}"),
-        entry("GET", f"Patient/{existing['id']}", ifNoneMatch='W/"1"'),
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("GET", f"Patient/{existing['id']}"),
+            entry("GET", f"Patient/{existing['id']}/_history/1"),
+            entry("GET", "Patient?identifier=urn:example:mrn|G-2"),
+            entry("POST", "Patient", patient("G-2"), pid),
+            entry("HEAD", f"Patient/{existing['id']}"),
+            entry("GET", f"Patient/{existing['id']}", ifNoneMatch='W/"1"'),
+        ),
+    )
     assert status == 200, body
     read_entry, vread_entry, search_entry, created, head, not_modified = body["entry"]
     assert read_entry["resource"] == existing
@@ -518,14 +577,17 @@ def test_batch_get_of_an_unknown_resource_answers_404_in_its_entry(client: Flask
 
 
 def test_batch_stores_the_good_entries_and_answers_each_failure_in_its_entry(client: FlaskClient) -> None:
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient("B-1")),
-        entry("POST", "Observation", {**observation("Patient/x"), "status": "done"}),
-        entry("PUT", "Patient/b-two", {**patient("B-2"), "id": "b-two"}),
-        entry("DELETE", "Patient"),
-        entry("POST", "Patient", patient("B-3")),
-        kind="batch",
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient("B-1")),
+            entry("POST", "Observation", {**observation("Patient/x"), "status": "done"}),
+            entry("PUT", "Patient/b-two", {**patient("B-2"), "id": "b-two"}),
+            entry("DELETE", "Patient"),
+            entry("POST", "Patient", patient("B-3")),
+            kind="batch",
+        ),
+    )
     assert status == 200
     statuses = [e["response"]["status"] for e in body["entry"]]
     assert statuses == ["201 Created", "400 Bad Request", "201 Created", "400 Bad Request", "201 Created"]
@@ -540,11 +602,14 @@ def test_batch_stores_the_good_entries_and_answers_each_failure_in_its_entry(cli
 
 def test_batch_does_not_link_entries(client: FlaskClient) -> None:
     pid = urn()
-    status, body = post(client, transaction(
-        entry("POST", "Patient", patient(), pid),
-        entry("POST", "Observation", observation(pid)),
-        kind="batch",
-    ))
+    status, body = post(
+        client,
+        transaction(
+            entry("POST", "Patient", patient(), pid),
+            entry("POST", "Observation", observation(pid)),
+            kind="batch",
+        ),
+    )
     assert status == 200
     assert body["entry"][1]["resource"]["subject"]["reference"] == pid
 
@@ -557,24 +622,54 @@ def test_batch_does_not_link_entries(client: FlaskClient) -> None:
     [
         ({"resourceType": "Bundle", "type": "collection", "entry": []}, 400, "invalid", "Bundle.type"),
         ({"resourceType": "Patient"}, 400, "invalid", "resourceType"),
-        (transaction({"request": {"method": "POST"}, "resource": patient()}), 400, "required",
-         "Bundle.entry[0].request.url"),
-        (transaction(entry("GET", "Patient"), {"request": {"method": "FETCH", "url": "Patient"}}), 400,
-         "value", "Bundle.entry[1].request.method"),
+        (
+            transaction({"request": {"method": "POST"}, "resource": patient()}),
+            400,
+            "required",
+            "Bundle.entry[0].request.url",
+        ),
+        (
+            transaction(entry("GET", "Patient"), {"request": {"method": "FETCH", "url": "Patient"}}),
+            400,
+            "value",
+            "Bundle.entry[1].request.method",
+        ),
         (transaction(entry("POST", "Patient")), 400, "required", "Bundle.entry[0].resource"),
         (transaction(entry("GET", "Nonsense/1")), 404, "not-supported", "Bundle.entry[0].request.url"),
-        (transaction(entry("POST", "Patient/1", patient())), 400, "not-supported",
-         "Bundle.entry[0].request.url"),
+        (
+            transaction(entry("POST", "Patient/1", patient())),
+            400,
+            "not-supported",
+            "Bundle.entry[0].request.url",
+        ),
         (transaction(entry("DELETE", "Patient")), 400, "not-supported", "Bundle.entry[0].request.url"),
-        (transaction(entry("GET", "http://elsewhere.example/fhir/Patient/1")), 400, "not-supported",
-         "Bundle.entry[0].request.url"),
-        (transaction(entry("POST", "Patient", patient(), "urn:uuid:1"), entry("POST", "Patient", patient(),
-                                                                               "urn:uuid:1")),
-         400, "duplicate", "Bundle.entry[1].fullUrl"),
-        (transaction(entry("PUT", "Patient/p", {**patient(), "id": "q"})), 400, "invalid",
-         "Bundle.entry[0].resource.id"),
-        (transaction(entry("PUT", "Patient/p", {**patient(), "id": "p"}, ifMatch="yesterday")), 400,
-         "invalid", "Bundle.entry[0].request.ifMatch"),
+        (
+            transaction(entry("GET", "http://elsewhere.example/fhir/Patient/1")),
+            400,
+            "not-supported",
+            "Bundle.entry[0].request.url",
+        ),
+        (
+            transaction(
+                entry("POST", "Patient", patient(), "urn:uuid:1"),
+                entry("POST", "Patient", patient(), "urn:uuid:1"),
+            ),
+            400,
+            "duplicate",
+            "Bundle.entry[1].fullUrl",
+        ),
+        (
+            transaction(entry("PUT", "Patient/p", {**patient(), "id": "q"})),
+            400,
+            "invalid",
+            "Bundle.entry[0].resource.id",
+        ),
+        (
+            transaction(entry("PUT", "Patient/p", {**patient(), "id": "p"}, ifMatch="yesterday")),
+            400,
+            "invalid",
+            "Bundle.entry[0].request.ifMatch",
+        ),
     ],
 )
 def test_malformed_bundle_is_refused_naming_the_entry(
@@ -598,8 +693,7 @@ def test_process_honours_a_lower_entry_limit(sqlite_app: Any) -> None:
 
     repo = sqlite_app.extensions["iop_fhir.repository"]
     with pytest.raises(PayloadTooLarge):
-        tx_module.process(repo, transaction(*[entry("GET", "Patient/x")] * 3), base_url="http://t/fhir",
-                          max_entries=2)
+        tx_module.process(repo, transaction(*[entry("GET", "Patient/x")] * 3), base_url="http://t/fhir", max_entries=2)
 
 
 # -- size ----------------------------------------------------------------------------------------------------

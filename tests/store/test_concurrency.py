@@ -26,7 +26,9 @@ PATIENT = orjson.dumps(
 
 
 def _conditional_create(client: FlaskClient) -> tuple[int, str]:
-    response = client.post("/fhir/Patient", data=PATIENT, headers={"Content-Type": FHIR, "If-None-Exist": f"identifier={MRN}"})
+    response = client.post(
+        "/fhir/Patient", data=PATIENT, headers={"Content-Type": FHIR, "If-None-Exist": f"identifier={MRN}"}
+    )
     return response.status_code, response.get_json()["id"]
 
 
@@ -81,8 +83,13 @@ def test_200_concurrent_conditional_creates_in_processes_leave_one_resource(clie
 def test_concurrent_if_match_updates_never_lose_an_update(client: FlaskClient) -> None:
     created = client.post(
         "/fhir/Basic",
-        data=orjson.dumps({"resourceType": "Basic", "code": {"text": "counter"}, "extension": [
-            {"url": "http://example.org/counter", "valueInteger": 0}]}),
+        data=orjson.dumps(
+            {
+                "resourceType": "Basic",
+                "code": {"text": "counter"},
+                "extension": [{"url": "http://example.org/counter", "valueInteger": 0}],
+            }
+        ),
         headers={"Content-Type": FHIR},
     ).get_json()
     path = f"/fhir/Basic/{created['id']}"
@@ -94,8 +101,11 @@ def test_concurrent_if_match_updates_never_lose_an_update(client: FlaskClient) -
             current = local.get(path)
             body = current.get_json()
             body["extension"][0]["valueInteger"] += 1
-            response = local.put(path, data=orjson.dumps(body),
-                                 headers={"Content-Type": FHIR, "If-Match": current.headers["ETag"]})
+            response = local.put(
+                path,
+                data=orjson.dumps(body),
+                headers={"Content-Type": FHIR, "If-Match": current.headers["ETag"]},
+            )
             if response.status_code == 200:
                 return conflicts
             assert response.status_code == 412
