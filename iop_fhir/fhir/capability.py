@@ -10,6 +10,7 @@ import orjson
 
 from iop_fhir import __version__
 from iop_fhir.fhir import definitions
+from iop_fhir.fhir.indexing import indexed_params
 
 # Parameter kinds the search engine implements; composite and special parameters are not offered.
 SEARCHABLE_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})
@@ -30,8 +31,6 @@ RELEASE_DATE = "2026-11-22"
 
 
 def supported_search_params(res_type: str) -> list[definitions.SearchParam]:
-    from iop_fhir.fhir.indexing import indexed_params
-
     indexed = indexed_params(res_type)
     always = ("_id", "_lastUpdated")
     return [

@@ -7,6 +7,8 @@ from urllib.parse import urlencode
 import orjson
 
 from iop_fhir.errors import BadRequest
+from iop_fhir.fhir.indexing import date_range
+from iop_fhir.fhir.repository import instant
 from iop_fhir.store.base import StoredResource
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
@@ -39,7 +41,7 @@ def history_bundle(
         response = {
             "status": _STATUS.get(v.method or "PUT", "200 OK"),
             "etag": f'W/"{v.version_id}"',
-            "lastModified": _instant(v.last_updated),
+            "lastModified": instant(v.last_updated),
         }
         head = orjson.dumps({"fullUrl": f"{base_url}/{url}", "request": request, "response": response})
         if v.content is not None:
@@ -53,8 +55,6 @@ def history_params(
     params: list[tuple[str, str]], *, default_count: int, max_count: int
 ) -> tuple[list[tuple[str, str]], int, int, int | None, int | None]:
     """``_count``, ``_offset``, ``_since`` and ``_at`` of a history request; anything else is a 400."""
-    from iop_fhir.fhir.indexing import date_range
-
     count, offset, since, at = default_count, 0, None, None
     kept: list[tuple[str, str]] = []
     for name, value in params:
@@ -85,9 +85,3 @@ def history_params(
             raise BadRequest(f"{name} '{value}' is not valid", name) from exc
         kept.append((name, value))
     return kept, count, offset, since, at
-
-
-def _instant(us: int) -> str:
-    from iop_fhir.fhir.repository import instant
-
-    return instant(us)

@@ -26,7 +26,7 @@ from iop_fhir.errors import (
     PreconditionFailed,
     Unprocessable,
 )
-from iop_fhir.fhir import definitions
+from iop_fhir.fhir import definitions, indexing, search, validation
 from iop_fhir.store.base import IndexRows, SearchResult, Store, StoredResource, WriteTx
 
 
@@ -54,8 +54,6 @@ class WriteResult:
 
 
 def _validate(res_type: str, body: Any, *, res_id: str | None = None, require_id: bool = False) -> None:
-    from iop_fhir.fhir import validation
-
     issues = validation.validate(body, expected_type=res_type, expected_id=res_id, require_id=require_id)
     errors = [i for i in issues if i.severity in ("error", "fatal")]
     if errors:
@@ -63,8 +61,6 @@ def _validate(res_type: str, body: Any, *, res_id: str | None = None, require_id
 
 
 def _index(resource: dict[str, Any]) -> IndexRows:
-    from iop_fhir.fhir import indexing
-
     return indexing.extract(resource)
 
 
@@ -129,8 +125,6 @@ class Repository:
     def search(
         self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False
     ) -> tuple[Any, SearchResult]:
-        from iop_fhir.fhir import search
-
         check_type(res_type)
         request = search.parse(
             res_type, params, lenient=lenient, default_count=self.default_count, max_count=self.max_count
@@ -191,8 +185,6 @@ class Repository:
     # -- writes inside a given transaction (used by the above and by transaction Bundles) ----------------------
 
     def matches_in(self, tx: WriteTx, res_type: str, query: str, header: str) -> list[StoredResource]:
-        from iop_fhir.fhir import search
-
         params = parse_conditional(res_type, query, header=header)
         request = search.parse(res_type, [*params, ("_count", "2")], default_count=2, max_count=2)
         # Conditional interactions on one type are serialised so that check-then-write cannot race.
@@ -322,6 +314,4 @@ def _http_date(us: int) -> str:
 
 def validation_issues(res_type: str, body: Any, res_id: str | None = None) -> list[Issue]:
     """Every validation issue of a resource, for $validate."""
-    from iop_fhir.fhir import validation
-
     return validation.validate(body, expected_type=res_type, expected_id=res_id)

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from flask import Blueprint, Response, current_app, request
 
 from iop_fhir.errors import BadRequest, information, operation_outcome
-from iop_fhir.fhir import capability, http
+from iop_fhir.fhir import capability, http, searchset, transaction
 from iop_fhir.fhir.history import history_bundle, history_params
 from iop_fhir.fhir.repository import Repository, check_type, validation_issues
 
@@ -49,8 +49,6 @@ def metadata() -> Response:
 @bp.post("")
 @bp.post("/")
 def batch_or_transaction() -> Response:
-    from iop_fhir.fhir import transaction
-
     bundle = http.json_body(request)
     return http.fhir_response(
         transaction.process(
@@ -82,8 +80,6 @@ def search_post(res_type: str) -> Response:
 
 
 def _search(res_type: str, params: list[tuple[str, str]]) -> Response:
-    from iop_fhir.fhir import searchset
-
     search_request, result = repo().search(res_type, params, lenient=http.lenient(_prefer()))
     return http.fhir_response(searchset.searchset_bundle(search_request, result, base_url()))
 

@@ -1,9 +1,9 @@
 """The SQL store: SQLite (embedded default, WAL) or PostgreSQL, through SQLAlchemy Core.
 
 Concurrency: every write runs in one database transaction. On SQLite a write transaction starts with
-``BEGIN IMMEDIATE``, which serialises writers across threads and processes. On PostgreSQL writers take transaction-scoped
-advisory locks (per resource, and per type for conditional interactions), so check-then-write sequences such as
-conditional create or If-Match updates are race-free on both databases.
+``BEGIN IMMEDIATE``, which serialises writers across threads and processes. On PostgreSQL writers take
+transaction-scoped advisory locks (per resource, and per type for conditional interactions), so check-then-write
+sequences such as conditional create or If-Match updates are race-free on both databases.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.pool import StaticPool
 
-from iop_fhir.store import schema
+from iop_fhir.store import schema, search_sql
 from iop_fhir.store.base import IndexRows, SearchResult, StoredResource
 
 _R = schema.resources
@@ -171,8 +171,6 @@ class SqlWriteTx:
             self.conn.execute(delete(table).where(table.c.res_type == res_type, table.c.res_id == res_id))
 
     def search(self, request: Any) -> SearchResult:
-        from iop_fhir.store import search_sql
-
         self.flush()
         return search_sql.run(self.conn, request)
 
@@ -261,7 +259,5 @@ class SqlStore:
         return [_row_to_stored(r.res_type, r.res_id, r, r.method) for r in rows], total
 
     def search(self, request: Any) -> SearchResult:
-        from iop_fhir.store import search_sql
-
         with self._read() as conn:
             return search_sql.run(conn, request)
