@@ -123,11 +123,17 @@ class Repository:
         return stored
 
     def search(
-        self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False
-    ) -> tuple[Any, SearchResult]:
+        self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False, base_url: str | None = None
+    ) -> tuple[search.SearchRequest, SearchResult]:
+        """Type search; ``base_url`` lets absolute references to this server match as ``Type/id``."""
         check_type(res_type)
         request = search.parse(
-            res_type, params, lenient=lenient, default_count=self.default_count, max_count=self.max_count
+            res_type,
+            params,
+            lenient=lenient,
+            default_count=self.default_count,
+            max_count=self.max_count,
+            base_url=base_url,
         )
         return request, self.store.search(request)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from urllib.parse import quote
 
@@ -128,11 +128,6 @@ class Filter:
     target_type: str | None = None
     chain: Filter | None = None
 
-    @property
-    def negated(self) -> bool:
-        """True when the filter matches resources that have no matching index row."""
-        return self.modifier == "not" or self.missing is True
-
 
 @dataclass(frozen=True)
 class SortKey:
@@ -169,12 +164,11 @@ class SearchRequest:
     sort: tuple[SortKey, ...] = ()
     count: int = 20  # page size, already capped; 0 asks for the total only
     offset: int = 0
-    includes: tuple[Include, ...] = ()  # _include then _revinclude, in the order given
+    includes: tuple[Include, ...] = ()  # every _include and _revinclude, in the order given
     summary: str | None = None  # true | text | data | count | false
     elements: tuple[str, ...] = ()
     total: str | None = None  # none | estimate | accurate
     ignored: tuple[str, ...] = ()  # parameters dropped under Prefer: handling=lenient, as given
-    _extra: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # result parameters echoed in links
 
     @property
     def wants_total(self) -> bool:
@@ -227,9 +221,9 @@ def parse(
 
     Unknown or unsupported parameters and modifiers raise ``BadRequest`` (code ``not-supported``), or with
     ``lenient`` are dropped and listed in ``ignored``; malformed values always raise ``BadRequest``
-    (``invalid``); the issue's expression is the parameter as given. Parameters with an empty value are
-    ignored (https://hl7.org/fhir/R4/search.html#errors). ``base_url`` lets a reference given as an absolute
-    URL on this server match the relative references it stands for.
+    (``invalid``); the issue's expression is the parameter as given (https://hl7.org/fhir/R4/search.html#errors).
+    A parameter with an empty value (``name=``) is ignored, as common servers do. ``base_url`` lets a reference
+    given as an absolute URL on this server match the relative references it stands for.
     """
     if res_type not in definitions.resource_types():
         raise NotFound(f"Unknown resource type '{res_type}'", code="not-supported")
@@ -297,7 +291,7 @@ class _NotSupported(Exception):
 
 
 def _non_negative(key: str, value: str) -> int:
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(f"{key}: '{value}' is not a non-negative integer", key)
     return int(value)
 
@@ -361,7 +355,10 @@ def _parse_simple(
             raise BadRequest(f"{key}: ':missing' takes true or false, not '{value}'", key)
         return Filter(name, param.name, kind, value, "missing", missing=value == "true")
     parse_one = _value_parser(kind, modifier, param, target_type, key, base_url)
-    values = tuple(parse_one(v) for v in split_values(value))
+    alternatives = split_values(value)
+    if "" in alternatives:
+        raise BadRequest(f"{key}: '{value}' has an empty value in its comma-separated list", key)
+    values = tuple(parse_one(v) for v in alternatives)
     return Filter(name, param.name, kind, value, modifier or None, values, target_type=target_type)
 
 
@@ -376,9 +373,7 @@ def _parse_chain(
 ) -> Filter:
     """``subject:Patient.name=x``: one level of chaining (https://hl7.org/fhir/R4/search.html#chaining)."""
     if param.type != "reference":
-        raise BadRequest(
-            f"{key}: only reference parameters can be chained, '{param.name}' is {param.type}", key
-        )
+        raise BadRequest(f"{key}: only reference parameters can be chained, '{param.name}' is {param.type}", key)
     if "." in tail:
         raise _NotSupported(f"'{key}': chains deeper than one level are not supported")
     chained_name, _, chained_modifier = tail.partition(":")
@@ -388,7 +383,7 @@ def _parse_chain(
             raise BadRequest(f"{key}: '{type_modifier}' is not a target type of {param.name}", key)
         target = type_modifier
     else:
-        having = [t for t in targets if chained_name in definitions.search_params(t)]
+        having = [t for t in targets if chained_name in _searchable(t)]
         if not having:
             raise _NotSupported(f"'{key}': no target type of {param.name} has a parameter '{chained_name}'")
         if len(having) > 1:

@@ -29,15 +29,15 @@ def searchset_bundle(request: SearchRequest, result: SearchResult, base_url: str
     if result.total is not None:
         envelope["total"] = result.total
     envelope["link"] = _links(request, result, f"{base}/{request.res_type}?")
-    entries = [_entry(base, res, "match", request, match=True) for res in result.matches if res.content]
-    entries += [_entry(base, res, "include", request, match=False) for res in result.included if res.content]
+    entries: list[bytes] = []
+    if request.summary != "count":
+        entries += [_entry(base, res, "match", request, match=True) for res in result.matches if res.content]
+        entries += [_entry(base, res, "include", request, match=False) for res in result.included if res.content]
     if request.ignored:
-        issues = [
-            Issue("not-supported", f"Parameter '{n}' was ignored", n, "warning") for n in request.ignored
-        ]
+        issues = [Issue("not-supported", f"Parameter '{n}' was ignored", n, "warning") for n in request.ignored]
         entries.append(orjson.dumps({"resource": operation_outcome(issues), "search": {"mode": "outcome"}}))
     head = orjson.dumps(envelope)
-    if not entries or request.summary == "count":
+    if not entries:
         return head
     return head[:-1] + b',"entry":[' + b",".join(entries) + b"]}"
 
@@ -50,9 +50,7 @@ def _links(request: SearchRequest, result: SearchResult, prefix: str) -> list[di
         return links
     links.append({"relation": "first", "url": prefix + request.query(offset=0)})
     if request.offset > 0:
-        links.append(
-            {"relation": "previous", "url": prefix + request.query(offset=max(0, request.offset - count))}
-        )
+        links.append({"relation": "previous", "url": prefix + request.query(offset=max(0, request.offset - count))})
     if result.has_more:
         links.append({"relation": "next", "url": prefix + request.query(offset=request.offset + count)})
     if result.total is not None:

@@ -614,7 +614,7 @@ def _search(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) 
     params = parse_qsl(entry.query or "", keep_blank_values=True)
     with _blame(entry, f"{entry.path}.request.url"):
         if tx is None:
-            request, result = repo.search(entry.res_type, params)
+            request, result = repo.search(entry.res_type, params, base_url=base_url)
         else:
             request = search.parse(
                 entry.res_type,

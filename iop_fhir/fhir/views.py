@@ -80,7 +80,7 @@ def search_post(res_type: str) -> Response:
 
 
 def _search(res_type: str, params: list[tuple[str, str]]) -> Response:
-    search_request, result = repo().search(res_type, params, lenient=http.lenient(_prefer()))
+    search_request, result = repo().search(res_type, params, lenient=http.lenient(_prefer()), base_url=base_url())
     return http.fhir_response(searchset.searchset_bundle(search_request, result, base_url()))
 
 

@@ -7,6 +7,8 @@ SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is 
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -52,7 +54,7 @@ history = Table(
 )
 
 
-def _index_table(name: str, *columns: Column[object], value_index: tuple[str, ...]) -> Table:
+def _index_table(name: str, *columns: Column[object], value_index: tuple[str, ...], **index_options: Any) -> Table:
     return Table(
         name,
         metadata,
@@ -61,7 +63,7 @@ def _index_table(name: str, *columns: Column[object], value_index: tuple[str, ..
         Column("param", String(100), nullable=False),
         *columns,
         Index(f"ix_{name}_resource", "res_type", "res_id"),
-        Index(f"ix_{name}_value", "res_type", "param", *value_index),
+        Index(f"ix_{name}_value", "res_type", "param", *value_index, **index_options),
     )
 
 
@@ -77,6 +79,8 @@ idx_string = _index_table(
     Column("norm", Text, nullable=False),  # lower-cased, accents removed: default and :contains matching
     Column("exact", Text, nullable=False),
     value_index=("norm",),
+    # On PostgreSQL, LIKE 'prefix%' can use a b-tree index only with pattern operators (unless the collation is C).
+    postgresql_ops={"norm": "text_pattern_ops"},
 )
 idx_date = _index_table(
     "idx_date",

@@ -90,9 +90,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
 
 
 def _stored(row: Any) -> StoredResource:
-    return StoredResource(
-        row.res_type, row.res_id, row.version_id, row.last_updated, False, bytes(row.content)
-    )
+    return StoredResource(row.res_type, row.res_id, row.version_id, row.last_updated, False, bytes(row.content))
 
 
 # -- filters -------------------------------------------------------------------------------------------------
@@ -232,9 +230,7 @@ def _number(v: NumberValue, c: Any) -> ColumnElement[bool]:
     if v.system is not None:
         clause = and_(clause, c.system == v.system)
     if v.code is not None:
-        clause = and_(
-            clause, c.code == v.code if v.system is not None else or_(c.code == v.code, c.unit == v.code)
-        )
+        clause = and_(clause, c.code == v.code if v.system is not None else or_(c.code == v.code, c.unit == v.code))
     return clause
 
 
@@ -281,9 +277,7 @@ def _sort_column(res_type: str, key: SortKey, r: FromClause) -> Any:
 # -- _include / _revinclude ----------------------------------------------------------------------------------
 
 
-def _include(
-    conn: Connection, rules: Sequence[Include], matches: list[StoredResource]
-) -> list[StoredResource]:
+def _include(conn: Connection, rules: Sequence[Include], matches: list[StoredResource]) -> list[StoredResource]:
     """Apply every rule to the matches, then the ``:iterate`` rules to what the previous round added, until
     nothing new comes or a bound is reached; nothing is returned twice, nor a match again
     (https://hl7.org/fhir/R4/search.html#include)."""

@@ -13,7 +13,7 @@ branch_labels = None
 depends_on = None
 
 
-def _index_table(name, *columns, value_index):
+def _index_table(name, *columns, value_index, **index_options):
     op.create_table(
         name,
         sa.Column("res_type", sa.String(64), nullable=False),
@@ -22,7 +22,7 @@ def _index_table(name, *columns, value_index):
         *columns,
     )
     op.create_index(f"ix_{name}_resource", name, ["res_type", "res_id"])
-    op.create_index(f"ix_{name}_value", name, ["res_type", "param", *value_index])
+    op.create_index(f"ix_{name}_value", name, ["res_type", "param", *value_index], **index_options)
 
 
 def upgrade() -> None:
@@ -59,6 +59,7 @@ def upgrade() -> None:
         sa.Column("norm", sa.Text, nullable=False),
         sa.Column("exact", sa.Text, nullable=False),
         value_index=("norm",),
+        postgresql_ops={"norm": "text_pattern_ops"},
     )
     _index_table(
         "idx_date",

@@ -59,6 +59,13 @@ def test_comma_is_or_within_one_parameter_and_escaped_comma_is_not() -> None:
     assert f.values == (TokenValue(None, "a"), TokenValue(None, "b,c"))
 
 
+@pytest.mark.parametrize(("key", "value"), [("code", "a,"), ("code", ",a"), ("subject", "Patient/1,,Patient/2")])
+def test_empty_alternative_in_a_list_is_invalid(key: str, value: str) -> None:
+    code, expression, diagnostics = refused("Observation", [(key, value)])
+    assert (code, expression) == ("invalid", key)
+    assert "empty value" in diagnostics
+
+
 def test_repeated_parameter_is_and_of_filters() -> None:
     request = parse("Observation", [("code", "a"), ("code", "b")])
     assert [f.values for f in request.filters] == [(TokenValue(None, "a"),), (TokenValue(None, "b"),)]
@@ -401,9 +408,7 @@ def test_count_is_capped_at_max_count_and_zero_is_allowed() -> None:
     assert parse("Patient", [], default_count=7).count == 7
 
 
-@pytest.mark.parametrize(
-    ("key", "value"), [("_count", "-1"), ("_count", "ten"), ("_offset", "-5"), ("_offset", "1.5")]
-)
+@pytest.mark.parametrize(("key", "value"), [("_count", "-1"), ("_count", "ten"), ("_offset", "-5"), ("_offset", "1.5")])
 def test_count_and_offset_must_be_non_negative_integers(key: str, value: str) -> None:
     assert refused("Patient", [(key, value)])[:2] == ("invalid", key)
 

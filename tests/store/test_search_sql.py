@@ -28,9 +28,7 @@ from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
 from iop_fhir.store.search_sql import run
 
-POSTGRES_URL = os.environ.get(
-    "IOP_FHIR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "fhir-examples"
 if not EXAMPLES.exists():
     EXAMPLES = Path(os.environ.get("IOP_FHIR_EXAMPLES", "../shared/fhir-examples")).resolve()
@@ -95,9 +93,7 @@ def _hand_rows() -> list[tuple[str, str, dict[str, list[dict[str, Any]]], bool]]
         return {"quantity": [row]}
 
     def token(system: str | None, code: str, display: str | None = None) -> dict[str, list[dict[str, Any]]]:
-        return {
-            "token": [{"param": "code", "system": system, "code": code, "text": display and display.lower()}]
-        }
+        return {"token": [{"param": "code", "system": system, "code": code, "text": display and display.lower()}]}
 
     def string(value: str) -> dict[str, list[dict[str, Any]]]:
         return {"string": [{"param": "name", "norm": normalize_string(value), "exact": value}]}
@@ -105,14 +101,8 @@ def _hand_rows() -> list[tuple[str, str, dict[str, list[dict[str, Any]]], bool]]
     def uri(value: str) -> dict[str, list[dict[str, Any]]]:
         return {"uri": [{"param": "url", "value": value}]}
 
-    def ref(
-        target_type: str | None, target_id: str | None, url: str | None = None
-    ) -> dict[str, list[dict[str, Any]]]:
-        return {
-            "reference": [
-                {"param": "subject", "target_type": target_type, "target_id": target_id, "url": url}
-            ]
-        }
+    def ref(target_type: str | None, target_id: str | None, url: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        return {"reference": [{"param": "subject", "target_type": target_type, "target_id": target_id, "url": url}]}
 
     return [
         ("Appointment", "d-day", date("date", "2021-01-01"), False),
@@ -217,9 +207,7 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         admin.dispose()
 
 
-def search(
-    engine: Engine, res_type: str, params: list[tuple[str, str]]
-) -> tuple[SearchRequest, SearchResult]:
+def search(engine: Engine, res_type: str, params: list[tuple[str, str]]) -> tuple[SearchRequest, SearchResult]:
     request = parse(res_type, params)
     with engine.connect() as conn:
         return request, run(conn, request)
@@ -237,9 +225,7 @@ def ids(engine: Engine, res_type: str, params: list[tuple[str, str]]) -> set[str
 def test_postgres_is_really_used(engine: Engine) -> None:
     assert engine.dialect.name in ("sqlite", "postgresql")
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM resources")).scalar_one() == len(
-            EXAMPLE_RESOURCES
-        ) + len(HAND)
+        assert conn.execute(text("SELECT count(*) FROM resources")).scalar_one() == len(EXAMPLE_RESOURCES) + len(HAND)
 
 
 # -- real examples: token, string, reference, date, chain ----------------------------------------------------
@@ -265,9 +251,7 @@ def test_token_system_and_code_finds_exactly_the_conditions_with_that_coding(eng
 def test_token_system_only_and_or_of_codes(engine: Engine) -> None:
     conditions = of_type("Condition")
     snomed = {
-        c["id"]
-        for c in conditions
-        if any(x.get("system") == "http://snomed.info/sct" for x in _codings(c["code"]))
+        c["id"] for c in conditions if any(x.get("system") == "http://snomed.info/sct" for x in _codings(c["code"]))
     }
     assert ids(engine, "Condition", [("code", "http://snomed.info/sct|")]) == snomed
     a, b = "444814009", "195662009"
@@ -323,12 +307,8 @@ def test_reference_by_type_and_id_by_bare_id_and_by_single_target_param(engine: 
 def test_date_eq_year_and_lt_on_birthdate(engine: Engine) -> None:
     patients = of_type("Patient")
     year = patients[0]["birthDate"][:4]
-    assert ids(engine, "Patient", [("birthdate", year)]) == {
-        p["id"] for p in patients if p["birthDate"][:4] == year
-    }
-    assert ids(engine, "Patient", [("birthdate", "lt1960")]) == {
-        p["id"] for p in patients if p["birthDate"] < "1960"
-    }
+    assert ids(engine, "Patient", [("birthdate", year)]) == {p["id"] for p in patients if p["birthDate"][:4] == year}
+    assert ids(engine, "Patient", [("birthdate", "lt1960")]) == {p["id"] for p in patients if p["birthDate"] < "1960"}
 
 
 def test_chained_search_follows_the_reference_to_the_target_index(engine: Engine) -> None:
@@ -355,10 +335,7 @@ def test_missing_true_and_false_partition_the_type(engine: Engine) -> None:
     abated = {c["id"] for c in conditions if "abatementDateTime" in c}
     assert 0 < len(abated) < len(conditions)
     assert ids(engine, "Condition", [("abatement-date:missing", "false")]) == abated
-    assert (
-        ids(engine, "Condition", [("abatement-date:missing", "true")])
-        == {c["id"] for c in conditions} - abated
-    )
+    assert ids(engine, "Condition", [("abatement-date:missing", "true")]) == {c["id"] for c in conditions} - abated
 
 
 def test_id_and_and_of_filters(engine: Engine) -> None:
@@ -493,9 +470,7 @@ def test_string_wildcards_are_literal(engine: Engine, key: str, value: str, expe
         ("url", "http://acme.org/fhir/valueset/a", set()),
     ],
 )
-def test_uri_exact_below_above_are_case_sensitive(
-    engine: Engine, key: str, value: str, expected: set[str]
-) -> None:
+def test_uri_exact_below_above_are_case_sensitive(engine: Engine, key: str, value: str, expected: set[str]) -> None:
     assert ids(engine, "ValueSet", [(key, value)]) == expected
 
 
@@ -522,9 +497,7 @@ def test_deleted_resources_never_match(engine: Engine) -> None:
 def test_last_updated_on_the_resources_table(engine: Engine) -> None:
     # T0 is 2023-11-14T22:13:20Z and each resource was stored 1 µs after the one before it.
     n = len(EXAMPLE_RESOURCES)
-    stored_at = {
-        res_id: n + i for i, (t, res_id, _, deleted) in enumerate(HAND) if t == "Appointment" and not deleted
-    }
+    stored_at = {res_id: n + i for i, (t, res_id, _, deleted) in enumerate(HAND) if t == "Appointment" and not deleted}
     cut = stored_at["d-instant"]
     instant = f"2023-11-14T22:13:20.{cut:06d}Z"
     assert ids(engine, "Appointment", [("_lastUpdated", instant)]) == {"d-instant"}
@@ -622,9 +595,7 @@ def test_paging_with_sort_is_stable_and_complete(engine: Engine) -> None:
         return date_range(e["period"]["end"])[1] if "end" in e["period"] else 2**62
 
     expected = [e["id"] for e in sorted(encounters, key=lambda e: (-end(e), e["id"]))]
-    seen, _ = follow_pages(
-        engine, "Encounter", [("patient", patient_id), ("_sort", "-date"), ("_count", "50")]
-    )
+    seen, _ = follow_pages(engine, "Encounter", [("patient", patient_id), ("_sort", "-date"), ("_count", "50")])
     assert seen == expected
 
 
@@ -681,12 +652,7 @@ def test_include_iterate_follows_has_member_of_included_observations(engine: Eng
     frontier = list(direct)
     while frontier:
         expected |= set(frontier)
-        frontier = [
-            m
-            for key in frontier
-            for m in _refs(BY_KEY[key], "hasMember")
-            if m in BY_KEY and m not in expected
-        ]
+        frontier = [m for key in frontier for m in _refs(BY_KEY[key], "hasMember") if m in BY_KEY and m not in expected]
     assert expected > direct  # the example really needs iteration
     params = [("_id", panel["id"])]
     _, result = search(engine, "Observation", [*params, ("_include", "Observation:has-member")])
@@ -738,9 +704,7 @@ def test_revinclude_adds_the_resources_that_refer_to_the_matches(engine: Engine)
     _, result = search(engine, "Patient", [("_id", "example"), ("_revinclude", "Observation:patient")])
     included = [(r.res_type, r.res_id) for r in result.included]
     assert len(included) == len(set(included)) and set(included) == expected
-    assert all(
-        r.content and orjson.loads(r.content)["resourceType"] == "Observation" for r in result.included
-    )
+    assert all(r.content and orjson.loads(r.content)["resourceType"] == "Observation" for r in result.included)
 
 
 def test_include_wildcard_follows_every_reference_parameter(engine: Engine) -> None:
@@ -787,10 +751,7 @@ def test_bundle_splices_the_stored_bytes_with_full_urls_modes_total_and_links(en
 
 def test_bundle_previous_link_on_a_later_page(engine: Engine) -> None:
     request, result = search(engine, "Appointment", [("_count", "3"), ("_offset", "4")])
-    links = {
-        link["relation"]: link["url"]
-        for link in orjson.loads(searchset_bundle(request, result, BASE))["link"]
-    }
+    links = {link["relation"]: link["url"] for link in orjson.loads(searchset_bundle(request, result, BASE))["link"]}
     assert links["previous"] == f"{BASE}/Appointment?_count=3&_offset=1"
     assert links["last"] == f"{BASE}/Appointment?_count=3&_offset=6"
     assert "next" not in links
@@ -820,9 +781,7 @@ def test_elements_keep_mandatory_and_asked_elements_and_tag_subsetted(engine: En
     assert set(resource) == {"resourceType", "id", "meta", "status", "code", "subject", "effectiveDateTime"}
     assert resource["subject"] == source["subject"]
     assert SUBSETTED in resource["meta"]["tag"]
-    assert bundle["entry"][1]["resource"] == orjson.loads(
-        result.included[0].content or b""
-    )  # included in full
+    assert bundle["entry"][1]["resource"] == orjson.loads(result.included[0].content or b"")  # included in full
 
 
 def test_summary_true_keeps_summary_elements_only(engine: Engine) -> None:
@@ -838,9 +797,7 @@ def test_summary_true_keeps_summary_elements_only(engine: Engine) -> None:
     assert resource["meta"] == {**source["meta"], "tag": [SUBSETTED]}
 
 
-@pytest.mark.parametrize(
-    ("summary", "kept"), [("text", {"text"}), ("data", {"name", "communication", "extension"})]
-)
+@pytest.mark.parametrize(("summary", "kept"), [("text", {"text"}), ("data", {"name", "communication", "extension"})])
 def test_summary_text_and_data(engine: Engine, summary: str, kept: set[str]) -> None:
     source = of_type("Patient")[0]
     request, result = search(engine, "Patient", [("_id", source["id"]), ("_summary", summary)])
@@ -903,3 +860,17 @@ def test_subset_keeps_primitive_extensions_of_kept_elements() -> None:
         "birthDate": "2000",
         "_birthDate": {"extension": []},
     }
+
+
+@pytest.mark.parametrize("extra", [[], [("_elements", "subject")], [("_summary", "true")], [("_summary", "count")]])
+def test_bundle_is_valid_fhir(engine: Engine, extra: list[tuple[str, str]]) -> None:
+    from fhir.resources.R4B.bundle import Bundle
+
+    patient_id = of_type("Patient")[0]["id"]
+    params = [("patient", patient_id), ("_include", "Encounter:subject"), ("_count", "3"), ("_total", "accurate")]
+    request, result = search(engine, "Encounter", params + extra)
+    bundle = Bundle.model_validate_json(searchset_bundle(request, result, BASE))
+    assert bundle.type == "searchset" and bundle.total == len(
+        [e for e in of_type("Encounter") if e["subject"]["reference"] == f"Patient/{patient_id}"]
+    )
+    assert len(bundle.entry or []) == (0 if extra == [("_summary", "count")] else 4)
