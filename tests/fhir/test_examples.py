@@ -139,9 +139,7 @@ class Example:
 
 def _conditional_references(node: Any, path: str) -> list[tuple[str, str]]:
     if isinstance(node, list):
-        return [
-            found for i, item in enumerate(node) for found in _conditional_references(item, f"{path}[{i}]")
-        ]
+        return [found for i, item in enumerate(node) for found in _conditional_references(item, f"{path}[{i}]")]
     if not isinstance(node, dict):
         return []
     found: list[tuple[str, str]] = []
@@ -336,9 +334,7 @@ def test_transaction_stores_an_example_at_its_id_with_its_conditional_references
 
 
 @pytest.mark.parametrize("example", WITH_PATIENT, ids=_ids(WITH_PATIENT))
-def test_search_by_patient_finds_exactly_the_examples_of_that_patient(
-    loaded: Loaded, example: Example
-) -> None:
+def test_search_by_patient_finds_exactly_the_examples_of_that_patient(loaded: Loaded, example: Example) -> None:
     res_type, reference = example.resource["resourceType"], _patient_reference(example.resource)
     expected = sorted(
         e.resource["id"]
@@ -356,9 +352,7 @@ def test_search_by_code_finds_exactly_the_examples_with_that_coding(loaded: Load
     res_type = example.resource["resourceType"]
     for token in _codes(example.resource):
         expected = sorted(
-            e.resource["id"]
-            for e in VALID
-            if e.resource["resourceType"] == res_type and token in _codes(e.resource)
+            e.resource["id"] for e in VALID if e.resource["resourceType"] == res_type and token in _codes(e.resource)
         )
         query = f"{res_type}?code={quote(token, safe='')}"
         assert (token, sorted(_search_ids(loaded.client, query))) == (token, expected)
@@ -366,9 +360,7 @@ def test_search_by_code_finds_exactly_the_examples_with_that_coding(loaded: Load
 
 @pytest.mark.parametrize("example", VALID, ids=_ids(VALID))
 def test_history_of_an_example_lists_every_version_newest_first(loaded: Loaded, example: Example) -> None:
-    before = int(
-        loaded.client.get(f"/fhir/{example.path}").headers["ETag"].removeprefix('W/"').removesuffix('"')
-    )
+    before = int(loaded.client.get(f"/fhir/{example.path}").headers["ETag"].removeprefix('W/"').removesuffix('"'))
     again = _put(loaded.client, example, _resolved_text(example))
     assert again.status_code == 200, again.get_json()
     assert again.headers["ETag"] == f'W/"{before + 1}"'
@@ -408,9 +400,7 @@ def test_the_invalid_list_is_exactly_what_the_independent_validator_refuses(tmp_
     verdicts = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(verdicts) == len(ALL), run.stderr
     synthea = [e.key for e in ALL if e.key.startswith(SYNTHEA)]
-    keys = {str(EXAMPLES / e.key): e.key for e in ALL} | {
-        f"{sample}:{n}": k for n, k in enumerate(synthea, 1)
-    }
+    keys = {str(EXAMPLES / e.key): e.key for e in ALL} | {f"{sample}:{n}": k for n, k in enumerate(synthea, 1)}
     refused = {
         keys[v["path"]]: sorted(
             e for i in v["issues"] if i["severity"] in ("error", "fatal") for e in i.get("expression", [])
