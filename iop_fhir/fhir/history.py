@@ -8,7 +8,7 @@ import orjson
 
 from iop_fhir.errors import BadRequest
 from iop_fhir.fhir.indexing import date_range
-from iop_fhir.fhir.repository import instant
+from iop_fhir.fhir.instants import instant
 from iop_fhir.store.base import StoredResource
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}

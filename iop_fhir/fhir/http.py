@@ -5,13 +5,13 @@ https://hl7.org/fhir/R4/http.html
 
 from __future__ import annotations
 
-from email.utils import formatdate
 from typing import Any
 
 import orjson
 from flask import Request, Response
 
 from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, operation_outcome
+from iop_fhir.fhir.instants import http_date
 from iop_fhir.store.base import StoredResource
 
 FHIR_JSON = "application/fhir+json"
@@ -62,10 +62,6 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
     if not tag.isdigit():
         raise BadRequest(f"{header} '{value}' is not a version ETag such as W/\"1\"", header)
     return int(tag)
-
-
-def http_date(us: int) -> str:
-    return formatdate(us / 1_000_000, usegmt=True)
 
 
 def version_headers(stored: StoredResource) -> dict[str, str]:

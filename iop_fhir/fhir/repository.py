@@ -6,10 +6,8 @@ several of them atomically; the public methods open one transaction each.
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -27,16 +25,8 @@ from iop_fhir.errors import (
     Unprocessable,
 )
 from iop_fhir.fhir import definitions, indexing, search, validation
+from iop_fhir.fhir.instants import http_date, instant, now_us
 from iop_fhir.store.base import IndexRows, SearchResult, Store, StoredResource, WriteTx
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def instant(us: int) -> str:
-    """A FHIR instant (https://hl7.org/fhir/R4/datatypes.html#instant) in UTC with microseconds."""
-    return datetime.fromtimestamp(us / 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def check_type(res_type: str) -> None:
@@ -104,7 +94,7 @@ class Repository:
                 f"{res_type}/{res_id} was deleted",
                 headers={
                     "ETag": f'W/"{stored.version_id}"',
-                    "Last-Modified": _http_date(stored.last_updated),
+                    "Last-Modified": http_date(stored.last_updated),
                 },
             )
         return stored
@@ -310,12 +300,6 @@ class Repository:
         stored = StoredResource(res_type, res_id, version_id, last_updated, False, orjson.dumps(resource), method)
         tx.save(stored, _index(resource))
         return stored
-
-
-def _http_date(us: int) -> str:
-    from email.utils import formatdate
-
-    return formatdate(us / 1_000_000, usegmt=True)
 
 
 def validation_issues(res_type: str, body: Any, res_id: str | None = None) -> list[Issue]:

@@ -31,7 +31,8 @@ from iop_fhir.errors import (
     PreconditionFailed,
 )
 from iop_fhir.fhir import definitions
-from iop_fhir.fhir.repository import Repository, WriteResult, check_type, instant, parse_conditional
+from iop_fhir.fhir.instants import instant
+from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional
 from iop_fhir.store.base import StoredResource, WriteTx
 
 DEFAULT_MAX_ENTRIES = Settings.max_bundle_entries
@@ -604,8 +605,9 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
     if entry.if_none_match in (etag, f'"{stored.version_id}"'):
         response["status"] = "304 Not Modified"
         return orjson.dumps({"response": response})
-    full_url = f"{base_url}/{entry.res_type}/{entry.res_id}"
-    return _entry_bytes(full_url, stored.content if entry.method == "GET" else None, response)
+    # No fullUrl on reads: a read of a resource the same Bundle writes would repeat that entry's fullUrl and
+    # versionId, which Bundle invariant bdl-7 forbids; the resource carries its id anyway.
+    return _entry_bytes(None, stored.content if entry.method == "GET" else None, response)
 
 
 def _search(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> bytes:

@@ -63,7 +63,8 @@ def _index_table(name: str, *columns: Column[object], value_index: tuple[str, ..
         Column("param", String(100), nullable=False),
         *columns,
         Index(f"ix_{name}_resource", "res_type", "res_id"),
-        Index(f"ix_{name}_value", "res_type", "param", *value_index, **index_options),
+        # Covering: a filter's subquery (type, param, value -> res_id) is answered from the index alone.
+        Index(f"ix_{name}_value", "res_type", "param", *value_index, "res_id", **index_options),
     )
 
 
@@ -72,7 +73,7 @@ idx_token = _index_table(
     Column("system", Text, nullable=True),
     Column("code", Text, nullable=True),
     Column("text", Text, nullable=True),  # display / CodeableConcept.text, lower-cased, for :text
-    value_index=("code",),
+    value_index=("code", "system"),
 )
 idx_string = _index_table(
     "idx_string",
@@ -110,7 +111,7 @@ idx_reference = _index_table(
     Column("target_type", String(TYPE), nullable=True),
     Column("target_id", String(ID), nullable=True),
     Column("url", Text, nullable=True),  # absolute or canonical references, kept as written
-    value_index=("target_id",),
+    value_index=("target_id", "target_type"),
 )
 idx_uri = _index_table(
     "idx_uri",

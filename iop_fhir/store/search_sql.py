@@ -74,7 +74,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     page = (
         select(r.c.res_type, r.c.res_id, r.c.version_id, r.c.last_updated, r.c.content)
         .where(*where)
-        .order_by(*_order(request, r))
+        .order_by(*_order(request, r, query.sqlite))
         .limit(request.count + 1)
         .offset(request.offset)
     )
@@ -245,9 +245,14 @@ def _uri_ancestors(uri: str) -> list[str]:
 # -- order ---------------------------------------------------------------------------------------------------
 
 
-def _order(request: SearchRequest, r: FromClause) -> list[Any]:
+def _order(request: SearchRequest, r: FromClause, sqlite: bool) -> list[Any]:
     """``_sort`` keys (missing values last) then res_id so that pages are stable; by default oldest first."""
     if not request.sort:
+        if sqlite and request.filters:
+            # SQLite's planner, without statistics, prefers walking ix_resources_type_updated in order over
+            # looking the filters up in their index tables: a scan of the whole type. "+ 0" makes the sort key
+            # unindexable, so the filters drive the query and only their matches are sorted.
+            return [r.c.last_updated + 0, r.c.res_id]
         return [r.c.last_updated, r.c.res_id]
     keys: list[Any] = []
     for key in request.sort:

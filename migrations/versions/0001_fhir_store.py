@@ -22,7 +22,7 @@ def _index_table(name, *columns, value_index, **index_options):
         *columns,
     )
     op.create_index(f"ix_{name}_resource", name, ["res_type", "res_id"])
-    op.create_index(f"ix_{name}_value", name, ["res_type", "param", *value_index], **index_options)
+    op.create_index(f"ix_{name}_value", name, ["res_type", "param", *value_index, "res_id"], **index_options)
 
 
 def upgrade() -> None:
@@ -52,7 +52,7 @@ def upgrade() -> None:
         sa.Column("system", sa.Text, nullable=True),
         sa.Column("code", sa.Text, nullable=True),
         sa.Column("text", sa.Text, nullable=True),
-        value_index=("code",),
+        value_index=("code", "system"),
     )
     _index_table(
         "idx_string",
@@ -89,7 +89,7 @@ def upgrade() -> None:
         sa.Column("target_type", sa.String(64), nullable=True),
         sa.Column("target_id", sa.String(64), nullable=True),
         sa.Column("url", sa.Text, nullable=True),
-        value_index=("target_id",),
+        value_index=("target_id", "target_type"),
     )
     _index_table("idx_uri", sa.Column("value", sa.Text, nullable=False), value_index=("value",))
 

@@ -175,18 +175,11 @@ NAMES = [
     "transaction-response-read-after-write",
     "batch-response",
 ]
-# Server bug (reported): a transaction that updates a resource and reads it back (allowed: reads are step 4 of
-# https://hl7.org/fhir/R4/http.html#trules) answers both entries with the same fullUrl and meta.versionId, which
-# Bundle invariant bdl-7 forbids outside history Bundles.
-BDL_7 = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="transaction-response repeats fullUrl+versionId (bdl-7)"
-)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=BDL_7) if n == "transaction-response-read-after-write" else n for n in NAMES],
-)
+# "transaction-response-read-after-write" updates a resource and reads it back in one transaction (reads are step 4
+# of https://hl7.org/fhir/R4/http.html#trules): the response must not break bdl-7 (unique fullUrl + versionId).
+@pytest.mark.parametrize("name", NAMES)
 def test_emitted_body_passes_the_independent_validator(verdicts: dict[str, Any], name: str) -> None:
     verdict = verdicts[name]
     errors = [i for i in verdict["issues"] if i["severity"] in ("error", "fatal")]
