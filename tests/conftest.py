@@ -109,3 +109,15 @@ def sqlite_app(sqlite_url: str) -> Iterator[Flask]:
 @pytest.fixture
 def sqlite_client(sqlite_app: Flask) -> FlaskClient:
     return sqlite_app.test_client()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (.ci/test sets IOP_FHIR_FORBID_SKIPS=1) a skipped test fails the run: a skipped PostgreSQL or peer
+    check is a check that did not happen."""
+    if os.environ.get("IOP_FHIR_FORBID_SKIPS") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if skipped:
+        reporter.write_line(f"{len(skipped)} test(s) skipped; IOP_FHIR_FORBID_SKIPS=1 makes that a failure", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
