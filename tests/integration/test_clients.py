@@ -269,11 +269,11 @@ def _children(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
-def test_iop_fhir_serve_with_two_workers_serves_fhirpy(tmp_path: Path) -> None:
+def test_iop_fhir_serve_with_two_workers_serves_fhirpy_and_logs_no_search_values(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "IOP_FHIR_DATABASE_URL": f"sqlite:///{tmp_path / 'served.db'}"}
     log = (tmp_path / "serve.log").open("wb")
-    command = [*_serve_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
+    command = [*_serve_command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--access-log"]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -306,4 +306,8 @@ def test_iop_fhir_serve_with_two_workers_serves_fhirpy(tmp_path: Path) -> None:
         process.terminate()
         returncode = process.wait(timeout=30)
         log.close()
-    assert returncode == 0, (tmp_path / "serve.log").read_text()
+    served_log = (tmp_path / "serve.log").read_text()
+    assert returncode == 0, served_log
+    # The access log names each request, but never the search values (here a family name) of its query string.
+    assert '"GET /fhir/Patient" 200' in served_log
+    assert family not in served_log
