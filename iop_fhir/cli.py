@@ -1,9 +1,12 @@
-"""The ``iop-fhir`` command: serve, init-db."""
+"""The ``iop-fhir`` command: serve, init-db, validate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from iop_fhir.config import Settings
@@ -58,6 +61,42 @@ def _init_db(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _resources(source: str) -> Iterator[tuple[str, Any]]:
+    """(label, parsed JSON) for a .json file, each line of an .ndjson file, every such file under a folder, or -."""
+    if source == "-":
+        yield "-", json.loads(sys.stdin.read())
+        return
+    path = Path(source)
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".ndjson")) if path.is_dir() else [path]
+    for file in files:
+        if file.suffix == ".ndjson":
+            for number, line in enumerate(file.read_text().splitlines(), 1):
+                if line.strip():
+                    yield f"{file}:{number}", json.loads(line)
+        else:
+            yield str(file), json.loads(file.read_text())
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from iop_fhir.fhir.validation import validate
+
+    failed = 0
+    for source in args.sources:
+        try:
+            for label, resource in _resources(source):
+                errors = [i for i in validate(resource) if i.severity in ("error", "fatal")]
+                if errors:
+                    failed += 1
+                    details = "; ".join(f"{i.expression or '-'}: {i.diagnostics}" for i in errors)
+                    print(f"FAIL {label} :: {details}")
+                elif not args.quiet:
+                    print(f"OK {label}")
+        except (OSError, ValueError) as exc:
+            failed += 1
+            print(f"FAIL {source} :: cannot read: {exc}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iop-fhir", description="FHIR R4 service for Intensive Outpatient Programs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(run=_serve)
     init_db = commands.add_parser("init-db", help="apply the database migrations")
     init_db.set_defaults(run=_init_db)
+    check = commands.add_parser("validate", help="validate FHIR R4 JSON files (.json, .ndjson, folders, -) offline")
+    check.add_argument("sources", nargs="+", metavar="FILE|DIR|-")
+    check.add_argument("--quiet", action="store_true", help="print failures only")
+    check.set_defaults(run=_validate)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

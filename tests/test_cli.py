@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,31 @@ def test_unknown_command_exits_with_usage(capsys: pytest.CaptureFixture[str]) ->
         main(["bogus"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_validate_reports_each_invalid_resource_with_its_path_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = {"resourceType": "Patient", "gender": "female"}
+    bad = {"resourceType": "CarePlan", "status": "active", "intent": "bogus", "subject": {"reference": "Patient/p"}}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "lines.ndjson").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    assert main(["validate", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"OK {tmp_path / 'good.json'}" in lines
+    assert f"OK {tmp_path / 'lines.ndjson'}:1" in lines
+    failure = next(line for line in lines if line.startswith("FAIL"))
+    assert failure.startswith(f"FAIL {tmp_path / 'lines.ndjson'}:2 :: CarePlan.intent: ")
+
+
+def test_validate_passes_the_us_core_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import EXAMPLES
+
+    assert main(["validate", "--quiet", str(EXAMPLES / "us-core" / "Observation-PHQ9-panel-example-44249-1.json")]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_validate_reports_unreadable_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.json").write_text("{")
+    assert main(["validate", str(tmp_path / "broken.json")]) == 1
+    assert capsys.readouterr().out.startswith(f"FAIL {tmp_path / 'broken.json'} :: cannot read")
