@@ -77,6 +77,12 @@ def _resources(source: str) -> Iterator[tuple[str, Any]]:
             yield str(file), json.loads(file.read_text())
 
 
+def _describe(expression: str | None, diagnostics: str) -> str:
+    if not expression or diagnostics.startswith(expression):
+        return diagnostics
+    return f"{expression}: {diagnostics}"
+
+
 def _validate(args: argparse.Namespace) -> int:
     from iop_fhir.fhir.validation import validate
 
@@ -84,10 +90,11 @@ def _validate(args: argparse.Namespace) -> int:
     for source in args.sources:
         try:
             for label, resource in _resources(source):
-                errors = [i for i in validate(resource) if i.severity in ("error", "fatal")]
+                issues = validate(resource, conditional_references=args.conditional_references)
+                errors = [i for i in issues if i.severity in ("error", "fatal")]
                 if errors:
                     failed += 1
-                    details = "; ".join(f"{i.expression or '-'}: {i.diagnostics}" for i in errors)
+                    details = "; ".join(_describe(i.expression, i.diagnostics) for i in errors)
                     print(f"FAIL {label} :: {details}")
                 elif not args.quiet:
                     print(f"OK {label}")
@@ -116,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("validate", help="validate FHIR R4 JSON files (.json, .ndjson, folders, -) offline")
     check.add_argument("sources", nargs="+", metavar="FILE|DIR|-")
     check.add_argument("--quiet", action="store_true", help="print failures only")
+    check.add_argument(
+        "--conditional-references",
+        action="store_true",
+        help="accept Type?query references, as in transaction and bulk-import content (e.g. Synthea exports)",
+    )
     check.set_defaults(run=_validate)
     args = parser.parse_args(argv)
     result: int = args.run(args)

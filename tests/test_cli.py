@@ -54,3 +54,15 @@ def test_validate_reports_unreadable_json(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "broken.json").write_text("{")
     assert main(["validate", str(tmp_path / "broken.json")]) == 1
     assert capsys.readouterr().out.startswith(f"FAIL {tmp_path / 'broken.json'} :: cannot read")
+
+
+def test_validate_accepts_conditional_references_only_when_asked(tmp_path: Path) -> None:
+    encounter = {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "serviceProvider": {"reference": "Organization?identifier=https://github.com/synthetichealth/synthea|abc"},
+    }
+    (tmp_path / "encounter.json").write_text(json.dumps(encounter))
+    assert main(["validate", str(tmp_path / "encounter.json")]) == 1
+    assert main(["validate", "--conditional-references", str(tmp_path / "encounter.json")]) == 0
