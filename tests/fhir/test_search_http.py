@@ -1,0 +1,217 @@
+"""Search through the HTTP API end to end (https://hl7.org/fhir/R4/search.html), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+import pytest
+from flask.testing import FlaskClient
+
+FHIR = "application/fhir+json"
+LOINC = "http://loinc.org"
+MRN = "urn:oid:2.16.840.1.113883.19.5"
+
+
+def create(client: FlaskClient, resource: dict[str, Any]) -> str:
+    response = client.post(
+        f"/fhir/{resource['resourceType']}", data=orjson.dumps(resource), headers={"Content-Type": FHIR}
+    )
+    assert response.status_code == 201, response.get_json()
+    res_id: str = response.get_json()["id"]
+    return res_id
+
+
+def observation(patient: str, code: str, value: float, when: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code, "display": f"Score {code}"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": when,
+        "valueQuantity": {"value": value, "unit": "{score}", "system": "http://unitsofmeasure.org", "code": "{score}"},
+        **extra,
+    }
+
+
+@pytest.fixture
+def program(client: FlaskClient) -> dict[str, str]:
+    """Two patients with PHQ-9 (44261-6) and GAD-7 (70274-6) totals over three visits."""
+    ids = {
+        "reyes": create(
+            client,
+            {
+                "resourceType": "Patient",
+                "identifier": [{"system": MRN, "value": "MRN-448812"}],
+                "name": [{"family": "Reyes", "given": ["Jordan"]}],
+                "gender": "female",
+                "birthDate": "1987-04-12",
+            },
+        ),
+        "muller": create(
+            client,
+            {
+                "resourceType": "Patient",
+                "identifier": [{"system": MRN, "value": "MRN-552310"}],
+                "name": [{"family": "Müller", "given": ["Kai"]}],
+                "gender": "male",
+                "birthDate": "1979-11-02",
+            },
+        ),
+    }
+    ids["phq_jan"] = create(client, observation(ids["reyes"], "44261-6", 12, "2026-01-05T10:30:00-05:00"))
+    ids["phq_feb"] = create(client, observation(ids["reyes"], "44261-6", 8, "2026-02-02T10:30:00-05:00"))
+    ids["gad_jan"] = create(client, observation(ids["reyes"], "70274-6", 9, "2026-01-05T10:40:00-05:00"))
+    ids["phq_kai"] = create(client, observation(ids["muller"], "44261-6", 15, "2026-01-20T09:00:00-05:00"))
+    return ids
+
+
+def ids_of(client: FlaskClient, query: str, mode: str = "match") -> list[str]:
+    response = client.get(f"/fhir/{query}")
+    assert response.status_code == 200, response.get_json()
+    bundle = response.get_json()
+    return [e["resource"]["id"] for e in bundle.get("entry", []) if e["search"]["mode"] == mode]
+
+
+def test_token_with_system_and_code_finds_exactly_the_matches(client: FlaskClient, program: dict[str, str]) -> None:
+    found = ids_of(client, f"Observation?code={LOINC}|44261-6")
+    assert sorted(found) == sorted([program["phq_jan"], program["phq_feb"], program["phq_kai"]])
+
+
+def test_comma_is_or_and_repetition_is_and(client: FlaskClient, program: dict[str, str]) -> None:
+    either = ids_of(client, "Observation?code=44261-6,70274-6&subject=Patient/" + program["reyes"])
+    assert sorted(either) == sorted([program["phq_jan"], program["phq_feb"], program["gad_jan"]])
+    both = ids_of(client, "Observation?date=ge2026-01-01&date=lt2026-02-01&code=44261-6")
+    assert sorted(both) == sorted([program["phq_jan"], program["phq_kai"]])
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("value-quantity=gt10", ["phq_jan", "phq_kai"]),
+        ("value-quantity=le9", ["phq_feb", "gad_jan"]),
+        ("value-quantity=12", ["phq_jan"]),
+        ("value-quantity=ne12&code=44261-6", ["phq_feb", "phq_kai"]),
+        ("date=2026-01", ["phq_jan", "gad_jan", "phq_kai"]),
+        ("date=sa2026-01-31", ["phq_feb"]),
+        ("date=eb2026-01-06", ["phq_jan", "gad_jan"]),
+        ("code:not=44261-6", ["gad_jan"]),
+        ("code:text=score 7027", ["gad_jan"]),
+    ],
+)
+def test_prefixes_and_modifiers(client: FlaskClient, program: dict[str, str], query: str, expected: list[str]) -> None:
+    assert sorted(ids_of(client, f"Observation?{query}")) == sorted(program[k] for k in expected)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("name=muller", ["muller"]),  # case- and accent-insensitive prefix
+        ("name=rey", ["reyes"]),
+        ("family:exact=Müller", ["muller"]),
+        ("family:exact=müller", []),
+        ("family:contains=ULL", ["muller"]),
+        ("identifier=MRN-552310", ["muller"]),
+        (f"identifier={MRN}|MRN-448812", ["reyes"]),
+        ("gender=female", ["reyes"]),
+        ("birthdate=lt1980", ["muller"]),
+        ("deceased:missing=true", ["reyes", "muller"]),
+        ("general-practitioner:missing=false", []),
+    ],
+)
+def test_patient_string_token_date_and_missing(
+    client: FlaskClient, program: dict[str, str], query: str, expected: list[str]
+) -> None:
+    assert sorted(ids_of(client, f"Patient?{query}")) == sorted(program[k] for k in expected)
+
+
+def test_chained_parameter_finds_observations_by_patient_identifier(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    found = ids_of(client, f"Observation?subject:Patient.identifier={MRN}|MRN-552310")
+    assert found == [program["phq_kai"]]
+    assert ids_of(client, "Observation?patient.family=reyes&code=70274-6") == [program["gad_jan"]]
+
+
+def test_include_and_revinclude_add_the_linked_resources(client: FlaskClient, program: dict[str, str]) -> None:
+    query = f"Observation?_id={program['phq_kai']}&_include=Observation:subject"
+    assert ids_of(client, query) == [program["phq_kai"]]
+    assert ids_of(client, query, mode="include") == [program["muller"]]
+    rev = f"Patient?_id={program['muller']}&_revinclude=Observation:subject"
+    assert ids_of(client, rev, mode="include") == [program["phq_kai"]]
+
+
+def test_sort_descending_by_date(client: FlaskClient, program: dict[str, str]) -> None:
+    found = ids_of(client, "Observation?code=44261-6&_sort=-date")
+    assert found == [program["phq_feb"], program["phq_kai"], program["phq_jan"]]
+
+
+def test_paging_follows_next_links_without_duplicates_or_omissions(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    response = client.get("/fhir/Observation?_count=1&_sort=date&_total=accurate")
+    bundle = response.get_json()
+    assert bundle["total"] == 4
+    seen = [bundle["entry"][0]["resource"]["id"]]
+    while following := next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None):
+        url = urlsplit(following)
+        assert url.path == "/fhir/Observation"
+        bundle = client.get(f"{url.path}?{url.query}").get_json()
+        seen += [e["resource"]["id"] for e in bundle["entry"]]
+    assert seen == [program["phq_jan"], program["gad_jan"], program["phq_kai"], program["phq_feb"]]
+    previous = next(link["url"] for link in bundle["link"] if link["relation"] == "previous")
+    assert dict(parse_qsl(urlsplit(previous).query))["_offset"] == "2"
+
+
+def test_summary_count_returns_only_the_total(client: FlaskClient, program: dict[str, str]) -> None:
+    bundle = client.get("/fhir/Observation?code=44261-6&_summary=count").get_json()
+    assert bundle["total"] == 3
+    assert "entry" not in bundle
+
+
+def test_elements_trims_to_the_named_elements_and_marks_subsetted(client: FlaskClient, program: dict[str, str]) -> None:
+    bundle = client.get(f"/fhir/Patient?_id={program['reyes']}&_elements=gender").get_json()
+    resource = bundle["entry"][0]["resource"]
+    assert set(resource) == {"resourceType", "id", "meta", "gender"}
+    assert {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"} in [
+        {k: t[k] for k in ("system", "code")} for t in resource["meta"]["tag"]
+    ]
+
+
+def test_post_search_with_a_form_body_equals_get(client: FlaskClient, program: dict[str, str]) -> None:
+    response = client.post(
+        "/fhir/Observation/_search",
+        data="code=70274-6",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 200
+    assert [e["resource"]["id"] for e in response.get_json()["entry"]] == [program["gad_jan"]]
+
+
+def test_last_updated_and_id(client: FlaskClient, program: dict[str, str]) -> None:
+    assert ids_of(client, f"Patient?_id={program['reyes']},{program['muller']}&_lastUpdated=gt2020-01-01") != []
+    assert ids_of(client, "Patient?_lastUpdated=lt2020-01-01") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "expression"),
+    [
+        ("Observation?value-quantity=gtX", "value-quantity"),
+        ("Observation?date=2026-13-45", "date"),
+        ("Observation?code:bogus=1", "code:bogus"),
+        ("Observation?_sort=nonsense", "_sort"),
+        ("Observation?_count=-1", "_count"),
+    ],
+)
+def test_malformed_search_is_a_400_naming_the_parameter(client: FlaskClient, query: str, expression: str) -> None:
+    response = client.get(f"/fhir/{query}")
+    assert response.status_code == 400
+    outcome = response.get_json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["expression"] == [expression]
+
+
+def test_deleted_resources_never_match(client: FlaskClient, program: dict[str, str]) -> None:
+    assert client.delete(f"/fhir/Observation/{program['gad_jan']}").status_code == 204
+    assert ids_of(client, "Observation?code=70274-6") == []
