@@ -116,7 +116,8 @@ def test_prefixes_and_modifiers(client: FlaskClient, program: dict[str, str], qu
         (f"identifier={MRN}|MRN-448812", ["reyes"]),
         ("gender=female", ["reyes"]),
         ("birthdate=lt1980", ["muller"]),
-        ("deceased:missing=true", ["reyes", "muller"]),
+        ("deceased=false", ["reyes", "muller"]),  # R4: Patient.deceased.exists() and Patient.deceased != false
+        ("general-practitioner:missing=true", ["reyes", "muller"]),
         ("general-practitioner:missing=false", []),
     ],
 )
