@@ -9,6 +9,7 @@ import orjson
 from iop_fhir.errors import BadRequest
 from iop_fhir.fhir.indexing import date_range
 from iop_fhir.fhir.instants import instant
+from iop_fhir.fhir.search import MAX_OFFSET, non_negative
 from iop_fhir.store.base import StoredResource
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
@@ -29,7 +30,7 @@ def history_bundle(
         return {"relation": relation, "url": f"{base_url}/{path}?{query}"}
 
     links = [link("self", offset)]
-    if offset + count < total:
+    if count and offset + count < total:  # _count=0 asks for the total only: no page to move to
         links.append(link("next", offset + count))
     if offset > 0:
         links.append(link("previous", max(0, offset - count)))
@@ -60,14 +61,12 @@ def history_params(
     for name, value in params:
         try:
             if name == "_count":
-                count = min(int(value), max_count)
-                if count < 0:
-                    raise ValueError(value)
+                count = min(non_negative(name, value), max_count)  # above the maximum: capped, not refused
                 continue
             if name == "_offset":
-                offset = int(value)
-                if offset < 0:
-                    raise ValueError(value)
+                offset = non_negative(name, value)
+                if offset > MAX_OFFSET:
+                    raise BadRequest(f"_offset is beyond the deepest offset served, {MAX_OFFSET}", name)
                 continue
             if name == "_since":
                 since = date_range(value)[0]

@@ -12,6 +12,7 @@ from flask import Request, Response
 
 from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, operation_outcome
 from iop_fhir.fhir.instants import http_date
+from iop_fhir.fhir.repository import version_number
 from iop_fhir.store.base import StoredResource
 
 FHIR_JSON = "application/fhir+json"
@@ -22,8 +23,12 @@ _FORMATS = {"json", "application/json", "application/fhir+json", "application/js
 
 
 def check_format(request: Request) -> None:
-    """Only JSON is served: ``_format`` or an Accept header that rules JSON out gets 406."""
-    fmt = request.args.get("_format")
+    """Only JSON is served: ``_format`` or an Accept header that rules JSON out gets 406. Also the first reader
+    of the query string: one that is not UTF-8 gets 400 (werkzeug raises UnicodeDecodeError on it)."""
+    try:
+        fmt = request.args.get("_format")
+    except UnicodeDecodeError:
+        raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
     if fmt is not None and fmt.split(";")[0].strip() not in _FORMATS:
         raise NotAcceptable(f"_format '{fmt}' is not supported; this server speaks application/fhir+json", "_format")
     accept = request.headers.get("Accept")
@@ -52,16 +57,16 @@ def json_body(request: Request, *, patch: bool = False) -> Any:
 
 
 def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
-    """``W/"3"`` or ``"3"`` -> 3."""
+    """``W/"3"`` or ``"3"`` -> 3 (https://hl7.org/fhir/R4/http.html#concurrency)."""
     if value is None or not value.strip():
         return None
     tag = value.strip()
     if tag.startswith("W/"):
         tag = tag[2:]
-    tag = tag.strip('"')
-    if not tag.isdigit():
-        raise BadRequest(f"{header} '{value}' is not a version ETag such as W/\"1\"", header)
-    return int(tag)
+    version = version_number(tag.strip('"'))
+    if version is None:
+        raise BadRequest(f"{header} '{value[:100]}' is not a version ETag such as W/\"1\"", header)
+    return version
 
 
 def version_headers(stored: StoredResource) -> dict[str, str]:

@@ -8,6 +8,7 @@ rest. Both feed the same per-datatype converters.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import unicodedata
@@ -129,7 +130,7 @@ def number_range(value: Any) -> tuple[float, float, float]:
 
     ``100`` is 99.5..100.5, ``1.5`` is 1.45..1.55 (https://hl7.org/fhir/R4/search.html#number). A float has
     lost the trailing zeros of its JSON text: parse JSON with ``parse_float=Decimal`` (or pass the text) to
-    keep them. Raises ValueError for anything that is not a number.
+    keep them. Raises ValueError for anything that is not a number, or beyond the range of a float.
     """
     if isinstance(value, bool):
         raise ValueError(f"not a number: {value!r}")
@@ -144,8 +145,14 @@ def number_range(value: Any) -> tuple[float, float, float]:
         raise ValueError(f"not a number: {value!r}")
     exponent = d.as_tuple().exponent
     assert isinstance(exponent, int)
-    half = Decimal(5).scaleb(exponent - 1)
-    return float(d), float(d - half), float(d + half)
+    try:
+        half = Decimal(5).scaleb(exponent - 1)
+        number, low, high = float(d), float(d - half), float(d + half)
+    except ArithmeticError:  # decimal's Overflow/InvalidOperation: an exponent beyond any float, e.g. 1e99999999999
+        raise ValueError(f"number out of range: {value!r}") from None
+    if math.isinf(number):
+        raise ValueError(f"number out of range: {value!r}")
+    return number, low, high
 
 
 def normalize_string(value: str) -> str:
@@ -399,8 +406,10 @@ def _reference(value: Any, param: str, out: list[Row]) -> None:
         return  # identifier- or display-only references name no resource to search by
     target, rid, url = split_reference(ref)
     if target is None:
+        # Reference.type is a uri, only extensibly bound to the resource types: keep it only when it names one
+        # (idx_reference.target_type holds a type name, at most 64 characters).
         typ = value.get("type")
-        target = typ if isinstance(typ, str) else None
+        target = typ if isinstance(typ, str) and typ in definitions.resource_types() else None
     out.append({"param": param, "target_type": target, "target_id": rid, "url": url})
 
 

@@ -6,6 +6,7 @@ several of them atomically; the public methods open one transaction each.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,31 @@ from iop_fhir.errors import (
 from iop_fhir.fhir import definitions, indexing, search, validation
 from iop_fhir.fhir.instants import http_date, instant, now_us
 from iop_fhir.store.base import IndexRows, SearchResult, Store, StoredResource, WriteTx
+
+MAX_DEPTH = 254  # orjson's nesting limit when it serialises a resource
+MAX_VERSION = 2**31 - 1  # resources.version_id is a 32-bit integer
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")  # https://hl7.org/fhir/R4/datatypes.html#id
+
+
+def version_number(text: str) -> int | None:
+    """A version id as this server issues them (1 to 2**31-1, ASCII digits), or None. ``str.isdigit`` alone
+    also takes "²" and other scripts' digits, which ``int`` then refuses (as it refuses 4301 digits)."""
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 10:
+        return None
+    number = int(text)
+    return number if 0 < number <= MAX_VERSION else None
+
+
+def check_id(res_type: str, res_id: str) -> None:
+    """The id a PUT, PATCH or DELETE names in its URL must be a FHIR id (https://hl7.org/fhir/R4/datatypes.html#id):
+    a longer or stranger one can name no stored resource, and would not fit the store's id column."""
+    if not _ID.match(res_id):
+        shown = res_id if len(res_id) <= 80 else res_id[:77] + "..."
+        raise BadRequest(
+            f"{shown!r} in the URL is not a valid resource id: 1 to 64 characters from A-Z a-z 0-9 - .",
+            f"{res_type}.id",
+            code="value",
+        )
 
 
 def check_type(res_type: str) -> None:
@@ -101,9 +127,10 @@ class Repository:
 
     def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
         check_type(res_type)
-        if not version.isdigit():
-            raise NotFound(f"{res_type}/{res_id}/_history/{version} is not known")
-        stored = self.store.vread(res_type, res_id, int(version))
+        number = version_number(version)
+        if number is None:  # no such version can exist
+            raise NotFound(f"{res_type}/{res_id}/_history/{version[:80]} is not known")
+        stored = self.store.vread(res_type, res_id, number)
         if stored is None:
             if self.store.read(res_type, res_id) is None:
                 raise NotFound(f"{res_type}/{res_id} is not known")
@@ -153,6 +180,7 @@ class Repository:
 
     def update(self, res_type: str, res_id: str, body: Any, *, if_match: int | None = None) -> WriteResult:
         check_type(res_type)
+        check_id(res_type, res_id)
         _validate(res_type, body, res_id=res_id, require_id=True)
         with self.store.write() as tx:
             return self.update_in(tx, res_type, res_id, body, if_match=if_match)
@@ -165,11 +193,13 @@ class Repository:
 
     def patch(self, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None) -> WriteResult:
         check_type(res_type)
+        check_id(res_type, res_id)
         with self.store.write() as tx:
             return self.patch_in(tx, res_type, res_id, patch, if_match=if_match)
 
     def delete(self, res_type: str, res_id: str) -> StoredResource | None:
         check_type(res_type)
+        check_id(res_type, res_id)
         with self.store.write() as tx:
             return self.delete_in(tx, res_type, res_id)
 
@@ -181,8 +211,22 @@ class Repository:
     # -- writes inside a given transaction (used by the above and by transaction Bundles) ----------------------
 
     def matches_in(self, tx: WriteTx, res_type: str, query: str, header: str) -> list[StoredResource]:
+        """The (at most two) current resources a conditional create, update, delete or reference matches.
+
+        The condition must filter (https://hl7.org/fhir/R4/http.html#cond-update): one whose parameters are all
+        empty or ignored (``identifier=``, ``_format=json``) would match every resource of the type, and one with
+        result parameters (``_summary=count``, ``_offset=5``) would hide the matches it has.
+        """
         params = parse_conditional(res_type, query, header=header)
+        for key, _ in params:
+            if key.split(":", 1)[0] in search.RESULT_PARAMETERS:
+                raise BadRequest(f"{header}: result parameter '{key}' has no place in a condition", header)
         request = search.parse(res_type, [*params, ("_count", "2")], default_count=2, max_count=2)
+        if not request.filters:
+            raise BadRequest(
+                f"{header} '{query[:100]}' has no search criteria: a condition needs a search parameter with a value",
+                header,
+            )
         # Conditional interactions on one type are serialised so that check-then-write cannot race.
         tx.lock(f"conditional:{res_type}")
         return tx.search(request).matches
@@ -257,6 +301,10 @@ class Repository:
                     f"{res_type}.id",
                 )
             return self.update_in(tx, res_type, target, body, if_match=if_match)
+        if if_match is not None:
+            raise PreconditionFailed(
+                f'If-Match W/"{if_match}" given but no {res_type} matches the condition', "If-Match"
+            )
         return self.create_in(tx, res_type, body, res_id=body_id)
 
     def patch_in(
@@ -273,6 +321,8 @@ class Repository:
             patched = jsonpatch.JsonPatch(patch).apply(orjson.loads(current.content))
         except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as exc:
             raise Unprocessable(f"the JSON Patch cannot be applied: {exc}", "body") from exc
+        except RecursionError:  # jsonpatch deep-copies the values it adds
+            raise Unprocessable("the JSON Patch cannot be applied: a value is nested too deeply", "body") from None
         _validate(res_type, patched, res_id=res_id, require_id=True)
         return self.update_in(tx, res_type, res_id, patched, if_match=if_match, method="PATCH")
 
@@ -297,7 +347,15 @@ class Repository:
     ) -> StoredResource:
         last_updated = now_us()
         resource = _stamp(body, res_id, version_id, last_updated)
-        stored = StoredResource(res_type, res_id, version_id, last_updated, False, orjson.dumps(resource), method)
+        try:
+            content = orjson.dumps(resource)
+        except orjson.JSONEncodeError:  # nested deeper than orjson's 254 levels (valid, e.g. Extension.extension...)
+            raise Invalid(
+                f"the resource is nested too deeply to be stored (at most {MAX_DEPTH} levels of objects and arrays)",
+                res_type,
+                code="too-costly",
+            ) from None
+        stored = StoredResource(res_type, res_id, version_id, last_updated, False, content, method)
         tx.save(stored, _index(resource))
         return stored
 

@@ -34,16 +34,39 @@ MODIFIERS: dict[str, frozenset[str]] = {
 }
 SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 TOTAL_VALUES = ("none", "estimate", "accurate")
+# https://hl7.org/fhir/R4/search.html#return: what to return rather than what to match.
+RESULT_PARAMETERS = frozenset(
+    {
+        "_count",
+        "_offset",
+        "_sort",
+        "_summary",
+        "_elements",
+        "_total",
+        "_include",
+        "_revinclude",
+        "_contained",
+        "_containedType",
+    }
+)
 # Result parameters accepted without effect here (the views handle the format).
 _IGNORED = frozenset({"_format", "_pretty"})
 # Resource-level parameters that exist in the specification but that this server does not implement.
 _UNSUPPORTED = frozenset(
     {"_has", "_list", "_filter", "_query", "_text", "_content", "_type", "_contained", "_containedType"}
 )
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")  # https://hl7.org/fhir/R4/datatypes.html#id
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}\Z")  # https://hl7.org/fhir/R4/datatypes.html#id
 _ELEMENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?([eE][+-]?\d+)?$")
 _ESCAPE = re.compile(r"\\([,|$\\])")
+# What one search may ask for (https://hl7.org/fhir/R4/search.html#errors lets a server refuse costly searches):
+# beyond these, SQLite refuses the statement (an OR of ~500 values passes its expression depth of 1000, a LIKE
+# pattern of 50,000 bytes is "too complex") and PostgreSQL plans for seconds (100 chained filters: 3 s).
+MAX_FILTERS = 32  # search parameters (AND-ed filters), after those dropped as lenient
+MAX_VALUES = 100  # comma-separated values of one parameter (OR-ed)
+MAX_INCLUDES = 16  # _include and _revinclude parameters
+MAX_VALUE_LENGTH = 8192  # characters of one parameter's value
+MAX_OFFSET = 2**31 - 1  # _offset: deeper pages are not served
 
 
 # -- values --------------------------------------------------------------------------------------------------
@@ -223,7 +246,9 @@ def parse(
     ``lenient`` are dropped and listed in ``ignored``; malformed values always raise ``BadRequest``
     (``invalid``); the issue's expression is the parameter as given (https://hl7.org/fhir/R4/search.html#errors).
     A parameter with an empty value (``name=``) is ignored, as common servers do. ``base_url`` lets a reference
-    given as an absolute URL on this server match the relative references it stands for.
+    given as an absolute URL on this server match the relative references it stands for. A search larger than
+    ``MAX_FILTERS``, ``MAX_VALUES``, ``MAX_INCLUDES`` or ``MAX_VALUE_LENGTH`` raises ``BadRequest`` (``too-costly``);
+    ``_count`` above ``max_count`` is capped; a NUL character anywhere is refused.
     """
     if res_type not in definitions.resource_types():
         raise NotFound(f"Unknown resource type '{res_type}'", code="not-supported")
@@ -232,8 +257,16 @@ def parse(
     includes: list[Include] = []
     single: dict[str, tuple[str, str]] = {}  # result parameters that take one value: the last one given wins
     for key, value in params:
+        if "\x00" in key or "\x00" in value:
+            raise BadRequest(f"'{_short(key)}': a search parameter cannot contain a NUL character", key)
         if value == "":
             continue
+        if len(value) > MAX_VALUE_LENGTH:
+            raise BadRequest(
+                f"{_short(key)}: the value is {len(value)} characters long; at most {MAX_VALUE_LENGTH} are accepted",
+                key,
+                code="too-costly",
+            )
         base = key.split(":", 1)[0]
         if base in _IGNORED:
             continue
@@ -251,10 +284,17 @@ def parse(
                 raise BadRequest(str(exc), key, code="not-supported") from None
             ignored.append(key)
 
+    _check_size(filters, MAX_FILTERS, "search parameters")
+    _check_size(includes, MAX_INCLUDES, "_include and _revinclude parameters")
     count = default_count
     if "_count" in single:
-        count = min(_non_negative(*single["_count"]), max_count)
-    offset = _non_negative(*single["_offset"]) if "_offset" in single else 0
+        count = min(non_negative(*single["_count"]), max_count)  # above the maximum: capped, not refused
+    offset = 0
+    if "_offset" in single:
+        key, value = single["_offset"]
+        offset = non_negative(key, value)
+        if offset > MAX_OFFSET:
+            raise BadRequest(f"{key}: '{_short(value)}' is beyond the deepest offset served, {MAX_OFFSET}", key)
     summary = _choice(*single["_summary"], SUMMARY_VALUES) if "_summary" in single else None
     total = _choice(*single["_total"], TOTAL_VALUES) if "_total" in single else None
     elements: tuple[str, ...] = ()
@@ -290,10 +330,25 @@ class _NotSupported(Exception):
     """An unknown or unsupported parameter or modifier: dropped when lenient, else a not-supported error."""
 
 
-def _non_negative(key: str, value: str) -> int:
+def non_negative(key: str, value: str) -> int:
+    """A non-negative integer parameter (``_count``, ``_offset``): ASCII digits only (``int`` would also take
+    "+1", " 1", "1_0" and other scripts' digits); values past 10**18 come back as 10**18, for the caller to cap
+    or refuse (``int`` refuses more than 4300 digits)."""
     if not (value.isascii() and value.isdigit()):
-        raise BadRequest(f"{key}: '{value}' is not a non-negative integer", key)
-    return int(value)
+        raise BadRequest(f"{key}: '{_short(value)}' is not a non-negative integer", key)
+    digits = value.lstrip("0")
+    return int(digits or "0") if len(digits) <= 18 else 10**18
+
+
+def _check_size(items: list[Filter] | list[Include], limit: int, what: str) -> None:
+    if len(items) > limit:
+        first = items[limit]
+        key = first.name if isinstance(first, Filter) else first.render()[0]
+        raise BadRequest(f"a search may have at most {limit} {what}; this one has {len(items)}", key, code="too-costly")
+
+
+def _short(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -356,6 +411,12 @@ def _parse_simple(
         return Filter(name, param.name, kind, value, "missing", missing=value == "true")
     parse_one = _value_parser(kind, modifier, param, target_type, key, base_url)
     alternatives = split_values(value)
+    if len(alternatives) > MAX_VALUES:
+        raise BadRequest(
+            f"{key}: {len(alternatives)} comma-separated values; at most {MAX_VALUES} are accepted",
+            key,
+            code="too-costly",
+        )
     if "" in alternatives:
         raise BadRequest(f"{key}: '{value}' has an empty value in its comma-separated list", key)
     values = tuple(parse_one(v) for v in alternatives)
@@ -479,7 +540,10 @@ def _value_parser(
                 raise invalid(f"'{raw}' is not [prefix]number|system|code")
         if not _NUMBER.match(rest):
             raise invalid(f"'{raw}' is not a {kind}")
-        value, low, high = number_range(rest)
+        try:
+            value, low, high = number_range(rest)
+        except ValueError:
+            raise invalid(f"'{raw}' is beyond the range of numbers searched (about 1e308)") from None
         return NumberValue(prefix, value, low, high, system, code)
 
     def reference(raw: str) -> Value:
@@ -565,7 +629,7 @@ def _parse_include(res_type: str, key: str, value: str) -> Include:
 
 def _parse_sort(res_type: str, key: str, value: str) -> tuple[SortKey, ...]:
     """https://hl7.org/fhir/R4/search.html#sort"""
-    keys = []
+    keys: list[SortKey] = []
     for item in value.split(","):
         item = item.strip()
         descending = item.startswith("-")
@@ -576,5 +640,7 @@ def _parse_sort(res_type: str, key: str, value: str) -> tuple[SortKey, ...]:
         if param is None:
             _lookup(res_type, name, key)  # raises: unknown or unsupported
             raise AssertionError  # pragma: no cover
+        if any(k.param == name for k in keys):
+            raise BadRequest(f"{key}: '{name}' is given twice", key)
         keys.append(SortKey(name, param.type, descending))
     return tuple(keys)

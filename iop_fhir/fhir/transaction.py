@@ -32,7 +32,7 @@ from iop_fhir.errors import (
 )
 from iop_fhir.fhir import definitions
 from iop_fhir.fhir.instants import instant
-from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional
+from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_number
 from iop_fhir.store.base import StoredResource, WriteTx
 
 DEFAULT_MAX_ENTRIES = Settings.max_bundle_entries
@@ -219,10 +219,10 @@ def _etag(value: Any, path: str) -> int | None:
         return None
     tag = value.strip() if isinstance(value, str) else ""
     tag = tag[2:] if tag.startswith("W/") else tag
-    tag = tag.strip('"')
-    if not tag.isdigit():
-        raise BadRequest(f'ifMatch {value!r} is not a version ETag such as W/"1"', path)
-    return int(tag)
+    version = version_number(tag.strip('"'))
+    if version is None:
+        raise BadRequest(f'ifMatch {value!r:.100} is not a version ETag such as W/"1"', path)
+    return version
 
 
 def _json_patch(resource: dict[str, Any], path: str) -> list[Any]:
@@ -298,8 +298,8 @@ def _link(entries: list[_Entry], base_url: str) -> None:
         entry_base = _split_absolute(entry.full_url)[0] if entry.full_url else base_url
         found: set[str] = set()
         unresolved: list[str] = []
-        entry.resource = _rewrite(
-            entry.resource, refs, aliases.get(entry_base or base_url, {}), provisional, found, unresolved
+        entry.resource = _rewrite_entry(
+            entry, refs, aliases.get(entry_base or base_url, {}), provisional, found, unresolved
         )
         if unresolved:
             raise BadRequest(
@@ -318,6 +318,24 @@ def _split_absolute(full_url: str | None) -> tuple[str | None, str | None]:
     if len(parts) != 3 or parts[1] not in definitions.resource_types():
         return None, None
     return parts[0], f"{parts[1]}/{parts[2]}"
+
+
+def _rewrite_entry(
+    entry: _Entry,
+    refs: dict[str, str],
+    aliases: dict[str, str],
+    watch: set[str],
+    found: set[str],
+    unresolved: list[str],
+) -> Any:
+    """``_rewrite`` of the entry's resource, which is not validated yet: JSON nested close to the parser's limit
+    of 1024 levels would exhaust the interpreter's stack."""
+    try:
+        return _rewrite(entry.resource, refs, aliases, watch, found, unresolved)
+    except RecursionError:
+        raise BadRequest(
+            "the resource is nested too deeply to be processed", f"{entry.path}.resource", code="too-costly"
+        ) from None
 
 
 def _rewrite(
@@ -444,7 +462,7 @@ def _run(repo: Repository, tx: WriteTx, entries: list[_Entry], base_url: str) ->
     final = _resolve(repo, tx, entries)
     for entry in entries:
         if entry.resource is not None and entry.deferred and not entry.deferred.isdisjoint(final):
-            entry.resource = _rewrite(entry.resource, final, {}, set(), set(), [])
+            entry.resource = _rewrite_entry(entry, final, {}, set(), set(), [])
     for entry in by_phase:
         if entry.method in ("DELETE", "GET", "HEAD"):
             continue
@@ -673,7 +691,7 @@ def _batch_entry(repo: Repository, index: int, raw: Any, base_url: str) -> bytes
             entry.new_id = str(uuid.uuid4())
         if entry.resource is not None:
             found: set[str] = set()
-            entry.resource = _rewrite(entry.resource, {}, {}, set(), found, [])
+            entry.resource = _rewrite_entry(entry, {}, {}, set(), found, [])
             entry.deferred = frozenset(found)
         _validate(entry)
         if entry.method in ("GET", "HEAD"):

@@ -32,10 +32,10 @@ FORMAT_HINT = {
     "instant": "YYYY-MM-DDThh:mm:ss[.fff](Z|+hh:mm|-hh:mm)",
     "time": "hh:mm:ss[.fff]",
     "id": "1 to 64 characters from A-Z a-z 0-9 - .",
-    "code": "no leading, trailing or repeated whitespace",
-    "uri": "no whitespace",
-    "url": "no whitespace",
-    "canonical": "no whitespace",
+    "code": "no leading, trailing or repeated whitespace, no control characters",
+    "uri": "no whitespace or control characters",
+    "url": "no whitespace or control characters",
+    "canonical": "no whitespace or control characters",
     "oid": "urn:oid:<digits and dots>",
     "uuid": "urn:uuid:<lower-case UUID>",
     "base64Binary": "base64",
@@ -53,6 +53,11 @@ UUID_REF_RE = re.compile(r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}
 OID_REF_RE = re.compile(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+")
 BASE64_RE = re.compile(r"[A-Za-z0-9+/=]*")
 WHITESPACE_RE = re.compile(r"\s+", re.ASCII)
+# https://hl7.org/fhir/R4/datatypes.html#string: no character below U+0020 other than tab, CR and LF, in any
+# string-based primitive. The R4 regexes use \S, which (even in ASCII mode) lets NUL and the other control
+# characters through; PostgreSQL cannot even store NUL in the text columns of the search index.
+CONTROL_CHARS = r"\x00-\x08\x0b\x0c\x0e-\x1f"
+CONTROL_RE = re.compile(f"[{CONTROL_CHARS}]")
 XHTML_NS = 'xmlns="http://www.w3.org/1999/xhtml"'
 # Bundle types whose entries may use conditional references (https://hl7.org/fhir/R4/http.html#trules).
 CONDITIONAL_BUNDLES = frozenset({"transaction", "batch"})
@@ -119,6 +124,10 @@ def _primitive(name: str) -> Primitive | None:
     regex = spec.get("regex")
     if name == "base64Binary":
         regex = None  # the R4 regex backtracks badly on long data; checked by _check_base64
+    elif regex and ("\\S" in regex or "[^\\s]" in regex):
+        # string, markdown, code, uri, url, canonical: the control characters are refused in the same match
+        # as the format, by a look-ahead over the whole value.
+        regex = f"(?=[^{CONTROL_CHARS}]*\\Z)(?:{regex})"
     # re.ASCII: \s and \S as in the Java and XML Schema regexes the specification was written for.
     return Primitive(
         name=name,
@@ -218,7 +227,7 @@ def validate(
     (``Observation.valueQuantity.value``) and ``_name`` siblings reported at ``name``.
     """
     if not isinstance(resource, dict):
-        return [Issue("structure", f"A resource must be a JSON object, not {_json_type(resource)}")]
+        return [Issue("structure", f"A resource must be a JSON object, not {_json_type(resource)}", expected_type)]
     res_type = resource.get("resourceType")
     if not isinstance(res_type, str) or not res_type:
         return [Issue("structure", "The resource has no resourceType", "resourceType")]
@@ -534,6 +543,9 @@ def _check_primitive(value: Any, prim: Primitive, path: str, add: Callable[[str,
             return False
         if name == "base64Binary" and not _base64(value):
             add("value", _bad_format(value, prim), path)
+            return False
+        if name == "xhtml" and CONTROL_RE.search(value):
+            add("value", "the narrative contains a control character (below U+0020, other than tab, CR, LF)", path)
             return False
         if name == "xhtml" and not _xhtml_div(value):
             add(

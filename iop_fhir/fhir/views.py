@@ -169,7 +169,8 @@ def validate(res_type: str, res_id: str | None = None) -> Response:
 
 
 def _validate_parameter(parameters: dict[str, Any]) -> Any:
-    for p in parameters.get("parameter") or []:
+    listed = parameters.get("parameter")
+    for p in listed if isinstance(listed, list) else ():
         if isinstance(p, dict) and p.get("name") == "resource":
             return p.get("resource")
     raise BadRequest("$validate Parameters need a 'resource' parameter", "Parameters.parameter")

@@ -187,8 +187,10 @@ class _Query:
         like: ColumnElement[bool] = column.startswith(prefix, autoescape=True)
         if not self.sqlite or not prefix or ord(prefix[-1]) >= 0x10FFFF:
             return like
-        # SQLite's LIKE cannot use an index on a BINARY column; the equivalent code-point range can.
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        # SQLite's LIKE cannot use an index on a BINARY column; the equivalent code-point range can. After U+D7FF
+        # comes U+E000: the surrogates between cannot be encoded as UTF-8 (nor stored).
+        following = ord(prefix[-1]) + 1
+        upper = prefix[:-1] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)
         return and_(column >= prefix, column < upper, like)
 
 

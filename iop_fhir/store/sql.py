@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.exc import DataError
 from sqlalchemy.pool import StaticPool
 
 from iop_fhir.store import schema, search_sql
@@ -258,6 +259,9 @@ class SqlStore:
         # An in-memory SQLite database exists only in the engine's one connection: no direct reads there.
         memory = url in ("sqlite://", "sqlite:///:memory:")
         self._direct = None if memory else _DirectReads(self.engine)
+        # What the DBAPI raises for a key it cannot even compare, such as an id with NUL in it on PostgreSQL: no
+        # stored resource has such an id (the FHIR layer refuses them on writes), so a read finds nothing.
+        self._unreadable_key: tuple[type[Exception], ...] = (self.engine.dialect.loaded_dbapi.DataError, DataError)
 
     def close(self) -> None:
         if self._direct is not None:
@@ -277,12 +281,15 @@ class SqlStore:
             yield conn
 
     def read(self, res_type: str, res_id: str) -> StoredResource | None:
-        if self._direct is None:
-            with self._read() as conn:
-                row = conn.exec_driver_sql(_READ_SQL.replace("?", "%s" if self.postgres else "?"), (res_type, res_id))
-                found = row.first()
-        else:
-            found = self._direct.one(_READ_SQL, (res_type, res_id))
+        try:
+            if self._direct is None:
+                with self._read() as conn:
+                    sql = _READ_SQL.replace("?", "%s" if self.postgres else "?")
+                    found = conn.exec_driver_sql(sql, (res_type, res_id)).first()
+            else:
+                found = self._direct.one(_READ_SQL, (res_type, res_id))
+        except self._unreadable_key:
+            return None
         if found is None:
             return None
         version_id, last_updated, deleted, content = found
@@ -290,11 +297,15 @@ class SqlStore:
 
     def vread(self, res_type: str, res_id: str, version_id: int) -> StoredResource | None:
         params = (res_type, res_id, version_id)
-        if self._direct is None:
-            with self._read() as conn:
-                found = conn.exec_driver_sql(_VREAD_SQL.replace("?", "%s" if self.postgres else "?"), params).first()
-        else:
-            found = self._direct.one(_VREAD_SQL, params)
+        try:
+            if self._direct is None:
+                with self._read() as conn:
+                    sql = _VREAD_SQL.replace("?", "%s" if self.postgres else "?")
+                    found = conn.exec_driver_sql(sql, params).first()
+            else:
+                found = self._direct.one(_VREAD_SQL, params)
+        except self._unreadable_key:
+            return None
         if found is None:
             return None
         version, last_updated, method, content = found

@@ -371,3 +371,17 @@ def test_method_not_allowed_is_an_operation_outcome(client: FlaskClient) -> None
     response = client.patch("/fhir/Patient")
     assert response.status_code == 405
     assert issue(response)["code"] == "not-supported"
+
+
+def test_conditional_update_with_if_match_and_no_match_returns_412_and_creates_nothing(client: FlaskClient) -> None:
+    response = put(client, "Patient?identifier=MRN-nobody", patient(), **{"If-Match": 'W/"1"'})
+    assert response.status_code == 412
+    assert issue(response)["expression"] == ["If-Match"]
+    assert client.get("/fhir/Patient?_summary=count").get_json()["total"] == 0
+
+
+def test_history_with_count_zero_gives_the_total_and_no_next_link(client: FlaskClient) -> None:
+    post(client, patient())
+    history = client.get("/fhir/Patient/_history?_count=0").get_json()
+    assert history["total"] == 1
+    assert [link["relation"] for link in history["link"]] == ["self"]
