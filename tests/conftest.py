@@ -85,12 +85,16 @@ def settings(db_url: str) -> Settings:
     return Settings(database_url=db_url, base_url="http://testserver/fhir")
 
 
-@pytest.fixture
-def app(settings: Settings) -> Iterator[Flask]:
+def _app(settings: Settings) -> Iterator[Flask]:
     app = create_app(settings)
     app.config["TESTING"] = True
     yield app
     app.extensions["iop_fhir.store"].close()
+
+
+@pytest.fixture
+def app(settings: Settings) -> Iterator[Flask]:
+    yield from _app(settings)
 
 
 @pytest.fixture
@@ -100,10 +104,7 @@ def client(app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def sqlite_app(sqlite_url: str) -> Iterator[Flask]:
-    app = create_app(Settings(database_url=sqlite_url, base_url="http://testserver/fhir"))
-    app.config["TESTING"] = True
-    yield app
-    app.extensions["iop_fhir.store"].close()
+    yield from _app(Settings(database_url=sqlite_url, base_url="http://testserver/fhir"))
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from functools import cache
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -62,7 +62,7 @@ def _resource(res_type: str) -> dict[str, Any]:
     }
 
 
-@cache
+@lru_cache(maxsize=16)  # keyed by base URL, which may come from the Host header: bounded
 def _statement_bytes(base_url: str) -> bytes:
     statement = {
         "resourceType": "CapabilityStatement",

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 from flask import Request, Response
 
-from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, operation_outcome
+from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, information
 from iop_fhir.fhir.instants import http_date
-from iop_fhir.fhir.repository import version_number
+from iop_fhir.fhir.repository import version_from_etag
 from iop_fhir.store.base import StoredResource
 
 FHIR_JSON = "application/fhir+json"
@@ -60,10 +60,7 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
     """``W/"3"`` or ``"3"`` -> 3 (https://hl7.org/fhir/R4/http.html#concurrency)."""
     if value is None or not value.strip():
         return None
-    tag = value.strip()
-    if tag.startswith("W/"):
-        tag = tag[2:]
-    version = version_number(tag.strip('"'))
+    version = version_from_etag(value)
     if version is None:
         raise BadRequest(f"{header} '{value[:100]}' is not a version ETag such as W/\"1\"", header)
     return version
@@ -95,29 +92,24 @@ def resource_response(
     headers = version_headers(stored)
     if location:
         headers["Location"] = location
-    wanted = _prefer_return(prefer)
+    wanted = _preferences(prefer).get("return", "representation")
     if wanted == "minimal":
         return fhir_response(None, status, headers)
     if wanted == "OperationOutcome":
-        outcome = operation_outcome([])
-        outcome["issue"] = [{"severity": "information", "code": "informational", "diagnostics": "ok"}]
-        return fhir_response(outcome, status, headers)
+        return fhir_response(information("ok"), status, headers)
     return fhir_response(stored.content, status, headers)
 
 
-def _prefer_return(prefer: str | None) -> str:
-    for part in (prefer or "").split(";"):
-        for item in part.split(","):
-            key, _, value = item.strip().partition("=")
-            if key.strip() == "return":
-                return value.strip().strip('"')
-    return "representation"
+def _preferences(prefer: str | None) -> dict[str, str]:
+    """The ``name=value`` preferences of a Prefer header (RFC 7240), e.g. ``return=minimal; handling=lenient``."""
+    preferences: dict[str, str] = {}
+    for part in (prefer or "").replace(";", ",").split(","):
+        name, _, value = part.partition("=")
+        if name.strip():
+            preferences.setdefault(name.strip(), value.strip().strip('"'))
+    return preferences
 
 
 def lenient(prefer: str | None) -> bool:
     """``Prefer: handling=lenient`` (https://hl7.org/fhir/R4/search.html#errors)."""
-    return any(
-        item.strip().replace(" ", "") == "handling=lenient"
-        for part in (prefer or "").split(";")
-        for item in part.split(",")
-    )
+    return _preferences(prefer).get("handling") == "lenient"

@@ -372,15 +372,9 @@ def _quantity(value: Any, param: str, out: list[Row]) -> None:
 
 def _quantity_money(value: Any, param: str, out: list[Row]) -> None:
     # Money's currency is an ISO 4217 code (https://hl7.org/fhir/R4/datatypes.html#Money).
-    if not isinstance(value, dict) or value.get("value") is None:
-        return
-    try:
-        v, low, high = number_range(value["value"])
-    except ValueError:
-        return
-    currency = value.get("currency")
-    system = "urn:iso:std:iso:4217" if currency is not None else None
-    out.append(_quantity_row(param, v, low, high, system, currency, None))
+    if isinstance(value, dict) and value.get("currency") is not None:
+        value = {"value": value.get("value"), "system": "urn:iso:std:iso:4217", "code": value["currency"]}
+    _quantity(value, param, out)
 
 
 def _quantity_range(value: Any, param: str, out: list[Row]) -> None:

@@ -43,6 +43,13 @@ def version_number(text: str) -> int | None:
     return number if 0 < number <= MAX_VERSION else None
 
 
+def version_from_etag(value: object) -> int | None:
+    """``W/"3"`` or ``"3"`` -> 3 (https://hl7.org/fhir/R4/http.html#concurrency); None if it is no version ETag."""
+    tag = value.strip() if isinstance(value, str) else ""
+    tag = tag[2:] if tag.startswith("W/") else tag
+    return version_number(tag.strip('"'))
+
+
 def check_id(res_type: str, res_id: str) -> None:
     """The id a PUT, PATCH or DELETE names in its URL must be a FHIR id (https://hl7.org/fhir/R4/datatypes.html#id):
     a longer or stranger one can name no stored resource, and would not fit the store's id column."""

@@ -30,9 +30,9 @@ from iop_fhir.errors import (
     PayloadTooLarge,
     PreconditionFailed,
 )
-from iop_fhir.fhir import definitions
+from iop_fhir.fhir import definitions, search, searchset, validation
 from iop_fhir.fhir.instants import instant
-from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_number
+from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_from_etag
 from iop_fhir.store.base import StoredResource, WriteTx
 
 DEFAULT_MAX_ENTRIES = Settings.max_bundle_entries
@@ -217,9 +217,7 @@ def _etag(value: Any, path: str) -> int | None:
     """``W/"3"`` or ``"3"`` -> 3 (https://hl7.org/fhir/R4/http.html#concurrency)."""
     if value is None:
         return None
-    tag = value.strip() if isinstance(value, str) else ""
-    tag = tag[2:] if tag.startswith("W/") else tag
-    version = version_number(tag.strip('"'))
+    version = version_from_etag(value)
     if version is None:
         raise BadRequest(f'ifMatch {value!r:.100} is not a version ETag such as W/"1"', path)
     return version
@@ -429,8 +427,6 @@ def _condition_key(res_type: str, query: str) -> tuple[str, tuple[tuple[str, str
 def _validate(entry: _Entry) -> None:
     """https://hl7.org/fhir/R4/validation.html, for the resource of a POST or PUT entry (a PATCH is validated
     once applied, inside the transaction)."""
-    from iop_fhir.fhir import validation
-
     if entry.resource is None:
         return
     literal_put = entry.method == "PUT" and entry.res_id is not None
@@ -629,8 +625,6 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
 
 
 def _search(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> bytes:
-    from iop_fhir.fhir import search, searchset
-
     params = parse_qsl(entry.query or "", keep_blank_values=True)
     with _blame(entry, f"{entry.path}.request.url"):
         if tx is None:

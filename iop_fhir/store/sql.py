@@ -280,32 +280,25 @@ class SqlStore:
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
-    def read(self, res_type: str, res_id: str) -> StoredResource | None:
+    def _by_key(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """One row by primary key: directly on the DBAPI, or through the engine for an in-memory database."""
         try:
-            if self._direct is None:
-                with self._read() as conn:
-                    sql = _READ_SQL.replace("?", "%s" if self.postgres else "?")
-                    found = conn.exec_driver_sql(sql, (res_type, res_id)).first()
-            else:
-                found = self._direct.one(_READ_SQL, (res_type, res_id))
+            if self._direct is not None:
+                return self._direct.one(sql, params)
+            with self._read() as conn:
+                return conn.exec_driver_sql(sql.replace("?", "%s" if self.postgres else "?"), params).first()
         except self._unreadable_key:
             return None
+
+    def read(self, res_type: str, res_id: str) -> StoredResource | None:
+        found = self._by_key(_READ_SQL, (res_type, res_id))
         if found is None:
             return None
         version_id, last_updated, deleted, content = found
         return StoredResource(res_type, res_id, version_id, last_updated, bool(deleted), _bytes(content))
 
     def vread(self, res_type: str, res_id: str, version_id: int) -> StoredResource | None:
-        params = (res_type, res_id, version_id)
-        try:
-            if self._direct is None:
-                with self._read() as conn:
-                    sql = _VREAD_SQL.replace("?", "%s" if self.postgres else "?")
-                    found = conn.exec_driver_sql(sql, params).first()
-            else:
-                found = self._direct.one(_VREAD_SQL, params)
-        except self._unreadable_key:
-            return None
+        found = self._by_key(_VREAD_SQL, (res_type, res_id, version_id))
         if found is None:
             return None
         version, last_updated, method, content = found
