@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import traceback
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from iop_fhir import conformance
 from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Issue, operation_outcome
 from iop_fhir.fhir import http
@@ -42,25 +44,51 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     store = SqlStore(settings.database_url, echo=settings.sql_echo)
-    if migrate.is_empty(store.engine):
+    if not migrate.is_current(store.engine):
         migrate.upgrade(store.engine)
     app.extensions["iop_fhir.store"] = store
-    app.extensions["iop_fhir.repository"] = Repository(
-        store, default_count=settings.default_page_size, max_count=settings.max_page_size
+    profiles, conformance_resources = conformance.load(settings.profiles_dir, settings.terminology_dir)
+    repository = Repository(
+        store, default_count=settings.default_page_size, max_count=settings.max_page_size, profiles=profiles
+    )
+    conformance.seed(repository, conformance_resources)
+    app.extensions["iop_fhir.repository"] = repository
+
+    from iop_fhir.domain.service import RecordService
+    from iop_fhir.mapping import load_engine
+
+    app.extensions["iop_fhir.records"] = RecordService(
+        load_engine(Path(settings.mappings_dir).resolve()), app.extensions["iop_fhir.repository"]
     )
 
+    from iop_fhir.domain.views import IopApi
+    from iop_fhir.domain.views import bp as iop_bp
     from iop_fhir.fhir.views import bp as fhir_bp
 
     app.register_blueprint(fhir_bp)
+    app.config.setdefault("API_TITLE", "iop-fhir")
+    app.config.setdefault("API_VERSION", "0.1.0")
+    app.config.setdefault("OPENAPI_VERSION", "3.1.0")
+    api = IopApi(app)
+    api.register_blueprint(iop_bp)
+    app.extensions["iop_fhir.api"] = api
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)
     return app
 
 
+def _outcome_response(outcome: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    """An OperationOutcome: application/fhir+json under /fhir, application/json under /iop (not a FHIR API)."""
+    response = http.fhir_response(outcome, status, headers)
+    if request.path == "/iop" or request.path.startswith("/iop/"):
+        response.content_type = "application/json"
+    return response
+
+
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(FhirError)
     def _fhir_error(error: FhirError) -> Response:
-        return http.fhir_response(error.outcome, error.status, error.headers)
+        return _outcome_response(error.outcome, error.status, error.headers)
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
@@ -71,7 +99,7 @@ def _register_error_handlers(app: Flask) -> None:
         else:
             message = error.description or error.name
         issue = Issue(_HTTP_CODES.get(status, "processing"), message)
-        response = http.fhir_response(operation_outcome([issue]), status)
+        response = _outcome_response(operation_outcome([issue]), status)
         if status == 405 and error.get_response().headers.get("Allow"):
             response.headers["Allow"] = error.get_response().headers["Allow"]
         return response
@@ -81,4 +109,4 @@ def _register_error_handlers(app: Flask) -> None:
         # The message of an arbitrary exception may quote request data (PHI); log the type and frames only.
         log.error("unhandled %s\n%s", type(error).__name__, "".join(traceback.format_tb(error.__traceback__)))
         issue = Issue("exception", "internal server error; the request was not applied")
-        return http.fhir_response(operation_outcome([issue]), 500)
+        return _outcome_response(operation_outcome([issue]), 500)

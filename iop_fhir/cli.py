@@ -1,4 +1,4 @@
-"""The ``iop-fhir`` command: serve, init-db, validate."""
+"""The ``iop-fhir`` command: serve, init-db, validate, map."""
 
 from __future__ import annotations
 
@@ -104,6 +104,30 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _map(args: argparse.Namespace) -> int:
+    from iop_fhir.domain import schemas
+    from iop_fhir.errors import FhirError
+    from iop_fhir.mapping import load_engine, to_bundle
+
+    settings = Settings.from_env()
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        payload = json.loads(text)
+    except (OSError, ValueError) as exc:
+        print(f"cannot read {args.file}: {exc}", file=sys.stderr)
+        return 2
+    engine = load_engine(settings.mappings_dir)
+    context = {"age_group": args.age_group}
+    try:
+        record = schemas.load(args.kind, payload)
+        bundle = to_bundle(args.kind, record, engine, context=context)
+    except FhirError as error:
+        print(json.dumps(error.outcome, indent=2), file=sys.stderr)
+        return 1
+    print(json.dumps(bundle, indent=2, ensure_ascii=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iop-fhir", description="FHIR R4 service for Intensive Outpatient Programs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +153,20 @@ def main(argv: list[str] | None = None) -> int:
         help="accept Type?query references, as in transaction and bulk-import content (e.g. Synthea exports)",
     )
     check.set_defaults(run=_validate)
+    mapper = commands.add_parser(
+        "map", help="print the FHIR transaction Bundle an IOP record maps to (no server, no database)"
+    )
+    mapper.add_argument(
+        "kind", choices=["enrollment", "assessment", "treatment-plan", "session", "consent", "discharge", "partner"]
+    )
+    mapper.add_argument("file", metavar="FILE|-")
+    mapper.add_argument(
+        "--age-group",
+        choices=["adult", "adolescent"],
+        default="adult",
+        help="the program's age group, for the ASAM intensity check of a treatment plan (default adult)",
+    )
+    mapper.set_defaults(run=_map)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

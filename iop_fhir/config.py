@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
+
+import iop_fhir
+
+REPO = Path(iop_fhir.__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,12 @@ class Settings:
     max_page_size: int = 1000
     max_bundle_entries: int = 5000
     sql_echo: bool = False
+    mappings_dir: Path = REPO / "mappings"
+    profiles_dir: Path = REPO / "profiles"
+
+    @property
+    def terminology_dir(self) -> Path:
+        return Path(self.mappings_dir) / "terminology"
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -29,6 +40,8 @@ class Settings:
                 values[f.name] = int(raw)
             elif f.type in ("bool", bool):
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif f.type in ("Path", Path):
+                values[f.name] = Path(raw)
             else:
                 values[f.name] = raw
         return replace(cls(**values), **overrides)
@@ -43,4 +56,6 @@ DESCRIPTIONS = {
     "max_page_size": "largest `_count` honoured",
     "max_bundle_entries": "most entries accepted in one batch or transaction Bundle",
     "sql_echo": "log SQL statements (never enable with real data: parameters are logged)",
+    "mappings_dir": "the mapping specs; its `terminology/` folder holds the CodeSystems, ValueSets and ConceptMaps",
+    "profiles_dir": "the StructureDefinitions (profiles and extensions) checked on writes and served at /fhir",
 }

@@ -27,6 +27,7 @@ from iop_fhir.errors import (
 )
 from iop_fhir.fhir import definitions, indexing, search, validation
 from iop_fhir.fhir.instants import http_date, instant, now_us
+from iop_fhir.fhir.profiles import ProfileRegistry
 from iop_fhir.store.base import IndexRows, SearchResult, Store, StoredResource, WriteTx
 
 MAX_DEPTH = 254  # orjson's nesting limit when it serialises a resource
@@ -110,10 +111,42 @@ def parse_conditional(res_type: str, query: str, *, header: str) -> list[tuple[s
 
 
 class Repository:
-    def __init__(self, store: Store, *, default_count: int = 20, max_count: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        default_count: int = 20,
+        max_count: int = 1000,
+        profiles: ProfileRegistry | None = None,
+    ) -> None:
         self.store = store
         self.default_count = default_count
         self.max_count = max_count
+        self.profiles = profiles
+
+    # -- profiles ----------------------------------------------------------------------------------------------
+
+    def profile_issues(self, resource: Any) -> list[Issue]:
+        """The errors of ``resource`` against the known profiles its ``meta.profile`` claims (every write is
+        checked against them, https://hl7.org/fhir/R4/profiling.html#profile-uses)."""
+        if self.profiles is None:
+            return []
+        return [i for i in self.profiles.claimed_issues(resource) if i.severity in ("error", "fatal")]
+
+    def validation_issues(
+        self, res_type: str, body: Any, res_id: str | None = None, *, profile: str | None = None
+    ) -> list[Issue]:
+        """Every issue of a resource for $validate: R4, the profiles it claims and ``profile`` if given
+        (https://hl7.org/fhir/R4/resource-operation-validate.html)."""
+        if profile is not None and (self.profiles is None or not self.profiles.known(profile)):
+            raise BadRequest(f"profile '{profile[:200]}' is not known to this server", "profile", code="not-supported")
+        issues = validation_issues(res_type, body, res_id)
+        if self.profiles is None or not isinstance(body, dict) or body.get("resourceType") != res_type:
+            return issues
+        found = self.profiles.claimed_issues(body)
+        if profile is not None:
+            found += [i for i in self.profiles.check(body, profile) if i not in found]
+        return issues + found
 
     # -- reads -------------------------------------------------------------------------------------------------
 
@@ -352,6 +385,9 @@ class Repository:
     def _save(
         self, tx: WriteTx, res_type: str, res_id: str, body: dict[str, Any], version_id: int, method: str
     ) -> StoredResource:
+        errors = self.profile_issues(body)
+        if errors:
+            raise Invalid(errors)
         last_updated = now_us()
         resource = _stamp(body, res_id, version_id, last_updated)
         try:

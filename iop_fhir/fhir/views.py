@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 from iop_fhir.errors import BadRequest, information, operation_outcome
 from iop_fhir.fhir import capability, http, searchset, transaction
 from iop_fhir.fhir.history import history_bundle, history_params
-from iop_fhir.fhir.repository import Repository, check_type, validation_issues
+from iop_fhir.fhir.repository import Repository, check_type
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -161,9 +161,10 @@ def validate(res_type: str, res_id: str | None = None) -> Response:
     """$validate (https://hl7.org/fhir/R4/resource-operation-validate.html): always 200 with the issues found."""
     check_type(res_type)
     body = http.json_body(request)
+    profile = request.args.get("profile")
     if isinstance(body, dict) and body.get("resourceType") == "Parameters":
-        body = _validate_parameter(body)
-    issues = validation_issues(res_type, body, res_id)
+        body, profile = _validate_parameter(body), _profile_parameter(body) or profile
+    issues = repo().validation_issues(res_type, body, res_id, profile=profile)
     outcome = operation_outcome(issues) if issues else information("No issues found")
     return http.fhir_response(outcome)
 
@@ -174,6 +175,15 @@ def _validate_parameter(parameters: dict[str, Any]) -> Any:
         if isinstance(p, dict) and p.get("name") == "resource":
             return p.get("resource")
     raise BadRequest("$validate Parameters need a 'resource' parameter", "Parameters.parameter")
+
+
+def _profile_parameter(parameters: dict[str, Any]) -> str | None:
+    listed = parameters.get("parameter")
+    for p in listed if isinstance(listed, list) else ():
+        if isinstance(p, dict) and p.get("name") == "profile":
+            value = p.get("valueUri", p.get("valueCanonical"))
+            return value if isinstance(value, str) else None
+    return None
 
 
 def _written(res_type: str, stored: Any, created: bool) -> Response:

@@ -1,4 +1,4 @@
-"""What every store offers the FHIR layer: stored versions, a write transaction, and the index row format."""
+"""What every store offers: stored FHIR resource versions, IOP records, a write transaction, the index row format."""
 
 from __future__ import annotations
 
@@ -23,6 +23,21 @@ class StoredResource:
     deleted: bool
     content: bytes | None  # None for a deletion
     method: str | None = None  # for history entries: POST, PUT, PATCH or DELETE
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """One IOP record (/iop) as stored: the record as loaded, and the FHIR resources it produced."""
+
+    kind: str  # enrollment, assessment, treatment-plan, session, consent, discharge, partner
+    id: str
+    enrollment_id: str | None
+    status: str  # active | entered-in-error
+    version: int
+    content: dict[str, Any]  # the record as loaded
+    resources: list[dict[str, str]]  # [{"role": ..., "reference": "Type/id"}, ...]
+    created: int  # microseconds since the epoch, UTC
+    updated: int
 
 
 @dataclass
@@ -60,6 +75,12 @@ class WriteTx(Protocol):
     def search(self, request: Any) -> SearchResult:
         """Run a parsed search (fhir/search.py) inside this transaction."""
 
+    def record(self, kind: str, id: str, *, lock: bool = True) -> StoredRecord | None:
+        """The stored record; with ``lock``, serialised with every other writer of it until the transaction ends."""
+
+    def save_record(self, record: StoredRecord) -> None:
+        """Insert the record, or replace the stored one with the same kind and id."""
+
 
 class Store(Protocol):
     def read(self, res_type: str, res_id: str) -> StoredResource | None: ...
@@ -78,6 +99,13 @@ class Store(Protocol):
     ) -> tuple[list[StoredResource], int]: ...
 
     def search(self, request: Any) -> SearchResult: ...
+
+    def record(self, kind: str, id: str) -> StoredRecord | None: ...
+
+    def records(
+        self, kind: str, *, enrollment_id: str | None = None, offset: int = 0, count: int = 20
+    ) -> tuple[list[StoredRecord], int]:
+        """A page of records of one kind (of one enrollment if given), oldest first, and the total."""
 
     def write(self) -> AbstractContextManager[WriteTx]: ...
 

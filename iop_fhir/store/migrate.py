@@ -32,3 +32,13 @@ def upgrade(engine: Engine) -> None:
 
 def is_empty(engine: Engine) -> bool:
     return not inspect(engine).has_table("resources")
+
+
+def is_current(engine: Engine) -> bool:
+    """Whether the database is at the newest revision (cheap: one query, no migration environment)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision() == head

@@ -1,4 +1,4 @@
-"""The SQL schema of the FHIR store: current resources, every version, and the search index.
+"""The SQL schema of the store: FHIR resources (current, every version, search index) and the IOP records.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -128,3 +128,21 @@ INDEX_TABLES: dict[str, Table] = {
     "reference": idx_reference,
     "uri": idx_uri,
 }
+
+# One row per IOP record (/iop): the record as loaded (orjson bytes) and the FHIR resources it produced, written in
+# the same transaction as those resources. Partners are records of kind "partner" whose id the client chooses.
+iop_records = Table(
+    "iop_records",
+    metadata,
+    Column("kind", String(32), primary_key=True),
+    Column("id", String(ID), primary_key=True),
+    Column("enrollment_id", String(ID), nullable=True),
+    Column("status", String(20), nullable=False),  # active | entered-in-error
+    Column("version", Integer, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # orjson of the record dict
+    Column("resources", LargeBinary, nullable=False),  # orjson of [{"role": ..., "reference": "Type/id"}, ...]
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    Index("ix_iop_records_enrollment", "kind", "enrollment_id", "created", "id"),
+    Index("ix_iop_records_created", "kind", "created", "id"),
+)

@@ -14,15 +14,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, Engine, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.exc import DataError
 from sqlalchemy.pool import StaticPool
 
 from iop_fhir.store import schema, search_sql
-from iop_fhir.store.base import IndexRows, SearchResult, StoredResource
+from iop_fhir.store.base import IndexRows, SearchResult, StoredRecord, StoredResource
 
 _R = schema.resources
 _H = schema.history
+_REC = schema.iop_records
+_REC_COLUMNS = (
+    _REC.c.kind,
+    _REC.c.id,
+    _REC.c.enrollment_id,
+    _REC.c.status,
+    _REC.c.version,
+    _REC.c.content,
+    _REC.c.resources,
+    _REC.c.created,
+    _REC.c.updated,
+)
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -76,6 +89,32 @@ def _row_to_stored(res_type: str, res_id: str, row: Any, method: str | None = No
         content=row.content,
         method=method,
     )
+
+
+def _row_to_record(row: Any) -> StoredRecord:
+    return StoredRecord(
+        kind=row.kind,
+        id=row.id,
+        enrollment_id=row.enrollment_id,
+        status=row.status,
+        version=row.version,
+        content=orjson.loads(row.content),
+        resources=orjson.loads(row.resources),
+        created=row.created,
+        updated=row.updated,
+    )
+
+
+def _record_values(record: StoredRecord) -> dict[str, Any]:
+    return {
+        "enrollment_id": record.enrollment_id,
+        "status": record.status,
+        "version": record.version,
+        "content": orjson.dumps(record.content),
+        "resources": orjson.dumps(record.resources),
+        "created": record.created,
+        "updated": record.updated,
+    }
 
 
 class SqlWriteTx:
@@ -179,6 +218,22 @@ class SqlWriteTx:
     def search(self, request: Any) -> SearchResult:
         self.flush()
         return search_sql.run(self.conn, request)
+
+    def record(self, kind: str, id: str, *, lock: bool = True) -> StoredRecord | None:
+        if lock:
+            self.lock(f"record:{kind}/{id}")
+        row = self.conn.execute(select(*_REC_COLUMNS).where(_REC.c.kind == kind, _REC.c.id == id)).first()
+        return _row_to_record(row) if row else None
+
+    def save_record(self, record: StoredRecord) -> None:
+        # The lock makes update-else-insert race-free on PostgreSQL; on SQLite the write transaction already is.
+        self.lock(f"record:{record.kind}/{record.id}")
+        values = _record_values(record)
+        updated = self.conn.execute(
+            update(_REC).where(_REC.c.kind == record.kind, _REC.c.id == record.id).values(**values)
+        )
+        if updated.rowcount == 0:
+            self.conn.execute(insert(_REC).values(kind=record.kind, id=record.id, **values))
 
     def flush(self) -> None:
         # Parents first: resources, then history, then index rows.
@@ -339,3 +394,26 @@ class SqlStore:
     def search(self, request: Any) -> SearchResult:
         with self._read() as conn:
             return search_sql.run(conn, request)
+
+    def record(self, kind: str, id: str) -> StoredRecord | None:
+        try:
+            with self._read() as conn:
+                row = conn.execute(select(*_REC_COLUMNS).where(_REC.c.kind == kind, _REC.c.id == id)).first()
+        except self._unreadable_key:
+            return None
+        return _row_to_record(row) if row else None
+
+    def records(
+        self, kind: str, *, enrollment_id: str | None = None, offset: int = 0, count: int = 20
+    ) -> tuple[list[StoredRecord], int]:
+        conditions = [_REC.c.kind == kind]
+        if enrollment_id is not None:
+            conditions.append(_REC.c.enrollment_id == enrollment_id)
+        query = select(*_REC_COLUMNS).where(*conditions).order_by(_REC.c.created, _REC.c.id).limit(count).offset(offset)
+        try:
+            with self._read() as conn:
+                total = conn.execute(select(func.count()).select_from(_REC).where(*conditions)).scalar_one()
+                rows = conn.execute(query).all() if count else []
+        except self._unreadable_key:
+            return [], 0
+        return [_row_to_record(r) for r in rows], total

