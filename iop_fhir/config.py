@@ -56,6 +56,8 @@ DESCRIPTIONS = {
     "max_page_size": "largest `_count` honoured",
     "max_bundle_entries": "most entries accepted in one batch or transaction Bundle",
     "sql_echo": "log SQL statements (never enable with real data: parameters are logged)",
-    "mappings_dir": "the mapping specs; its `terminology/` folder holds the CodeSystems, ValueSets and ConceptMaps",
-    "profiles_dir": "the StructureDefinitions (profiles and extensions) checked on writes and served at /fhir",
+    "mappings_dir": "the mapping specs; its `terminology/` folder holds the CodeSystems, ValueSets and ConceptMaps, "
+    "served at `/fhir`",
+    "profiles_dir": "the StructureDefinitions (profiles and extensions): every write of a resource whose "
+    "`meta.profile` names one is checked against it; served at `/fhir/StructureDefinition`",
 }

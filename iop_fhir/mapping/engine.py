@@ -440,7 +440,7 @@ class Engine:
     def retracted(self, kind: str, role: str, resource: dict[str, Any]) -> dict[str, Any]:
         """The resource marked entered-in-error, as the role's `retract` section says."""
         res_spec = self.spec(kind).resource(role)
-        return merge(resource, res_spec.retract or {})
+        return {**resource, **copy.deepcopy(res_spec.retract or {})}
 
     # -- resources -> records ---------------------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ changing a threshold is an edit to the tables in mappings/, not here."""
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,8 +180,7 @@ def apply(
 
 def diagnosis_codes(record: dict[str, Any], tables: Mapping[str, Any], context: Mapping[str, Any]) -> Derived:
     """ICD-10-CM diagnoses must be billable codes of the current CMS tabular (simple-icd-10-cm)."""
-    import simple_icd_10_cm as icd
-
+    icd = _icd10cm()
     out = Derived(record)
     for n, diagnosis in enumerate(record.get("diagnoses") or []):
         if diagnosis.get("system") != "icd-10-cm":
@@ -202,3 +203,13 @@ def diagnosis_codes(record: dict[str, Any], tables: Mapping[str, Any], context: 
 
 
 RULES["diagnosis-codes"] = diagnosis_codes
+
+
+@functools.cache
+def _icd10cm() -> Any:
+    # simple-icd-10-cm reads its bundled tabular through a deprecated importlib.resources call at import.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import simple_icd_10_cm
+
+    return simple_icd_10_cm

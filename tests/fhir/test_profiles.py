@@ -25,7 +25,9 @@ FHIR = "application/fhir+json"
 PART2 = "https://www.ecfr.gov/current/title-42/chapter-I/subchapter-A/part-2"
 NARRATIVE = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Plan</div>'}
 SURVEY = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "survey"}]}
-ASSESS_PLAN = {"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category", "code": "assess-plan"}]}
+ASSESS_PLAN = {
+    "coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category", "code": "assess-plan"}]
+}
 MENTAL_HEALTH_PLAN = {"coding": [{"system": "http://snomed.info/sct", "code": "718347000"}]}
 CONCEPT = "https://iop-fhir.org/fhir/CodeSystem/iop-concepts"
 PATIENT = {"reference": "Patient/p1"}
@@ -52,7 +54,13 @@ DESIGN_PROFILES = [
     "iop-practitioner",
     "iop-record-provenance",
 ]
-DESIGN_EXTENSIONS = ["session-attendance", "weekly-treatment-hours", "intensity-warning", "discharge-reason", "referral-source"]
+DESIGN_EXTENSIONS = [
+    "session-attendance",
+    "weekly-treatment-hours",
+    "intensity-warning",
+    "discharge-reason",
+    "referral-source",
+]
 
 
 def _concept(code: str) -> dict[str, Any]:
@@ -404,7 +412,7 @@ def test_wrong_fixed_value_is_reported(registry: ProfileRegistry) -> None:
     plan["intent"] = "order"
     issues = registry.check(plan, C + "iop-treatment-plan")
     assert _errors(issues) == [("value", "CarePlan.intent")]
-    assert "must be exactly \"plan\"" in issues[0].diagnostics
+    assert 'must be exactly "plan"' in issues[0].diagnostics
 
 
 def test_pattern_mismatch_is_reported(registry: ProfileRegistry) -> None:
@@ -691,7 +699,10 @@ def test_validate_takes_the_profile_from_parameters(client: FlaskClient) -> None
     plan["intent"] = "order"
     parameters = {
         "resourceType": "Parameters",
-        "parameter": [{"name": "resource", "resource": plan}, {"name": "profile", "valueUri": C + "iop-treatment-plan"}],
+        "parameter": [
+            {"name": "resource", "resource": plan},
+            {"name": "profile", "valueUri": C + "iop-treatment-plan"},
+        ],
     }
     response = _post(client, "CarePlan/$validate", parameters)
     assert response.status_code == 200

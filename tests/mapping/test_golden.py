@@ -51,13 +51,27 @@ WARNINGS: dict[str, list[str]] = {
         "scheduled treatment is 4.25 h/week, below the 6 h/week of ASAM level 2.1 for adolescent programs"
     ],
     "treatment-plan/adult-above-19-hours": [
-        "scheduled treatment is 21.5 h/week, above the 19 h/week of ASAM level 2.1; consider level 2.5"
+        "scheduled treatment is 21 h/week, above the 19 h/week of ASAM level 2.1; consider level 2.5"
     ],
 }
-# Cases whose payload the /iop schema refuses although the mapping accepts it (see the xfail reason).
-SCHEMA_REFUSES = {
-    "assessment/phq9-items-only": "InstrumentSchema requires total_score, while mappings/assessment.yaml computes "
-    "it from the items when it is left out",
+# Cases whose mapped output is wrong today: no golden file is written for them (not even in update mode) and their
+# comparison is expected to fail. Once the mapping is fixed, delete the entry, regenerate, and read the new file.
+UNBLESSED: dict[str, str] = {
+    "session/no-show": "Encounter.length is 180 min for a session the patient did not attend (status cancelled)",
+    "session/telephone-individual-counseling": "telephone and telehealth both become Encounter.class VR; nothing in "
+    "the resources says the session was by telephone",
+    "discharge/against-advice-no-referral": "no resource at all: without continuing care the discharge summary is "
+    "written nowhere",
+    "consent/contract": "Consent.organization (the consent's custodian) is the recipient",
+    "consent/counseling-notes-only": "Consent.organization (the consent's custodian) is the recipient",
+    "consent/payment-operations-no-expiry": "Consent.organization (the consent's custodian) is the recipient",
+    "consent/inpatient-care-coordination": "Consent.organization (the consent's custodian) is the recipient",
+}
+# Cases whose resources do not give the record back today (see the reason).
+ROUND_TRIP_LOSES: dict[str, str] = {
+    "session/telephone-individual-counseling": "modality telephone comes back as telehealth (both map to class VR)",
+    "discharge/against-advice-no-referral": "without continuing care or referral nothing is produced, so the "
+    "summary, discharge_date and enrollment_id do not come back",
 }
 
 
@@ -101,8 +115,12 @@ CASES = _cases()
 DISCHARGES = [c for c in CASES if c.kind == "discharge"]
 
 
-def _params(cases: list[Case]) -> list[Any]:
-    return [pytest.param(c, id=c.id) for c in cases]
+def _params(cases: list[Case], expected_to_fail: dict[str, str] | None = None) -> list[Any]:
+    failing = expected_to_fail or {}
+    return [
+        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=failing[c.id], strict=True)] if c.id in failing else [])
+        for c in cases
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +186,11 @@ def _diff(expected: Any, actual: Any, names: tuple[str, str] = ("expected", "act
 # -- (a) the output is the golden output ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", _params(CASES, UNBLESSED))
 def test_record_maps_to_its_golden_resources(case: Case) -> None:
     mapped = _mapped(case.id)
     actual = [{"role": p.role, "resource": _without_volatile(p.resource)} for p in mapped.produced]
-    if UPDATE:
+    if UPDATE and case.id not in UNBLESSED:
         case.expected_path.write_text(_dump(actual), encoding="utf-8")
     assert case.expected_path.exists(), f"{case.expected_path} is missing: run with IOP_FHIR_UPDATE_GOLDEN=1"
     expected = json.loads(case.expected_path.read_text(encoding="utf-8"))
@@ -186,9 +204,7 @@ def test_every_golden_file_has_its_case() -> None:
 
 
 @pytest.mark.parametrize("case", _params(CASES))
-def test_case_is_a_valid_payload_of_its_kind(case: Case, request: pytest.FixtureRequest) -> None:
-    if case.id in SCHEMA_REFUSES:
-        request.applymarker(pytest.mark.xfail(reason=SCHEMA_REFUSES[case.id], strict=True))
+def test_case_is_a_valid_payload_of_its_kind(case: Case) -> None:
     assert schemas.load(case.kind, case.payload) == case.payload
 
 
@@ -209,7 +225,7 @@ def _as_reversed(engine: Engine, kind: str, record: dict[str, Any]) -> dict[str,
     return out
 
 
-@pytest.mark.parametrize("case", _params(CASES))
+@pytest.mark.parametrize("case", _params(CASES, ROUND_TRIP_LOSES))
 def test_resources_map_back_to_the_record(case: Case, engine: Engine) -> None:
     mapped = _mapped(case.id)
     expected = _as_reversed(engine, case.kind, mapped.derived.record)
