@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from iop_fhir.errors import Invalid, Issue
 from iop_fhir.mapping import ids, rules
 from iop_fhir.mapping.spec import MappingSpec, ResourceSpec
@@ -52,6 +54,7 @@ PART2_LABELS: list[dict[str, Any]] = [
     {"system": ACT_CODE, "code": "NORDSCLCD", "display": "no redisclosure without consent directive"},
     {"system": ACT_CODE, "code": "CPLYCD", "display": "comply with consent directive"},
 ]
+_PART2_LABELS_JSON = orjson.dumps(PART2_LABELS)
 # Types that have no identifier element; every other produced type carries the record identifier.
 NO_IDENTIFIER = {"Provenance"}
 _FIELD_RE = re.compile(r"\{([A-Za-z0-9_.\[\]]+)\}")
@@ -410,7 +413,7 @@ class Engine:
         resource: dict[str, Any] = {
             "resourceType": res_spec.type,
             "id": res_id,
-            "meta": {"profile": [PROFILE_BASE + res_spec.profile], "security": copy.deepcopy(PART2_LABELS)},
+            "meta": {"profile": [PROFILE_BASE + res_spec.profile], "security": orjson.loads(_PART2_LABELS_JSON)},
         }
         if not shared and res_spec.type not in NO_IDENTIFIER:
             record_identifier = {

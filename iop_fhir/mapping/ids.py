@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from functools import lru_cache
 
 # Fixed for the life of the project: changing it would re-key every stored resource.
 NAMESPACE = uuid.UUID("5b0f7c52-3f3e-5a7d-9a39-6f2d1e0c4a11")
@@ -15,6 +16,7 @@ def record_id(kind: str, natural_key: list[str]) -> str:
     return str(uuid.uuid5(NAMESPACE, "|".join([kind, *natural_key])))
 
 
+@lru_cache(maxsize=65536)
 def resource_id(kind: str, rid: str, role: str, key: str | None = None) -> str:
     return str(uuid.uuid5(NAMESPACE, identifier_value(kind, rid, role, key)))
 

@@ -117,10 +117,11 @@ DISCHARGES = [c for c in CASES if c.kind == "discharge"]
 
 def _params(cases: list[Case], expected_to_fail: dict[str, str] | None = None) -> list[Any]:
     failing = expected_to_fail or {}
-    return [
-        pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=failing[c.id], strict=True)] if c.id in failing else [])
-        for c in cases
-    ]
+    params = []
+    for case in cases:
+        marks = [pytest.mark.xfail(reason=failing[case.id], strict=True)] if case.id in failing else []
+        params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -225,23 +226,9 @@ def _as_reversed(engine: Engine, kind: str, record: dict[str, Any]) -> dict[str,
     return out
 
 
-@pytest.mark.parametrize("case", _params(CASES, ROUND_TRIP_LOSES))
-def test_resources_map_back_to_the_record(case: Case, engine: Engine) -> None:
-    mapped = _mapped(case.id)
-    expected = _as_reversed(engine, case.kind, mapped.derived.record)
-    if case.kind == "discharge":
-        # The reason and the goal outcomes live in the enrollment's episode and the plan's goals (discharge.yaml
-        # `updates`), not in the discharge's own resources; test_discharge_... below reads them from there.
-        expected.pop("reason")
-        expected.pop("goal_outcomes", None)
-    resolve = _resolver(_home_enrollment(), mapped.produced)
-    back = engine.reverse(case.kind, [(p.role, p.resource) for p in mapped.produced], resolve)
-    assert back == expected, "\n" + _diff(expected, back, ("record", "reversed"))
-
-
 def _overlay_targets(engine: Engine, mapped: Mapped) -> list[tuple[str, dict[str, Any]]]:
-    """The contract enrollment's and treatment plan's resources that the discharge updates, with its changes, under
-    the roles the service stores them with ("<kind>:<role>")."""
+    """The contract enrollment's and treatment plan's resources a discharge updates, with its changes merged in, under
+    the roles the service stores them with ("<kind>:<role>"): a discharge's reason and goal outcomes live there."""
     overlays = engine.overlays("discharge", mapped.derived.record, mapped.rid)
     plan = _mapped("treatment-plan/contract")
     targets = [("enrollment", ENROLLMENT_ID, _home_enrollment()), ("treatment-plan", plan.rid, plan.produced)]
@@ -262,18 +249,14 @@ def _overlay_targets(engine: Engine, mapped: Mapped) -> list[tuple[str, dict[str
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.reverse loses discharge `reason` when the episode already has another extension (referral-source) "
-    "and never recovers goal_outcomes[].goal from the goal resources' identifiers",
-)
-@pytest.mark.parametrize("case", _params(DISCHARGES))
-def test_discharge_reason_and_goal_outcomes_map_back_from_the_resources_it_updates(case: Case, engine: Engine) -> None:
+@pytest.mark.parametrize("case", _params(CASES, ROUND_TRIP_LOSES))
+def test_resources_map_back_to_the_record(case: Case, engine: Engine) -> None:
     mapped = _mapped(case.id)
     expected = _as_reversed(engine, case.kind, mapped.derived.record)
-    plan = _mapped("treatment-plan/contract")
-    resolve = _resolver(_home_enrollment(), plan.produced, mapped.produced)
-    produced = [(p.role, p.resource) for p in mapped.produced] + _overlay_targets(engine, mapped)
+    produced = [(p.role, p.resource) for p in mapped.produced]
+    if case.kind == "discharge":
+        produced += _overlay_targets(engine, mapped)
+    resolve = _resolver(_home_enrollment(), _mapped("treatment-plan/contract").produced, mapped.produced)
     back = engine.reverse(case.kind, produced, resolve)
     assert back == expected, "\n" + _diff(expected, back, ("record", "reversed"))
 
@@ -298,6 +281,28 @@ def test_intensity_warnings_are_carried_by_the_care_plan() -> None:
             if e["url"] == "https://iop-fhir.org/fhir/StructureDefinition/intensity-warning"
         ]
         assert carried == diagnostics
+
+
+# -- valid input the mappings get wrong today (each passes once fixed; then drop its xfail) --------------------
+
+
+@pytest.mark.xfail(strict=True, reason="assessment.yaml bands a DAST-10 total of 0 as 'none', not an iop-severity code")
+def test_dast10_total_of_zero_is_interpreted_in_the_lowest_band(engine: Engine) -> None:
+    record = _contract("assessment")
+    record["instruments"] = [{"instrument": "dast-10", "total_score": 0}]
+    derived = engine.prepare("assessment", record, {})
+    produced = engine.map("assessment", derived.record, engine.natural_key("assessment", derived.record))
+    total = next(p.resource for p in produced if p.role == "total")
+    assert total["valueQuantity"]["value"] == 0
+    assert total["interpretation"][0]["coding"][0]["code"].startswith("severity-")
+
+
+@pytest.mark.xfail(strict=True, reason="partner.yaml writes active: true whatever the partner record says")
+def test_inactive_partner_maps_to_an_inactive_organization(engine: Engine) -> None:
+    record = {**_contract("partner"), "active": False}
+    derived = engine.prepare("partner", record, {})
+    (organization,) = engine.map("partner", derived.record, engine.natural_key("partner", derived.record))
+    assert organization.resource["active"] is False
 
 
 # -- (d) the independent validator ----------------------------------------------------------------------------
