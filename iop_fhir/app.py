@@ -51,7 +51,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     repository = Repository(
         store, default_count=settings.default_page_size, max_count=settings.max_page_size, profiles=profiles
     )
-    conformance.seed(repository, conformance_resources)
+    if settings.seed_conformance:
+        conformance.seed(repository, conformance_resources)
     app.extensions["iop_fhir.repository"] = repository
 
     from iop_fhir.domain.service import RecordService

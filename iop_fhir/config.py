@@ -23,6 +23,7 @@ class Settings:
     sql_echo: bool = False
     mappings_dir: Path = REPO / "mappings"
     profiles_dir: Path = REPO / "profiles"
+    seed_conformance: bool = True
 
     @property
     def terminology_dir(self) -> Path:
@@ -60,4 +61,6 @@ DESCRIPTIONS = {
     "served at `/fhir`",
     "profiles_dir": "the StructureDefinitions (profiles and extensions): every write of a resource whose "
     "`meta.profile` names one is checked against it; served at `/fhir/StructureDefinition`",
+    "seed_conformance": "write the StructureDefinitions and terminology of those folders to the store at start "
+    "(only what changed)",
 }

@@ -364,7 +364,6 @@ class ClinicianSchema(RecordSchema):
 class PatientIdentifierSchema(RecordSchema):
     system = Uri(required=True)
     value = Text(required=True)
-    type = Code(metadata={"description": "identifier type code, e.g. MR"})
     assigner = Text()
 
 
@@ -408,7 +407,6 @@ class SupportContactSchema(RecordSchema):
     relationship = Code(required=True)
     name = Text(required=True)
     phone = Phone()
-    email = Email()
     family_sessions = Boolean()
 
 
@@ -436,7 +434,6 @@ class InstrumentSchema(RecordSchema):
     instrument = Code(required=True)
     items = _list(Integer(validate=_at_least(0)))
     total_score = Integer(validate=_at_least(0), metadata={"description": "computed from items when not given"})
-    severity = Code()
 
 
 class AsamDimensionsSchema(RecordSchema):
@@ -512,7 +509,6 @@ class TreatmentPlanSchema(RecordSchema):
     goals = _objects(GoalSchema)
     interventions = _objects(InterventionSchema, required=True)
     care_team = _objects(CareTeamMemberSchema)
-    notes = Text()
 
 
 class ScreenResultSchema(RecordSchema):
@@ -539,8 +535,6 @@ class SessionSchema(RecordSchema):
     topic = Text()
     start = DateTime(required=True)
     end = DateTime(required=True)
-    minutes = Integer(validate=_between(1, 600), metadata={"description": "minutes of service, if not end - start"})
-    location = Text()
     modality = Code(required=True)
     attendance = Code(required=True)
     facilitator = Object(ClinicianSchema)
@@ -569,7 +563,6 @@ class ConsentSchema(RecordSchema):
 class GoalOutcomeSchema(RecordSchema):
     goal = Code(required=True, metadata={"description": "key of a goal of the treatment plan"})
     status = Code(required=True)
-    note = Text()
 
 
 class ContinuingCareServiceSchema(RecordSchema):

@@ -221,8 +221,11 @@ class RecordService:
             updated=now,
         )
         if spec.updates:
-            for produced, role in self._overlay_targets(tx, kind, rid, record, enrollment_id, active=True):
-                write.add(produced, role)
+            for produced, role, applied in self._overlay_targets(tx, kind, rid, record, enrollment_id, active=True):
+                if applied:
+                    write.add(produced, role)
+                else:  # re-mapped without this record's change (an outcome a PUT removed)
+                    write.resources[produced.reference] = produced
         self._write_resources(tx, write)
         provenance = self._provenance(tx, stored, write, "UPDATE" if existing else "CREATE")
         stored = replace(stored, resources=[*write.roles, {"role": "provenance", "reference": provenance}])
@@ -268,64 +271,72 @@ class RecordService:
 
     def _overlay_targets(
         self, tx: WriteTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None, *, active: bool
-    ) -> list[tuple[Produced, str]]:
-        """The resources of other records this record changes, re-mapped with (or, once retracted, without) it."""
+    ) -> list[tuple[Produced, str, bool]]:
+        """The resources of other records this record changes (a discharge: the episode, the plan and its goals),
+        re-mapped from their own records with this record's changes, or without them once it is retracted.
+        Each comes with its role and whether this record changed it."""
         if enrollment_id is None:
             return []
         overlays = self.engine.overlays(kind, record, rid) if active else []
-        out: list[tuple[Produced, str]] = []
+        out: list[tuple[Produced, str, bool]] = []
         issues: list[Issue] = []
-        spec = self.engine.spec(kind)
-        for target_kind in dict.fromkeys(u.record for u in spec.updates):
+        for target_kind in dict.fromkeys(u.record for u in self.engine.spec(kind).updates):
             target_id = enrollment_id if target_kind == "enrollment" else self._current_plan(enrollment_id, tx)
             target = tx.record(target_kind, target_id, lock=True) if target_id else None
             mine = [o for o in overlays if o.record_kind == target_kind]
             if target is None or target.status != ACTIVE:
-                if active and mine:
-                    for n, overlay in enumerate(mine):
-                        if overlay.key is not None:
-                            issues.append(
-                                Issue(
-                                    "not-found",
-                                    f"the enrollment has no {target_kind} to update",
-                                    _overlay_path(spec, n),
-                                )
-                            )
-                            break
+                issues.extend(
+                    Issue("not-found", f"the enrollment has no {target_kind} for this", o.key_path)
+                    for o in mine
+                    if o.key is not None
+                )
                 continue
             produced = self.engine.map(target_kind, target.content, target.id)
-            keys = {ids.resource_id(target_kind, target.id, o.role, o.key) for o in mine if o.key is not None}
-            known = {p.resource["id"] for p in produced}
-            for n, overlay in enumerate(mine):
-                if (
-                    overlay.key is not None
-                    and ids.resource_id(target_kind, target.id, overlay.role, overlay.key) not in known
-                ):
-                    goals = [g.get("key") for g in target.content.get("goals", [])]
+            by_id = {p.resource["id"]: p for p in produced}
+            for overlay in mine:
+                if overlay.key is None:
+                    continue
+                if ids.resource_id(target_kind, target.id, overlay.role, overlay.key) not in by_id:
+                    known = [
+                        str(p.resource["id"]) for p in produced if p.role == overlay.role
+                    ]  # ids say nothing to a user: list the keys the target record itself uses
+                    keys = self._keys(target_kind, target.content, overlay.role) or known
                     issues.append(
                         Issue(
                             "not-found",
-                            f"unknown goal key '{overlay.key}'; the treatment plan's goals are: {', '.join(goals)}",
-                            f"goal_outcomes[{n - sum(1 for o in mine[:n] if o.key is None)}].goal",
+                            f"unknown {overlay.role} key '{overlay.key}'; the {target_kind} has: {', '.join(keys)}",
+                            overlay.key_path,
                         )
                     )
-            del keys
+            roles = {u.role for u in self.engine.spec(kind).updates if u.record == target_kind}
             for item in produced:
-                if not any(o.role == item.role for o in mine) and active:
+                if item.role not in roles:
                     continue
-                if not active and not any(u.record == target_kind and u.role == item.role for u in spec.updates):
-                    continue
-                changed = self._apply(item, target_kind, mine)
-                out.append((changed, f"{target_kind}:{item.role}"))
+                applied = [
+                    o
+                    for o in mine
+                    if o.role == item.role
+                    and (o.key is None or ids.resource_id(target_kind, target.id, o.role, o.key) == item.resource["id"])
+                ]
+                out.append((self._apply(item, target_kind, applied), f"{target_kind}:{item.role}", bool(applied)))
         if issues:
             raise Unprocessable(issues=issues)
         return out
+
+    def _keys(self, kind: str, record: dict[str, Any], role: str) -> list[str]:
+        """The keys a record's resources of one role are named by (a plan's goal keys)."""
+        res_spec = self.engine.spec(kind).resource(role)
+        if res_spec.each is None or not isinstance(res_spec.key, str):
+            return []
+        items = record.get(res_spec.each[1:].split(".")[0]) or []
+        field = res_spec.key.split(".", 1)[1] if "." in res_spec.key else None
+        return [str(i.get(field)) for i in items if isinstance(i, dict) and field]
 
     def _rematerialize_targets(self, tx: WriteTx, kind: str, existing: StoredRecord) -> None:
         if not self.engine.spec(kind).updates:
             return
         write = _Write()
-        for produced, role in self._overlay_targets(
+        for produced, role, _applied in self._overlay_targets(
             tx, kind, existing.id, existing.content, existing.enrollment_id, active=False
         ):
             write.add(produced, role)
@@ -463,10 +474,6 @@ def _record_of(resource: dict[str, Any], kind: str) -> str:
             if parsed and parsed[0] == kind:
                 return parsed[1]
     return ""
-
-
-def _overlay_path(spec: Any, n: int) -> str:
-    return "goal_outcomes"
 
 
 def _same(stored: dict[str, Any], resource: dict[str, Any]) -> bool:

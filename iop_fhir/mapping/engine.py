@@ -79,6 +79,7 @@ class Overlay:
     role: str
     key: str | None
     merge: dict[str, Any]
+    key_path: str | None = None  # the JSON path of the field the key came from, for errors
 
 
 @dataclass
@@ -435,7 +436,8 @@ class Engine:
                 if update.when is not None and not _truthy(self.value(update.when, scope, issues)):
                     continue
                 merge = self.value(update.merge, scope, issues)
-                out.append(Overlay(update.record, update.role, key, {} if merge is MISSING else merge))
+                key_path = self._lookup(update.key, scope)[1] if isinstance(update.key, str) else None
+                out.append(Overlay(update.record, update.role, key, {} if merge is MISSING else merge, key_path))
         if issues:
             raise Invalid(_unique(issues))
         return out
