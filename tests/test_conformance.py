@@ -56,13 +56,28 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "mappings", profiles
 
 
-@pytest.fixture
-def folder_app(settings: Settings, folders: tuple[Path, Path]) -> Iterator[Flask]:
-    mappings, profiles = folders
-    app = create_app(replace(settings, mappings_dir=mappings, profiles_dir=profiles))
+def _app(settings: Settings) -> Iterator[Flask]:
+    app = create_app(settings)
     app.config["TESTING"] = True
     yield app
     app.extensions["iop_fhir.store"].close()
+
+
+@pytest.fixture
+def seeded_app(settings: Settings) -> Iterator[Flask]:
+    """The app on the repository's own profiles and terminology, seeded at start."""
+    yield from _app(replace(settings, seed_conformance=True))
+
+
+@pytest.fixture
+def client(seeded_app: Flask) -> FlaskClient:
+    return seeded_app.test_client()
+
+
+@pytest.fixture
+def folder_app(settings: Settings, folders: tuple[Path, Path]) -> Iterator[Flask]:
+    mappings, profiles = folders
+    yield from _app(replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=True))
 
 
 def test_profiles_are_searchable_by_url(client: FlaskClient) -> None:
@@ -105,7 +120,7 @@ def test_profiles_of_the_profiles_folder_are_checked_on_writes(folder_app: Flask
 
 def test_a_second_start_rewrites_nothing(settings: Settings, folders: tuple[Path, Path]) -> None:
     mappings, profiles = folders
-    folder_settings = replace(settings, mappings_dir=mappings, profiles_dir=profiles)
+    folder_settings = replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=True)
     for _ in range(2):
         app = create_app(folder_settings)
         repository: Repository = app.extensions["iop_fhir.repository"]
@@ -114,8 +129,21 @@ def test_a_second_start_rewrites_nothing(settings: Settings, folders: tuple[Path
         assert stored.version_id == 1
 
 
-def test_seed_writes_only_what_changed(app: Flask) -> None:
-    repository: Repository = app.extensions["iop_fhir.repository"]
+def test_no_seed_at_start_when_switched_off(settings: Settings, folders: tuple[Path, Path]) -> None:
+    mappings, profiles = folders
+    unseeded = replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=False)
+    for app in _app(unseeded):
+        client = app.test_client()
+        assert client.get("/fhir/_history").get_json()["total"] == 0
+        goal = {"resourceType": "Goal", "meta": {"profile": [f"{C}/StructureDefinition/iop-goal"]}}
+        response = client.post(
+            "/fhir/Goal", json={**goal, "lifecycleStatus": "active", "subject": {"reference": "Group/g"}}
+        )
+        assert response.status_code == 400  # the profiles are still checked
+
+
+def test_seed_writes_only_what_changed(seeded_app: Flask) -> None:
+    repository: Repository = seeded_app.extensions["iop_fhir.repository"]
     assert conformance.seed(repository, [_code_system()]) == ["CodeSystem/iop-test-attendance"]
     assert conformance.seed(repository, [_code_system()]) == []
     assert conformance.seed(repository, [{**_code_system(), "meta": {"tag": [{"code": "x"}]}}]) == []
@@ -125,8 +153,8 @@ def test_seed_writes_only_what_changed(app: Flask) -> None:
     assert json.loads(stored.content or b"")["concept"][0]["display"] == "Present"
 
 
-def test_seed_restores_a_deleted_resource(app: Flask) -> None:
-    repository: Repository = app.extensions["iop_fhir.repository"]
+def test_seed_restores_a_deleted_resource(seeded_app: Flask) -> None:
+    repository: Repository = seeded_app.extensions["iop_fhir.repository"]
     repository.delete("StructureDefinition", "iop-goal")
     resources = conformance.resources(REPO / "profiles", REPO / "mappings" / "terminology")
     assert conformance.seed(repository, resources) == ["StructureDefinition/iop-goal"]
@@ -160,8 +188,14 @@ def test_load_reads_the_folders_again_when_a_file_changes(folders: tuple[Path, P
 def test_folders_default_to_the_repository_and_follow_the_environment(tmp_path: Path) -> None:
     defaults = Settings()
     assert (defaults.mappings_dir, defaults.profiles_dir) == (REPO / "mappings", REPO / "profiles")
+    assert defaults.seed_conformance
     assert defaults.terminology_dir == REPO / "mappings" / "terminology"
-    env = {"IOP_FHIR_MAPPINGS_DIR": str(tmp_path / "m"), "IOP_FHIR_PROFILES_DIR": str(tmp_path / "p")}
+    env = {
+        "IOP_FHIR_MAPPINGS_DIR": str(tmp_path / "m"),
+        "IOP_FHIR_PROFILES_DIR": str(tmp_path / "p"),
+        "IOP_FHIR_SEED_CONFORMANCE": "false",
+    }
     configured = Settings.from_env(env)
     assert (configured.mappings_dir, configured.profiles_dir) == (tmp_path / "m", tmp_path / "p")
+    assert not configured.seed_conformance
     assert configured.terminology_dir == tmp_path / "m" / "terminology"
