@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,17 +57,21 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "mappings", profiles
 
 
+@contextmanager
 def _app(settings: Settings) -> Iterator[Flask]:
     app = create_app(settings)
     app.config["TESTING"] = True
-    yield app
-    app.extensions["iop_fhir.store"].close()
+    try:
+        yield app
+    finally:
+        app.extensions["iop_fhir.store"].close()
 
 
 @pytest.fixture
 def seeded_app(settings: Settings) -> Iterator[Flask]:
     """The app on the repository's own profiles and terminology, seeded at start."""
-    yield from _app(replace(settings, seed_conformance=True))
+    with _app(replace(settings, seed_conformance=True)) as app:
+        yield app
 
 
 @pytest.fixture
@@ -77,7 +82,8 @@ def client(seeded_app: Flask) -> FlaskClient:
 @pytest.fixture
 def folder_app(settings: Settings, folders: tuple[Path, Path]) -> Iterator[Flask]:
     mappings, profiles = folders
-    yield from _app(replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=True))
+    with _app(replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=True)) as app:
+        yield app
 
 
 def test_profiles_are_searchable_by_url(client: FlaskClient) -> None:
@@ -122,17 +128,15 @@ def test_a_second_start_rewrites_nothing(settings: Settings, folders: tuple[Path
     mappings, profiles = folders
     folder_settings = replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=True)
     for _ in range(2):
-        app = create_app(folder_settings)
-        repository: Repository = app.extensions["iop_fhir.repository"]
-        stored = repository.read("CodeSystem", "iop-test-attendance")
-        app.extensions["iop_fhir.store"].close()
-        assert stored.version_id == 1
+        with _app(folder_settings) as app:
+            repository: Repository = app.extensions["iop_fhir.repository"]
+            assert repository.read("CodeSystem", "iop-test-attendance").version_id == 1
 
 
 def test_no_seed_at_start_when_switched_off(settings: Settings, folders: tuple[Path, Path]) -> None:
     mappings, profiles = folders
     unseeded = replace(settings, mappings_dir=mappings, profiles_dir=profiles, seed_conformance=False)
-    for app in _app(unseeded):
+    with _app(unseeded) as app:
         client = app.test_client()
         assert client.get("/fhir/_history").get_json()["total"] == 0
         goal = {"resourceType": "Goal", "meta": {"profile": [f"{C}/StructureDefinition/iop-goal"]}}
