@@ -66,3 +66,43 @@ def test_validate_accepts_conditional_references_only_when_asked(tmp_path: Path)
     (tmp_path / "encounter.json").write_text(json.dumps(encounter))
     assert main(["validate", str(tmp_path / "encounter.json")]) == 1
     assert main(["validate", "--conditional-references", str(tmp_path / "encounter.json")]) == 0
+
+
+CONTRACT = Path(__file__).resolve().parents[2] / "shared" / "contract"
+
+
+def _contract_file(tmp_path: Path, kind: str, **changes: object) -> Path:
+    text = (CONTRACT / f"{kind}.json").read_text(encoding="utf-8")
+    payload = json.loads(text.replace("{{enrollment_id}}", "6f1c2d9e-0000-4000-8000-000000000001"))
+    payload.update(changes)
+    path = tmp_path / f"{kind}.json"
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return path
+
+
+def test_map_prints_a_transaction_bundle_of_puts_to_deterministic_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _contract_file(tmp_path, "session")
+    assert main(["map", "session", str(path)]) == 0
+    bundle = json.loads(capsys.readouterr().out)
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    types = [e["resource"]["resourceType"] for e in bundle["entry"]]
+    assert types.count("Observation") == 4  # craving + three analytes
+    assert "Encounter" in types and "Specimen" in types
+    for entry in bundle["entry"]:
+        resource = entry["resource"]
+        assert entry["request"] == {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"}
+    assert main(["map", "session", str(path)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [e["resource"]["id"] for e in again["entry"]] == [e["resource"]["id"] for e in bundle["entry"]]
+
+
+def test_map_reports_a_bad_record_as_an_operation_outcome_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _contract_file(tmp_path, "session", modality="carrier-pigeon")
+    assert main(["map", "session", str(path)]) == 1
+    outcome = json.loads(capsys.readouterr().err)
+    assert outcome["issue"][0]["code"] == "code-invalid"
+    assert outcome["issue"][0]["expression"] == ["modality"]
