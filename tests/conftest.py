@@ -82,7 +82,8 @@ def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
-    return Settings(database_url=db_url, base_url="http://testserver/fhir")
+    # Seeding the conformance resources costs 0.1-0.4 s per app; tests/test_conformance.py turns it on.
+    return Settings(database_url=db_url, base_url="http://testserver/fhir", seed_conformance=False)
 
 
 def _app(settings: Settings) -> Iterator[Flask]:
@@ -104,7 +105,7 @@ def client(app: Flask) -> FlaskClient:
 
 @pytest.fixture
 def sqlite_app(sqlite_url: str) -> Iterator[Flask]:
-    yield from _app(Settings(database_url=sqlite_url, base_url="http://testserver/fhir"))
+    yield from _app(Settings(database_url=sqlite_url, base_url="http://testserver/fhir", seed_conformance=False))
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import pytest
 from conftest import EXAMPLES
 
 from iop_fhir.domain import schemas
+from iop_fhir.fhir.profiles import ProfileRegistry
 from iop_fhir.mapping import Produced, ids, load_engine
 from iop_fhir.mapping.engine import Engine, merge
 from iop_fhir.mapping.rules import Derived
@@ -315,3 +316,17 @@ def test_every_golden_resource_passes_the_independent_validator(tmp_path: Path, 
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert written > 0
+
+
+@pytest.fixture(scope="module")
+def profiles() -> ProfileRegistry:
+    return ProfileRegistry.load(REPO / "profiles", REPO / "mappings" / "terminology")
+
+
+@pytest.mark.parametrize("case", _params(CASES))
+def test_every_resource_conforms_to_the_profile_it_claims(case: Case, profiles: ProfileRegistry) -> None:
+    for produced in _mapped(case.id).produced:
+        claimed = produced.resource["meta"]["profile"]
+        assert all(profiles.known(url) for url in claimed), claimed
+        errors = [i for i in profiles.claimed_issues(produced.resource) if i.severity == "error"]
+        assert errors == [], (produced.role, errors)
