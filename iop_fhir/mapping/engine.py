@@ -385,11 +385,27 @@ class Engine:
         if each is None:
             yield scope, None
             return
+        if "[]." in each:  # "$outer[].inner": one instance per element of each outer element's list
+            outer_path, inner_field = each.split("[].", 1)
+            outer_name, _, name = name.partition(",")
+            outers, path = self._lookup(outer_path, scope)
+            if outers is MISSING:
+                return
+            for n, outer in enumerate(outers):
+                outer_scope = scope.bind(outer_name, outer, f"{path}[{n}]")
+                items, inner_path = self._lookup(f"${outer_name}.{inner_field}", outer_scope)
+                if items is MISSING:
+                    continue
+                for i, item in enumerate(items):
+                    inner = outer_scope.bind(name, item, f"{inner_path}[{i}]").bind(f"{name}_index", i, "")
+                    key = f"{n}.{i}" if key_expr is None else str(self.value(key_expr, inner, issues))
+                    yield inner, key
+            return
         items, path = self._lookup(each, scope)
         if items is MISSING:
             return
         for n, item in enumerate(items):
-            inner = scope.bind(name, item, f"{path}[{n}]")
+            inner = scope.bind(name, item, f"{path}[{n}]").bind(f"{name}_index", n, "")
             key = str(n) if key_expr is None else str(self.value(key_expr, inner, issues))
             yield inner, key
 
@@ -465,6 +481,9 @@ class Engine:
             by_role.setdefault(role, []).append(resource)
         record: dict[str, Any] = {}
         for res_spec in spec.resources:
+            if res_spec.each is not None and "[]." in res_spec.each:
+                self._reverse_nested(res_spec, by_role.get(res_spec.role, []), record)
+                continue
             for n, resource in enumerate(by_role.get(res_spec.role, [])):
                 scope = _Scope(record)
                 item: dict[str, Any] = {}
@@ -501,6 +520,23 @@ class Engine:
                         self._set(update.key, scope, parsed[3])
                 self._unify(update.merge, resource, scope)
         return record
+
+    def _reverse_nested(self, res_spec: ResourceSpec, resources: list[dict[str, Any]], record: dict[str, Any]) -> None:
+        """Resources made per element of nested lists ("$outer[].inner") fill, in order, the inner lists that an
+        earlier role rebuilt (a panel's hasMember gives the number of items of each instrument)."""
+        outer_path, inner_field = (res_spec.each or "").split("[].", 1)
+        outer_name, _, name = res_spec.as_.partition(",")
+        outers = self._lookup(outer_path, _Scope(record))[0]
+        slots: list[tuple[dict[str, Any], int]] = []
+        for outer in outers if isinstance(outers, list) else []:
+            inner = outer.get(inner_field) if isinstance(outer, dict) else None
+            slots.extend((outer, i) for i in range(len(inner) if isinstance(inner, list) else 0))
+        for (outer, i), resource in zip(slots, resources, strict=False):
+            item: dict[str, Any] = outer[inner_field][i] if isinstance(outer[inner_field][i], dict) else {}
+            scope = _Scope(record).bind(outer_name, outer, "").bind(name, item, "")
+            body = {k: v for k, v in resource.items() if k not in ("resourceType", "id", "meta", "identifier")}
+            self._unify(res_spec.template, body, scope)
+            outer[inner_field][i] = item.pop("$value") if "$value" in item else item
 
     def _set(self, expr: str, scope: _Scope, value: Any) -> None:
         parts = _segments(expr[1:])
