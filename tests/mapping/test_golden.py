@@ -59,10 +59,7 @@ WARNINGS: dict[str, list[str]] = {
 # comparison is expected to fail. Once the mapping is fixed, delete the entry, regenerate, and read the new file.
 UNBLESSED: dict[str, str] = {}
 # Cases whose resources do not give the record back today (see the reason).
-ROUND_TRIP_LOSES: dict[str, str] = {
-    "discharge/against-advice-no-referral": "without continuing care or referral a discharge has no resources of its "
-    "own: its date and reason are on the episode, its summary stays in the record",
-}
+ROUND_TRIP_LOSES: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
