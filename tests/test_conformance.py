@@ -100,6 +100,31 @@ def test_extension_definitions_are_readable(client: FlaskClient) -> None:
     assert response.get_json()["context"] == [{"type": "element", "expression": "Encounter"}]
 
 
+def test_us_core_constraints_of_a_profile_are_checked_on_writes(client: FlaskClient) -> None:
+    patient = {
+        "resourceType": "Patient",
+        "meta": {"profile": [f"{C}/StructureDefinition/iop-patient"]},
+        "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5", "value": "MRN-1"}],
+        "name": [{"text": "Alex Rivera"}],
+        "gender": "female",
+    }
+    response = client.post("/fhir/Patient", json=patient, headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 400
+    issue = response.get_json()["issue"][0]
+    assert (issue["code"], issue["expression"]) == ("invariant", ["Patient"])
+    assert "us-core-6" in issue["diagnostics"]
+    patient["name"] = [{"family": "Rivera", "given": ["Alex"]}]
+    assert client.post("/fhir/Patient", json=patient).status_code == 201
+
+
+def test_vendored_us_core_definitions_are_not_served_as_the_projects(client: FlaskClient) -> None:
+    assert client.get("/fhir/StructureDefinition/us-core-patient").status_code == 404
+    served = client.get("/fhir/StructureDefinition?url=http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient")
+    assert served.get_json()["total"] == 0
+    patient = client.get("/fhir/StructureDefinition/iop-patient").get_json()
+    assert patient["baseDefinition"] == "http://hl7.org/fhir/us/core/StructureDefinition/us-core-patient"
+
+
 def test_terminology_of_the_mappings_folder_is_served(folder_app: Flask) -> None:
     client = folder_app.test_client()
     code_system = client.get("/fhir/CodeSystem/iop-test-attendance").get_json()
@@ -117,11 +142,10 @@ def test_profiles_of_the_profiles_folder_are_checked_on_writes(folder_app: Flask
         "meta": {"profile": [f"{C}/StructureDefinition/iop-goal"]},
         "lifecycleStatus": "active",
         "description": {"text": "Attend every session"},
-        "subject": {"reference": "Group/g1"},
     }
     response = client.post("/fhir/Goal", json=goal, headers={"Content-Type": "application/fhir+json"})
     assert response.status_code == 400
-    assert response.get_json()["issue"][0]["expression"] == ["Goal.subject.reference"]
+    assert response.get_json()["issue"][0]["expression"] == ["Goal.subject"]
 
 
 def test_a_second_start_rewrites_nothing(settings: Settings, folders: tuple[Path, Path]) -> None:

