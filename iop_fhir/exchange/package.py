@@ -1,0 +1,111 @@
+"""Builds what goes to a partner: a transaction Bundle in which every entry is a conditional update on the
+resource's business identifier, so a delivery replayed any number of times leaves one copy at the receiver.
+
+https://hl7.org/fhir/R4/http.html#cond-update, https://hl7.org/fhir/R4/bundle.html#references
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+from iop_fhir.mapping import ids
+
+NPI = "http://hl7.org/fhir/sid/us-npi"
+PARTNER_SYSTEM = f"{ids.CANONICAL}/sid/partner"
+# 42 CFR §2.32 Statement 1 (TERMINOLOGY.md §6.1); the full notice accompanies every disclosure.
+REDISCLOSURE_NOTICE = (
+    "This record which has been disclosed to you is protected by Federal confidentiality rules (42 CFR part 2). "
+    "These rules prohibit you from using or disclosing this record, or testimony that describes the information "
+    "contained in this record, in any civil, criminal, administrative, or legislative proceedings by any Federal, "
+    "State, or local authority, against the patient, unless authorized by the consent of the patient, except as "
+    "provided at 42 CFR 2.12(c)(5) or as authorized by a court in accordance with 42 CFR 2.64 or 2.65. In addition, "
+    "the Part 2 rules prohibit you from using or disclosing this record, or testimony that describes the "
+    "information contained in this record, to investigate or prosecute the patient or a Part 2 program, except as "
+    "authorized by a court in accordance with 42 CFR 2.66 or 2.67."
+)
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+
+def business_identifier(resource: dict[str, Any]) -> tuple[str, str] | None:
+    """The identifier a receiver can match the resource by: ours first, then an NPI, then a partner id."""
+    identifiers = [i for i in resource.get("identifier", []) if isinstance(i, dict) and i.get("value")]
+    for system in (ids.RECORD_SYSTEM, NPI, PARTNER_SYSTEM):
+        for identifier in identifiers:
+            if identifier.get("system") == system:
+                return system, str(identifier["value"])
+    return None
+
+
+def conditional_url(resource: dict[str, Any]) -> str:
+    found = business_identifier(resource)
+    res_type = resource["resourceType"]
+    if found is None:
+        return f"{res_type}/{resource['id']}"
+    system, value = found
+    return f"{res_type}?identifier={quote(system, safe=':/')}|{quote(value, safe='/.-')}"
+
+
+def transaction(resources: Iterable[dict[str, Any]], *, labels: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A transaction Bundle of conditional updates; references between the resources become urn:uuid fullUrls,
+    server-assigned meta (versionId, lastUpdated) is dropped, and the Bundle carries the Part 2 labels and the
+    redisclosure notice."""
+    resources = list(resources)
+    urns = {f"{r['resourceType']}/{r['id']}": f"urn:uuid:{r['id']}" for r in resources if _is_uuid(r["id"])}
+    entries = []
+    for resource in resources:
+        body = _rewrite(copy.deepcopy(resource), urns)
+        meta = {k: v for k, v in body.get("meta", {}).items() if k not in ("versionId", "lastUpdated", "source")}
+        reference = f"{resource['resourceType']}/{resource['id']}"
+        url = conditional_url(resource)
+        if url != reference:
+            body.pop("id", None)  # the receiver names it; we find it again by identifier
+        if meta:
+            body["meta"] = meta
+        else:
+            body.pop("meta", None)
+        entries.append(
+            {
+                "fullUrl": urns.get(reference, reference),
+                "resource": body,
+                "request": {"method": "PUT", "url": url},
+            }
+        )
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    security = list(labels or [])
+    security.append(
+        {
+            "system": ACT_CODE,
+            "code": "RedisclosureProhibitionMark",
+            "display": "prohibition against redisclosure mark",
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/display",
+                    "valueString": REDISCLOSURE_NOTICE,
+                }
+            ],
+        }
+    )
+    bundle["meta"] = {"security": security}
+    return bundle
+
+
+def _rewrite(value: Any, urns: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                base = item.split("/_history/")[0]
+                if base in urns:
+                    value[key] = urns[base]
+            else:
+                _rewrite(item, urns)
+    elif isinstance(value, list):
+        for item in value:
+            _rewrite(item, urns)
+    return value
+
+
+def _is_uuid(value: str) -> bool:
+    return len(value) == 36 and value.count("-") == 4
