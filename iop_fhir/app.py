@@ -56,10 +56,14 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["iop_fhir.repository"] = repository
 
     from iop_fhir.domain.service import RecordService
+    from iop_fhir.exchange import transitions
     from iop_fhir.mapping import load_engine
 
     app.extensions["iop_fhir.records"] = RecordService(
-        load_engine(Path(settings.mappings_dir).resolve()), app.extensions["iop_fhir.repository"]
+        load_engine(Path(settings.mappings_dir).resolve()),
+        app.extensions["iop_fhir.repository"],
+        hooks=[transitions.on_record_saved],
+        extras=[transitions.summary],
     )
 
     from iop_fhir.domain.views import IopApi
@@ -72,6 +76,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.config.setdefault("OPENAPI_VERSION", "3.1.0")
     api = IopApi(app)
     api.register_blueprint(iop_bp)
+    from iop_fhir.domain.deliveries import bp as deliveries_bp
+
+    api.register_blueprint(deliveries_bp)
     app.extensions["iop_fhir.api"] = api
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)

@@ -1,4 +1,4 @@
-"""The ``iop-fhir`` command: serve, init-db, validate, map."""
+"""The ``iop-fhir`` command: serve, worker, init-db, validate, map."""
 
 from __future__ import annotations
 
@@ -59,6 +59,30 @@ def _init_db(_args: argparse.Namespace) -> int:
     store.close()
     print("database is at the newest schema revision", file=sys.stderr)
     return 0
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {raw}")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {raw}")
+    return value
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from iop_fhir.exchange import worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    return worker.run(settings, once=args.once, poll=args.poll, batch=args.batch, lease=args.lease)
 
 
 def _resources(source: str) -> Iterator[tuple[str, Any]]:
@@ -142,6 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         help="log method, path, status and duration of each request (never query strings or bodies)",
     )
     serve.set_defaults(run=_serve)
+    deliverer = commands.add_parser(
+        "worker", help="deliver the outbox to partners (retrying with backoff) until SIGTERM or SIGINT"
+    )
+    deliverer.add_argument("--once", action="store_true", help="deliver what is due now, then exit")
+    deliverer.add_argument(
+        "--poll", type=_positive_float, default=1.0, help="seconds between looks when nothing is due (default 1)"
+    )
+    deliverer.add_argument("--batch", type=_positive_int, default=20, help="rows claimed at a time (default 20)")
+    deliverer.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=None,
+        help="seconds a claimed row stays with this worker (default IOP_FHIR_WORKER_LEASE_SECONDS, 60)",
+    )
+    deliverer.set_defaults(run=_worker)
     init_db = commands.add_parser("init-db", help="apply the database migrations")
     init_db.set_defaults(run=_init_db)
     check = commands.add_parser("validate", help="validate FHIR R4 JSON files (.json, .ndjson, folders, -) offline")

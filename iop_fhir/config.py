@@ -24,6 +24,10 @@ class Settings:
     mappings_dir: Path = REPO / "mappings"
     profiles_dir: Path = REPO / "profiles"
     seed_conformance: bool = True
+    partner_timeout: float = 10.0  # seconds, to connect and then between bytes, for every call to a partner
+    secrets_dir: Path = Path(".")  # relative token and key file paths of partners resolve against it
+    outbox_max_attempts: int = 8  # a delivery failing this many times is dead (kept, retried only by hand)
+    worker_lease_seconds: int = 60  # how long a worker holds a claimed delivery before another may take it
 
     @property
     def terminology_dir(self) -> Path:
@@ -39,6 +43,8 @@ class Settings:
                 continue
             if f.type in ("int", int):
                 values[f.name] = int(raw)
+            elif f.type in ("float", float):
+                values[f.name] = float(raw)
             elif f.type in ("bool", bool):
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif f.type in ("Path", Path):
@@ -63,4 +69,12 @@ DESCRIPTIONS = {
     "`meta.profile` names one is checked against it; served at `/fhir/StructureDefinition`",
     "seed_conformance": "write the StructureDefinitions and terminology of those folders to the store at start "
     "(only what changed)",
+    "partner_timeout": "seconds allowed to connect to a partner's FHIR server or token endpoint, and again between "
+    "bytes of its answer; a timeout is retried later",
+    "secrets_dir": "folder that relative `token_file` and `private_key_file` paths of partners resolve against; "
+    "default: the current directory",
+    "outbox_max_attempts": "delivery attempts to a partner before a delivery is dead (kept and listed, retried only "
+    "through `POST /iop/deliveries/{id}/retry`); retries back off exponentially from 2 s up to 1 h, with jitter",
+    "worker_lease_seconds": "how long `iop-fhir worker` holds a claimed delivery; if the worker dies, another "
+    "takes the delivery after this",
 }

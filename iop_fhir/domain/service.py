@@ -4,7 +4,7 @@ replay, update, retract, and read it back. The functions at the bottom are what 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -46,11 +46,25 @@ class _Write:
             self.roles.append(entry)
 
 
+# Called inside the write transaction after a record is saved or retracted (the exchange enqueues deliveries).
+RecordHook = Callable[[WriteTx, StoredRecord, Any], None]
+# Adds members to a record as the API returns it (a discharge's transition status).
+RecordExtra = Callable[[StoredRecord, Any], dict[str, Any] | None]
+
+
 class RecordService:
-    def __init__(self, engine: Engine, repository: Repository) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        repository: Repository,
+        hooks: Iterable[RecordHook] = (),
+        extras: Iterable[RecordExtra] = (),
+    ) -> None:
         self.engine = engine
         self.repository = repository
         self.store = repository.store
+        self.hooks = list(hooks)
+        self.extras = list(extras)
 
     # -- public operations -----------------------------------------------------------------------------------
 
@@ -69,7 +83,8 @@ class RecordService:
                     code="duplicate",
                 )
             stored = self._save(tx, kind, rid, derived.record, existing, context)
-            return self._body(stored, derived.warnings), True
+        # After the commit: what the body adds (a transition's delivery) is read back through the store.
+        return self._body(stored, derived.warnings), True
 
     def update(self, kind: str, rid: str, payload: dict[str, Any]) -> dict[str, Any]:
         with self.store.write() as tx:
@@ -84,7 +99,7 @@ class RecordService:
                     [Issue("value", "a record cannot move to another enrollment; retract it instead", "enrollment_id")]
                 )
             stored = self._save(tx, kind, rid, derived.record, existing, context)
-            return self._body(stored, derived.warnings)
+        return self._body(stored, derived.warnings)
 
     def retract(self, kind: str, rid: str, reason: str | None) -> dict[str, Any]:
         with self.store.write() as tx:
@@ -116,7 +131,9 @@ class RecordService:
             self._rematerialize_targets(tx, kind, existing)
             self._write_resources(tx, write)
             self._provenance(tx, stored, write, "NULLIFY")
-            return self._body(stored, [])
+            for hook in self.hooks:
+                hook(tx, stored, self.store)
+        return self._body(stored, [])
 
     def get(self, kind: str, rid: str) -> dict[str, Any]:
         record = self.store.record(kind, rid)
@@ -230,6 +247,8 @@ class RecordService:
         provenance = self._provenance(tx, stored, write, "UPDATE" if existing else "CREATE")
         stored = replace(stored, resources=[*write.roles, {"role": "provenance", "reference": provenance}])
         tx.save_record(stored)
+        for hook in self.hooks:
+            hook(tx, stored, self.store)
         return stored
 
     def _own_resources(
@@ -444,6 +463,8 @@ class RecordService:
         }
         if warnings:
             body["warnings"] = [w.to_fhir() for w in warnings]
+        for extra in self.extras:
+            body.update(extra(record, self.store) or {})
         return body
 
 

@@ -111,7 +111,7 @@ def _record_id(kind: str, record_id: str) -> str:
 
 
 # Members the service adds to a record it returns; a client may PUT a record it read without removing them.
-READ_ONLY = ("fhir", "meta", "warnings")
+READ_ONLY = ("fhir", "meta", "warnings", "transition")
 
 
 def _load_for_update(kind: str, record_id: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -110,6 +111,9 @@ def parse_conditional(res_type: str, query: str, *, header: str) -> list[tuple[s
     return params
 
 
+WriteHook = Callable[[WriteTx, dict[str, Any], StoredResource], None]
+
+
 class Repository:
     def __init__(
         self,
@@ -123,6 +127,9 @@ class Repository:
         self.default_count = default_count
         self.max_count = max_count
         self.profiles = profiles
+        # Called in the write's transaction after every stored version (referral intake, subscriptions): what they
+        # write or enqueue commits or rolls back with the write itself.
+        self.write_hooks: list[WriteHook] = []
 
     # -- profiles ----------------------------------------------------------------------------------------------
 
@@ -400,6 +407,8 @@ class Repository:
             ) from None
         stored = StoredResource(res_type, res_id, version_id, last_updated, False, content, method)
         tx.save(stored, _index(resource))
+        for hook in self.write_hooks:
+            hook(tx, resource, stored)
         return stored
 
 

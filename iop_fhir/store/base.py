@@ -1,4 +1,5 @@
-"""What every store offers: stored FHIR resource versions, IOP records, a write transaction, the index row format."""
+"""What every store offers: stored FHIR resource versions, IOP records, outbox deliveries, a write transaction, the
+index row format."""
 
 from __future__ import annotations
 
@@ -38,6 +39,35 @@ class StoredRecord:
     resources: list[dict[str, str]]  # [{"role": ..., "reference": "Type/id"}, ...]
     created: int  # microseconds since the epoch, UTC
     updated: int
+
+
+# Outbox statuses: pending (due at next_attempt_at) -> delivering (claimed by a worker until its lease ends) ->
+# delivered, or pending again after a retryable failure, or dead (permanent failure, attempts exhausted). blocked:
+# enqueued but not to be sent until an operator retries it. Only dead and blocked rows can be retried by hand.
+DELIVERY_STATUSES = ("pending", "delivering", "delivered", "dead", "blocked")
+RETRYABLE_BY_HAND = ("dead", "blocked")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One outbox row: a payload for one partner, where its delivery stands, and what the partner last answered."""
+
+    id: str
+    partner_id: str
+    record_kind: str  # the kind of record the payload comes from (enrollment, discharge, ...)
+    record_id: str | None
+    kind: str  # bundle | notification
+    payload: dict[str, Any]  # {"method", "url", "body"}; for a bundle url "" and body the transaction Bundle
+    status: str  # one of DELIVERY_STATUSES
+    attempts: int  # deliveries started (claims), including one in progress
+    next_attempt_at: int  # microseconds since the epoch, UTC; while delivering, the lease expiry
+    created: int
+    updated: int
+    lease_until: int | None = None
+    leased_by: str | None = None
+    last_error: dict[str, Any] | None = None  # DeliveryError.to_json() shape; the partner's OperationOutcome in it
+    response: dict[str, Any] | None = None  # summary of the partner's answer (entry statuses, locations)
+    delivered_at: int | None = None
 
 
 @dataclass
@@ -81,6 +111,9 @@ class WriteTx(Protocol):
     def save_record(self, record: StoredRecord) -> None:
         """Insert the record, or replace the stored one with the same kind and id."""
 
+    def enqueue(self, delivery: Delivery) -> None:
+        """Add an outbox row; it becomes visible to workers when (and only if) this transaction commits."""
+
 
 class Store(Protocol):
     def read(self, res_type: str, res_id: str) -> StoredResource | None: ...
@@ -108,5 +141,41 @@ class Store(Protocol):
         """A page of records of one kind (of one enrollment if given), oldest first, and the total."""
 
     def write(self) -> AbstractContextManager[WriteTx]: ...
+
+    def claim(self, worker_id: str, now: int, lease_seconds: float, limit: int) -> list[Delivery]:
+        """Lease up to ``limit`` due rows to one worker: pending rows whose next attempt is due and delivering rows
+        whose lease expired. Each becomes delivering, attempts + 1, leased until now + lease_seconds. No row is ever
+        leased to two workers at once."""
+
+    def renew(self, id: str, worker_id: str, now: int, lease_seconds: float) -> bool:
+        """Extend this worker's lease of a row to now + lease_seconds; False if the row passed to another worker."""
+
+    def delivered(self, id: str, worker_id: str, now: int, response: dict[str, Any] | None) -> bool:
+        """Mark a row this worker holds delivered; False (nothing changed) if its lease passed to another worker."""
+
+    def failed(self, id: str, worker_id: str, now: int, error: dict[str, Any], next_attempt_at: int | None) -> bool:
+        """Record a failed attempt: pending again at ``next_attempt_at``, or dead when that is None. False (nothing
+        changed) if the row's lease passed to another worker."""
+
+    def release(self, worker_id: str, ids: list[str], now: int) -> int:
+        """Give back rows this worker claimed but did not attempt (on shutdown): pending, due now, attempts as before
+        the claim. Returns how many were released."""
+
+    def retry(self, id: str, now: int) -> bool:
+        """Make a dead or blocked row pending and due now (attempts kept); False if it is not dead or blocked."""
+
+    def delivery(self, id: str) -> Delivery | None: ...
+
+    def deliveries(
+        self,
+        *,
+        partner_id: str | None = None,
+        status: str | None = None,
+        record_kind: str | None = None,
+        record_id: str | None = None,
+        offset: int = 0,
+        count: int = 20,
+    ) -> tuple[list[Delivery], int]:
+        """A page of outbox rows, oldest first, and the total."""
 
     def close(self) -> None: ...

@@ -1,4 +1,4 @@
-"""The SQL schema of the store: FHIR resources (current, every version, search index) and the IOP records.
+"""The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the outbox.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -145,4 +145,32 @@ iop_records = Table(
     Column("updated", BigInteger, nullable=False),
     Index("ix_iop_records_enrollment", "kind", "enrollment_id", "created", "id"),
     Index("ix_iop_records_created", "kind", "created", "id"),
+)
+
+# The durable outbox: what must reach a partner, added in the same transaction as the write that caused it, and
+# delivered by `iop-fhir worker`. A claimed row's next_attempt_at is its lease expiry, so one index range
+# (status, next_attempt_at) finds both due pending rows and rows whose worker died mid-delivery. Rows are never
+# deleted: delivered rows are the delivery log, dead rows wait for an operator's retry.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", String(36), primary_key=True),  # uuid4
+    Column("partner_id", String(ID), nullable=False),
+    Column("record_kind", String(32), nullable=False),
+    Column("record_id", String(ID), nullable=True),
+    Column("kind", String(20), nullable=False),  # bundle | notification
+    Column("payload", LargeBinary, nullable=False),  # orjson of {"method", "url", "body"}
+    Column("status", String(20), nullable=False),  # pending | delivering | delivered | dead | blocked
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", BigInteger, nullable=False),
+    Column("lease_until", BigInteger, nullable=True),
+    Column("leased_by", String(200), nullable=True),
+    Column("last_error", LargeBinary, nullable=True),  # orjson of the error (DeliveryError.to_json() shape)
+    Column("response", LargeBinary, nullable=True),  # orjson of what the partner answered (statuses, locations)
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    Column("delivered_at", BigInteger, nullable=True),
+    Index("ix_outbox_due", "status", "next_attempt_at"),
+    Index("ix_outbox_partner", "partner_id", "status"),
+    Index("ix_outbox_record", "record_kind", "record_id"),
 )

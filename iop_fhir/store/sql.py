@@ -20,7 +20,7 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.pool import StaticPool
 
 from iop_fhir.store import schema, search_sql
-from iop_fhir.store.base import IndexRows, SearchResult, StoredRecord, StoredResource
+from iop_fhir.store.base import RETRYABLE_BY_HAND, Delivery, IndexRows, SearchResult, StoredRecord, StoredResource
 
 _R = schema.resources
 _H = schema.history
@@ -35,6 +35,20 @@ _REC_COLUMNS = (
     _REC.c.resources,
     _REC.c.created,
     _REC.c.updated,
+)
+_O = schema.outbox
+_O_COLUMNS = tuple(_O.c)
+# One statement: the CTE locks the due rows no other transaction holds (SKIP LOCKED), the UPDATE leases them. A row
+# another worker leased since this statement's snapshot is re-checked on its newest version and no longer due.
+# MATERIALIZED keeps the locking subquery from being inlined and run more than once.
+_CLAIM_POSTGRES = text(
+    "WITH due AS MATERIALIZED ("
+    " SELECT id FROM outbox WHERE status IN ('pending', 'delivering') AND next_attempt_at <= :now"
+    " ORDER BY next_attempt_at LIMIT :limit FOR UPDATE SKIP LOCKED)"
+    " UPDATE outbox SET status = 'delivering', attempts = outbox.attempts + 1, leased_by = :worker,"
+    " lease_until = :until, next_attempt_at = :until, updated = :now"
+    " FROM due WHERE outbox.id = due.id"
+    f" RETURNING {', '.join(f'outbox.{c.name}' for c in _O_COLUMNS)}"
 )
 
 
@@ -114,6 +128,52 @@ def _record_values(record: StoredRecord) -> dict[str, Any]:
         "resources": orjson.dumps(record.resources),
         "created": record.created,
         "updated": record.updated,
+    }
+
+
+def _json_or_none(content: Any) -> Any:
+    return None if content is None else orjson.loads(content)
+
+
+def _row_to_delivery(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        partner_id=row.partner_id,
+        record_kind=row.record_kind,
+        record_id=row.record_id,
+        kind=row.kind,
+        payload=orjson.loads(row.payload),
+        status=row.status,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        created=row.created,
+        updated=row.updated,
+        lease_until=row.lease_until,
+        leased_by=row.leased_by,
+        last_error=_json_or_none(row.last_error),
+        response=_json_or_none(row.response),
+        delivered_at=row.delivered_at,
+    )
+
+
+def _delivery_values(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "id": delivery.id,
+        "partner_id": delivery.partner_id,
+        "record_kind": delivery.record_kind,
+        "record_id": delivery.record_id,
+        "kind": delivery.kind,
+        "payload": orjson.dumps(delivery.payload),
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": delivery.next_attempt_at,
+        "lease_until": delivery.lease_until,
+        "leased_by": delivery.leased_by,
+        "last_error": None if delivery.last_error is None else orjson.dumps(delivery.last_error),
+        "response": None if delivery.response is None else orjson.dumps(delivery.response),
+        "created": delivery.created,
+        "updated": delivery.updated,
+        "delivered_at": delivery.delivered_at,
     }
 
 
@@ -235,9 +295,12 @@ class SqlWriteTx:
         if updated.rowcount == 0:
             self.conn.execute(insert(_REC).values(kind=record.kind, id=record.id, **values))
 
+    def enqueue(self, delivery: Delivery) -> None:
+        self._queue("outbox", _delivery_values(delivery))
+
     def flush(self) -> None:
         # Parents first: resources, then history, then index rows.
-        for name in ("resources", "resource_history", *(t.name for t in schema.INDEX_TABLES.values())):
+        for name in ("resources", "resource_history", *(t.name for t in schema.INDEX_TABLES.values()), "outbox"):
             rows = self._pending.pop(name, None)
             if rows:
                 table = schema.metadata.tables[name]
@@ -331,6 +394,11 @@ class SqlStore:
             tx.flush()
 
     @contextmanager
+    def _write_conn(self) -> Iterator[Connection]:
+        with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+            yield conn
+
+    @contextmanager
     def _read(self) -> Iterator[Connection]:
         with self.engine.connect() as conn, conn.begin():
             yield conn
@@ -417,3 +485,123 @@ class SqlStore:
         except self._unreadable_key:
             return [], 0
         return [_row_to_record(r) for r in rows], total
+
+    # -- outbox
+
+    def claim(self, worker_id: str, now: int, lease_seconds: float, limit: int) -> list[Delivery]:
+        until = now + int(lease_seconds * 1_000_000)
+        with self._write_conn() as conn:
+            if self.postgres:
+                params = {"now": now, "limit": limit, "worker": worker_id, "until": until}
+                rows = conn.execute(_CLAIM_POSTGRES, params).all()
+            else:
+                # BEGIN IMMEDIATE (the write connection) holds SQLite's one write lock from the select to the
+                # update, so two claimers never see the same row as due.
+                due = (
+                    select(_O.c.id)
+                    .where(_O.c.status.in_(("pending", "delivering")), _O.c.next_attempt_at <= now)
+                    .order_by(_O.c.next_attempt_at)
+                    .limit(limit)
+                )
+                ids = list(conn.execute(due).scalars())
+                if not ids:
+                    return []
+                conn.execute(
+                    update(_O)
+                    .where(_O.c.id.in_(ids))
+                    .values(
+                        status="delivering",
+                        attempts=_O.c.attempts + 1,
+                        leased_by=worker_id,
+                        lease_until=until,
+                        next_attempt_at=until,
+                        updated=now,
+                    )
+                )
+                rows = conn.execute(select(*_O_COLUMNS).where(_O.c.id.in_(ids))).all()
+        return sorted((_row_to_delivery(r) for r in rows), key=lambda d: (d.created, d.id))
+
+    def _held(self, id: str, worker_id: str, values: dict[str, Any]) -> bool:
+        """Update a row only while this worker holds it."""
+        held = (_O.c.id == id, _O.c.status == "delivering", _O.c.leased_by == worker_id)
+        with self._write_conn() as conn:
+            return conn.execute(update(_O).where(*held).values(**values)).rowcount == 1
+
+    def renew(self, id: str, worker_id: str, now: int, lease_seconds: float) -> bool:
+        until = now + int(lease_seconds * 1_000_000)
+        return self._held(id, worker_id, {"lease_until": until, "next_attempt_at": until, "updated": now})
+
+    def delivered(self, id: str, worker_id: str, now: int, response: dict[str, Any] | None) -> bool:
+        body = None if response is None else orjson.dumps(response)
+        values = {"status": "delivered", "response": body, "delivered_at": now, "lease_until": None, "updated": now}
+        return self._held(id, worker_id, values)
+
+    def failed(self, id: str, worker_id: str, now: int, error: dict[str, Any], next_attempt_at: int | None) -> bool:
+        values = {
+            "status": "dead" if next_attempt_at is None else "pending",
+            "next_attempt_at": now if next_attempt_at is None else next_attempt_at,
+            "last_error": orjson.dumps(error),
+            "lease_until": None,
+            "updated": now,
+        }
+        return self._held(id, worker_id, values)
+
+    def release(self, worker_id: str, ids: list[str], now: int) -> int:
+        if not ids:
+            return 0
+        held = (_O.c.id.in_(ids), _O.c.status == "delivering", _O.c.leased_by == worker_id)
+        values = {
+            "status": "pending",
+            "attempts": _O.c.attempts - 1,
+            "next_attempt_at": now,
+            "lease_until": None,
+            "updated": now,
+        }
+        with self._write_conn() as conn:
+            released: int = conn.execute(update(_O).where(*held).values(**values)).rowcount
+        return released
+
+    def retry(self, id: str, now: int) -> bool:
+        values = {"status": "pending", "next_attempt_at": now, "lease_until": None, "updated": now}
+        try:
+            with self._write_conn() as conn:
+                stopped = (_O.c.id == id, _O.c.status.in_(RETRYABLE_BY_HAND))
+                return conn.execute(update(_O).where(*stopped).values(**values)).rowcount == 1
+        except self._unreadable_key:
+            return False
+
+    def delivery(self, id: str) -> Delivery | None:
+        try:
+            with self._read() as conn:
+                row = conn.execute(select(*_O_COLUMNS).where(_O.c.id == id)).first()
+        except self._unreadable_key:
+            return None
+        return _row_to_delivery(row) if row else None
+
+    def deliveries(
+        self,
+        *,
+        partner_id: str | None = None,
+        status: str | None = None,
+        record_kind: str | None = None,
+        record_id: str | None = None,
+        offset: int = 0,
+        count: int = 20,
+    ) -> tuple[list[Delivery], int]:
+        conditions = []
+        for column, value in (
+            (_O.c.partner_id, partner_id),
+            (_O.c.status, status),
+            (_O.c.record_kind, record_kind),
+            (_O.c.record_id, record_id),
+        ):
+            if value is not None:
+                conditions.append(column == value)
+        query = select(*_O_COLUMNS).where(*conditions).order_by(_O.c.created, _O.c.id).limit(count).offset(offset)
+        try:
+            with self._read() as conn:
+                total = conn.execute(select(func.count()).select_from(_O).where(*conditions)).scalar_one()
+                rows = conn.execute(query).all() if count else []
+        except self._unreadable_key:
+            return [], 0
+        return [_row_to_delivery(r) for r in rows], total

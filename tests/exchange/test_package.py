@@ -19,7 +19,12 @@ def resources() -> list[dict[str, Any]]:
     patient = {
         "resourceType": "Patient",
         "id": PATIENT_ID,
-        "meta": {"versionId": "3", "lastUpdated": "2026-03-27T10:00:00Z", "profile": ["p"], "security": [{"code": "R"}]},
+        "meta": {
+            "versionId": "3",
+            "lastUpdated": "2026-03-27T10:00:00Z",
+            "profile": ["p"],
+            "security": [{"code": "R"}],
+        },
         "identifier": [{"system": "urn:oid:1.2.3", "value": "MRN-1"}, record_identifier("enrollment/e1/patient")],
     }
     task = {

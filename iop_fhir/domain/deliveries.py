@@ -1,0 +1,166 @@
+"""/iop/deliveries: the outbox as operators see it (status, attempts, next attempt, last error) and replay of dead or
+blocked deliveries. Payload bodies hold PHI and are never shown, only summarised (exchange/outbox.py)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from flask import Response, current_app, request
+from flask_smorest import Blueprint
+
+from iop_fhir.domain import schemas
+from iop_fhir.domain.views import JSON, OperationOutcomeSchema, json_response
+from iop_fhir.errors import BadRequest, Conflict, NotFound
+from iop_fhir.exchange import outbox
+from iop_fhir.fhir.instants import now_us
+from iop_fhir.store.base import DELIVERY_STATUSES, RETRYABLE_BY_HAND, Delivery, Store
+
+PARAMETERS = ("partner", "status", "record", "offset", "count")
+_NUMBER = re.compile(r"[0-9]{1,18}")
+_RECORD = re.compile(r"([a-z][a-z0-9-]{0,31})/([A-Za-z0-9\-.]{1,64})")
+
+bp = Blueprint(
+    "deliveries",
+    __name__,
+    url_prefix="/iop",
+    description="Deliveries to partners through the outbox (application/json): status, errors, replay.",
+)
+
+_OUTCOME = {"schema": OperationOutcomeSchema, "content_type": JSON}
+_LIST_DOC = [
+    {"in": "query", "name": "partner", "schema": {"type": "string"}, "description": "a partner id"},
+    {"in": "query", "name": "status", "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)}},
+    {"in": "query", "name": "record", "schema": {"type": "string"}, "description": "<kind>/<id>, e.g. discharge/d1"},
+    {"in": "query", "name": "offset", "schema": {"type": "integer", "minimum": 0}},
+    {"in": "query", "name": "count", "schema": {"type": "integer", "minimum": 0}},
+]
+
+
+def _store() -> Store:
+    store: Store = current_app.extensions["iop_fhir.store"]
+    return store
+
+
+def _integer(name: str, default: int, maximum: int | None = None) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not _NUMBER.fullmatch(raw):
+        raise BadRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
+    value = int(raw)
+    if maximum is not None and value > maximum:
+        raise BadRequest(f"{name} must be at most {maximum}, got {value}", name)
+    return value
+
+
+def _filters() -> dict[str, Any]:
+    try:
+        names = list(request.args)
+    except UnicodeDecodeError:
+        raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
+    for name in names:
+        if name not in PARAMETERS:
+            raise BadRequest(f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name)
+        if len(request.args.getlist(name)) > 1:
+            raise BadRequest(f"{name} is given more than once", name)
+    filters: dict[str, Any] = {}
+    partner = request.args.get("partner")
+    if partner is not None:
+        if not schemas.FHIR_ID.fullmatch(partner):
+            raise BadRequest(f"partner must be a partner id, got {partner[:80]!r}", "partner")
+        filters["partner_id"] = partner
+    status = request.args.get("status")
+    if status is not None:
+        if status not in DELIVERY_STATUSES:
+            allowed = ", ".join(DELIVERY_STATUSES)
+            raise BadRequest(f"status must be one of {allowed}, got {status[:40]!r}", "status")
+        filters["status"] = status
+    record = request.args.get("record")
+    if record is not None:
+        found = _RECORD.fullmatch(record)
+        if found is None:
+            raise BadRequest(f"record must be <kind>/<id>, e.g. discharge/d1, got {record[:80]!r}", "record")
+        filters["record_kind"], filters["record_id"] = found.groups()
+    settings = current_app.config["IOP_FHIR"]
+    filters["offset"] = _integer("offset", 0)
+    filters["count"] = _integer("count", settings.default_page_size, settings.max_page_size)
+    return filters
+
+
+def _delivery(delivery_id: str) -> Delivery:
+    """The delivery, or 404; ids that cannot be delivery ids are not looked up."""
+    found = _store().delivery(delivery_id) if schemas.FHIR_ID.fullmatch(delivery_id) else None
+    if found is None:
+        raise NotFound(f"there is no delivery with id {delivery_id[:80]!r}", "id")
+    return found
+
+
+def list_deliveries() -> Response:
+    filters = _filters()
+    found, total = _store().deliveries(**filters)
+    body = {
+        "total": total,
+        "offset": filters["offset"],
+        "count": filters["count"],
+        "items": [outbox.to_json(d) for d in found],
+    }
+    return json_response(body)
+
+
+def get_delivery(delivery_id: str) -> Response:
+    return json_response(outbox.to_json(_delivery(delivery_id)))
+
+
+def retry_delivery(delivery_id: str) -> Response:
+    current = _delivery(delivery_id)
+    if not _store().retry(current.id, now_us()):
+        status = _delivery(delivery_id).status
+        allowed = " or ".join(RETRYABLE_BY_HAND)
+        raise Conflict(f"delivery {current.id} is {status}; only {allowed} deliveries can be retried", "status")
+    return json_response(outbox.to_json(_delivery(delivery_id)))
+
+
+def _route(
+    rule: str,
+    method: str,
+    view: Callable[..., Response],
+    summary: str,
+    success: str,
+    errors: dict[int, str],
+    parameters: list[dict[str, Any]] | None = None,
+) -> None:
+    documented: dict[str, Any] = {"summary": summary, **({"parameters": parameters} if parameters else {})}
+    view = bp.doc(**documented)(view)
+    view = bp.alt_response(200, description=success, content_type=JSON, success=True)(view)
+    for status, description in errors.items():
+        view = bp.alt_response(status, description=description, **_OUTCOME)(view)
+    bp.add_url_rule(rule, view.__name__, view, methods=[method])
+
+
+_route(
+    "/deliveries",
+    "GET",
+    list_deliveries,
+    "List deliveries to partners, oldest first",
+    "{total, offset, count, items}",
+    {400: "OperationOutcome: a bad query parameter"},
+    _LIST_DOC,
+)
+_route(
+    "/deliveries/<delivery_id>",
+    "GET",
+    get_delivery,
+    "Read a delivery: status, attempts, next attempt, last error (with the partner's OperationOutcome)",
+    "the delivery",
+    {404: "OperationOutcome"},
+)
+_route(
+    "/deliveries/<delivery_id>/retry",
+    "POST",
+    retry_delivery,
+    "Send a dead or blocked delivery again: it becomes pending and due now, its attempts kept",
+    "the delivery, pending",
+    {404: "OperationOutcome", 409: "OperationOutcome: the delivery is not dead or blocked"},
+)

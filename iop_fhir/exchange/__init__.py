@@ -1,0 +1,2 @@
+"""Exchange with partners: FHIR client, SMART backend auth, durable outbox, worker, referral intake, sync,
+subscriptions."""
