@@ -65,6 +65,12 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         hooks=[transitions.on_record_saved],
         extras=[transitions.summary],
     )
+    from iop_fhir.exchange import referrals
+
+    repository.write_hooks.append(referrals.on_resource_stored)
+    from iop_fhir.exchange.subscriptions import Subscriptions
+
+    repository.write_hooks.append(Subscriptions(repository).on_write)
 
     from iop_fhir.domain.views import IopApi
     from iop_fhir.domain.views import bp as iop_bp
@@ -79,6 +85,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     from iop_fhir.domain.deliveries import bp as deliveries_bp
 
     api.register_blueprint(deliveries_bp)
+    from iop_fhir.domain.referrals import bp as referrals_bp
+
+    api.register_blueprint(referrals_bp)
     app.extensions["iop_fhir.api"] = api
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)

@@ -1,4 +1,4 @@
-"""The ``iop-fhir`` command: serve, worker, init-db, validate, map."""
+"""The ``iop-fhir`` command: serve, worker, sync, init-db, validate, map."""
 
 from __future__ import annotations
 
@@ -82,7 +82,18 @@ def _worker(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
-    return worker.run(settings, once=args.once, poll=args.poll, batch=args.batch, lease=args.lease)
+    return worker.run(
+        settings, once=args.once, poll=args.poll, batch=args.batch, lease=args.lease, follow_every=args.follow
+    )
+
+
+def _sync(args: argparse.Namespace) -> int:
+    import logging
+
+    from iop_fhir.exchange import sync
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return sync.run(Settings.from_env(), partner_id=args.partner, once=args.once, interval=args.interval)
 
 
 def _resources(source: str) -> Iterator[tuple[str, Any]]:
@@ -180,7 +191,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds a claimed row stays with this worker (default IOP_FHIR_WORKER_LEASE_SECONDS, 60)",
     )
+    deliverer.add_argument(
+        "--follow",
+        type=float,
+        default=60.0,
+        help="seconds between looks at the aftercare partners' Tasks of delivered transitions (0: never; default 60)",
+    )
     deliverer.set_defaults(run=_worker)
+    puller = commands.add_parser(
+        "sync",
+        help="pull new Conditions, MedicationRequests and lab Observations of enrolled patients from hospital EHRs",
+    )
+    puller.add_argument("--partner", metavar="ID", help="only this hospital-ehr partner (default: every active one)")
+    puller.add_argument("--once", action="store_true", help="one pass, then exit (1 if anything failed)")
+    puller.add_argument(
+        "--interval", type=_positive_float, default=300.0, help="seconds between passes without --once (default 300)"
+    )
+    puller.set_defaults(run=_sync)
     init_db = commands.add_parser("init-db", help="apply the database migrations")
     init_db.set_defaults(run=_init_db)
     check = commands.add_parser("validate", help="validate FHIR R4 JSON files (.json, .ndjson, folders, -) offline")

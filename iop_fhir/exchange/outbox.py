@@ -72,10 +72,10 @@ def enqueue(
 ) -> str:
     """Add a delivery to the outbox in the caller's write transaction; it exists only if that transaction commits.
 
-    ``payload`` is ``{"method", "url", "body"}``: for a ``bundle`` ``{"method": "POST", "url": "", "body": <the
-    transaction Bundle>}``; for a ``notification`` ``PUT Type/id`` (or ``Type?identifier=…``) or ``POST ""`` with
-    the body. ``blocked`` (a reason, shown as the last error) keeps the delivery from being sent until an operator
-    retries it. Returns the delivery id.
+    ``payload`` is ``{"method", "url", "body"}`` and optionally ``"headers"`` (name -> value, never shown): for a
+    ``bundle`` ``{"method": "POST", "url": "", "body": <the transaction Bundle>}``; for a ``notification`` a PUT or
+    POST to ``url`` with ``body`` (an object, or null for none). ``blocked`` (a reason, shown as the last error)
+    keeps the delivery from being sent until an operator retries it. Returns the delivery id.
     """
     _check(kind, payload)
     moment = instants.now_us() if now is None else now
@@ -106,28 +106,34 @@ def _check(kind: str, payload: dict[str, Any]) -> None:
     # Callers are our own code: a malformed payload is a programming error, refused before it is stored.
     if kind not in KINDS:
         raise ValueError(f"outbox kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if set(payload) != {"method", "url", "body"}:
-        raise ValueError("an outbox payload has exactly the members method, url and body")
+    if not {"method", "url", "body"} <= set(payload) <= {"method", "url", "body", "headers"}:
+        raise ValueError("an outbox payload has the members method, url, body and optionally headers")
     if payload["method"] not in METHODS or not isinstance(payload["url"], str):
         raise ValueError(f"an outbox payload's method is one of {', '.join(METHODS)} and its url a string")
-    if not isinstance(payload["body"], dict):
-        raise ValueError("an outbox payload's body is a JSON object")
-    if kind == "bundle" and (payload["method"] != "POST" or payload["url"] != ""):
-        raise ValueError("a bundle delivery is POSTed to the partner's base: method POST, url ''")
+    headers = payload.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("an outbox payload's headers are an object of strings")
+    if kind == "bundle":
+        if payload["method"] != "POST" or payload["url"] != "" or not isinstance(payload["body"], dict):
+            raise ValueError("a bundle delivery is a Bundle POSTed to the partner's base: method POST, url ''")
+    elif payload["body"] is not None and not isinstance(payload["body"], dict):
+        raise ValueError("a notification's body is a JSON object or null (no body)")
 
 
 # -- what may be shown or stored about a delivery ----------------------------------------------------------------
 
 
+def shown_url(url: str) -> str:
+    """A URL as it may be shown or logged: without its query (identifiers may be PHI) and without credentials."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+
+
 def payload_summary(delivery: Delivery) -> dict[str, Any]:
-    """Method, url without its query (identifiers may be PHI), and for a Bundle its entry count and resource types."""
+    """Method, url as shown_url gives it, and for a Bundle its entry count and resource types; never the body or
+    the headers."""
     payload = delivery.payload
-    parts = urlsplit(str(payload.get("url", "")))
-    summary: dict[str, Any] = {
-        "method": payload.get("method"),
-        # Without the query, and without credentials someone may have put in a URL.
-        "url": urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", "")),
-    }
+    summary: dict[str, Any] = {"method": payload.get("method"), "url": shown_url(str(payload.get("url", "")))}
     body = payload.get("body")
     if isinstance(body, dict) and body.get("resourceType") == "Bundle":
         entries = [e for e in body.get("entry") or [] if isinstance(e, dict)]

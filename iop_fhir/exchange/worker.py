@@ -60,16 +60,19 @@ class PartnerDeliverer:
 
         client = self._client(row.partner_id, partner)
         method, url, body = row.payload["method"], row.payload["url"], row.payload["body"]
+        # PartnerClient speaks to the partner's FHIR base only: absolute URLs and extra headers are not its to send.
+        relative = bool(url) and "://" not in url and not row.payload.get("headers")
         try:
-            if method == "POST" and url == "":
+            if method == "POST" and url == "" and isinstance(body, dict):
                 return client.transaction(body)
-            if method == "PUT" and url:
+            if method == "PUT" and relative and isinstance(body, dict):
                 return client.update(url, body)
         except DeliveryError as error:
             if error.status == 401:
                 self._clients.pop(row.partner_id, None)
             raise
-        raise Undeliverable(f"a {row.kind} delivery {method} to {url.partition('?')[0]!r} is not supported")
+        shown = outbox.shown_url(url)
+        raise Undeliverable(f"a {row.kind} delivery {method} to {shown!r} is not supported by the partner client")
 
     def _client(self, partner_id: str, partner: dict[str, Any]) -> PartnerClient:
         from iop_fhir.exchange.client import client_for
@@ -126,6 +129,7 @@ def run(
     deliver: Deliver | None = None,
     store: Store | None = None,
     worker_id: str | None = None,
+    follow_every: float = 0.0,
 ) -> int:
     """Deliver due outbox rows until stopped (SIGTERM, SIGINT), polling every ``poll`` seconds when none is due;
     with ``once``, deliver what is due and return. Returns the exit status (0)."""
@@ -145,11 +149,16 @@ def run(
         lease=settings.worker_lease_seconds if lease is None else lease,
         worker_id=worker_id or worker_name(),
     )
+    follow = _follower(store, settings) if follow_every > 0 else None
+    followed_at = 0.0
     try:
         with _Stop() as stop:
             log.info("worker %s: started", worker.worker_id)
             while not stop.requested:
                 claimed = worker.deliver_due(batch, stop)
+                if follow is not None and (once or time.monotonic() - followed_at >= follow_every):
+                    followed_at = time.monotonic()
+                    follow()
                 if once and claimed == 0:
                     break
                 if claimed == 0:
@@ -159,6 +168,27 @@ def run(
         if own_store:
             store.close()
     return 0
+
+
+def _follower(store: Store, settings: Settings) -> Callable[[], int]:
+    """Following the partners' Tasks of delivered transitions (exchange/followup.py), with the profiles loaded so
+    that our Task's new versions are checked like any write."""
+    from iop_fhir import conformance
+    from iop_fhir.exchange import followup
+    from iop_fhir.exchange.client import client_for
+    from iop_fhir.fhir.repository import Repository
+
+    profiles, _ = conformance.load(settings.profiles_dir, settings.terminology_dir)
+    repository = Repository(store, profiles=profiles)
+
+    def follow() -> int:
+        try:
+            return followup.follow(repository, settings, client_for)
+        except Exception as error:  # a failed pass is tried again at the next one; the worker keeps delivering
+            log.error("following transitions failed: %s", type(error).__name__)
+            return 0
+
+    return follow
 
 
 class Worker:
@@ -193,6 +223,13 @@ class Worker:
                 return
         from iop_fhir.exchange.client import DeliveryError
 
+        if row.attempts > self.settings.outbox_max_attempts:
+            # Every earlier claim of this row ended without an outcome (the worker died during it): stop here
+            # rather than let the row take workers down for ever.
+            message = f"gave up after {row.attempts - 1} attempts that never finished"
+            report = {"status": None, "retryable": False, "message": message, "outcome": None, "retry_after": None}
+            self._failed(row, report, False)
+            return
         try:
             partner = self._partner(row.partner_id)
             answer = self.deliver(row, partner)

@@ -114,6 +114,10 @@ class WriteTx(Protocol):
     def enqueue(self, delivery: Delivery) -> None:
         """Add an outbox row; it becomes visible to workers when (and only if) this transaction commits."""
 
+    def save_sync_cursor(self, partner_id: str, patient_id: str, res_type: str, last_updated: str, now: int) -> None:
+        """Set how far sync has stored a partner's resources of one type for one patient (the partner's
+        meta.lastUpdated, as written), in the transaction that stored them."""
+
 
 class Store(Protocol):
     def read(self, res_type: str, res_id: str) -> StoredResource | None: ...
@@ -163,6 +167,9 @@ class Store(Protocol):
 
     def retry(self, id: str, now: int) -> bool:
         """Make a dead or blocked row pending and due now (attempts kept); False if it is not dead or blocked."""
+
+    def sync_cursor(self, partner_id: str, patient_id: str, res_type: str) -> str | None:
+        """The partner's meta.lastUpdated up to which sync has stored its resources of this type and patient."""
 
     def delivery(self, id: str) -> Delivery | None: ...
 

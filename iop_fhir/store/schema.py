@@ -1,4 +1,5 @@
-"""The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the outbox.
+"""The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the outbox,
+the sync cursors.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -173,4 +174,16 @@ outbox = Table(
     Index("ix_outbox_due", "status", "next_attempt_at"),
     Index("ix_outbox_partner", "partner_id", "status"),
     Index("ix_outbox_record", "record_kind", "record_id"),
+)
+
+# How far `iop-fhir sync` has read each hospital's changes: per partner, our patient and resource type, the newest
+# meta.lastUpdated (as the partner wrote it) of what was stored. Written in the transaction that stored the resource.
+sync_cursors = Table(
+    "sync_cursors",
+    metadata,
+    Column("partner_id", String(ID), primary_key=True),
+    Column("patient_id", String(ID), primary_key=True),
+    Column("res_type", String(TYPE), primary_key=True),
+    Column("last_updated", Text, nullable=False),
+    Column("updated", BigInteger, nullable=False),
 )

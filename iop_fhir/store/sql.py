@@ -37,6 +37,7 @@ _REC_COLUMNS = (
     _REC.c.updated,
 )
 _O = schema.outbox
+_SC = schema.sync_cursors
 _O_COLUMNS = tuple(_O.c)
 # One statement: the CTE locks the due rows no other transaction holds (SKIP LOCKED), the UPDATE leases them. A row
 # another worker leased since this statement's snapshot is re-checked on its newest version and no longer due.
@@ -297,6 +298,16 @@ class SqlWriteTx:
 
     def enqueue(self, delivery: Delivery) -> None:
         self._queue("outbox", _delivery_values(delivery))
+
+    def save_sync_cursor(self, partner_id: str, patient_id: str, res_type: str, last_updated: str, now: int) -> None:
+        key = (_SC.c.partner_id == partner_id, _SC.c.patient_id == patient_id, _SC.c.res_type == res_type)
+        # The lock makes update-else-insert race-free on PostgreSQL; on SQLite the write transaction already is.
+        self.lock(f"sync:{partner_id}/{patient_id}/{res_type}")
+        values = {"last_updated": last_updated, "updated": now}
+        if self.conn.execute(update(_SC).where(*key).values(**values)).rowcount == 0:
+            self.conn.execute(
+                insert(_SC).values(partner_id=partner_id, patient_id=patient_id, res_type=res_type, **values)
+            )
 
     def flush(self) -> None:
         # Parents first: resources, then history, then index rows.
@@ -569,6 +580,12 @@ class SqlStore:
                 return conn.execute(update(_O).where(*stopped).values(**values)).rowcount == 1
         except self._unreadable_key:
             return False
+
+    def sync_cursor(self, partner_id: str, patient_id: str, res_type: str) -> str | None:
+        key = (_SC.c.partner_id == partner_id, _SC.c.patient_id == patient_id, _SC.c.res_type == res_type)
+        with self._read() as conn:
+            value = conn.execute(select(_SC.c.last_updated).where(*key)).scalar_one_or_none()
+        return None if value is None else str(value)
 
     def delivery(self, id: str) -> Delivery | None:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -164,6 +165,9 @@ def test_an_enqueued_delivery_is_rolled_back_with_its_transaction(store: SqlStor
         ("bundle", {"method": "POST", "url": ""}),
         ("notification", {"method": "DELETE", "url": "Task/t1", "body": {}}),
         ("notification", {"method": "PUT", "url": "Task/t1", "body": "text"}),
+        ("notification", {"method": "PUT", "url": "Task/t1", "body": {}, "auth": "secret"}),
+        ("notification", {"method": "POST", "url": "https://hook.example", "body": None, "headers": {"X-N": 1}}),
+        ("bundle", {"method": "POST", "url": "", "body": None}),
     ],
 )
 def test_a_malformed_delivery_is_refused_before_it_is_stored(
@@ -172,6 +176,23 @@ def test_a_malformed_delivery_is_refused_before_it_is_stored(
     with pytest.raises(ValueError), store.write() as tx:
         outbox.enqueue(tx, "p1", "discharge", "d1", kind, payload, now=NOW)
     assert store.deliveries() == ([], 0)
+
+
+def test_a_notification_may_carry_headers_and_no_body_and_neither_is_shown(store: SqlStore) -> None:
+    payload = {
+        "method": "POST",
+        "url": "https://user:pw@hook.example:8443/notify?patient=MRN-000123",
+        "headers": {"Authorization": "Bearer synthetic-token"},
+        "body": None,
+    }
+    with store.write() as tx:
+        delivery_id = outbox.enqueue(tx, "subscription:s1", "Observation", "o1", "notification", payload, now=NOW)
+    stored = store.delivery(delivery_id)
+    assert stored is not None
+    assert stored.payload == payload
+    shown = outbox.to_json(stored)
+    assert shown["payload"] == {"method": "POST", "url": "https://hook.example:8443/notify"}
+    assert "synthetic-token" not in str(shown)
 
 
 def test_a_claim_leases_due_rows_to_one_worker_and_counts_the_attempt(store: SqlStore) -> None:
@@ -306,6 +327,7 @@ def _claim_all(store: SqlStore, worker: str, batch: int) -> list[str]:
         if not rows:
             return got
         got.extend(r.id for r in rows)
+        time.sleep(0.01)  # delivering them, which is when other workers claim
 
 
 def test_threads_claiming_at_once_never_get_the_same_row(store: SqlStore) -> None:
@@ -326,8 +348,6 @@ def test_threads_claiming_at_once_never_get_the_same_row(store: SqlStore) -> Non
 
 def _process_worker(url: str, n: int, start: Any, out: Any) -> None:
     """A worker process: `worker.run` with a deliver that records which rows it was given."""
-    import time
-
     from iop_fhir.exchange import worker
 
     seen: list[str] = []

@@ -185,6 +185,21 @@ def test_a_row_failing_every_time_is_dead_after_the_configured_attempts(store: S
     assert dead.last_error is not None and dead.last_error["message"] == "timed out (ReadTimeout)"
 
 
+def test_a_row_whose_every_attempt_killed_the_worker_is_dead_after_the_configured_attempts(
+    store: SqlStore, clock: Clock
+) -> None:
+    save_partner(store)
+    delivery_id = add(store, clock.now)
+    for _ in range(3):  # three workers claimed it and died before recording an outcome
+        assert [r.id for r in store.claim("doomed", clock.now, 1, 10)] == [delivery_id]
+        clock.now += 2 * SECOND
+    partner = Partner(None)
+    run_once(store, partner, outbox_max_attempts=3)
+    dead = row(store, delivery_id)
+    assert (dead.status, dead.attempts, len(partner.calls)) == ("dead", 4, 0)
+    assert dead.last_error is not None and "never finished" in dead.last_error["message"]
+
+
 def test_a_row_for_an_unknown_partner_is_dead_with_a_message_naming_it(store: SqlStore, clock: Clock) -> None:
     delivery_id = add(store, clock.now, partner="nobody-here")
     partner = Partner(RESPONSE)
@@ -292,6 +307,19 @@ def test_the_default_deliver_puts_a_notification_to_its_url(store: SqlStore, clo
     assert row(store, delivery_id).response == {"resourceType": "Task", "id": "t1", "versionId": "3"}
 
 
+def test_a_notification_the_partner_client_cannot_send_is_dead_with_a_message(store: SqlStore, clock: Clock) -> None:
+    save_partner(store)
+    payload = {"method": "POST", "url": "https://hook.example/notify?mrn=MRN-000123", "body": None}
+    delivery_id = add(store, clock.now, payload=payload)
+    run_once(store)
+    dead = row(store, delivery_id)
+    assert dead.status == "dead"
+    assert dead.last_error is not None
+    assert dead.last_error["message"] == (
+        "a notification delivery POST to 'https://hook.example/notify' is not supported by the partner client"
+    )
+
+
 @responses.activate
 def test_a_partner_answering_422_with_an_outcome_makes_the_row_dead_with_it(store: SqlStore, clock: Clock) -> None:
     save_partner(store)
@@ -313,6 +341,36 @@ def test_a_partner_answering_503_with_retry_after_is_retried_after_it(store: Sql
     failed = row(store, delivery_id)
     assert (failed.status, failed.next_attempt_at >= clock.now + 90 * SECOND) == ("pending", True)
     assert failed.last_error is not None and failed.last_error["status"] == 503
+
+
+@responses.activate
+def test_the_default_deliver_reuses_a_partner_client_until_the_partner_changes_or_answers_401(
+    store: SqlStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iop_fhir.exchange import client as client_module
+
+    made: list[str] = []
+    real_client_for = client_module.client_for
+
+    def counting_client_for(partner: dict[str, Any], settings: Settings, **kwargs: Any) -> Any:
+        made.append(partner["name"])
+        return real_client_for(partner, settings, **kwargs)
+
+    monkeypatch.setattr(client_module, "client_for", counting_client_for)
+    responses.post(BASE, json=RESPONSE)
+    deliver = worker.PartnerDeliverer(Settings())
+    for _ in range(3):
+        deliver(row(store, add(store, clock.now)), PARTNER)
+    assert made == [PARTNER["name"]]
+    deliver(row(store, add(store, clock.now)), {**PARTNER, "name": "Renamed Aftercare"})
+    assert made == [PARTNER["name"], "Renamed Aftercare"]
+
+    responses.replace(responses.POST, BASE, status=401)
+    with pytest.raises(DeliveryError):
+        deliver(row(store, add(store, clock.now)), PARTNER)
+    responses.replace(responses.POST, BASE, json=RESPONSE)
+    deliver(row(store, add(store, clock.now)), PARTNER)
+    assert made == [PARTNER["name"], "Renamed Aftercare", PARTNER["name"], PARTNER["name"]]
 
 
 # -- signals and crashes (separate processes) ---------------------------------------------------------------------
