@@ -165,14 +165,14 @@ class Subscriptions:
     """The write hook (Repository.write_hooks) that keeps Subscriptions servable and notifies their endpoints.
 
     Active Subscriptions are cached per process. Whether the cache still holds is checked once per write
-    transaction against the store (how many Subscriptions there are and which changed last), so a Subscription
-    written or deleted by another process counts from that process's commit on.
+    transaction against the store (how many Subscription versions it holds, and when the newest was written), so a
+    Subscription written or deleted by another process counts from that process's commit on.
     """
 
     def __init__(self, repository: Repository) -> None:
         self.repository = repository
         self._lock = threading.Lock()
-        self._cached: tuple[tuple[Any, ...], dict[str, list[Rule]]] | None = None
+        self._cached: tuple[tuple[int, int | None], dict[str, list[Rule]]] | None = None
         # Per transaction: the rules it uses; a transaction that wrote a Subscription reads its own view.
         self._per_tx: weakref.WeakKeyDictionary[Any, dict[str, list[Rule]]] = weakref.WeakKeyDictionary()
         self._wrote: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -216,7 +216,7 @@ class Subscriptions:
         if tx in self._wrote:  # not committed yet: neither from nor into the shared cache
             rules = _load(tx)
         else:
-            token = _fingerprint(tx)
+            token = tx.type_state("Subscription")
             with self._lock:
                 cached = self._cached
             if cached is not None and cached[0] == token:
@@ -227,16 +227,6 @@ class Subscriptions:
                     self._cached = (token, rules)
         self._per_tx[tx] = rules
         return rules
-
-
-def _fingerprint(tx: WriteTx) -> tuple[Any, ...]:
-    """Changes whenever a Subscription is created, updated or deleted: their count, and the newest one's version."""
-    request = search.parse("Subscription", [("_sort", "-_lastUpdated"), ("_count", "1"), ("_total", "accurate")])
-    found = tx.search(request)
-    newest = found.matches[0] if found.matches else None
-    if newest is None:
-        return (found.total,)
-    return (found.total, newest.res_id, newest.version_id, newest.last_updated)
 
 
 def _load(tx: WriteTx) -> dict[str, list[Rule]]:

@@ -73,6 +73,8 @@ class SyncReport:
     streams: list[StreamResult] = field(default_factory=list)
     # Partners or enrollments that could not be synced at all: {"partner", "enrollment"?, "error"}.
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # Enrolled patients the partner does not know (by the enrollment's first identifier): {"partner", "enrollment"}.
+    unmatched: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +86,7 @@ class SyncReport:
             "unchanged": sum(s.unchanged for s in self.streams),
             "streams": [s.to_json() for s in self.streams],
             "skipped": self.skipped,
+            "unmatched": self.unmatched,
         }
 
 
@@ -142,17 +145,20 @@ def sync_enrollment(
     first = identifiers[0]
     token = f"{_escape(first['system'])}|{_escape(first['value'])}"
     try:
-        matches = [r for r in islice(client.search("Patient", [("identifier", token)]), 2)]
+        found = (r for r in client.search("Patient", [("identifier", token)]) if r.get("resourceType") == "Patient")
+        matches = list(islice(found, 2))
     except DeliveryError as error:
         report.skipped.append({"partner": partner["id"], "enrollment": enrollment.id, "error": error.message})
         return
-    if len(matches) != 1 or not isinstance(matches[0].get("id"), str):
-        found = "no patient" if not matches else "more than one patient"
+    if not matches:  # not a patient of this hospital: nothing to pull, and nothing wrong
+        report.unmatched.append({"partner": partner["id"], "enrollment": enrollment.id})
+        return
+    if len(matches) > 1 or not isinstance(matches[0].get("id"), str):
         report.skipped.append(
             {
                 "partner": partner["id"],
                 "enrollment": enrollment.id,
-                "error": f"{found} at the partner has the enrollment's first identifier",
+                "error": "more than one patient at the partner has the enrollment's first identifier",
             }
         )
         return

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # deliver(row, partner) sends one row to the partner (the partner record as loaded) and returns the partner's answer.
 # It raises DeliveryError (exchange/client.py) for a failure the partner or the network reported.
 Deliver = Callable[[Delivery, dict[str, Any]], dict[str, Any] | None]
+# Rows of rest-hook notifications (exchange/subscriptions.py) name their Subscription, not a partner.
+SUBSCRIPTION_PREFIX = "subscription:"
 
 
 class Undeliverable(Exception):
@@ -231,8 +233,11 @@ class Worker:
             self._failed(row, report, False)
             return
         try:
-            partner = self._partner(row.partner_id)
-            answer = self.deliver(row, partner)
+            if row.partner_id.startswith(SUBSCRIPTION_PREFIX):
+                answer = self.notify(row)
+            else:
+                partner = self._partner(row.partner_id)
+                answer = self.deliver(row, partner)
         except (DeliveryError, Undeliverable) as error:
             self._failed(row, error.to_json(), error.retryable if isinstance(error, DeliveryError) else False)
             return
@@ -252,6 +257,37 @@ class Worker:
             log.info("delivery %s to %s: delivered (attempt %d)", row.id, row.partner_id, row.attempts)
         else:
             log.warning("delivery %s: delivered, but its lease had passed to another worker", row.id)
+
+    def notify(self, row: Delivery) -> dict[str, Any] | None:
+        """A rest-hook notification (exchange/subscriptions.py): exactly the method, URL, headers and body the row
+        holds, with no partner auth and no redirects; 2xx is delivered, anything else is classified like any
+        partner answer. Headers may carry the subscriber's token and are never logged."""
+        import requests
+
+        from iop_fhir.exchange.client import USER_AGENT, error_for_exception, error_for_response, where
+
+        payload = row.payload
+        method, url, body = payload["method"], payload["url"], payload.get("body")
+        headers = {"User-Agent": USER_AGENT, **(payload.get("headers") or {})}
+        data = None
+        if body is not None:
+            headers.setdefault("Content-Type", "application/fhir+json")
+            data = orjson.dumps(body)
+        what = where(method, url)
+        try:
+            response = requests.request(
+                method,
+                url,
+                data=data,
+                headers=headers,
+                timeout=self.settings.partner_timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as error:
+            raise error_for_exception(error, what) from None
+        if not 200 <= response.status_code < 300:
+            raise error_for_response(response, what)
+        return None
 
     def _partner(self, partner_id: str) -> dict[str, Any]:
         record = self.store.record("partner", partner_id)

@@ -114,6 +114,10 @@ class WriteTx(Protocol):
     def enqueue(self, delivery: Delivery) -> None:
         """Add an outbox row; it becomes visible to workers when (and only if) this transaction commits."""
 
+    def type_state(self, res_type: str) -> tuple[int, int | None]:
+        """How many versions of resources of a type were ever stored, and when the newest was: it changes with every
+        create, update and delete of that type (a cheap check that a cache of them still holds)."""
+
     def save_sync_cursor(self, partner_id: str, patient_id: str, res_type: str, last_updated: str, now: int) -> None:
         """Set how far sync has stored a partner's resources of one type for one patient (the partner's
         meta.lastUpdated, as written), in the transaction that stored them."""

@@ -324,7 +324,7 @@ def test_a_resource_about_another_patient_is_not_stored(
     assert f"{BASE}/Condition/c-other" not in sources(client, "Condition", enrolled)
 
 
-def test_a_patient_the_hospital_does_not_know_is_reported_and_skipped(
+def test_a_patient_the_hospital_does_not_know_is_listed_and_skipped(
     app: Flask, client: FlaskClient, settings: Settings, hospital: Hospital
 ) -> None:
     assert client.post("/iop/partners", json=PARTNER).status_code == 201
@@ -332,12 +332,19 @@ def test_a_patient_the_hospital_does_not_know_is_reported_and_skipped(
     enrollment["patient"]["identifiers"][0]["value"] = "MRN-000001"
     enrollment_id = client.post("/iop/enrollments", json=enrollment).get_json()["id"]
     report = run(app, settings)
-    assert report.skipped == [
-        {
-            "partner": PARTNER["id"],
-            "enrollment": enrollment_id,
-            "error": "no patient at the partner has the enrollment's first identifier",
-        }
+    assert report.ok
+    assert report.unmatched == [{"partner": PARTNER["id"], "enrollment": enrollment_id}]
+    assert report.streams == []
+
+
+def test_a_patient_the_hospital_knows_twice_is_not_pulled(app: Flask, settings: Settings, enrolled: str) -> None:
+    answer = bundle([{"resourceType": "Patient", "id": THEIR_PATIENT}, {"resourceType": "Patient", "id": "p-78"}])
+    with responses.RequestsMock() as mock:
+        mock.get(f"{BASE}/Patient", json=answer)
+        report = run(app, settings)
+    assert not report.ok
+    assert [s["error"] for s in report.skipped] == [
+        "more than one patient at the partner has the enrollment's first identifier"
     ]
     assert report.streams == []
 
@@ -378,3 +385,21 @@ def test_resources_sharing_the_cursor_instant_are_not_skipped_on_resume(
         assert cursor(app, enrolled, "Condition") == at(11)  # c3, also 11:00, is on the page that failed
         assert run(app, settings).ok
     assert sources(client, "Condition", enrolled) == [f"{BASE}/Condition/c{n}" for n in (1, 2, 3)]
+
+
+def test_what_sync_stores_reaches_matching_subscriptions(
+    app: Flask, client: FlaskClient, settings: Settings, hospital: Hospital, enrolled: str
+) -> None:
+    subscription = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "New lab results of enrolled patients",
+        "criteria": "Observation?category=laboratory",
+        "channel": {"type": "rest-hook", "endpoint": "https://hooks.example.org/labs"},
+    }
+    sub_id = client.post("/fhir/Subscription", json=subscription).get_json()["id"]
+    run(app, settings)
+    rows, _ = app.extensions["iop_fhir.store"].deliveries(partner_id=f"subscription:{sub_id}")
+    assert [(r.record_kind, r.record_id) for r in rows] == [
+        ("Observation", sync.sync_id(PARTNER["id"], "Observation", "o1"))
+    ]
