@@ -17,6 +17,7 @@ from iop_fhir.errors import FhirError, Issue, operation_outcome
 from iop_fhir.fhir import http
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.store import migrate
+from iop_fhir.store.base import Store
 from iop_fhir.store.sql import SqlStore
 
 log = logging.getLogger("iop_fhir")
@@ -28,6 +29,23 @@ _HTTP_CODES = {
     413: "too-costly",
     415: "not-supported",
 }
+
+
+def build_repository(settings: Settings, store: Store, *, seed: bool = False) -> Repository:
+    """The repository every writer uses (the app, the worker, sync): profiles checked on writes, and the write hooks
+    that must see every stored version wherever it was written (referral intake, subscriptions)."""
+    from iop_fhir.exchange import referrals
+    from iop_fhir.exchange.subscriptions import Subscriptions
+
+    profiles, conformance_resources = conformance.load(settings.profiles_dir, settings.terminology_dir)
+    repository = Repository(
+        store, default_count=settings.default_page_size, max_count=settings.max_page_size, profiles=profiles
+    )
+    if seed:
+        conformance.seed(repository, conformance_resources)
+    repository.write_hooks.append(referrals.on_resource_stored)
+    repository.write_hooks.append(Subscriptions(repository).on_write)
+    return repository
 
 
 def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
@@ -47,12 +65,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     if not migrate.is_current(store.engine):
         migrate.upgrade(store.engine)
     app.extensions["iop_fhir.store"] = store
-    profiles, conformance_resources = conformance.load(settings.profiles_dir, settings.terminology_dir)
-    repository = Repository(
-        store, default_count=settings.default_page_size, max_count=settings.max_page_size, profiles=profiles
-    )
-    if settings.seed_conformance:
-        conformance.seed(repository, conformance_resources)
+    repository = build_repository(settings, store, seed=settings.seed_conformance)
     app.extensions["iop_fhir.repository"] = repository
 
     from iop_fhir.domain.service import RecordService
@@ -61,16 +74,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     app.extensions["iop_fhir.records"] = RecordService(
         load_engine(Path(settings.mappings_dir).resolve()),
-        app.extensions["iop_fhir.repository"],
+        repository,
         hooks=[transitions.on_record_saved],
         extras=[transitions.summary],
     )
-    from iop_fhir.exchange import referrals
-
-    repository.write_hooks.append(referrals.on_resource_stored)
-    from iop_fhir.exchange.subscriptions import Subscriptions
-
-    repository.write_hooks.append(Subscriptions(repository).on_write)
 
     from iop_fhir.domain.views import IopApi
     from iop_fhir.domain.views import bp as iop_bp

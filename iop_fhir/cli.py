@@ -83,7 +83,13 @@ def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
     return worker.run(
-        settings, once=args.once, poll=args.poll, batch=args.batch, lease=args.lease, follow_every=args.follow
+        settings,
+        once=args.once,
+        poll=args.poll,
+        batch=args.batch,
+        lease=args.lease,
+        follow_every=args.follow,
+        sync_every=args.sync,
     )
 
 
@@ -196,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=60.0,
         help="seconds between looks at the aftercare partners' Tasks of delivered transitions (0: never; default 60)",
+    )
+    deliverer.add_argument(
+        "--sync",
+        type=float,
+        default=0.0,
+        help="seconds between pulls from hospital EHR partners, as `iop-fhir sync` does (0: never, the default)",
     )
     deliverer.set_defaults(run=_worker)
     puller = commands.add_parser(

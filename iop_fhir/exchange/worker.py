@@ -132,6 +132,7 @@ def run(
     store: Store | None = None,
     worker_id: str | None = None,
     follow_every: float = 0.0,
+    sync_every: float = 0.0,
 ) -> int:
     """Deliver due outbox rows until stopped (SIGTERM, SIGINT), polling every ``poll`` seconds when none is due;
     with ``once``, deliver what is due and return. Returns the exit status (0)."""
@@ -153,6 +154,8 @@ def run(
     )
     follow = _follower(store, settings) if follow_every > 0 else None
     followed_at = 0.0
+    pull = _syncer(store, settings) if sync_every > 0 else None
+    synced_at = 0.0
     try:
         with _Stop() as stop:
             log.info("worker %s: started", worker.worker_id)
@@ -161,6 +164,9 @@ def run(
                 if follow is not None and (once or time.monotonic() - followed_at >= follow_every):
                     followed_at = time.monotonic()
                     follow()
+                if pull is not None and (once or time.monotonic() - synced_at >= sync_every):
+                    synced_at = time.monotonic()
+                    pull()
                 if once and claimed == 0:
                     break
                 if claimed == 0:
@@ -173,15 +179,13 @@ def run(
 
 
 def _follower(store: Store, settings: Settings) -> Callable[[], int]:
-    """Following the partners' Tasks of delivered transitions (exchange/followup.py), with the profiles loaded so
-    that our Task's new versions are checked like any write."""
-    from iop_fhir import conformance
+    """Following the partners' Tasks of delivered transitions (exchange/followup.py), through the app's repository so
+    that our Task's new versions are checked and seen by subscriptions like any write."""
+    from iop_fhir.app import build_repository
     from iop_fhir.exchange import followup
     from iop_fhir.exchange.client import client_for
-    from iop_fhir.fhir.repository import Repository
 
-    profiles, _ = conformance.load(settings.profiles_dir, settings.terminology_dir)
-    repository = Repository(store, profiles=profiles)
+    repository = build_repository(settings, store)
 
     def follow() -> int:
         try:
@@ -191,6 +195,24 @@ def _follower(store: Store, settings: Settings) -> Callable[[], int]:
             return 0
 
     return follow
+
+
+def _syncer(store: Store, settings: Settings) -> Callable[[], int]:
+    """The scheduled mode of `iop-fhir sync` (exchange/sync.py): one pass over the hospital EHR partners."""
+    from iop_fhir.app import build_repository
+    from iop_fhir.exchange import sync
+
+    repository = build_repository(settings, store)
+
+    def pull() -> int:
+        try:
+            report = sync.sync_all(store, repository, settings)
+        except Exception as error:  # tried again at the next pass; the worker keeps delivering
+            log.error("sync failed: %s", type(error).__name__)
+            return 0
+        return sum(stream.stored for stream in report.streams)
+
+    return pull
 
 
 class Worker:

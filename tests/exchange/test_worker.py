@@ -454,3 +454,19 @@ def test_the_worker_command_refuses_bad_options(arguments: list[str], capsys: py
         main(["worker", *arguments])
     assert exit_info.value.code == 2
     assert arguments[0] in capsys.readouterr().err
+
+
+def test_the_worker_pulls_from_hospitals_and_follows_transitions_when_scheduled(
+    store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from iop_fhir.exchange import followup, sync
+
+    calls: list[str] = []
+    monkeypatch.setattr(sync, "sync_all", lambda *_a, **_k: calls.append("sync") or sync.SyncReport())
+    monkeypatch.setattr(followup, "follow", lambda *_a, **_k: calls.append("follow") or 0)
+    settings = Settings(database_url=store.url)
+    assert worker.run(settings, once=True, store=store, sync_every=60, follow_every=60) == 0
+    assert sorted(calls) == ["follow", "sync"]
+    calls.clear()
+    assert worker.run(settings, once=True, store=store) == 0
+    assert calls == []
