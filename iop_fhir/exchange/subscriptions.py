@@ -1,11 +1,14 @@
 """R4 Subscriptions with a rest-hook channel: checked when written, matched against every stored version inside the
-write's transaction, and notified through the outbox (https://hl7.org/fhir/R4/subscription.html)."""
+write's transaction, and notified through the outbox (https://hl7.org/fhir/R4/subscription.html), in R4's own shape or,
+when the channel asks for it, as a Subscriptions R5 Backport notification Bundle
+(http://hl7.org/fhir/uv/subscriptions-backport/STU1.1/)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import threading
+import uuid
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,12 +17,13 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Invalid, Issue
 from iop_fhir.exchange import outbox
 from iop_fhir.fhir import definitions, search
-from iop_fhir.fhir.instants import now_us
+from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.store.base import StoredResource, WriteTx
+from iop_fhir.store.base import StoredRecord, StoredResource, WriteTx
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,18 @@ PARTNER_PREFIX = "subscription:"
 MAX_ID = 64 - len(PARTNER_PREFIX)
 # Payload mime types sent as JSON (R4's own, the DSTU2 spelling, plain JSON); XML is not produced here.
 JSON_PAYLOADS = ("application/fhir+json", "application/json+fhir", "application/json")
+# Subscriptions R5 Backport STU 1.1: how much of the resource a notification carries, as an extension on
+# Subscription.channel.payload (in JSON on channel._payload); with it, every notification is a history Bundle.
+PAYLOAD_CONTENT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content"
+PAYLOAD_CONTENTS = ("empty", "id-only", "full-resource")
+NOTIFICATION_PROFILE = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-notification-r4"
+)
+STATUS_PROFILE = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"
+# The per-Subscription event counter (events-since-subscription-start, event-number) is a stored record of this kind,
+# keyed by the Subscription's id, read locked and incremented in the transaction of the write it notifies.
+EVENTS_KIND = "subscription-events"
+_RESPONSE_STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK"}
 _HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\Z")
 _PAGE = 500
 
@@ -44,26 +60,115 @@ class Rule:
     headers: tuple[tuple[str, str], ...]
     payload: str | None  # the mime type; None: a notification without a body
     end: int | None  # µs; no notifications after it
+    content: str | None = None  # the backport payload content (empty, id-only, full-resource); None: plain R4
 
 
-def notification_payload(rule: Rule, resource: dict[str, Any]) -> dict[str, Any]:
+def notification_payload(
+    rule: Rule,
+    resource: dict[str, Any],
+    stored: StoredResource,
+    *,
+    event: int = 0,
+    base: str | None = None,
+    now: int | None = None,
+) -> dict[str, Any]:
     """What the worker sends for a rest-hook notification: the request, complete, so it needs no Subscription.
 
     R4 (subscription-channel-type ``rest-hook``): without ``channel.payload`` a POST to the endpoint with no body;
     with one, the endpoint is a FHIR base and the resource is PUT to ``[endpoint]/[type]/[id]`` in that mime type.
-    Every ``channel.header`` line goes along.
+    With the backport payload-content extension: a POST to the endpoint of the notification Bundle
+    (notification_bundle), in the payload's mime type (application/fhir+json if none is given). ``event`` is the
+    event's number and ``base`` the public base of this FHIR API, both used by the Bundle only. Every
+    ``channel.header`` line goes along.
     """
+    has_body = rule.payload is not None or rule.content is not None
     headers: dict[str, str] = {}
     for name, value in rule.headers:
-        if rule.payload is not None and name.lower() == "content-type":
+        if has_body and name.lower() == "content-type":
             continue  # the body's type is the payload's mime type
         # Repeated header lines combine into one comma-separated field (RFC 9110 §5.3).
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    if rule.payload is None:
+    if not has_body:
         return {"method": "POST", "url": rule.endpoint, "headers": headers, "body": None}
-    headers["Content-Type"] = rule.payload
+    headers["Content-Type"] = rule.payload or "application/fhir+json"
+    if rule.content is not None:
+        body = notification_bundle(rule, resource, stored, event=event, base=base, now=now)
+        return {"method": "POST", "url": rule.endpoint, "headers": headers, "body": body}
     url = f"{rule.endpoint.rstrip('/')}/{resource['resourceType']}/{resource['id']}"
     return {"method": "PUT", "url": url, "headers": headers, "body": resource}
+
+
+def notification_bundle(
+    rule: Rule,
+    resource: dict[str, Any],
+    stored: StoredResource,
+    *,
+    event: int,
+    base: str | None,
+    now: int | None = None,
+) -> dict[str, Any]:
+    """The Backport R4 event notification (profile backport-subscription-notification-r4): a history Bundle whose
+    first entry is the status Parameters (backport-subscription-status-r4) of the Subscription and this event.
+
+    ``empty``: that entry only, and the event names no resource. ``id-only``: the event's focus references the
+    stored resource, and a second entry carries its fullUrl with the request that wrote it and our response.
+    ``full-resource``: that entry also holds the resource. There is no SubscriptionTopic (the criteria are R4 search
+    criteria), so the status has no ``topic``. References are absolute under ``base``; relative without one.
+    """
+    prefix = f"{base.rstrip('/')}/" if base else ""
+    subscription = f"{prefix}Subscription/{rule.id}"
+    focus = f"{prefix}{stored.res_type}/{stored.res_id}"
+    status_id = str(uuid.uuid4())
+    parts: list[dict[str, Any]] = [
+        {"name": "event-number", "valueString": str(event)},
+        {"name": "timestamp", "valueInstant": instant(stored.last_updated)},
+    ]
+    if rule.content != "empty":  # an empty payload SHALL NOT reference resources (IG, Payload Types)
+        parts.append({"name": "focus", "valueReference": {"reference": focus}})
+    status = {
+        "resourceType": "Parameters",
+        "id": status_id,
+        "meta": {"profile": [STATUS_PROFILE]},
+        "parameter": [
+            {"name": "subscription", "valueReference": {"reference": subscription}},
+            {"name": "status", "valueCode": "active"},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "events-since-subscription-start", "valueString": str(event)},
+            {"name": "notification-event", "part": parts},
+        ],
+    }
+    # A history Bundle needs request and response on every entry (bdl-3, bdl-4); the status entry's request is the
+    # $status call it answers (IG, Notifications).
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": f"urn:uuid:{status_id}",
+            "resource": status,
+            "request": {"method": "GET", "url": f"{subscription}/$status"},
+            "response": {"status": "200 OK"},
+        }
+    ]
+    if rule.content != "empty":
+        method = stored.method if stored.method in _RESPONSE_STATUS else "POST" if stored.version_id == 1 else "PUT"
+        entry: dict[str, Any] = {"fullUrl": focus}
+        if rule.content == "full-resource":
+            entry["resource"] = resource
+        url = stored.res_type if method == "POST" else f"{stored.res_type}/{stored.res_id}"
+        entry["request"] = {"method": method, "url": url}
+        entry["response"] = {
+            "status": _RESPONSE_STATUS[method],
+            "etag": f'W/"{stored.version_id}"',
+            "lastModified": instant(stored.last_updated),
+        }
+        entries.append(entry)
+    return {
+        "resourceType": "Bundle",
+        # One id per notification: a subscriber that gets it twice (a retry after a lost answer) can tell.
+        "id": str(uuid.uuid4()),
+        "meta": {"profile": [NOTIFICATION_PROFILE]},
+        "type": "history",
+        "timestamp": instant(now_us() if now is None else now),
+        "entry": entries,
+    }
 
 
 def rule_of(subscription: dict[str, Any]) -> Rule:
@@ -106,6 +211,11 @@ def rule_of(subscription: dict[str, Any]) -> Rule:
                 "Subscription.channel.payload",
             )
         )
+    content: str | None = None
+    try:
+        content = payload_content(subscription)
+    except Invalid as error:
+        issues += error.issues
     headers: list[tuple[str, str]] = []
     for index, line in enumerate(channel.get("header") or []):
         match = _HEADER.match(line) if isinstance(line, str) else None
@@ -124,7 +234,57 @@ def rule_of(subscription: dict[str, Any]) -> Rule:
         headers=tuple(headers),
         payload=None if payload is None else str(payload),
         end=_instant_us(end) if isinstance(end, str) else None,
+        content=content,
     )
+
+
+def payload_content(subscription: dict[str, Any]) -> str | None:
+    """The code of the backport payload-content extension on ``channel.payload`` (None without it); Invalid if it
+    is repeated, has no known code, or sits anywhere else (where it would be ignored and the subscriber surprised)."""
+    issues: list[Issue] = []
+    channel = subscription.get("channel")
+    channel = channel if isinstance(channel, dict) else {}
+    for where, owner in (("Subscription", subscription), ("Subscription.channel", channel)):
+        extensions = owner.get("extension")
+        for index, extension in enumerate(extensions if isinstance(extensions, list) else []):
+            if isinstance(extension, dict) and extension.get("url") == PAYLOAD_CONTENT:
+                issues.append(
+                    Issue(
+                        "invalid",
+                        "the backport payload-content extension belongs on Subscription.channel.payload "
+                        "(channel._payload in JSON)",
+                        f"{where}.extension[{index}]",
+                    )
+                )
+    element = channel.get("_payload")
+    extensions = element.get("extension") if isinstance(element, dict) else None
+    found: list[tuple[int, Any]] = [
+        (index, extension)
+        for index, extension in enumerate(extensions if isinstance(extensions, list) else [])
+        if isinstance(extension, dict) and extension.get("url") == PAYLOAD_CONTENT
+    ]
+    for index, _ in found[1:]:
+        issues.append(Issue("invalid", "the payload-content extension is given more than once", _payload_path(index)))
+    code: str | None = None
+    if found:
+        index, extension = found[0]
+        code = extension.get("valueCode")
+        if code not in PAYLOAD_CONTENTS:
+            shown = repr(code)[:64] if "valueCode" in extension else "none"
+            issues.append(
+                Issue(
+                    "code-invalid",
+                    f"payload content {shown} is not known; use one of {', '.join(PAYLOAD_CONTENTS)} (valueCode)",
+                    f"{_payload_path(index)}.valueCode",
+                )
+            )
+    if issues:
+        raise Invalid(issues)
+    return code
+
+
+def _payload_path(index: int) -> str:
+    return f"Subscription.channel.payload.extension[{index}]"
 
 
 def parse_criteria(criteria: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -191,18 +351,24 @@ class Subscriptions:
         if not rules:
             return
         now = now_us()
+        base: str | None = None
         for rule in rules:
             if rule.end is not None and rule.end <= now:
                 continue
-            if self._matches(tx, rule, stored.res_id):
-                outbox.enqueue(
-                    tx,
-                    PARTNER_PREFIX + rule.id,
-                    stored.res_type[:32],  # record_kind is 32 characters; one R4 type name is 33
-                    stored.res_id,
-                    "notification",
-                    notification_payload(rule, resource),
-                )
+            if not self._matches(tx, rule, stored.res_id):
+                continue
+            event = 0
+            if rule.content is not None:
+                event = _next_event(tx, rule.id, now)
+                base = base or fhir_base()
+            outbox.enqueue(
+                tx,
+                PARTNER_PREFIX + rule.id,
+                stored.res_type[:32],  # record_kind is 32 characters; one R4 type name is 33
+                stored.res_id,
+                "notification",
+                notification_payload(rule, resource, stored, event=event, base=base, now=now),
+            )
 
     @staticmethod
     def _matches(tx: WriteTx, rule: Rule, res_id: str) -> bool:
@@ -227,6 +393,46 @@ class Subscriptions:
                     self._cached = (token, rules)
         self._per_tx[tx] = rules
         return rules
+
+
+def _next_event(tx: WriteTx, sub_id: str, now: int) -> int:
+    """The number of this event of the Subscription, counting from 1, taken in the write's transaction.
+
+    The counter record is read locked, so concurrent writes that notify the same Subscription number their events
+    one after the other, and a rolled-back write takes no number. Only backport notifications count (plain R4 ones
+    carry no number); the count survives a delete and a re-create under the same id.
+    """
+    current = tx.record(EVENTS_KIND, sub_id)
+    events = (int(current.content.get("events", 0)) if current is not None else 0) + 1
+    tx.save_record(
+        StoredRecord(
+            kind=EVENTS_KIND,
+            id=sub_id,
+            enrollment_id=None,
+            status="active",
+            version=events,
+            content={"events": events},
+            resources=[],
+            created=current.created if current is not None else now,
+            updated=now,
+        )
+    )
+    return events
+
+
+def fhir_base() -> str | None:
+    """The public base of this FHIR API for the references of a notification: the configured base URL, else that
+    of the request being served; for a write outside a request (sync in the worker) IOP_FHIR_BASE_URL, or None."""
+    from flask import current_app, has_app_context, has_request_context, request
+
+    if has_app_context():
+        settings = current_app.config.get("IOP_FHIR")
+        configured = getattr(settings, "base_url", "")
+        if configured:
+            return str(configured).rstrip("/")
+        if has_request_context():
+            return request.host_url.rstrip("/") + "/fhir"
+    return Settings.from_env().base_url.rstrip("/") or None
 
 
 def _load(tx: WriteTx) -> dict[str, list[Rule]]:

@@ -1,5 +1,6 @@
 """Rest-hook notifications end to end: a write that matches a Subscription is delivered by the worker to the
-subscriber's endpoint, with its headers, as an empty POST or as a PUT of the resource (R4 subscription.html)."""
+subscriber's endpoint, with its headers, as an empty POST or as a PUT of the resource (R4 subscription.html), or as a
+Subscriptions R5 Backport notification Bundle when the channel asks for one."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Receiver:
                         "method": self.command,
                         "path": self.path,
                         "authorization": self.headers.get("Authorization"),
+                        "content_type": self.headers.get("Content-Type"),
                         "body": json.loads(body) if body else None,
                     }
                 )
@@ -64,10 +66,15 @@ def receiver() -> Iterator[Receiver]:
     endpoint.server.server_close()
 
 
-def subscription(endpoint: str, *, payload: bool) -> dict[str, Any]:
+PAYLOAD_CONTENT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content"
+
+
+def subscription(endpoint: str, *, payload: bool, content: str | None = None) -> dict[str, Any]:
     channel: dict[str, Any] = {"type": "rest-hook", "endpoint": endpoint, "header": ["Authorization: Bearer hook-1"]}
     if payload:
         channel["payload"] = "application/fhir+json"
+    if content is not None:
+        channel["_payload"] = {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": content}]}
     return {
         "resourceType": "Subscription",
         "status": "requested",
@@ -89,6 +96,16 @@ def positive_screen_session(client: Any) -> dict[str, Any]:
     return body
 
 
+def cannabinoid_screen(client: Any, session: dict[str, Any]) -> str:
+    """The reference (Type/id) of the session's cannabinoid screen Observation, the one the Subscription follows."""
+    return next(
+        r
+        for r in session["fhir"]
+        if r.startswith("Observation/")
+        and client.get(f"/fhir/{r}").get_json()["code"]["coding"][0]["code"] == "18282-4"
+    )
+
+
 @pytest.mark.parametrize("payload", [False, True], ids=["empty", "full-resource"])
 def test_matching_write_reaches_the_subscriber_once_with_its_headers(
     app: Any, client: Any, receiver: Receiver, payload: bool
@@ -100,12 +117,7 @@ def test_matching_write_reaches_the_subscriber_once_with_its_headers(
     assert len(receiver.received) == 1
     arrived = receiver.received[0]
     assert arrived["authorization"] == "Bearer hook-1"
-    screen = next(
-        r
-        for r in session["fhir"]
-        if r.startswith("Observation/")
-        and client.get(f"/fhir/{r}").get_json()["code"]["coding"][0]["code"] == "18282-4"
-    )
+    screen = cannabinoid_screen(client, session)
     if payload:
         assert (arrived["method"], arrived["path"]) == ("PUT", f"/hook/{screen}")
         assert arrived["body"]["id"] == screen.split("/")[1]
@@ -113,6 +125,32 @@ def test_matching_write_reaches_the_subscriber_once_with_its_headers(
         assert (arrived["method"], arrived["path"], arrived["body"]) == ("POST", "/hook", None)
     rows, _ = store.deliveries(partner_id=None, status="delivered")
     assert len(rows) == 1
+
+
+@pytest.mark.parametrize("content", ["id-only", "full-resource"])
+def test_a_backport_subscriber_receives_a_history_bundle_with_the_focus(
+    app: Any, client: Any, receiver: Receiver, content: str
+) -> None:
+    body = subscription(receiver.url, payload=True, content=content)
+    assert client.post("/fhir/Subscription", json=body).status_code == 201
+    session = positive_screen_session(client)
+    worker.run(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"])
+    (arrived,) = receiver.received
+    assert (arrived["method"], arrived["path"]) == ("POST", "/hook")
+    assert (arrived["authorization"], arrived["content_type"]) == ("Bearer hook-1", "application/fhir+json")
+    bundle = arrived["body"]
+    assert (bundle["resourceType"], bundle["type"]) == ("Bundle", "history")
+    status, focus_entry = bundle["entry"]
+    assert status["resource"]["resourceType"] == "Parameters"
+    (event,) = [p["part"] for p in status["resource"]["parameter"] if p["name"] == "notification-event"]
+    screen = f"{app.config['IOP_FHIR'].base_url}/{cannabinoid_screen(client, session)}"
+    assert {"name": "focus", "valueReference": {"reference": screen}} in event
+    assert {"name": "event-number", "valueString": "1"} in event
+    assert focus_entry["fullUrl"] == screen
+    if content == "full-resource":
+        assert f"{app.config['IOP_FHIR'].base_url}/Observation/{focus_entry['resource']['id']}" == screen
+    else:
+        assert "resource" not in focus_entry
 
 
 def test_a_failing_subscriber_is_retried_and_nothing_is_dropped(

@@ -1,9 +1,14 @@
 """R4 rest-hook Subscriptions: checked when written, activated, and notified through the outbox in the transaction
-of the write that matched them."""
+of the write that matched them; with the Subscriptions R5 Backport payload-content extension, as notification
+Bundles."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,10 +17,14 @@ from flask.testing import FlaskClient
 
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
-from iop_fhir.store.base import Delivery
+from iop_fhir.exchange import subscriptions
+from iop_fhir.store.base import Delivery, StoredResource
 
 ENDPOINT = "https://hooks.example.org/iop/notify"
 LOINC = "http://loinc.org"
+BASE = "http://testserver/fhir"  # the base_url of the test settings
+PAYLOAD_CONTENT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-payload-content"
+VALIDATOR = Path(__file__).resolve().parents[3] / "shared" / "tools" / "fhir-validate"
 
 
 def subscription(criteria: str = f"Observation?code={LOINC}|1975-2", **channel: Any) -> dict[str, Any]:
@@ -26,6 +35,14 @@ def subscription(criteria: str = f"Observation?code={LOINC}|1975-2", **channel: 
         "criteria": criteria,
         "channel": {"type": "rest-hook", "endpoint": ENDPOINT, **channel},
     }
+
+
+def backport(content: Any, **channel: Any) -> dict[str, Any]:
+    """A Subscription asking for backport notifications: ``content`` as the payload-content extension's valueCode."""
+    return subscription(
+        **{"payload": "application/fhir+json", **channel},
+        _payload={"extension": [{"url": PAYLOAD_CONTENT, "valueCode": content}]},
+    )
 
 
 def observation(code: str = "1975-2", status: str = "final") -> dict[str, Any]:
@@ -219,3 +236,209 @@ def test_a_subscription_id_too_long_for_the_outbox_is_refused(client: FlaskClien
     long_id = "s" * 52
     response = client.put(f"/fhir/Subscription/{long_id}", json={**subscription(), "id": long_id})
     assert issue(response) == (400, "value", ["Subscription.id"])
+
+
+# -- Subscriptions R5 Backport payload content (empty, id-only, full-resource) ------------------------------------
+
+
+def status_of(bundle: dict[str, Any]) -> dict[str, Any]:
+    """The first entry's Parameters as name -> value, notification-event as its parts' name -> value."""
+    first = bundle["entry"][0]["resource"]
+    assert first["resourceType"] == "Parameters"
+    found: dict[str, Any] = {}
+    for parameter in first["parameter"]:
+        if "part" in parameter:
+            found[parameter["name"]] = {
+                part["name"]: next(v for k, v in part.items() if k.startswith("value")) for part in parameter["part"]
+            }
+        else:
+            found[parameter["name"]] = next(v for k, v in parameter.items() if k.startswith("value"))
+    return found
+
+
+@pytest.mark.parametrize("content", ["id-only", "full-resource"])
+def test_a_backport_subscription_posts_a_history_bundle_naming_the_focus(
+    app: Flask, client: FlaskClient, content: str
+) -> None:
+    sub_id = subscribe(client, backport(content, header=["X-Source: iop", "Content-Type: text/plain"]))
+    created = client.post("/fhir/Observation", json=observation()).get_json()
+    (row,) = notifications(app, sub_id)
+    assert (row.payload["method"], row.payload["url"]) == ("POST", ENDPOINT)
+    assert row.payload["headers"] == {"X-Source": "iop", "Content-Type": "application/fhir+json"}
+    bundle = row.payload["body"]
+    assert bundle["resourceType"] == "Bundle"
+    assert bundle["type"] == "history"
+    assert len(bundle["entry"]) == 2
+    focus = f"{BASE}/Observation/{created['id']}"
+    assert status_of(bundle) == {
+        "subscription": {"reference": f"{BASE}/Subscription/{sub_id}"},
+        "status": "active",
+        "type": "event-notification",
+        "events-since-subscription-start": "1",
+        "notification-event": {
+            "event-number": "1",
+            "timestamp": created["meta"]["lastUpdated"],
+            "focus": {"reference": focus},
+        },
+    }
+    assert bundle["entry"][0]["request"] == {"method": "GET", "url": f"{BASE}/Subscription/{sub_id}/$status"}
+    entry = bundle["entry"][1]
+    assert entry["fullUrl"] == focus
+    assert entry["request"] == {"method": "POST", "url": "Observation"}
+    assert entry["response"]["status"] == "201 Created"
+    assert entry["response"]["etag"] == 'W/"1"'
+    if content == "full-resource":
+        assert entry["resource"] == client.get(f"/fhir/Observation/{created['id']}").get_json()
+    else:
+        assert "resource" not in entry
+
+
+def test_an_empty_backport_notification_holds_the_status_only_and_names_no_resource(
+    app: Flask, client: FlaskClient
+) -> None:
+    # No payload mime type: the Bundle still goes as FHIR JSON.
+    body = backport("empty")
+    del body["channel"]["payload"]
+    sub_id = subscribe(client, body)
+    client.post("/fhir/Observation", json=observation())
+    (row,) = notifications(app, sub_id)
+    assert row.payload["method"] == "POST"
+    assert row.payload["headers"] == {"Content-Type": "application/fhir+json"}
+    bundle = row.payload["body"]
+    assert [e["resource"]["resourceType"] for e in bundle["entry"]] == ["Parameters"]
+    event = status_of(bundle)["notification-event"]
+    assert event["event-number"] == "1"
+    assert "focus" not in event
+
+
+def test_an_update_is_notified_as_the_put_that_made_the_version(app: Flask, client: FlaskClient) -> None:
+    sub_id = subscribe(client, backport("id-only"))
+    created = client.post("/fhir/Observation", json=observation()).get_json()
+    client.put(f"/fhir/Observation/{created['id']}", json={**observation(), "id": created["id"]})
+    entry = notifications(app, sub_id)[1].payload["body"]["entry"][1]
+    assert entry["request"] == {"method": "PUT", "url": f"Observation/{created['id']}"}
+    assert (entry["response"]["status"], entry["response"]["etag"]) == ("200 OK", 'W/"2"')
+
+
+def test_backport_events_are_numbered_per_subscription_and_a_rolled_back_write_takes_none(
+    app: Flask, client: FlaskClient
+) -> None:
+    first = subscribe(client, backport("id-only"))
+    client.post("/fhir/Observation", json=observation())
+    second = subscribe(client, backport("full-resource"))
+    failed = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"resource": observation(), "request": {"method": "POST", "url": "Observation"}},
+            {
+                "resource": {"resourceType": "Patient", "id": "nobody"},
+                "request": {"method": "PUT", "url": "Patient/nobody", "ifMatch": 'W/"3"'},
+            },
+        ],
+    }
+    assert client.post("/fhir", json=failed).status_code == 412
+    client.post("/fhir/Observation", json=observation())
+    client.post("/fhir/Observation", json=observation())
+
+    def numbers(sub_id: str) -> list[tuple[str, str]]:
+        return [
+            (
+                status_of(r.payload["body"])["events-since-subscription-start"],
+                status_of(r.payload["body"])["notification-event"]["event-number"],
+            )
+            for r in notifications(app, sub_id)
+        ]
+
+    assert numbers(first) == [("1", "1"), ("2", "2"), ("3", "3")]
+    assert numbers(second) == [("1", "1"), ("2", "2")]
+
+
+def test_a_plain_r4_subscription_keeps_no_event_counter(app: Flask, client: FlaskClient) -> None:
+    sub_id = subscribe(client)
+    client.post("/fhir/Observation", json=observation())
+    assert notifications(app, sub_id)[0].payload["body"] is None
+    assert app.extensions["iop_fhir.store"].record(subscriptions.EVENTS_KIND, sub_id) is None
+
+
+def test_without_a_request_the_base_comes_from_the_environment_else_references_are_relative(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("IOP_FHIR_BASE_URL", "https://iop.example.org/fhir/")
+    assert subscriptions.fhir_base() == "https://iop.example.org/fhir"
+    monkeypatch.delenv("IOP_FHIR_BASE_URL")
+    assert subscriptions.fhir_base() is None
+    rule = subscriptions.rule_of({**backport("id-only"), "id": "labs"})
+    stored = StoredResource("Observation", "obs-1", 1, 1_700_000_000_000_000, False, b"{}", "POST")
+    bundle = subscriptions.notification_bundle(rule, {}, stored, event=4, base=None)
+    assert status_of(bundle)["subscription"] == {"reference": "Subscription/labs"}
+    assert status_of(bundle)["notification-event"]["focus"] == {"reference": "Observation/obs-1"}
+
+
+def test_without_a_configured_base_the_request_base_is_used(settings: Settings) -> None:
+    app = create_app(replace(settings, base_url=""))
+    try:
+        client = app.test_client()
+        sub_id = subscribe(client, backport("id-only"))
+        created = client.post("/fhir/Observation", json=observation()).get_json()
+        (row,) = notifications(app, sub_id)
+        assert row.payload["body"]["entry"][1]["fullUrl"] == f"http://localhost/fhir/Observation/{created['id']}"
+    finally:
+        app.extensions["iop_fhir.store"].close()
+
+
+@pytest.mark.parametrize(
+    ("payload_element", "code", "expression"),
+    [
+        (
+            {"extension": [{"url": PAYLOAD_CONTENT, "valueCode": "summary"}]},
+            "code-invalid",
+            "Subscription.channel.payload.extension[0].valueCode",
+        ),
+        (
+            {"extension": [{"url": PAYLOAD_CONTENT, "valueString": "id-only"}]},
+            "code-invalid",
+            "Subscription.channel.payload.extension[0].valueCode",
+        ),
+        (
+            {
+                "extension": [
+                    {"url": "https://iop-fhir.org/fhir/StructureDefinition/other", "valueCode": "x"},
+                    {"url": PAYLOAD_CONTENT, "valueCode": "id-only"},
+                    {"url": PAYLOAD_CONTENT, "valueCode": "empty"},
+                ]
+            },
+            "invalid",
+            "Subscription.channel.payload.extension[2]",
+        ),
+    ],
+)
+def test_a_payload_content_this_server_cannot_honour_is_refused(
+    client: FlaskClient, payload_element: dict[str, Any], code: str, expression: str
+) -> None:
+    body = subscription(payload="application/fhir+json", _payload=payload_element)
+    response = client.post("/fhir/Subscription", json=body)
+    assert issue(response) == (400, code, [expression])
+    assert client.get("/fhir/Subscription").get_json().get("entry") is None
+
+
+def test_a_payload_content_extension_elsewhere_than_on_payload_is_refused(client: FlaskClient) -> None:
+    body = subscription(extension=[{"url": PAYLOAD_CONTENT, "valueCode": "id-only"}])
+    response = client.post("/fhir/Subscription", json=body)
+    assert issue(response) == (400, "invalid", ["Subscription.channel.extension[0]"])
+
+
+def test_backport_notification_bundles_pass_the_independent_validator(
+    sqlite_app: Flask, sqlite_client: FlaskClient, tmp_path: Path
+) -> None:
+    ids = {content: subscribe(sqlite_client, backport(content)) for content in ("empty", "id-only", "full-resource")}
+    created = sqlite_client.post("/fhir/Observation", json=observation()).get_json()
+    sqlite_client.put(f"/fhir/Observation/{created['id']}", json={**observation(), "id": created["id"]})
+    out = tmp_path / "notifications"
+    out.mkdir()
+    for content, sub_id in ids.items():
+        for n, row in enumerate(notifications(sqlite_app, sub_id)):
+            (out / f"{content}-{n}.json").write_text(json.dumps(row.payload["body"]), encoding="utf-8")
+    assert len(list(out.iterdir())) == 6
+    result = subprocess.run([str(VALIDATOR), str(out)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
