@@ -62,7 +62,9 @@ def _filters() -> dict[str, Any]:
         raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
     for name in names:
         if name not in PARAMETERS:
-            raise BadRequest(f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name)
+            raise BadRequest(
+                f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name or "query"
+            )
         if len(request.args.getlist(name)) > 1:
             raise BadRequest(f"{name} is given more than once", name)
     filters: dict[str, Any] = {}

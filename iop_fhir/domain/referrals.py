@@ -94,7 +94,9 @@ def list_referrals() -> Response:
         raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
     for name in names:
         if name not in PARAMETERS:
-            raise BadRequest(f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name)
+            raise BadRequest(
+                f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name or "query"
+            )
         if len(request.args.getlist(name)) > 1:
             raise BadRequest(f"{name} is given more than once", name)
     status = request.args.get("status")
@@ -131,7 +133,9 @@ def admit_referral(referral_id: str) -> Response:
         raise Invalid([Issue("structure", f"the body must be a JSON object, got {schemas.json_type(payload)}")])
     unknown = sorted(set(payload) - {"enrollment"})
     if unknown:
-        raise Invalid([Issue("structure", "unknown field; allowed fields: enrollment", unknown[0][:80])])
+        raise Invalid(
+            [Issue("structure", "unknown field; allowed fields: enrollment", schemas.field_path("", unknown[0]))]
+        )
     enrollment = payload.get("enrollment")
     if not isinstance(enrollment, dict):
         code, text = ("required", "required field is missing") if enrollment is None else ("structure", "")

@@ -7,6 +7,7 @@ nothing: the loaded record has the payload's own names and values (dates stay st
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from iop_fhir.errors import Invalid, Issue
+from iop_fhir.fhir.validation import CONTROL_RE
 
 # Kind names (as the service takes them) and the collection names of /iop URLs.
 KINDS: tuple[str, ...] = (
@@ -42,11 +44,13 @@ PARTNER_KINDS = ("hospital-ehr", "inpatient-unit", "aftercare-provider")
 AUTH_TYPES = ("none", "bearer", "smart-backend-services")
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 100
+FHIR_INTEGER_MIN, FHIR_INTEGER_MAX = -(2**31), 2**31 - 1  # https://hl7.org/fhir/R4/datatypes.html#integer
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?")
 _PHONE = re.compile(r"\+?[0-9][0-9 ()\-.]{5,30}[0-9]")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:\S+")
 
 
@@ -128,6 +132,14 @@ class Text(_Strict, fields.String):
             raise _wrong_type("a string", value)
         if not value.strip():
             raise _error("value", "must not be empty")
+        control = CONTROL_RE.search(value)
+        if control is not None:
+            # Refused here, naming the field: the FHIR resource the value lands in would refuse it at its own path.
+            raise _error(
+                "value",
+                f"must not contain control characters (below U+0020, other than tab, CR and LF); "
+                f"found U+{ord(control.group()):04X} at position {control.start()}",
+            )
         self._check(value)
         return value
 
@@ -238,11 +250,15 @@ class DateTime(Text):
 
 
 class Integer(_Strict, fields.Integer):
+    """A JSON integer within the range of a FHIR integer (32 bits), which is where it ends up."""
+
     def _deserialize(self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float):
                 raise _error("structure", f"must be an integer, got {value}")
             raise _wrong_type("an integer", value)
+        if not FHIR_INTEGER_MIN <= value <= FHIR_INTEGER_MAX:
+            raise _error("value", f"must be between {FHIR_INTEGER_MIN} and {FHIR_INTEGER_MAX}, got {value}")
         return value
 
 
@@ -717,6 +733,15 @@ def issues(messages: Any) -> list[Issue]:
     return found
 
 
+def field_path(path: str, key: str) -> str:
+    """The path of member ``key`` under ``path``; a key that is not a plain name (an empty one, one with a dot) is
+    quoted, so that the path still names it: ``a["b.c"]``, ``[""]``. Keys are cut at 80 characters."""
+    if _NAME.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    shown = key if len(key) <= 80 else key[:80] + "..."
+    return f"{path}[{json.dumps(shown, ensure_ascii=False)}]"
+
+
 def _collect(messages: Any, path: str, found: list[Issue]) -> None:
     if isinstance(messages, dict):
         for key, nested in messages.items():
@@ -725,7 +750,7 @@ def _collect(messages: Any, path: str, found: list[Issue]) -> None:
             elif isinstance(key, int):
                 child = f"{path}[{key}]"
             else:
-                child = f"{path}.{key}" if path else str(key)
+                child = field_path(path, str(key))
             _collect(nested, child, found)
     elif isinstance(messages, list):
         for message in messages:

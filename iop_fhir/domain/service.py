@@ -77,11 +77,12 @@ class RecordService:
             if existing is not None and existing.status == ACTIVE:
                 if existing.content == derived.record:
                     return self._body(existing, derived.warnings), False
-                raise Conflict(
+                text = (
                     f"this {kind} is already recorded as {rid} with different content; "
-                    f"send PUT /iop/{PLURALS[kind]}/{rid} to change it",
-                    code="duplicate",
+                    f"send PUT /iop/{PLURALS[kind]}/{rid} to change it"
                 )
+                # One issue per field of the key that names the record: those are what collide.
+                raise Conflict(issues=[Issue("duplicate", text, path) for path in self._key_paths(kind)])
             stored = self._save(tx, kind, rid, derived.record, existing, context)
         # After the commit: what the body adds (a transition's delivery) is read back through the store.
         return self._body(stored, derived.warnings), True
@@ -138,7 +139,7 @@ class RecordService:
     def get(self, kind: str, rid: str) -> dict[str, Any]:
         record = self.store.record(kind, rid)
         if record is None:
-            raise NotFound(f"{kind} {rid} is not known")
+            raise NotFound(f"{kind} {rid} is not known", "id")
         return self._body(record, [])
 
     def list_records(self, kind: str, *, enrollment_id: str | None, offset: int, count: int) -> dict[str, Any]:
@@ -170,10 +171,21 @@ class RecordService:
 
     # -- steps -----------------------------------------------------------------------------------------------
 
+    def _key_paths(self, kind: str) -> list[str]:
+        """The JSON paths of the fields whose values name a record of ``kind`` ($a.b.0.c as a.b[0].c)."""
+        spec = self.engine.spec(kind)
+        paths = []
+        for part in [spec.id] if spec.id is not None else spec.key:
+            if not isinstance(part, str) or not part.startswith("$"):
+                continue
+            steps = part[1:].split(".")
+            paths.append("".join(f"[{s}]" if s.isdigit() else f".{s}" for s in steps).lstrip("."))
+        return paths
+
     def _existing(self, tx: WriteTx, kind: str, rid: str) -> StoredRecord:
         existing = tx.record(kind, rid)
         if existing is None:
-            raise NotFound(f"{kind} {rid} is not known")
+            raise NotFound(f"{kind} {rid} is not known", "id")
         return existing
 
     def _context(self, tx: WriteTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:

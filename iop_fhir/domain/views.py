@@ -91,7 +91,9 @@ def _list_query() -> tuple[str | None, int, int]:
         raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
     for name in names:
         if name not in LIST_PARAMETERS:
-            raise BadRequest(f"unknown query parameter {name[:40]!r}; allowed: {', '.join(LIST_PARAMETERS)}", name)
+            raise BadRequest(
+                f"unknown query parameter {name[:40]!r}; allowed: {', '.join(LIST_PARAMETERS)}", name or "query"
+            )
         if len(request.args.getlist(name)) > 1:
             raise BadRequest(f"{name} is given more than once", name)
     settings = current_app.config["IOP_FHIR"]
