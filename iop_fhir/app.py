@@ -16,6 +16,7 @@ from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Issue, operation_outcome
 from iop_fhir.fhir import http
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.security import headers
 from iop_fhir.store import migrate
 from iop_fhir.store.base import Store
 from iop_fhir.store.sql import SqlStore
@@ -98,6 +99,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["iop_fhir.api"] = api
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)
+    headers.install(app, settings.cors_origins)
     return app
 
 

@@ -28,6 +28,7 @@ class Settings:
     secrets_dir: Path = Path(".")  # relative token and key file paths of partners resolve against it
     outbox_max_attempts: int = 8  # a delivery failing this many times is dead (kept, retried only by hand)
     worker_lease_seconds: int = 60  # how long a worker holds a claimed delivery before another may take it
+    cors_origins: str = ""  # comma-separated browser origins allowed to call the API; empty = CORS off
 
     @property
     def terminology_dir(self) -> Path:
@@ -77,4 +78,6 @@ DESCRIPTIONS = {
     "through `POST /iop/deliveries/{id}/retry`); retries back off exponentially from 2 s up to 1 h, with jitter",
     "worker_lease_seconds": "how long `iop-fhir worker` holds a claimed delivery; if the worker dies, another "
     "takes the delivery after this",
+    "cors_origins": "comma-separated browser origins (`https://app.example.org`) allowed to call the API; empty: "
+    "no CORS headers at all",
 }
