@@ -10,7 +10,7 @@ from typing import Any
 from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
-from iop_fhir.domain import schemas
+from iop_fhir.domain import query, schemas
 from iop_fhir.domain.views import JSON, OperationOutcomeSchema, json_response
 from iop_fhir.errors import BadRequest, Conflict, NotFound
 from iop_fhir.exchange import outbox
@@ -18,7 +18,6 @@ from iop_fhir.fhir.instants import now_us
 from iop_fhir.store.base import DELIVERY_STATUSES, RETRYABLE_BY_HAND, Delivery, Store
 
 PARAMETERS = ("partner", "status", "record", "offset", "count")
-_NUMBER = re.compile(r"[0-9]{1,18}")
 _RECORD = re.compile(r"([a-z][a-z0-9-]{0,31})/([A-Za-z0-9\-.]{1,64})")
 
 bp = Blueprint(
@@ -43,30 +42,8 @@ def _store() -> Store:
     return store
 
 
-def _integer(name: str, default: int, maximum: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not _NUMBER.fullmatch(raw):
-        raise BadRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
-    value = int(raw)
-    if maximum is not None and value > maximum:
-        raise BadRequest(f"{name} must be at most {maximum}, got {value}", name)
-    return value
-
-
 def _filters() -> dict[str, Any]:
-    try:
-        names = list(request.args)
-    except UnicodeDecodeError:
-        raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
-    for name in names:
-        if name not in PARAMETERS:
-            raise BadRequest(
-                f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name or "query"
-            )
-        if len(request.args.getlist(name)) > 1:
-            raise BadRequest(f"{name} is given more than once", name)
+    query.check_parameters(PARAMETERS)
     filters: dict[str, Any] = {}
     partner = request.args.get("partner")
     if partner is not None:
@@ -85,9 +62,7 @@ def _filters() -> dict[str, Any]:
         if found is None:
             raise BadRequest(f"record must be <kind>/<id>, e.g. discharge/d1, got {record[:80]!r}", "record")
         filters["record_kind"], filters["record_id"] = found.groups()
-    settings = current_app.config["IOP_FHIR"]
-    filters["offset"] = _integer("offset", 0)
-    filters["count"] = _integer("count", settings.default_page_size, settings.max_page_size)
+    filters["offset"], filters["count"] = query.paging()
     return filters
 
 

@@ -3,7 +3,6 @@ accept, decline, no-show, admit. Each route parses its body and makes one call t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,14 +10,13 @@ from flask import Response, current_app, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError
 
-from iop_fhir.domain import schemas
+from iop_fhir.domain import query, schemas
 from iop_fhir.domain.views import JSON, OperationOutcomeSchema, _json_body, json_response
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
 from iop_fhir.exchange.referrals import STATUSES, ReferralService
 from iop_fhir.fhir.views import base_url
 
 PARAMETERS = ("status", "offset", "count")
-_NUMBER = re.compile(r"[0-9]{1,18}")
 
 bp = Blueprint(
     "referrals",
@@ -75,36 +73,12 @@ def _referral_id(referral_id: str) -> str:
     return referral_id
 
 
-def _integer(name: str, default: int, maximum: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not _NUMBER.fullmatch(raw):
-        raise BadRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
-    value = int(raw)
-    if maximum is not None and value > maximum:
-        raise BadRequest(f"{name} must be at most {maximum}, got {value}", name)
-    return value
-
-
 def list_referrals() -> Response:
-    try:
-        names = list(request.args)
-    except UnicodeDecodeError:
-        raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
-    for name in names:
-        if name not in PARAMETERS:
-            raise BadRequest(
-                f"unknown query parameter {name[:40]!r}; allowed: {', '.join(PARAMETERS)}", name or "query"
-            )
-        if len(request.args.getlist(name)) > 1:
-            raise BadRequest(f"{name} is given more than once", name)
+    query.check_parameters(PARAMETERS)
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status[:40]!r}", "status")
-    settings = current_app.config["IOP_FHIR"]
-    offset = _integer("offset", 0)
-    count = _integer("count", settings.default_page_size, settings.max_page_size)
+    offset, count = query.paging()
     return json_response(_service().list_referrals(status=status, offset=offset, count=count))
 
 

@@ -5,21 +5,19 @@ Request and response bodies are application/json; errors are OperationOutcomes (
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import orjson
-from flask import Response, current_app, request, url_for
+from flask import Response, request, url_for
 from flask_smorest import Api, Blueprint
 from marshmallow import Schema, fields
 
-from iop_fhir.domain import schemas, service
+from iop_fhir.domain import query, schemas, service
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound, UnsupportedMediaType
 
 JSON = "application/json"
 LIST_PARAMETERS = ("enrollment", "offset", "count")
-_NUMBER = re.compile(r"[0-9]{1,18}")
 
 bp = Blueprint(
     "iop",
@@ -72,36 +70,12 @@ def _json_body(*, optional: bool = False) -> Any:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="structure") from None
 
 
-def _integer(name: str, default: int, maximum: int | None = None) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not _NUMBER.fullmatch(raw):
-        raise BadRequest(f"{name} must be a non-negative integer, got {raw[:40]!r}", name)
-    value = int(raw)
-    if maximum is not None and value > maximum:
-        raise BadRequest(f"{name} must be at most {maximum}, got {value}", name)
-    return value
-
-
 def _list_query() -> tuple[str | None, int, int]:
-    try:
-        names = list(request.args)
-    except UnicodeDecodeError:
-        raise BadRequest("the query string is not UTF-8 (percent-encode the UTF-8 bytes of a value)", "query") from None
-    for name in names:
-        if name not in LIST_PARAMETERS:
-            raise BadRequest(
-                f"unknown query parameter {name[:40]!r}; allowed: {', '.join(LIST_PARAMETERS)}", name or "query"
-            )
-        if len(request.args.getlist(name)) > 1:
-            raise BadRequest(f"{name} is given more than once", name)
-    settings = current_app.config["IOP_FHIR"]
+    query.check_parameters(LIST_PARAMETERS)
     enrollment = request.args.get("enrollment")
     if enrollment is not None and not schemas.FHIR_ID.fullmatch(enrollment):
         raise BadRequest(f"enrollment must be an enrollment id, got {enrollment[:80]!r}", "enrollment")
-    offset = _integer("offset", 0)
-    count = _integer("count", settings.default_page_size, settings.max_page_size)
+    offset, count = query.paging()
     return enrollment, offset, count
 
 

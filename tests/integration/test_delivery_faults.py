@@ -23,6 +23,7 @@ import requests
 
 from iop_fhir.exchange import outbox, worker
 from iop_fhir.mapping import ids
+from tests.integration.conftest import running_ehr_server
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CONTRACT = SHARED / "contract"
@@ -102,22 +103,9 @@ class FaultProxy:
 
 @pytest.fixture(scope="module")
 def ehr_server() -> Iterator[str]:
-    process = subprocess.Popen(
-        [str(SHARED / "tools" / "ehr-server"), "--port", "0", "--quiet", "--base", "/"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline().split()
-        assert first and first[0] == "listening", first
-        yield first[1].rstrip("/")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
+    """Served at the root, so that the proxy forwards paths unchanged."""
+    with running_ehr_server("--base", "/") as base:
+        yield base
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ pulled from into the enrolled patient's record without duplicates."""
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +22,6 @@ ADMISSION = {"program": "adult-sud", "level_of_care": "2.1", "admission_date": "
 OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 pytestmark = pytest.mark.peers
-
-
-@pytest.fixture(scope="module")
-def ehr_server() -> Iterator[str]:
-    process = subprocess.Popen(
-        [str(SHARED / "tools" / "ehr-server"), "--port", "0", "--quiet"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline().split()
-        assert first and first[0] == "listening", first
-        yield first[1].rstrip("/")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 @pytest.fixture
