@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,36 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if skipped:
         reporter.write_line(f"{len(skipped)} test(s) skipped; IOP_FHIR_FORBID_SKIPS=1 makes that a failure", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# -- the independent FHIR server that plays hospitals, inpatient units and aftercare providers --------------------
+
+TOOLS = Path(__file__).resolve().parents[2] / "shared" / "tools"
+
+
+@contextmanager
+def running_ehr_server(*arguments: str) -> Iterator[str]:
+    """Starts ehr-server on a free port and yields its FHIR base URL (without a trailing slash)."""
+    process = subprocess.Popen(
+        [str(TOOLS / "ehr-server"), "--port", "0", "--quiet", *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        first = process.stdout.readline().split()
+        assert first and first[0] == "listening", first
+        yield first[1].rstrip("/")
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def ehr_server() -> Iterator[str]:
+    """ehr-server with its FHIR API at <root>/fhir/R4, one per test module."""
+    with running_ehr_server() as base:
+        yield base

@@ -23,7 +23,7 @@ import requests
 
 from iop_fhir.exchange import outbox, worker
 from iop_fhir.mapping import ids
-from tests.integration.conftest import running_ehr_server
+from tests.conftest import running_ehr_server
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CONTRACT = SHARED / "contract"
