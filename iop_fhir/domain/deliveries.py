@@ -4,14 +4,13 @@ blocked deliveries. Payload bodies hold PHI and are never shown, only summarised
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
 from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
-from iop_fhir.domain import query, schemas
-from iop_fhir.domain.views import JSON, OperationOutcomeSchema, json_response
+from iop_fhir.domain import schemas, web
+from iop_fhir.domain.web import json_response
 from iop_fhir.errors import BadRequest, Conflict, NotFound
 from iop_fhir.exchange import outbox
 from iop_fhir.fhir.instants import now_us
@@ -27,7 +26,6 @@ bp = Blueprint(
     description="Deliveries to partners through the outbox (application/json): status, errors, replay.",
 )
 
-_OUTCOME = {"schema": OperationOutcomeSchema, "content_type": JSON}
 _LIST_DOC = [
     {"in": "query", "name": "partner", "schema": {"type": "string"}, "description": "a partner id"},
     {"in": "query", "name": "status", "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)}},
@@ -43,7 +41,7 @@ def _store() -> Store:
 
 
 def _filters() -> dict[str, Any]:
-    query.check_parameters(PARAMETERS)
+    web.check_parameters(PARAMETERS)
     filters: dict[str, Any] = {}
     partner = request.args.get("partner")
     if partner is not None:
@@ -62,7 +60,7 @@ def _filters() -> dict[str, Any]:
         if found is None:
             raise BadRequest(f"record must be <kind>/<id>, e.g. discharge/d1, got {record[:80]!r}", "record")
         filters["record_kind"], filters["record_id"] = found.groups()
-    filters["offset"], filters["count"] = query.paging()
+    filters["offset"], filters["count"] = web.paging()
     return filters
 
 
@@ -99,45 +97,31 @@ def retry_delivery(delivery_id: str) -> Response:
     return json_response(outbox.to_json(_delivery(delivery_id)))
 
 
-def _route(
-    rule: str,
-    method: str,
-    view: Callable[..., Response],
-    summary: str,
-    success: str,
-    errors: dict[int, str],
-    parameters: list[dict[str, Any]] | None = None,
-) -> None:
-    documented: dict[str, Any] = {"summary": summary, **({"parameters": parameters} if parameters else {})}
-    view = bp.doc(**documented)(view)
-    view = bp.alt_response(200, description=success, content_type=JSON, success=True)(view)
-    for status, description in errors.items():
-        view = bp.alt_response(status, description=description, **_OUTCOME)(view)
-    bp.add_url_rule(rule, view.__name__, view, methods=[method])
-
-
-_route(
+web.route(
+    bp,
     "/deliveries",
     "GET",
     list_deliveries,
     "List deliveries to partners, oldest first",
-    "{total, offset, count, items}",
-    {400: "OperationOutcome: a bad query parameter"},
-    _LIST_DOC,
+    success_description="{total, offset, count, items}",
+    errors={400: "OperationOutcome: a bad query parameter"},
+    parameters=_LIST_DOC,
 )
-_route(
+web.route(
+    bp,
     "/deliveries/<delivery_id>",
     "GET",
     get_delivery,
     "Read a delivery: status, attempts, next attempt, last error (with the partner's OperationOutcome)",
-    "the delivery",
-    {404: "OperationOutcome"},
+    success_description="the delivery",
+    errors={404: "OperationOutcome"},
 )
-_route(
+web.route(
+    bp,
     "/deliveries/<delivery_id>/retry",
     "POST",
     retry_delivery,
     "Send a dead or blocked delivery again: it becomes pending and due now, its attempts kept",
-    "the delivery, pending",
-    {404: "OperationOutcome", 409: "OperationOutcome: the delivery is not dead or blocked"},
+    success_description="the delivery, pending",
+    errors={404: "OperationOutcome", 409: "OperationOutcome: the delivery is not dead or blocked"},
 )

@@ -3,15 +3,14 @@ accept, decline, no-show, admit. Each route parses its body and makes one call t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from flask import Response, current_app, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError
 
-from iop_fhir.domain import query, schemas
-from iop_fhir.domain.views import JSON, OperationOutcomeSchema, _json_body, json_response
+from iop_fhir.domain import schemas, web
+from iop_fhir.domain.web import json_response
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
 from iop_fhir.exchange.referrals import STATUSES, ReferralService
 from iop_fhir.fhir.views import base_url
@@ -74,11 +73,11 @@ def _referral_id(referral_id: str) -> str:
 
 
 def list_referrals() -> Response:
-    query.check_parameters(PARAMETERS)
+    web.check_parameters(PARAMETERS)
     status = request.args.get("status")
     if status is not None and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}, got {status[:40]!r}", "status")
-    offset, count = query.paging()
+    offset, count = web.paging()
     return json_response(_service().list_referrals(status=status, offset=offset, count=count))
 
 
@@ -87,22 +86,22 @@ def get_referral(referral_id: str) -> Response:
 
 
 def accept_referral(referral_id: str) -> Response:
-    body = _load(_ACCEPT, _json_body(), "an acceptance")
+    body = _load(_ACCEPT, web.json_body(), "an acceptance")
     return json_response(_service().accept(_referral_id(referral_id), body["planned_admission"], base_url()))
 
 
 def decline_referral(referral_id: str) -> Response:
-    body = _load(_DECLINE, _json_body(), "a decline")
+    body = _load(_DECLINE, web.json_body(), "a decline")
     return json_response(_service().decline(_referral_id(referral_id), body["reason"], base_url()))
 
 
 def no_show_referral(referral_id: str) -> Response:
-    _load(_NO_SHOW, _json_body(optional=True) or {}, "a no-show")
+    _load(_NO_SHOW, web.json_body(optional=True) or {}, "a no-show")
     return json_response(_service().no_show(_referral_id(referral_id), base_url()))
 
 
 def admit_referral(referral_id: str) -> Response:
-    payload = _json_body()
+    payload = web.json_body()
     if not isinstance(payload, dict):
         raise Invalid([Issue("structure", f"the body must be a JSON object, got {schemas.json_type(payload)}")])
     unknown = sorted(set(payload) - {"enrollment"})
@@ -118,7 +117,6 @@ def admit_referral(referral_id: str) -> Response:
     return json_response(_service().admit(_referral_id(referral_id), enrollment, base_url()))
 
 
-_OUTCOME = {"schema": OperationOutcomeSchema, "content_type": JSON}
 _LIST_DOC = [
     {"in": "query", "name": "status", "schema": {"type": "string", "enum": list(STATUSES)}},
     {"in": "query", "name": "offset", "schema": {"type": "integer", "minimum": 0}},
@@ -132,72 +130,63 @@ _ACTION_ERRORS = {
 }
 
 
-def _route(
-    rule: str,
-    method: str,
-    view: Callable[..., Response],
-    summary: str,
-    success: str,
-    errors: dict[int, str],
-    *,
-    body: type[Schema] | None = None,
-    body_required: bool = True,
-    parameters: list[dict[str, Any]] | None = None,
-) -> None:
-    documented: dict[str, Any] = {"summary": summary, **({"parameters": parameters} if parameters else {})}
-    if body is not None:
-        documented["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
-    view = bp.doc(**documented)(view)
-    view = bp.alt_response(200, description=success, content_type=JSON, success=True)(view)
-    for status, description in errors.items():
-        view = bp.alt_response(status, description=description, **_OUTCOME)(view)
-    bp.add_url_rule(rule, view.__name__, view, methods=[method])
-
-
-_route(
+web.route(
+    bp,
     "/referrals",
     "GET",
     list_referrals,
     "List inbound referrals, oldest first",
-    "{total, offset, count, items}",
-    {400: "OperationOutcome: a bad query parameter"},
+    success_description="{total, offset, count, items}",
+    errors={400: "OperationOutcome: a bad query parameter"},
     parameters=_LIST_DOC,
 )
-_route("/referrals/<referral_id>", "GET", get_referral, "Read a referral", "the referral", {404: "OperationOutcome"})
-_route(
+web.route(
+    bp,
+    "/referrals/<referral_id>",
+    "GET",
+    get_referral,
+    "Read a referral",
+    success_description="the referral",
+    errors={404: "OperationOutcome"},
+)
+web.route(
+    bp,
     "/referrals/<referral_id>/accept",
     "POST",
     accept_referral,
     "Accept a referral with a planned admission date (again: reschedule); Task accepted, BSeR 3.0",
-    "the referral",
-    _ACTION_ERRORS,
+    success_description="the referral",
+    errors=_ACTION_ERRORS,
     body=AcceptSchema,
 )
-_route(
+web.route(
+    bp,
     "/referrals/<referral_id>/decline",
     "POST",
     decline_referral,
     "Decline a referral with a reason; Task rejected, BSeR 4.0",
-    "the referral",
-    _ACTION_ERRORS,
+    success_description="the referral",
+    errors=_ACTION_ERRORS,
     body=DeclineSchema,
 )
-_route(
+web.route(
+    bp,
     "/referrals/<referral_id>/no-show",
     "POST",
     no_show_referral,
     "The patient did not come on the planned admission date; Task failed, BSeR 5.1.2",
-    "the referral",
-    _ACTION_ERRORS,
+    success_description="the referral",
+    errors=_ACTION_ERRORS,
     body=NoShowSchema,
     body_required=False,
 )
-_route(
+web.route(
+    bp,
     "/referrals/<referral_id>/admit",
     "POST",
     admit_referral,
     "Admit the patient: records the enrollment and completes the Task with its EpisodeOfCare; BSeR 7.0",
-    "the referral",
-    {**_ACTION_ERRORS, 422: "OperationOutcome: the enrollment is refused"},
+    success_description="the referral",
+    errors={**_ACTION_ERRORS, 422: "OperationOutcome: the enrollment is refused"},
     body=AdmitSchema,
 )

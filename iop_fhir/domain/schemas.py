@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from iop_fhir.errors import Invalid, Issue
+from iop_fhir.fhir import validation
 from iop_fhir.fhir.validation import CONTROL_RE
 
 # Kind names (as the service takes them) and the collection names of /iop URLs.
@@ -74,19 +75,7 @@ def _error(code: str, text: str) -> ValidationError:
 
 
 def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    return validation.json_type(value, article=False)
 
 
 def _wrong_type(expected: str, value: Any) -> ValidationError:

@@ -3,6 +3,7 @@ replay, update, retract, and read it back. The functions at the bottom are what 
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ from iop_fhir.fhir import validation
 from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.mapping import ids
-from iop_fhir.mapping.engine import Engine, Overlay, Produced, merge
+from iop_fhir.mapping.engine import PART2_LABELS, Engine, Overlay, Produced, merge
 from iop_fhir.store.base import StoredRecord, WriteTx
 
 log = logging.getLogger("iop_fhir.records")
@@ -417,7 +418,7 @@ class RecordService:
             "id": prov_id,
             "meta": {
                 "profile": [f"{ids.CANONICAL}/StructureDefinition/iop-record-provenance"],
-                "security": self.engine_labels(),
+                "security": copy.deepcopy(PART2_LABELS),
             },
             "target": targets or [{"reference": f"Provenance/{prov_id}"}],
             "recorded": instant(record.updated),
@@ -456,10 +457,6 @@ class RecordService:
         }
         self.repository.update_in(tx, "Provenance", prov_id, provenance)
         return f"Provenance/{prov_id}"
-
-    @staticmethod
-    def engine_labels() -> list[dict[str, Any]]:
-        from iop_fhir.mapping.engine import PART2_LABELS
 
         return [dict(label) for label in PART2_LABELS]
 

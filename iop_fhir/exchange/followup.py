@@ -75,9 +75,6 @@ def follow(
             latest_version = tx.current(res_type, res_id)
             if latest_version is None or latest_version.content is None:
                 continue
-            body = {**orjson.loads(latest_version.content), **update}
-            body.pop("meta", None)
-            body["meta"] = orjson.loads(latest_version.content).get("meta", {})
-            repository.update_in(tx, res_type, res_id, body)
+            repository.update_in(tx, res_type, res_id, {**orjson.loads(latest_version.content), **update})
         changed += 1
     return changed

@@ -227,7 +227,7 @@ def validate(
     (``Observation.valueQuantity.value``) and ``_name`` siblings reported at ``name``.
     """
     if not isinstance(resource, dict):
-        return [Issue("structure", f"A resource must be a JSON object, not {_json_type(resource)}", expected_type)]
+        return [Issue("structure", f"A resource must be a JSON object, not {json_type(resource)}", expected_type)]
     res_type = resource.get("resourceType")
     if not isinstance(res_type, str) or not res_type:
         return [Issue("structure", "The resource has no resourceType", "resourceType")]
@@ -348,7 +348,7 @@ class _Walker:
                 if type(value) is not list:
                     self.add(
                         "structure",
-                        f"{el.path} repeats (max {el.max}): its value must be a JSON array, not {_json_type(value)}",
+                        f"{el.path} repeats (max {el.max}): its value must be a JSON array, not {json_type(value)}",
                         epath,
                     )
                     self.value(value, el, epath, ctx)
@@ -422,14 +422,14 @@ class _Walker:
                 elif type(item) is not dict:
                     self.add(
                         "structure",
-                        f"{key} items must be JSON objects, not {_json_type(item)}",
+                        f"{key} items must be JSON objects, not {json_type(item)}",
                         f"{epath}[{i}]",
                     )
                 else:
                     has_value = type(values) is list and i < len(values) and values[i] is not None
                     self.object(item, element, f"{epath}[{i}]", ctx, has_value=has_value)
         elif type(value) is not dict:
-            self.add("structure", f"{key} must be a JSON object (id and extension), not {_json_type(value)}", epath)
+            self.add("structure", f"{key} must be a JSON object (id and extension), not {json_type(value)}", epath)
         else:
             self.object(value, element, epath, ctx, has_value=obj.get(name) is not None)
 
@@ -440,7 +440,7 @@ class _Walker:
             if _check_primitive(value, prim, path, self.add) and el.codes is not None and value not in el.codes:
                 self.add("code-invalid", _not_in_value_set(value, el, None), path)
         elif type(value) is not dict:
-            self.add("structure", f"{el.path} must be a JSON object, not {_json_type(value)}", path)
+            self.add("structure", f"{el.path} must be a JSON object, not {json_type(value)}", path)
         elif el.kind == RESOURCE:
             res_type = value.get("resourceType")
             if not isinstance(res_type, str) or res_type not in _r4_types():
@@ -523,7 +523,7 @@ def _check_primitive(value: Any, prim: Primitive, path: str, add: Callable[[str,
     kind = prim.json
     if kind == "string":
         if type(value) is not str:
-            add("structure", f"a {prim.name} must be a JSON string, not {_json_type(value)}", path)
+            add("structure", f"a {prim.name} must be a JSON string, not {json_type(value)}", path)
             return False
         if not value:
             add("value", "an empty string is not allowed: an element must have a value or children", path)
@@ -557,11 +557,11 @@ def _check_primitive(value: Any, prim: Primitive, path: str, add: Callable[[str,
         return True
     if kind == "boolean":
         if type(value) is not bool:
-            add("structure", f"a boolean must be JSON true or false, not {_json_type(value)}", path)
+            add("structure", f"a boolean must be JSON true or false, not {json_type(value)}", path)
             return False
         return True
     if type(value) is bool or not isinstance(value, int | float):
-        add("structure", f"a {prim.name} must be a JSON number, not {_json_type(value)}", path)
+        add("structure", f"a {prim.name} must be a JSON number, not {json_type(value)}", path)
         return False
     if kind == "integer":
         if type(value) is not int:
@@ -613,20 +613,23 @@ def _short(value: str, limit: int = 80) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any, *, article: bool = True) -> str:
+    """The JSON kind of a parsed value, for messages: "a string", "an object", "null" (or "string" without article)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+        kind = "a boolean"
+    elif isinstance(value, int | float):
+        kind = "a number"
+    elif isinstance(value, str):
+        kind = "a string"
+    elif isinstance(value, list):
+        kind = "an array"
+    elif isinstance(value, dict):
+        kind = "an object"
+    else:
+        return type(value).__name__
+    return kind if article else kind.split(" ", 1)[1]
 
 
 # ---- fhir.resources.R4B as a second opinion ---------------------------------------------------------------

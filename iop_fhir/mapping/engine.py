@@ -23,7 +23,6 @@ import copy
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import orjson
@@ -202,7 +201,7 @@ class Engine:
             branch = expr.get("then") if ok else expr.get("else")
             return MISSING if branch is None else self.value(branch, scope, issues)
         if op == "$lookup":
-            table = self._table(scope, expr["$lookup"])
+            table = self._tables.get(expr["$lookup"], {})
             key = self.value(expr["key"], scope, issues)
             entry = table.get(key) if key is not MISSING else None
             if entry is None:
@@ -231,10 +230,6 @@ class Engine:
         if op == "$each":
             return self._each(expr, scope, issues) or MISSING
         raise ValueError(f"unknown template operator {op}")
-
-    def _table(self, scope: _Scope, name: str) -> dict[str, Any]:
-        table: dict[str, Any] = self._tables[name]
-        return table
 
     def _text(self, template: str, scope: _Scope) -> Any:
         missing = False
@@ -369,8 +364,6 @@ class Engine:
             for scope, key in self._instances(res_spec.each, res_spec.as_, res_spec.key, _Scope(record), issues):
                 if res_spec.when is not None and not _truthy(self.value(res_spec.when, scope, issues)):
                     continue
-                for name, expr in res_spec.let.items():
-                    scope = scope.bind(name, self.value(expr, scope, issues), "")
                 body = self.value(res_spec.template, scope, issues)
                 if body is MISSING:
                     body = {}
@@ -502,8 +495,6 @@ class Engine:
                     body["identifier"] = [i for i in body["identifier"] if i.get("system") != ids.RECORD_SYSTEM]
                     if not body["identifier"]:
                         del body["identifier"]
-                for name in res_spec.let:
-                    scope = scope.bind(name, {}, "")
                 self._unify(res_spec.template, body, scope)
                 if "$value" in item and res_spec.each is not None:
                     _assign(record, res_spec.each[1:], item.pop("$value"), index=n)
@@ -824,7 +815,3 @@ def merge(resource: dict[str, Any], fragment: Mapping[str, Any]) -> dict[str, An
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def parse_instant(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-RESOURCE_KEYS = {"id", "role", "type", "profile", "each", "as", "key", "when", "shared", "template", "retract", "let"}
+RESOURCE_KEYS = {"id", "role", "type", "profile", "each", "as", "key", "when", "shared", "template", "retract"}
 UPDATE_KEYS = {"record", "role", "each", "as", "key", "merge", "when"}
 SPEC_KEYS = {
     "kind",
@@ -45,7 +45,6 @@ class ResourceSpec:
     when: Any = None
     shared: list[Any] | None = None
     retract: dict[str, Any] | None = None
-    let: dict[str, Any] = field(default_factory=dict)
     id: str | None = None  # the resource id is this field (a partner's Organization is named by the partner id)
 
 
@@ -122,7 +121,6 @@ def parse(data: Any, source: str) -> MappingSpec:
                 when=raw.get("when"),
                 shared=raw.get("shared"),
                 retract=raw.get("retract"),
-                let=raw.get("let") or {},
                 id=raw.get("id"),
             )
         )

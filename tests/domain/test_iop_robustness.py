@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,6 +21,8 @@ import pytest
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from tests.mutations import mutate, paths
 
 CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "contract"
 JSON = "application/json"
@@ -166,44 +167,16 @@ MUTANTS = st.one_of(
 )
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    yield prefix
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _paths(value, (*prefix, i))
-
-
-def _set(node: Any, path: tuple[Any, ...], value: Any, how: str) -> Any:
-    if not path:
-        return value
-    parent = node
-    for step in path[:-1]:
-        parent = parent[step]
-    last = path[-1]
-    if how == "delete":
-        del parent[last]
-    elif how == "wrap":
-        parent[last] = [parent[last]]
-    elif how == "unknown" and isinstance(parent, dict):
-        parent[f"x{last}"] = value
-    else:
-        parent[last] = value
-    return node
-
-
 @st.composite
 def mutated(draw: st.DrawFn, payload: dict[str, Any]) -> Any:
     """The payload with one to three of its fields replaced, deleted, wrapped in an array or copied under an
     unknown name."""
     mutant: Any = copy.deepcopy(payload)
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        paths = list(_paths(mutant))
-        path = draw(st.sampled_from(paths[1:] or paths))
+        candidates = list(paths(mutant))
+        path = draw(st.sampled_from(candidates[1:] or candidates))
         how = draw(st.sampled_from(["replace", "replace", "delete", "wrap", "unknown"]))
-        mutant = _set(mutant, path, copy.deepcopy(draw(MUTANTS)), how)
+        mutant = mutate(mutant, path, copy.deepcopy(draw(MUTANTS)), how)
         if not isinstance(mutant, dict):
             break
     return mutant
@@ -336,12 +309,12 @@ def test_every_field_deleted_null_empty_or_of_another_type_is_refused_naming_it_
         payload["id"] = program["partner"]
     target = ("PUT", f"/iop/{PLURAL[kind]}/{program[kind]}") if kind in program else ("POST", f"/iop/{PLURAL[kind]}")
     found: list[str] = []
-    for path in list(_paths(payload))[1:]:
+    for path in list(paths(payload))[1:]:
         current: Any = payload
         for step in path:
             current = current[step]
         for how, value in [("delete", None), ("set", None), ("set", ""), ("set", _wrong_type(current))]:
-            found += send(sqlite_client, *target, _set(copy.deepcopy(payload), path, value, how))
+            found += send(sqlite_client, *target, mutate(copy.deepcopy(payload), path, value, how))
     for raw in RAW_BODIES:
         found += send(sqlite_client, *target, raw, raw=True)
     assert found == []
@@ -378,7 +351,7 @@ def test_a_control_character_in_a_text_field_is_a_400_naming_the_field_and_chang
     payload = contract(kind, program["enrollment"])
     if kind == "partner":
         payload["id"] = "another-partner"
-    _set(payload, path, f"a{character}b", "set")
+    mutate(payload, path, f"a{character}b", "set")
     before = state(sqlite_client)
     response = sqlite_client.post(f"/iop/{PLURAL[kind]}", json=payload)
     assert response.status_code == 400
@@ -430,7 +403,7 @@ def test_a_control_character_in_an_admitted_enrollment_is_a_400_naming_its_field
 def test_an_integer_beyond_the_fhir_integer_range_is_a_400_naming_the_field_and_changes_nothing(
     sqlite_client: FlaskClient, program: dict[str, str], kind: str, path: tuple[Any, ...], expression: str, value: int
 ) -> None:
-    payload = _set(contract(kind, program["enrollment"]), path, value, "set")
+    payload = mutate(contract(kind, program["enrollment"]), path, value, "set")
     before = state(sqlite_client)
     response = sqlite_client.post(f"/iop/{PLURAL[kind]}", data=dumps(payload), content_type=JSON)
     assert response.status_code == 400

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import EXAMPLES
+from tests.mutations import mutate, paths
 
 FHIR = "application/fhir+json"
 JSON_PATCH = "application/json-patch+json"
@@ -197,51 +198,20 @@ MUTANTS = st.one_of(
 )
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
-    """The paths into a resource, down to 12 levels (not into what a mutation nested deep)."""
-    yield prefix
-    if len(prefix) >= 12:
-        return
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _paths(value, (*prefix, i))
-
-
-def _set(node: Any, path: tuple[Any, ...], value: Any, how: str) -> Any:
-    if not path:
-        return value
-    parent = node
-    for step in path[:-1]:
-        parent = parent[step]
-    last = path[-1]
-    if how == "delete":
-        del parent[last]
-    elif how == "wrap":
-        parent[last] = [parent[last]]
-    elif how == "unknown" and isinstance(parent, dict):
-        parent[f"x{last}"] = value
-    else:
-        parent[last] = value
-    return node
-
-
 @st.composite
 def mutated(draw: st.DrawFn) -> Any:
     """A real example with one to three of its elements replaced, deleted, wrapped in an array or copied under an
     unknown name, or with extensions nested as deep as asked."""
     resource = json.loads(json.dumps(draw(st.sampled_from(REAL))))
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        paths = list(_paths(resource))
-        path = draw(st.sampled_from(paths[1:] or paths))
+        candidates = list(paths(resource, max_depth=12))
+        path = draw(st.sampled_from(candidates[1:] or candidates))
         how = draw(st.sampled_from(["replace", "delete", "wrap", "unknown", "extension"]))
         if how == "extension":  # valid, and as deep as asked: around the 254 levels orjson writes
             levels = draw(st.integers(min_value=1, max_value=200))
             resource["extension"] = [json.loads(_extension_nested(levels))]
             continue
-        resource = _set(resource, path, copy.deepcopy(draw(MUTANTS)), how)  # drawn values may be shared
+        resource = mutate(resource, path, copy.deepcopy(draw(MUTANTS)), how)  # drawn values may be shared
         if not isinstance(resource, dict):
             break
     return resource
