@@ -22,6 +22,10 @@ from sqlalchemy import create_engine, text
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
 from iop_fhir.store import migrate, schema
+from tests.auth import TokenClient
+
+# Every test client of every app authenticates (tests/auth.py): nothing is tested with security turned off.
+Flask.test_client_class = TokenClient
 
 POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "fhir-examples"
@@ -103,6 +107,15 @@ def app(settings: Settings) -> Iterator[Flask]:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture
+def anonymous(app: Flask) -> FlaskClient:
+    """A client that sends no access token."""
+    found = app.test_client()
+    assert isinstance(found, TokenClient)
+    found.anonymous = True
+    return found
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, request, url_for
+from flask import Response, current_app, request, url_for
 from flask_smorest import Api, Blueprint
 
-from iop_fhir.domain import schemas, service, web
+from iop_fhir.domain import disclosures, schemas, service, web
 from iop_fhir.domain.web import OperationOutcomeSchema, json_response
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
 
@@ -152,3 +152,44 @@ def _register(kind: str, *, retractable: bool = True) -> None:
 
 for _kind in schemas.KINDS:
     _register(_kind, retractable=_kind != "partner")
+
+
+def revoke_consent(record_id: str) -> Response:
+    record_id = _record_id("consent", record_id)
+    return json_response(service.revoke_consent(record_id, schemas.load_revocation(web.json_body())))
+
+
+web.route(
+    bp,
+    "/consents/<record_id>/revoke",
+    "POST",
+    revoke_consent,
+    "Revoke a consent (the patient withdraws it; not an entry made in error): its Consent becomes inactive and "
+    "deliveries waiting under it are blocked",
+    endpoint="revoke_consent",
+    body=schemas.RevocationSchema,
+    errors=(400, 404, 409, 415),
+)
+
+
+def _disclosures(record_id: str) -> Response:
+    web.check_parameters(("offset", "count"))
+    offset, count = web.paging()
+    repository = current_app.extensions["iop_fhir.repository"]
+    return json_response(
+        disclosures.accounting(repository, _record_id("enrollment", record_id), offset=offset, count=count)
+    )
+
+
+web.route(
+    bp,
+    "/enrollments/<record_id>/disclosures",
+    "GET",
+    _disclosures,
+    "The accounting of disclosures of the enrollment's patient (administrators; needs AuditEvent.rs)",
+    endpoint="disclosures",
+    success_description="`{enrollment, patient, total, items}`, newest first; each item: date, recipient, purpose, "
+    "action, outcome, resources, audit_event",
+    errors=(400, 403, 404),
+    parameters=_LIST_QUERY_DOC[1:],
+)

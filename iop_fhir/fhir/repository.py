@@ -6,11 +6,12 @@ several of them atomically; the public methods open one transaction each.
 
 from __future__ import annotations
 
+import copy
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import jsonpatch
@@ -114,6 +115,20 @@ def parse_conditional(res_type: str, query: str, *, header: str) -> list[tuple[s
 WriteHook = Callable[[WriteTx, dict[str, Any], StoredResource], None]
 
 
+class Access(Protocol):
+    """What one client may do (security/access.py): the SMART scope check of each interaction, the types a system
+    level history may return, and the Part 2 restriction of what it may see (None: everything)."""
+
+    @property
+    def restriction(self) -> search.Restriction | None: ...
+
+    def require(self, res_type: str, interaction: str) -> None:
+        """Raise Forbidden unless the client may do ``interaction`` (scopes.INTERACTIONS) on ``res_type``."""
+
+    def searchable_types(self) -> frozenset[str] | None:
+        """The types a system-level search or history may return; None: every type."""
+
+
 class Repository:
     def __init__(
         self,
@@ -130,6 +145,63 @@ class Repository:
         # Called in the write's transaction after every stored version (referral intake, subscriptions): what they
         # write or enqueue commits or rolls back with the write itself.
         self.write_hooks: list[WriteHook] = []
+        self.access: Access | None = None  # set on the per-request copy made by acting_for
+
+    def acting_for(self, access: Access) -> Repository:
+        """This repository as one client sees it: every public interaction is checked against ``access`` first,
+        reads, searches, history and the matches of conditional writes see only what its restriction allows, and
+        a write may not touch a resource the client cannot see (it is answered as if there were none)."""
+        view = copy.copy(self)
+        view.access = access
+        return view
+
+    def check(self, res_type: str, interaction: str) -> None:
+        if self.access is not None:
+            self.access.require(res_type, interaction)
+
+    @property
+    def restriction(self) -> search.Restriction | None:
+        return self.access.restriction if self.access is not None else None
+
+    def can_see(self, reader: Store | WriteTx, res_type: str, res_id: str) -> bool:
+        """Whether the client may see the current ``res_type/res_id`` (always, without a restriction)."""
+        restriction = self.restriction
+        if restriction is None:
+            return True
+        request = search.SearchRequest(
+            res_type, (search.id_filter(res_id),), count=1, total="none", restriction=restriction
+        )
+        return bool(reader.search(request).matches)
+
+    def hides(self, reader: Store | WriteTx, stored: StoredResource | None) -> bool:
+        return stored is not None and not stored.deleted and not self.can_see(reader, stored.res_type, stored.res_id)
+
+    def search_request(
+        self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False, base_url: str | None = None
+    ) -> search.SearchRequest:
+        """The parsed search, with the client's restriction and a scope check of every type it includes."""
+        request = search.parse(
+            res_type,
+            params,
+            lenient=lenient,
+            default_count=self.default_count,
+            max_count=self.max_count,
+            base_url=base_url,
+        )
+        if self.access is None:
+            return request
+        for include in request.includes:
+            reached = include.source_type if include.reverse else include.target_type
+            if reached is not None:
+                self.access.require(reached, "search")
+        restriction = self.access.restriction
+        return replace(request, restriction=restriction) if restriction is not None else request
+
+    def check_included(self, result: SearchResult) -> None:
+        """An _include without a target type may reach any type: each type it reached must be searchable too."""
+        if self.access is not None:
+            for res_type in sorted({res.res_type for res in result.included}):
+                self.access.require(res_type, "search")
 
     # -- profiles ----------------------------------------------------------------------------------------------
 
@@ -145,6 +217,7 @@ class Repository:
     ) -> list[Issue]:
         """Every issue of a resource for $validate: R4, the profiles it claims and ``profile`` if given
         (https://hl7.org/fhir/R4/resource-operation-validate.html)."""
+        self.check(res_type, "$validate")
         if profile is not None and (self.profiles is None or not self.profiles.known(profile)):
             raise BadRequest(f"profile '{profile[:200]}' is not known to this server", "profile", code="not-supported")
         issues = validation_issues(res_type, body, res_id)
@@ -159,8 +232,9 @@ class Repository:
 
     def read(self, res_type: str, res_id: str) -> StoredResource:
         check_type(res_type)
+        self.check(res_type, "read")
         stored = self.store.read(res_type, res_id)
-        if stored is None:
+        if stored is None or self.hides(self.store, stored):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if stored.deleted:
             raise Gone(
@@ -174,6 +248,9 @@ class Repository:
 
     def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
         check_type(res_type)
+        self.check(res_type, "vread")
+        if self.restriction is not None and not self.can_see(self.store, res_type, res_id):
+            raise NotFound(f"{res_type}/{res_id} is not known")
         number = version_number(version)
         if number is None:  # no such version can exist
             raise NotFound(f"{res_type}/{res_id}/_history/{version[:80]} is not known")
@@ -191,15 +268,11 @@ class Repository:
     ) -> tuple[search.SearchRequest, SearchResult]:
         """Type search; ``base_url`` lets absolute references to this server match as ``Type/id``."""
         check_type(res_type)
-        request = search.parse(
-            res_type,
-            params,
-            lenient=lenient,
-            default_count=self.default_count,
-            max_count=self.max_count,
-            base_url=base_url,
-        )
-        return request, self.store.search(request)
+        self.check(res_type, "search-type")
+        request = self.search_request(res_type, params, lenient=lenient, base_url=base_url)
+        result = self.store.search(request)
+        self.check_included(result)
+        return request, result
 
     def history(
         self,
@@ -213,20 +286,28 @@ class Repository:
     ) -> tuple[list[StoredResource], int]:
         if res_type is not None:
             check_type(res_type)
-        if res_id is not None and res_type is not None and self.store.read(res_type, res_id) is None:
-            raise NotFound(f"{res_type}/{res_id} is not known")
-        return self.store.history(res_type, res_id, since=since, at=at, count=count, offset=offset)
+            self.check(res_type, "history-instance" if res_id is not None else "history-type")
+        types = self.access.searchable_types() if self.access is not None and res_type is None else None
+        if res_id is not None and res_type is not None:
+            stored = self.store.read(res_type, res_id)
+            if stored is None or (self.restriction is not None and not self.can_see(self.store, res_type, res_id)):
+                raise NotFound(f"{res_type}/{res_id} is not known")
+        return self.store.history(
+            res_type, res_id, since=since, at=at, count=count, offset=offset, types=types, restriction=self.restriction
+        )
 
     # -- writes, each in its own transaction -----------------------------------------------------------------
 
     def create(self, res_type: str, body: Any, *, if_none_exist: str | None = None) -> WriteResult:
         check_type(res_type)
+        self.check(res_type, "create" if if_none_exist is None else "conditional-create")
         _validate(res_type, body)
         with self.store.write() as tx:
             return self.create_in(tx, res_type, body, if_none_exist=if_none_exist)
 
     def update(self, res_type: str, res_id: str, body: Any, *, if_match: int | None = None) -> WriteResult:
         check_type(res_type)
+        self.check(res_type, "update")
         check_id(res_type, res_id)
         _validate(res_type, body, res_id=res_id, require_id=True)
         with self.store.write() as tx:
@@ -234,24 +315,28 @@ class Repository:
 
     def conditional_update(self, res_type: str, query: str, body: Any, *, if_match: int | None = None) -> WriteResult:
         check_type(res_type)
+        self.check(res_type, "conditional-update")
         _validate(res_type, body)
         with self.store.write() as tx:
             return self.conditional_update_in(tx, res_type, query, body, if_match=if_match)
 
     def patch(self, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None) -> WriteResult:
         check_type(res_type)
+        self.check(res_type, "patch")
         check_id(res_type, res_id)
         with self.store.write() as tx:
             return self.patch_in(tx, res_type, res_id, patch, if_match=if_match)
 
     def delete(self, res_type: str, res_id: str) -> StoredResource | None:
         check_type(res_type)
+        self.check(res_type, "delete")
         check_id(res_type, res_id)
         with self.store.write() as tx:
             return self.delete_in(tx, res_type, res_id)
 
     def conditional_delete(self, res_type: str, query: str) -> StoredResource | None:
         check_type(res_type)
+        self.check(res_type, "conditional-delete")
         with self.store.write() as tx:
             return self.conditional_delete_in(tx, res_type, query)
 
@@ -269,6 +354,8 @@ class Repository:
             if key.split(":", 1)[0] in search.RESULT_PARAMETERS:
                 raise BadRequest(f"{header}: result parameter '{key}' has no place in a condition", header)
         request = search.parse(res_type, [*params, ("_count", "2")], default_count=2, max_count=2)
+        if self.restriction is not None:
+            request = replace(request, restriction=self.restriction)
         if not request.filters:
             raise BadRequest(
                 f"{header} '{query[:100]}' has no search criteria: a condition needs a search parameter with a value",
@@ -316,6 +403,10 @@ class Repository:
         method: str = "PUT",
     ) -> WriteResult:
         current = tx.current(res_type, res_id)
+        if self.restriction is not None and (current is None or current.deleted or self.hides(tx, current)):
+            # A restricted client creates only with POST: a PUT to an id it cannot see is answered as if none
+            # existed, whether or not one does, so that the answer tells nothing.
+            raise NotFound(f"{res_type}/{res_id} is not known")
         if if_match is not None:
             if current is None or current.deleted:
                 raise PreconditionFailed(
@@ -358,7 +449,7 @@ class Repository:
         self, tx: WriteTx, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None
     ) -> WriteResult:
         current = tx.current(res_type, res_id)
-        if current is None:
+        if current is None or self.hides(tx, current):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if current.deleted or current.content is None:
             raise Gone(f"{res_type}/{res_id} was deleted")
@@ -375,7 +466,7 @@ class Repository:
 
     def delete_in(self, tx: WriteTx, res_type: str, res_id: str) -> StoredResource | None:
         current = tx.current(res_type, res_id)
-        if current is None or current.deleted:
+        if current is None or current.deleted or self.hides(tx, current):
             return None
         last_updated = now_us()
         tx.delete(res_type, res_id, current.version_id + 1, last_updated)

@@ -30,7 +30,7 @@ from iop_fhir.errors import (
     PayloadTooLarge,
     PreconditionFailed,
 )
-from iop_fhir.fhir import definitions, search, searchset, validation
+from iop_fhir.fhir import definitions, searchset, validation
 from iop_fhir.fhir.instants import instant
 from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_from_etag
 from iop_fhir.store.base import StoredResource, WriteTx
@@ -86,6 +86,8 @@ def process(repo: Repository, bundle: Any, *, base_url: str, max_entries: int = 
             "batch-response", [_batch_entry(repo, i, raw, base_url) for i, raw in enumerate(raw_entries)]
         )
     entries = [_parse_entry(i, raw, base_url) for i, raw in enumerate(raw_entries)]
+    for entry in entries:
+        _authorize(repo, entry)
     _link(entries, base_url)
     for entry in entries:
         _validate(entry)
@@ -446,6 +448,26 @@ def _validate(entry: _Entry) -> None:
 # -- running the entries -------------------------------------------------------------------------------------
 
 
+def interaction(entry: _Entry) -> str:
+    """The interaction an entry asks for (security/scopes.py INTERACTIONS)."""
+    conditional = entry.res_id is None
+    if entry.method in ("GET", "HEAD"):
+        return "search-type" if conditional else "vread" if entry.version is not None else "read"
+    if entry.method == "POST":
+        return "conditional-create" if entry.if_none_exist is not None else "create"
+    if entry.method == "PUT":
+        return "conditional-update" if conditional else "update"
+    if entry.method == "PATCH":
+        return "conditional-patch" if conditional else "patch"
+    return "conditional-delete" if conditional else "delete"
+
+
+def _authorize(repo: Repository, entry: _Entry) -> None:
+    """Each entry is checked as the interaction it is, before anything of the Bundle runs."""
+    with _blame(entry, f"{entry.path}.request"):
+        repo.check(entry.res_type, interaction(entry))
+
+
 def _run(repo: Repository, tx: WriteTx, entries: list[_Entry], base_url: str) -> None:
     """Run linked, validated entries in ``tx``: DELETE, then the lookups of conditional creates, updates and
     references, then POST, then PUT/PATCH, then GET/HEAD. Each entry's ``response`` is set."""
@@ -600,13 +622,18 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
             stored = repo.read(entry.res_type, entry.res_id)
         else:
             stored = tx.current(entry.res_type, entry.res_id)
-            if stored is None:
+            if stored is None or repo.hides(tx, stored):
                 raise NotFound(f"{entry.res_type}/{entry.res_id} is not known")
             if stored.deleted:
                 raise Gone(f"{entry.res_type}/{entry.res_id} was deleted")
     else:
         current = tx.current(entry.res_type, entry.res_id) if tx is not None else None
-        if current is not None and not current.deleted and str(current.version_id) == entry.version:
+        if (
+            current is not None
+            and not current.deleted
+            and str(current.version_id) == entry.version
+            and not repo.hides(tx, current)
+        ):
             stored = current
         else:
             stored = repo.vread(entry.res_type, entry.res_id, entry.version)
@@ -630,14 +657,9 @@ def _search(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) 
         if tx is None:
             request, result = repo.search(entry.res_type, params, base_url=base_url)
         else:
-            request = search.parse(
-                entry.res_type,
-                params,
-                default_count=repo.default_count,
-                max_count=repo.max_count,
-                base_url=base_url,
-            )
+            request = repo.search_request(entry.res_type, params, base_url=base_url)
             result = tx.search(request)
+            repo.check_included(result)
     body = searchset.searchset_bundle(request, result, base_url)
     return _entry_bytes(None, body if entry.method == "GET" else None, {"status": "200 OK"})
 
@@ -687,6 +709,7 @@ def _batch_entry(repo: Repository, index: int, raw: Any, base_url: str) -> bytes
             found: set[str] = set()
             entry.resource = _rewrite_entry(entry, {}, {}, set(), found, [])
             entry.deferred = frozenset(found)
+        _authorize(repo, entry)
         _validate(entry)
         if entry.method in ("GET", "HEAD"):
             with _blame(entry):

@@ -14,13 +14,14 @@ from iop_fhir.errors import BadRequest, information, operation_outcome
 from iop_fhir.fhir import capability, http, searchset, transaction
 from iop_fhir.fhir.history import history_bundle, history_params
 from iop_fhir.fhir.repository import Repository, check_type
+from iop_fhir.security import guard
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 
 def repo() -> Repository:
-    repository: Repository = current_app.extensions["iop_fhir.repository"]
-    return repository
+    """The repository as the request's client sees it: its scopes and Part 2 restriction apply to every call."""
+    return guard.repository()
 
 
 def base_url() -> str:

@@ -34,6 +34,9 @@ REST_ACTIONS = {
     "update": "U",
     "patch": "U",
     "delete": "D",
+    # A batch or transaction Bundle as a whole: "execute", its entries named as entities.
+    "batch": "E",
+    "transaction": "E",
 }
 # Records leaving the service in bulk ($export) or pushed to a partner: DICOM 110106 "Export", a code of the R4
 # audit-event-type value set; DICOM PS3.15 A.5.3.6 gives Export the event action R.

@@ -3,6 +3,7 @@ index row format."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,8 +44,10 @@ class StoredRecord:
 
 # Outbox statuses: pending (due at next_attempt_at) -> delivering (claimed by a worker until its lease ends) ->
 # delivered, or pending again after a retryable failure, or dead (permanent failure, attempts exhausted). blocked:
-# enqueued but not to be sent until an operator retries it. Only dead and blocked rows can be retried by hand.
-DELIVERY_STATUSES = ("pending", "delivering", "delivered", "dead", "blocked")
+# enqueued but not to be sent (no consent permits it) until a consent releases it or an operator retries it.
+# superseded: replaced by a newer row for the same record and partner (a consent released it rebuilt); kept, never
+# sent. Only dead and blocked rows can be retried by hand.
+DELIVERY_STATUSES = ("pending", "delivering", "delivered", "dead", "blocked", "superseded")
 RETRYABLE_BY_HAND = ("dead", "blocked")
 
 
@@ -83,6 +86,9 @@ class SearchResult:
 class WriteTx(Protocol):
     """One database transaction. Everything done through it commits together or not at all."""
 
+    # Called once the transaction's body has succeeded, in the transaction, just before it commits.
+    before_commit: list[Callable[[], None]]
+
     def lock(self, key: str) -> None:
         """Serialise with every other transaction that locks the same key, until this one ends."""
 
@@ -114,6 +120,16 @@ class WriteTx(Protocol):
     def enqueue(self, delivery: Delivery) -> None:
         """Add an outbox row; it becomes visible to workers when (and only if) this transaction commits."""
 
+    def deliveries_to(self, partner_id: str, statuses: tuple[str, ...]) -> list[Delivery]:
+        """The partner's outbox rows in one of ``statuses``, oldest first, locked against workers and other writers
+        until the transaction ends (a worker's claim skips them)."""
+
+    def set_delivery_status(
+        self, id: str, expected: tuple[str, ...], status: str, last_error: dict[str, Any] | None, now: int
+    ) -> bool:
+        """Move a row that is still in one of ``expected`` to ``status`` with ``last_error``, due now; False if it
+        was not (a worker claimed it meanwhile)."""
+
     def type_state(self, res_type: str) -> tuple[int, int | None]:
         """How many versions of resources of a type were ever stored, and when the newest was: it changes with every
         create, update and delete of that type (a cheap check that a cache of them still holds)."""
@@ -137,6 +153,8 @@ class Store(Protocol):
         at: int | None,
         count: int,
         offset: int,
+        types: frozenset[str] | None = None,
+        restriction: Any = None,
     ) -> tuple[list[StoredResource], int]: ...
 
     def search(self, request: Any) -> SearchResult: ...
@@ -164,6 +182,10 @@ class Store(Protocol):
     def failed(self, id: str, worker_id: str, now: int, error: dict[str, Any], next_attempt_at: int | None) -> bool:
         """Record a failed attempt: pending again at ``next_attempt_at``, or dead when that is None. False (nothing
         changed) if the row's lease passed to another worker."""
+
+    def blocked(self, id: str, worker_id: str, now: int, error: dict[str, Any]) -> bool:
+        """Mark a row this worker holds blocked without having sent it (its consent no longer permits it): attempts
+        as before the claim, ``error`` kept as the last error. False if the lease passed to another worker."""
 
     def release(self, worker_id: str, ids: list[str], now: int) -> int:
         """Give back rows this worker claimed but did not attempt (on shutdown): pending, due now, attempts as before

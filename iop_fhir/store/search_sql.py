@@ -27,11 +27,14 @@ from sqlalchemy import (
 )
 
 from iop_fhir.fhir.search import (
+    NOTE_LABELS,
+    PROTECTED_LABELS,
     DateValue,
     Filter,
     Include,
     NumberValue,
     ReferenceValue,
+    Restriction,
     SearchRequest,
     SortKey,
     StringValue,
@@ -66,6 +69,8 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
     where += [query.condition(request.res_type, f, r) for f in request.filters]
+    if request.restriction is not None:
+        where.append(visible(r, request.restriction))
     result = SearchResult()
     if request.wants_total:
         result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
@@ -86,7 +91,62 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
             result.total = request.offset + len(result.matches)
     if request.includes and result.matches:
         result.included = _include(conn, request.includes, result.matches)
+        if request.restriction is not None:
+            result.included = _only_visible(conn, result.included, request.restriction)
     return result
+
+
+# -- Part 2 visibility ---------------------------------------------------------------------------------------
+
+_TOK = schema.idx_token
+
+
+def visible(row: FromClause, restriction: Restriction) -> ColumnElement[bool]:
+    """Whether the resource of ``row`` (a table with res_type and res_id) may be seen under ``restriction`` (see
+    search.Restriction). A resource belongs to every Patient it refers to through an indexed reference (a superset
+    of the Patient compartment), and a Patient to itself; a resource with a protected label must belong to one."""
+    patients, notes = sorted(restriction.patients), sorted(restriction.note_patients)
+    own = row.c.res_type == "Patient"
+    refs = select(_REF.c.res_id).where(
+        _REF.c.res_type == row.c.res_type, _REF.c.res_id == row.c.res_id, _REF.c.target_type == "Patient"
+    )
+
+    def labels(pairs: frozenset[tuple[str, str]]) -> ColumnElement[bool]:
+        return exists(
+            select(_TOK.c.res_id).where(
+                _TOK.c.res_type == row.c.res_type,
+                _TOK.c.res_id == row.c.res_id,
+                _TOK.c.param == "_security",
+                or_(*[and_(_TOK.c.system == system, _TOK.c.code == code) for system, code in sorted(pairs)]),
+            )
+        )
+
+    def all_within(allowed: list[str]) -> ColumnElement[bool]:
+        itself = or_(~own, row.c.res_id.in_(allowed))
+        return and_(itself, ~exists(refs.where(_REF.c.target_id.is_(None) | _REF.c.target_id.not_in(allowed))))
+
+    belongs = or_(and_(own, row.c.res_id.in_(patients)), exists(refs.where(_REF.c.target_id.in_(patients))))
+    return and_(
+        all_within(patients),
+        or_(~labels(NOTE_LABELS), all_within(notes)),
+        or_(belongs, ~labels(PROTECTED_LABELS)),
+    )
+
+
+def _only_visible(conn: Connection, found: list[StoredResource], restriction: Restriction) -> list[StoredResource]:
+    """``found`` less what ``restriction`` hides (included resources: they count in no total)."""
+    if not found:
+        return found
+    by_type: dict[str, list[str]] = defaultdict(list)
+    for res in found:
+        by_type[res.res_type].append(res.res_id)
+    shown: set[tuple[str, str]] = set()
+    for res_type, ids in by_type.items():
+        query = select(_R.c.res_type, _R.c.res_id).where(
+            _R.c.res_type == res_type, _R.c.res_id.in_(ids), visible(_R, restriction)
+        )
+        shown.update((row.res_type, row.res_id) for row in conn.execute(query))
+    return [res for res in found if (res.res_type, res.res_id) in shown]
 
 
 def _stored(row: Any) -> StoredResource:

@@ -10,15 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, bindparam, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    false,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DataError
 from sqlalchemy.pool import StaticPool
 
+from iop_fhir.fhir.search import Restriction
 from iop_fhir.store import schema, search_sql
 from iop_fhir.store.base import RETRYABLE_BY_HAND, Delivery, IndexRows, SearchResult, StoredRecord, StoredResource
 
@@ -191,6 +206,8 @@ class SqlWriteTx:
         self._known: dict[tuple[str, str], StoredResource | None] = {}
         self._locked: set[str] = set()
         self._pending: dict[str, list[dict[str, Any]]] = {}
+        # Run once the transaction's body has succeeded, just before it commits, and in it (the audit trail).
+        self.before_commit: list[Callable[[], None]] = []
 
     def lock(self, key: str) -> None:
         if self.postgres and key not in self._locked:
@@ -303,6 +320,33 @@ class SqlWriteTx:
     def enqueue(self, delivery: Delivery) -> None:
         self._queue("outbox", _delivery_values(delivery))
 
+    def deliveries_to(self, partner_id: str, statuses: tuple[str, ...]) -> list[Delivery]:
+        self.flush()
+        query = (
+            select(*_O_COLUMNS)
+            .where(_O.c.partner_id == partner_id, _O.c.status.in_(statuses))
+            .order_by(_O.c.created, _O.c.id)
+        )
+        if self.postgres:
+            # A worker's claim (FOR UPDATE SKIP LOCKED) passes over these rows until this transaction ends; a row it
+            # claimed meanwhile is re-checked on its new version and no longer matches.
+            query = query.with_for_update()
+        return [_row_to_delivery(r) for r in self.conn.execute(query).all()]
+
+    def set_delivery_status(
+        self, id: str, expected: tuple[str, ...], status: str, last_error: dict[str, Any] | None, now: int
+    ) -> bool:
+        self.flush()
+        values = {
+            "status": status,
+            "last_error": None if last_error is None else orjson.dumps(last_error),
+            "next_attempt_at": now,
+            "lease_until": None,
+            "updated": now,
+        }
+        changed = self.conn.execute(update(_O).where(_O.c.id == id, _O.c.status.in_(expected)).values(**values))
+        return bool(changed.rowcount == 1)
+
     def type_state(self, res_type: str) -> tuple[int, int | None]:
         self.flush()
         count, newest = self.conn.execute(_TYPE_STATE, {"res_type": res_type}).one()
@@ -411,6 +455,8 @@ class SqlStore:
         with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
             tx = SqlWriteTx(conn, self.postgres)
             yield tx
+            while tx.before_commit:
+                tx.before_commit.pop(0)()
             tx.flush()
 
     @contextmanager
@@ -456,11 +502,22 @@ class SqlStore:
         at: int | None,
         count: int,
         offset: int,
+        types: frozenset[str] | None = None,
+        restriction: Restriction | None = None,
     ) -> tuple[list[StoredResource], int]:
-        """Versions newest first (https://hl7.org/fhir/R4/http.html#history)."""
-        conditions = []
+        """Versions newest first (https://hl7.org/fhir/R4/http.html#history); ``types`` limits a system history to
+        the types a client may search, ``restriction`` to the versions of resources it may see now (deleted ones
+        are then left out: what they were cannot be told any more)."""
+        conditions: list[Any] = []
         if res_type is not None:
             conditions.append(_H.c.res_type == res_type)
+        if types is not None:
+            conditions.append(_H.c.res_type.in_(sorted(types)))
+        if restriction is not None:
+            live = select(_R.c.res_id).where(
+                _R.c.res_type == _H.c.res_type, _R.c.res_id == _H.c.res_id, _R.c.deleted == false()
+            )
+            conditions += [exists(live), search_sql.visible(_H, restriction)]
         if res_id is not None:
             conditions.append(_H.c.res_id == res_id)
         if since is not None:
@@ -560,6 +617,17 @@ class SqlStore:
         values = {
             "status": "dead" if next_attempt_at is None else "pending",
             "next_attempt_at": now if next_attempt_at is None else next_attempt_at,
+            "last_error": orjson.dumps(error),
+            "lease_until": None,
+            "updated": now,
+        }
+        return self._held(id, worker_id, values)
+
+    def blocked(self, id: str, worker_id: str, now: int, error: dict[str, Any]) -> bool:
+        values = {
+            "status": "blocked",
+            "attempts": _O.c.attempts - 1,
+            "next_attempt_at": now,
             "last_error": orjson.dumps(error),
             "lease_until": None,
             "updated": now,

@@ -1,0 +1,79 @@
+"""Part 2 disclosure to a partner: which patients' records a recipient may see now, for a purpose, under the patients'
+stored FHIR Consents (decided by consent.decide, the same rule the exchange applies to pushes). TERMINOLOGY.md §6."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from datetime import date
+from typing import Any
+
+import orjson
+
+from iop_fhir.fhir import search
+from iop_fhir.fhir.search import Restriction
+from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.security import consent
+from iop_fhir.store.base import Store
+
+PAGE = 1000
+# What every record of the program carries; a resource without labels is judged as if it had them: that a patient's
+# data is held by an addiction treatment program at all is Part 2 information.
+DEFAULT_LABELS: tuple[Mapping[str, Any], ...] = tuple(PART2_LABELS)
+NOTE_LABELS: tuple[Mapping[str, Any], ...] = (
+    *DEFAULT_LABELS,
+    {"system": consent.ACT_CODE, "code": "PSYTHPN"},
+)
+DEFAULT_PURPOSE = "TREAT"
+
+
+def restriction_for(store: Store, recipient: str, purpose: str | None, on: date) -> Restriction:
+    """The patients whose records ``recipient`` ("Organization/<id>") may see on day ``on`` for ``purpose`` (a
+    v3-ActReason code, TREAT when the token names none), and those whose SUD counseling notes too.
+
+    Only patients with an active Consent naming the recipient can qualify; every active Consent of each such patient
+    is then weighed (a later deny, an opt-out without actors, a revocation), as consent.decide does."""
+    purpose = purpose or DEFAULT_PURPOSE
+    candidates = {
+        patient
+        for resource in _consents(store, [("actor", recipient), ("status", "active")])
+        if (patient := _patient_id(resource)) is not None
+    }
+    by_patient: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    ordered = sorted(candidates)
+    for start in range(0, len(ordered), search.MAX_VALUES):
+        chunk = ordered[start : start + search.MAX_VALUES]
+        params = [("patient", ",".join(f"Patient/{p}" for p in chunk)), ("status", "active")]
+        for resource in _consents(store, params):
+            patient = _patient_id(resource)
+            if patient is not None:
+                by_patient[patient].append(resource)
+    patients, notes = set(), set()
+    for patient, consents in by_patient.items():
+        if consent.decide(consents, recipient, purpose, DEFAULT_LABELS, on).permit:
+            patients.add(patient)
+            if consent.decide(consents, recipient, purpose, NOTE_LABELS, on).permit:
+                notes.add(patient)
+    return Restriction(frozenset(patients), frozenset(notes))
+
+
+def _consents(store: Store, params: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+    offset = 0
+    while True:
+        request = search.parse(
+            "Consent", [*params, ("_count", str(PAGE)), ("_offset", str(offset))], default_count=PAGE, max_count=PAGE
+        )
+        result = store.search(request)
+        for stored in result.matches:
+            if stored.content is not None:
+                yield orjson.loads(stored.content)
+        if not result.has_more:
+            return
+        offset += PAGE
+
+
+def _patient_id(resource: Mapping[str, Any]) -> str | None:
+    reference = (resource.get("patient") or {}).get("reference")
+    if isinstance(reference, str) and "Patient/" in reference:
+        return reference.rsplit("Patient/", 1)[1].split("/", 1)[0] or None
+    return None

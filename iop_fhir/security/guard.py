@@ -1,0 +1,161 @@
+"""Wires security into the app: every request but the public ones needs a valid bearer token (401 with
+WWW-Authenticate otherwise, RFC 6750), /iop routes are checked against the token's scopes, and every authenticated
+request leaves its audit trail (trail.py). The FHIR interactions check their own scopes through the request's
+repository (Repository.acting_for)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, current_app, g, request
+
+from iop_fhir.errors import Unauthorized
+from iop_fhir.fhir.repository import Repository
+from iop_fhir.security import trail
+from iop_fhir.security.access import Access, Principal
+from iop_fhir.security.tokens import TokenError
+
+log = logging.getLogger("iop_fhir.security")
+
+# Open to anyone: discovery (CapabilityStatement, SMART configuration, the service's public keys), getting a token,
+# the health check and the API documentation.
+PUBLIC_PATHS = frozenset(
+    {"/fhir/metadata", "/fhir/.well-known/smart-configuration", "/auth/token", "/auth/jwks", "/health"}
+)
+PUBLIC_PREFIXES = ("/docs", "/openapi")
+REALM = 'Bearer realm="iop-fhir"'
+
+# Flask endpoint → the audit action of the request (audit.ACTIONS); endpoints not listed are audited by prefix.
+_FHIR_ACTIONS = {
+    "fhir.read": "read",
+    "fhir.vread": "vread",
+    "fhir.search": "search",
+    "fhir.search_post": "search",
+    "fhir.system_history": "history",
+    "fhir.type_history": "history",
+    "fhir.instance_history": "history",
+    "fhir.create": "create",
+    "fhir.update": "update",
+    "fhir.conditional_update": "update",
+    "fhir.patch": "patch",
+    "fhir.delete": "delete",
+    "fhir.conditional_delete": "delete",
+    "fhir.batch_or_transaction": "transaction",
+}
+_NOT_AUDITED = frozenset({"fhir.validate"})  # checks a body it is given; reads nothing stored at type level
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def principal() -> Principal:
+    found: Principal = g.iop_principal
+    return found
+
+
+def access() -> Access:
+    found: Access = g.iop_access
+    return found
+
+
+def repository() -> Repository:
+    """The repository as the request's client sees it."""
+    if "iop_repository" not in g:
+        base: Repository = current_app.extensions["iop_fhir.repository"]
+        g.iop_repository = base.acting_for(access())
+    found: Repository = g.iop_repository
+    return found
+
+
+def install(app: Flask) -> None:
+    repository_ = app.extensions["iop_fhir.repository"]
+    repository_.write_hooks.append(trail.write_hook(repository_))
+
+    @app.before_request
+    def _authenticate() -> None:
+        if is_public(request.path) or _preflight():
+            return
+        claims = _verify(_bearer())
+        found = Principal.from_claims(claims)
+        g.iop_principal = found
+        g.iop_access = Access(found, app.extensions["iop_fhir.store"])
+        action = _action(request.endpoint, request.method)
+        if action is not None:
+            query = request.full_path if action == "search" else None
+            g.iop_trail = trail.Trail(found, action, query=query)
+            g.iop_trail_token = trail.begin(g.iop_trail)
+        endpoint = request.endpoint or ""
+        if endpoint.split(".", 1)[0] in ("iop", "deliveries", "referrals"):
+            access().require_iop(endpoint)
+
+    @app.after_request
+    def _audit(response: Response) -> Response:
+        current = g.get("iop_trail")
+        if current is not None and response.status_code != 401:
+            g.iop_trail = None
+            body = response.get_data() if response.status_code < 400 else None
+            trail.after_response(repository_, current, response.status_code, body, _target())
+        return response
+
+    @app.teardown_request
+    def _end_trail(_error: BaseException | None) -> None:
+        token = g.pop("iop_trail_token", None)
+        if token is not None:
+            trail.end(token)
+
+
+def _preflight() -> bool:
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+
+
+def _bearer() -> str:
+    header = request.headers.get("Authorization")
+    if not header:
+        raise Unauthorized(
+            "this request needs an access token: Authorization: Bearer <token> (see POST /auth/token)",
+            "Authorization",
+            headers={"WWW-Authenticate": REALM},
+        )
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _invalid("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def _verify(token: str) -> Any:
+    verifier = current_app.extensions["iop_fhir.keys"].verifier
+    try:
+        return verifier.verify(token)
+    except TokenError as error:
+        # The reason names the rule (expired, bad-signature, ...); neither the token nor its claims are logged.
+        log.info("refused access token: %s", error.reason)
+        raise _invalid(f"the access token is not valid: {error.detail}") from None
+
+
+def _invalid(description: str) -> Unauthorized:
+    quoted = description.replace("\\", "").replace('"', "'")
+    challenge = f'{REALM}, error="invalid_token", error_description="{quoted}"'
+    return Unauthorized(description, "Authorization", headers={"WWW-Authenticate": challenge})
+
+
+def _action(endpoint: str | None, method: str) -> str | None:
+    if endpoint is None or endpoint in _NOT_AUDITED:
+        return None
+    if endpoint in _FHIR_ACTIONS:
+        return _FHIR_ACTIONS[endpoint]
+    if endpoint.startswith("fhir."):
+        return None
+    if method in ("GET", "HEAD"):
+        name = endpoint.split(".", 1)[1] if "." in endpoint else endpoint
+        return "search" if name.startswith("list") or name == "disclosures" else "read"
+    return "create" if ".create_" in endpoint else "update"
+
+
+def _target() -> str | None:
+    """The Type/id a FHIR instance URL names, for the audit of a refused request."""
+    args = request.view_args or {}
+    if "res_type" in args and "res_id" in args:
+        return f"{args['res_type']}/{args['res_id']}"
+    return None
