@@ -4,6 +4,11 @@ Starts each server as a subprocess on a fresh SQLite file, drives it from other 
 Python generator of processes x threads on keep-alive http.client connections) and prints req/s, p50 and p99 for
 the bare endpoint, read-by-id, create, search, and the time of a 1,000-entry transaction, with the targets.
 
+Every request carries `Authorization: Bearer <token>`: before the service starts, a client `bench` is registered on
+its fresh database and a token minted for it with the CLI (`iop-fhir client add`, `iop-fhir token`), valid for
+TOKEN_LIFETIME_S; the bare app gets the same header (and ignores it). So each measured FHIR request also verifies a
+token and writes an AuditEvent. The run first checks that a read without the token answers 401 and one with it 200.
+
     python bench/run.py                      # sync workers (gunicorn's default worker class)
     python bench/run.py --threads 1 4        # sync, then gthread with 4 threads per worker
     python bench/run.py profile              # cProfile of each interaction in-process (where the time goes)
@@ -43,6 +48,9 @@ PATIENTS = 100
 SEARCH_CODES = ["8867-4", "9279-1", "8310-5", "29463-7", "8302-2", "39156-5", "2708-6", "85354-9", "44261-6", "72109-2"]
 CREATE_CODE = "59408-5"  # not in SEARCH_CODES, so that the create run does not change what the searches find
 TARGETS = {"read_vs_bare": 0.60, "create": 500.0, "search": 400.0, "transaction_s": 2.0}
+BENCH_CLIENT = "bench"
+BENCH_SCOPE = "system/*.cruds"
+TOKEN_LIFETIME_S = 3600  # IOP_FHIR_TOKEN_LIFETIME of the token command and the server: longer than any run
 
 
 # -- the request bodies ----------------------------------------------------------------------------------------
@@ -185,14 +193,71 @@ def workers_cpu(master: int) -> float | None:
         return None
 
 
-def _request(host: str, port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+def _headers(token: str | None, body: bytes | None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    if body is not None:
+        headers["Content-Type"] = FHIR
+    return headers
+
+
+def _request(
+    host: str, port: int, method: str, path: str, body: bytes | None = None, token: str | None = None
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=300)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": FHIR} if body is not None else {})
+        conn.request(method, path, body=body, headers=_headers(token, body))
         response = conn.getresponse()
         return response.status, response.read()
     finally:
         conn.close()
+
+
+# -- authorization -----------------------------------------------------------------------------------------------
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).with_name("iop-fhir")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "iop_fhir.cli"]
+
+
+def mint_token(env: dict[str, str], workdir: Path) -> str:
+    """An access token of the client `bench` (system/*.cruds), registered on the database of `env` with the CLI.
+
+    Run with the server's own environment (database, IOP_FHIR_TOKEN_LIFETIME, and the issuer settings
+    IOP_FHIR_BASE_URL / IOP_FHIR_AUTH_ISSUER if set), so that the server verifies the token: the signing key is
+    made on first use and kept in that database.
+    """
+    key = workdir / "bench.pem"
+    commands = [
+        ["client", "add", BENCH_CLIENT, "--generate-key", str(key), "--scope", BENCH_SCOPE],
+        ["token", "--client", BENCH_CLIENT],
+    ]
+    out = ""
+    for command in commands:
+        done = subprocess.run([*_cli(), *command], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"iop-fhir {' '.join(command)} exited {done.returncode}:\n{done.stderr}")
+        out = done.stdout
+    token = out.strip().splitlines()[-1] if out.strip() else ""
+    if token.count(".") != 2:
+        raise RuntimeError(f"iop-fhir token printed no JWT: {out[:200]!r}")
+    return token
+
+
+def check_auth(port: int, token: str) -> None:
+    """One read without the token must answer 401, one with it 200, before anything is measured: a bench must
+    never measure refusals. The authenticated read is of Patient/bench-p0, PUT just before it."""
+    path = "/fhir/Patient/bench-p0"
+    status, body = _request("127.0.0.1", port, "GET", path)
+    if status != 401:
+        raise RuntimeError(f"GET {path} without a token answered {status}, not 401: {body[:300]!r}")
+    status, body = _request("127.0.0.1", port, "PUT", path, orjson.dumps(patient_body(0)), token)
+    if status not in (200, 201):
+        raise RuntimeError(f"PUT {path} with the bench token answered {status}: {body[:300]!r}")
+    status, body = _request("127.0.0.1", port, "GET", path, token=token)
+    if status != 200:
+        raise RuntimeError(f"GET {path} with the bench token answered {status}, not 200: {body[:300]!r}")
+    print(f"  auth: GET {path} 401 without the token, 200 with it", file=sys.stderr, flush=True)
 
 
 # -- load generation -------------------------------------------------------------------------------------------
@@ -200,10 +265,12 @@ def _request(host: str, port: int, method: str, path: str, body: bytes | None = 
 
 @dataclass(frozen=True)
 class Load:
-    """What to send: requests taken in turn (method, path, body) by every connection."""
+    """What to send: requests taken in turn (method, path, body) by every connection, each with the bearer
+    `token` (if any)."""
 
     name: str
     requests: list[tuple[str, str, bytes | None]]
+    token: str | None = None
 
 
 @dataclass
@@ -240,7 +307,7 @@ def _worker(
         while True:
             method, path, body = load.requests[n % len(load.requests)]
             n += 1
-            headers = {"Content-Type": FHIR} if body is not None else {}
+            headers = _headers(load.token, body)
             sent = clock()
             if sent >= end:
                 break
@@ -287,11 +354,16 @@ def drive_python(
 _WRK_SCRIPT = """
 local requests = {}
 %s
+local authorization = %s
 local n = 0
 request = function()
   n = n + 1
   local r = requests[(n %% #requests) + 1]
-  return wrk.format(r[1], r[2], r[3] and {["Content-Type"] = "application/fhir+json"} or {}, r[3])
+  -- wrk.format adds Host and Content-Length to the table it is given: a fresh one for each request
+  local headers = {}
+  if authorization then headers["Authorization"] = authorization end
+  if r[3] then headers["Content-Type"] = "application/fhir+json" end
+  return wrk.format(r[1], r[2], headers, r[3])
 end
 """
 
@@ -306,7 +378,8 @@ def drive_wrk(host: str, port: int, load: Load, *, connections: int, threads: in
         text = _lua_string(body.decode()) if body is not None else "nil"
         lines.append(f"requests[#requests + 1] = {{{_lua_string(method)}, {_lua_string(path)}, {text}}}")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT % "\n".join(lines))
+        authorization = _lua_string(f"Bearer {load.token}") if load.token is not None else "nil"
+        script.write(_WRK_SCRIPT % ("\n".join(lines), authorization))
     try:
         command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", "--latency"]
         out = subprocess.run(
@@ -373,32 +446,20 @@ def bench(args: argparse.Namespace, threads: int) -> Run:
             flush=True,
         )
 
-    port = _free_port()
-    bare_cmd = [
-        sys.executable,
-        __file__,
-        "bare",
-        "--port",
-        str(port),
-        "--workers",
-        str(args.workers),
-        "--threads",
-        str(threads),
-    ]
-    print(f"[{label}] bare Flask app", file=sys.stderr, flush=True)
-    with server(bare_cmd, port, "/bare") as process:
-        drive(port, Load("bare", [("GET", "/bare", None)]), process.pid)
-
     workdir = Path(tempfile.mkdtemp(prefix="iop-bench-"))
     try:
+        env = {
+            **os.environ,
+            "IOP_FHIR_DATABASE_URL": args.database_url or f"sqlite:///{workdir / 'bench.db'}",
+            "IOP_FHIR_TOKEN_LIFETIME": str(TOKEN_LIFETIME_S),
+        }
+        token = mint_token(env, workdir)
+
         port = _free_port()
-        env = {**os.environ, "IOP_FHIR_DATABASE_URL": args.database_url or f"sqlite:///{workdir / 'bench.db'}"}
-        script = Path(sys.executable).with_name("iop-fhir")
-        serve = [str(script)] if script.exists() else [sys.executable, "-m", "iop_fhir.cli"]
-        serve += [
-            "serve",
-            "--host",
-            "127.0.0.1",
+        bare_cmd = [
+            sys.executable,
+            __file__,
+            "bare",
             "--port",
             str(port),
             "--workers",
@@ -406,17 +467,25 @@ def bench(args: argparse.Namespace, threads: int) -> Run:
             "--threads",
             str(threads),
         ]
+        print(f"[{label}] bare Flask app", file=sys.stderr, flush=True)
+        with server(bare_cmd, port, "/bare") as process:
+            drive(port, Load("bare", [("GET", "/bare", None)], token), process.pid)
+
+        port = _free_port()
+        serve = [*_cli(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+        serve += ["--workers", str(args.workers), "--threads", str(threads)]
         print(f"[{label}] iop-fhir serve on {env['IOP_FHIR_DATABASE_URL']}", file=sys.stderr, flush=True)
         with server(serve, port, "/health", env) as process:
+            check_auth(port, token)
             for n in range(PATIENTS):
                 status, body = _request(
-                    "127.0.0.1", port, "PUT", f"/fhir/Patient/bench-p{n}", orjson.dumps(patient_body(n))
+                    "127.0.0.1", port, "PUT", f"/fhir/Patient/bench-p{n}", orjson.dumps(patient_body(n)), token
                 )
                 assert status in (200, 201), body[:500]
             for t in range(args.transactions):
                 payload = orjson.dumps(transaction(args.transaction_size, t * args.transaction_size))
                 began = time.perf_counter()
-                status, body = _request("127.0.0.1", port, "POST", "/fhir", payload)
+                status, body = _request("127.0.0.1", port, "POST", "/fhir", payload, token)
                 run.transaction_s.append(time.perf_counter() - began)
                 assert status == 200, body[:500]
             print(
@@ -426,21 +495,21 @@ def bench(args: argparse.Namespace, threads: int) -> Run:
                 flush=True,
             )
             reads = [("GET", f"/fhir/Patient/bench-p{n}", None) for n in range(PATIENTS)]
-            drive(port, Load("read", reads), process.pid)
+            drive(port, Load("read", reads, token), process.pid)
             searches = [
                 ("GET", f"/fhir/Observation?code={LOINC}%7C{code}&patient=Patient/bench-p{n}", None)
                 for n in range(PATIENTS)
                 for code in SEARCH_CODES
             ]
-            status, body = _request("127.0.0.1", port, "GET", searches[0][1])
+            status, body = _request("127.0.0.1", port, "GET", searches[0][1], token=token)
             matches = len(orjson.loads(body).get("entry", []))
             assert status == 200 and matches > 0, body[:500]
-            drive(port, Load("search", searches), process.pid)
+            drive(port, Load("search", searches, token), process.pid)
             creates = [
                 ("POST", "/fhir/Observation", orjson.dumps(observation(n % PATIENTS, CREATE_CODE, 50 + n % 50)))
                 for n in range(200)
             ]
-            drive(port, Load("create", creates), process.pid)
+            drive(port, Load("create", creates, token), process.pid)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return run
@@ -497,18 +566,44 @@ def report(run: Run, cores: int) -> bool:
 # -- in-process profile ------------------------------------------------------------------------------------------
 
 
+def profile_token(app: Any) -> str:
+    """A token of the client `bench` registered in-process (as tests/auth.py does; the private key is never used:
+    the token is issued directly, as `iop-fhir token` does)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from iop_fhir.security.registry import issue_for_client
+    from iop_fhir.security.tokens import jwk_thumbprint, public_jwk
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    jwks = {"keys": [{**public_jwk(key), "kid": jwk_thumbprint(key), "alg": "ES384", "use": "sig"}]}
+    registry = app.extensions["iop_fhir.clients"]
+    registry.add(BENCH_CLIENT, jwks=jwks, scope=BENCH_SCOPE)
+    token: str = issue_for_client(registry, app.extensions["iop_fhir.keys"], BENCH_CLIENT, None)[0]
+    return token
+
+
 def profile(args: argparse.Namespace) -> int:
     """cProfile of each interaction through the Flask test client on a fresh SQLite file (no HTTP, no gunicorn)."""
     from iop_fhir.app import create_app
     from iop_fhir.config import Settings
 
     workdir = Path(tempfile.mkdtemp(prefix="iop-profile-"))
-    app = create_app(Settings(database_url=f"sqlite:///{workdir / 'profile.db'}", base_url="http://bench/fhir"))
+    settings = Settings(
+        database_url=f"sqlite:///{workdir / 'profile.db'}",
+        base_url="http://bench/fhir",
+        token_lifetime=TOKEN_LIFETIME_S,
+    )
+    app = create_app(settings)
     client = app.test_client()
+    token = profile_token(app)
+    client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"  # sent with every request of `client`
     headers = {"Content-Type": FHIR}
     try:
+        assert app.test_client().get("/fhir/Patient/bench-p0").status_code == 401  # a client without the token
         for n in range(PATIENTS):
-            client.put(f"/fhir/Patient/bench-p{n}", data=orjson.dumps(patient_body(n)), headers=headers)
+            put = client.put(f"/fhir/Patient/bench-p{n}", data=orjson.dumps(patient_body(n)), headers=headers)
+            assert put.status_code in (200, 201), put.get_data()[:500]
+        assert client.get("/fhir/Patient/bench-p0").status_code == 200
         seed = orjson.dumps(transaction(args.transaction_size, 0))
         assert client.post("/fhir", data=seed, headers=headers).status_code == 200
         bodies = [orjson.dumps(observation(n % PATIENTS, CREATE_CODE, 60)) for n in range(args.requests)]

@@ -16,7 +16,7 @@ from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Issue, operation_outcome
 from iop_fhir.fhir import http
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.security import headers
+from iop_fhir.security import guard, headers
 from iop_fhir.store import migrate
 from iop_fhir.store.base import Store
 from iop_fhir.store.sql import SqlStore
@@ -66,6 +66,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     if not migrate.is_current(store.engine):
         migrate.upgrade(store.engine)
     app.extensions["iop_fhir.store"] = store
+    from iop_fhir.security.views import install as install_auth_server
+
+    install_auth_server(app, settings, store)
     repository = build_repository(settings, store, seed=settings.seed_conformance)
     app.extensions["iop_fhir.repository"] = repository
 
@@ -99,6 +102,7 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.extensions["iop_fhir.api"] = api
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)
+    guard.install(app)
     headers.install(app, settings.cors_origins)
     return app
 

@@ -1,4 +1,4 @@
-"""The ``iop-fhir`` command: serve, worker, sync, init-db, validate, map."""
+"""The ``iop-fhir`` command: serve, worker, sync, init-db, validate, map, client, token."""
 
 from __future__ import annotations
 
@@ -169,6 +169,168 @@ def _map(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommandError(Exception):
+    """A message for the operator; the command exits 2."""
+
+
+def _auth_server() -> tuple[Any, Any]:
+    """The client registry and the store, on the database of IOP_FHIR_DATABASE_URL (migrated when behind)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from iop_fhir.security.registry import ClientRegistry
+    from iop_fhir.store import migrate
+    from iop_fhir.store.sql import SqlStore
+
+    store = SqlStore(Settings.from_env().database_url)
+    try:
+        if not migrate.is_current(store.engine):
+            migrate.upgrade(store.engine)
+    except SQLAlchemyError as error:
+        store.close()
+        # The URL may hold a password: name the failure only.
+        raise _CommandError(f"cannot open the database of IOP_FHIR_DATABASE_URL ({type(error).__name__})") from None
+    return ClientRegistry(store), store
+
+
+def _auth_command(run: Any) -> Any:
+    """Runs a client/token command: its errors become one line on stderr and exit 2, never a traceback."""
+
+    def command(args: argparse.Namespace) -> int:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from iop_fhir.security.registry import ClientError, GrantError, KeyRingError
+
+        name = " ".join(["iop-fhir", args.command, *([args.action] if getattr(args, "action", None) else [])])
+        store = None
+        try:
+            registry, store = _auth_server()
+            result: int = run(args, registry, store)
+            return result
+        except (_CommandError, ClientError, KeyRingError) as error:
+            print(f"{name}: {error}", file=sys.stderr)
+        except GrantError as error:
+            print(f"{name}: {error.error}: {error.description}", file=sys.stderr)
+        except SQLAlchemyError as error:
+            print(f"{name}: database error ({type(error).__name__})", file=sys.stderr)
+        finally:
+            if store is not None:
+                store.close()
+        return 2
+
+    return command
+
+
+def _read_jwks(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise _CommandError(f"--jwks {path}: cannot read it ({error.strerror})") from None
+    except ValueError:
+        raise _CommandError(f"--jwks {path}: not JSON") from None
+
+
+def _generated_client_key(path: str) -> dict[str, Any]:
+    """Writes a new EC P-384 private key to ``path`` (mode 0600, never over an existing file) and returns its public
+    JWKS, the key id being its RFC 7638 thumbprint."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from iop_fhir.security.tokens import jwk_thumbprint, public_jwk
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        raise _CommandError(f"--generate-key {path}: cannot create it ({error.strerror})") from None
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(pem)
+    jwk = {**public_jwk(key), "kid": jwk_thumbprint(key), "alg": "ES384", "use": "sig"}
+    return {"keys": [jwk]}
+
+
+def _client_add(args: argparse.Namespace, registry: Any, _store: Any) -> int:
+    import os
+
+    from iop_fhir.security.registry import ClientError
+
+    if args.generate_key and registry.get(args.client_id) is not None:
+        raise ClientError([("client_id", f"a client {args.client_id!r} is already registered")])
+    jwks = _read_jwks(args.jwks) if args.jwks else _generated_client_key(args.generate_key)
+    try:
+        client = registry.add(
+            args.client_id,
+            jwks=jwks,
+            scope=args.scope,
+            name=args.name,
+            partner_id=args.partner,
+            purpose_of_use=args.purpose,
+            admin=args.admin,
+        )
+    except BaseException:
+        if args.generate_key:
+            os.unlink(args.generate_key)  # the key of a client that was not registered
+        raise
+    print(json.dumps(client.summary()))
+    if args.generate_key:
+        kid = client.jwks["keys"][0]["kid"]
+        print(f"private key written to {args.generate_key} (kid {kid}); sign client assertions ES384", file=sys.stderr)
+    return 0
+
+
+def _client_list(_args: argparse.Namespace, registry: Any, _store: Any) -> int:
+    for client in registry.list():
+        print(json.dumps(client.summary()))
+    return 0
+
+
+def _client_disable(args: argparse.Namespace, registry: Any, _store: Any) -> int:
+    registry.disable(args.client_id)
+    print(f"client {args.client_id} is disabled", file=sys.stderr)
+    return 0
+
+
+def _token(args: argparse.Namespace, registry: Any, store: Any) -> int:
+    from iop_fhir.security.registry import KeyRing, issue_for_client
+
+    keyring = KeyRing.load(Settings.from_env(), store.engine)
+    token, scope, expires_in = issue_for_client(registry, keyring, args.client, args.scope)
+    print(token)
+    print(f"scope {scope}; expires in {expires_in} s", file=sys.stderr)
+    return 0
+
+
+def _add_auth_commands(commands: Any) -> None:
+    clients = commands.add_parser("client", help="register, list and disable the clients of /auth/token")
+    actions = clients.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="register a client (SMART Backend Services: private_key_jwt)")
+    add.add_argument("client_id", metavar="CLIENT_ID")
+    keys = add.add_mutually_exclusive_group(required=True)
+    keys.add_argument("--jwks", metavar="FILE", help="the client's public JWKS (RS384 or ES384 keys)")
+    keys.add_argument(
+        "--generate-key", metavar="OUT.pem", help="make an ES384 key pair: the private key goes to OUT.pem (0600)"
+    )
+    add.add_argument("--scope", required=True, help='the most the client may be granted, e.g. "system/*.rs"')
+    add.add_argument("--partner", metavar="ID", help="the partner (/iop/partners) the client acts for")
+    add.add_argument("--purpose", metavar="CODE", help="v3-ActReason purpose of use (default TREAT with --partner)")
+    add.add_argument("--admin", action="store_true", help="the client may use the operator endpoints")
+    add.add_argument("--name", help="a display name (default: the client id)")
+    add.set_defaults(run=_auth_command(_client_add))
+    listing = actions.add_parser("list", help="print every client as a JSON line (no keys)")
+    listing.set_defaults(run=_auth_command(_client_list))
+    disable = actions.add_parser("disable", help="refuse the client any new token")
+    disable.add_argument("client_id", metavar="CLIENT_ID")
+    disable.set_defaults(run=_auth_command(_client_disable))
+    minter = commands.add_parser(
+        "token", help="print an access token for a registered client (local development and tests)"
+    )
+    minter.add_argument("--client", required=True, metavar="CLIENT_ID")
+    minter.add_argument("--scope", help="scopes to ask for (default: everything the client is registered for)")
+    minter.set_defaults(run=_auth_command(_token))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iop-fhir", description="FHIR R4 service for Intensive Outpatient Programs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the program's age group, for the ASAM intensity check of a treatment plan (default adult)",
     )
     mapper.set_defaults(run=_map)
+    _add_auth_commands(commands)
     args = parser.parse_args(argv)
     result: int = args.run(args)
     return result

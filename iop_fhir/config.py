@@ -29,6 +29,9 @@ class Settings:
     outbox_max_attempts: int = 8  # a delivery failing this many times is dead (kept, retried only by hand)
     worker_lease_seconds: int = 60  # how long a worker holds a claimed delivery before another may take it
     cors_origins: str = ""  # comma-separated browser origins allowed to call the API; empty = CORS off
+    signing_key_file: Path | None = None  # PEM private key signing access tokens; None = one kept in the database
+    token_lifetime: int = 300  # seconds an access token of this service is valid
+    auth_issuer: str = ""  # iss and aud of this service's access tokens; empty = see issuer()
 
     @property
     def terminology_dir(self) -> Path:
@@ -50,9 +53,26 @@ class Settings:
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             elif f.type in ("Path", Path):
                 values[f.name] = Path(raw)
+            elif f.type == "Path | None":
+                values[f.name] = Path(raw) if raw.strip() else None
             else:
                 values[f.name] = raw
         return replace(cls(**values), **overrides)
+
+
+def issuer(settings: Settings) -> str:
+    """The ``iss`` and ``aud`` of the service's access tokens: IOP_FHIR_AUTH_ISSUER, else IOP_FHIR_BASE_URL, else a
+    fixed URN. The app and ``iop-fhir token`` both use this, so a token minted by one verifies in the other."""
+    return settings.auth_issuer or settings.base_url.rstrip("/") or "urn:iop-fhir"
+
+
+def auth_url(fhir_base: str, endpoint: str) -> str:
+    """The absolute URL of an /auth endpoint (``token``, ``jwks``) of the server whose FHIR base is ``fhir_base``:
+    its trailing ``/fhir`` becomes ``/auth/<endpoint>``."""
+    base = fhir_base.rstrip("/")
+    if base.endswith("/fhir"):
+        base = base[: -len("/fhir")]
+    return f"{base}/auth/{endpoint}"
 
 
 # The configuration table in README.md is the user-facing copy of this.
@@ -80,4 +100,9 @@ DESCRIPTIONS = {
     "takes the delivery after this",
     "cors_origins": "comma-separated browser origins (`https://app.example.org`) allowed to call the API; empty: "
     "no CORS headers at all",
+    "signing_key_file": "PEM private key (RSA of 2048 bits or more: RS384; EC P-384: ES384) that signs the service's "
+    "access tokens, relative to `secrets_dir`; empty: an EC P-384 key generated once and kept in the database",
+    "token_lifetime": "seconds an access token issued at `/auth/token` (or by `iop-fhir token`) is valid",
+    "auth_issuer": "`iss` and `aud` of the service's access tokens; empty: `base_url`, or `urn:iop-fhir` when that "
+    "is empty too",
 }

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from jwt.algorithms import ECAlgorithm
 from werkzeug.datastructures import Headers
 
-from iop_fhir.security.registry import issue_for_client
+from iop_fhir.security.registry import ClientError, issue_for_client
 
 ADMIN_SCOPE = "system/*.cruds"
 
@@ -40,9 +40,13 @@ def mint(
     registry = app.extensions["iop_fhir.clients"]
     client_id = client_id or f"test-{uuid.uuid4().hex[:12]}"
     if registry.get(client_id) is None:
-        registry.add(
-            client_id, jwks=client_jwks(), scope=scope, partner_id=partner, purpose_of_use=purpose, admin=admin
-        )
+        try:
+            registry.add(
+                client_id, jwks=client_jwks(), scope=scope, partner_id=partner, purpose_of_use=purpose, admin=admin
+            )
+        except ClientError:
+            if registry.get(client_id) is None:  # not another process registering the same client at once
+                raise
     token: str = issue_for_client(registry, app.extensions["iop_fhir.keys"], client_id, scope)[0]
     return token
 

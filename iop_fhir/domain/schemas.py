@@ -361,6 +361,12 @@ def _not_before(data: Mapping[str, Any], earlier: str, later: str, parse: Any) -
             _invariants({later: [Problem("invariant", f"must not be before {earlier} ({data[earlier]})")]})
 
 
+def _not_in_future(data: Mapping[str, Any], name: str) -> None:
+    # A revocation is a fact the program was told of: it cannot be recorded ahead of time.
+    if data.get(name) is not None and date.fromisoformat(data[name]) > date.today():
+        _invariants({name: [Problem("invariant", f"must not be in the future (today is {date.today()})")]})
+
+
 class ClinicianSchema(RecordSchema):
     name = Text(required=True)
     npi = Npi(required=True)
@@ -559,10 +565,26 @@ class ConsentSchema(RecordSchema):
     scope = Code(required=True)
     signed_on = Date(required=True)
     expires_on = Date()
+    revoked_on = Date(
+        metadata={
+            "description": "the day the patient revoked the consent in writing (42 CFR §2.31(a)(4)); once set it "
+            "stays: POST /iop/consents/{id}/revoke sets it, and the FHIR Consent becomes inactive"
+        }
+    )
 
     @validates_schema(skip_on_field_errors=False)
-    def _expiry_not_before_signature(self, data: dict[str, Any], **kwargs: Any) -> None:
+    def _dates_in_order(self, data: dict[str, Any], **kwargs: Any) -> None:
         _not_before(data, "signed_on", "expires_on", date.fromisoformat)
+        _not_before(data, "signed_on", "revoked_on", date.fromisoformat)
+        _not_in_future(data, "revoked_on")
+
+
+class RevocationSchema(RecordSchema):
+    revoked_on = Date(required=True, metadata={"description": "the day the patient revoked the consent"})
+
+    @validates_schema(skip_on_field_errors=False)
+    def _not_in_future(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _not_in_future(data, "revoked_on")
 
 
 class GoalOutcomeSchema(RecordSchema):
@@ -680,6 +702,7 @@ SCHEMAS: dict[str, type[RecordSchema]] = {
 }
 _INSTANCES: dict[str, RecordSchema] = {kind: schema() for kind, schema in SCHEMAS.items()}
 _RETRACTION = RetractionSchema()
+_REVOCATION = RevocationSchema()
 
 
 # --- Loading
@@ -699,6 +722,12 @@ def load_retraction(payload: Any) -> str | None:
         return None
     reason: str | None = _load(_RETRACTION, payload, "a retraction").get("reason")
     return reason
+
+
+def load_revocation(payload: Any) -> str:
+    """The day of a revocation body ({"revoked_on": "YYYY-MM-DD"})."""
+    revoked_on: str = _load(_REVOCATION, payload, "a revocation")["revoked_on"]
+    return revoked_on
 
 
 def _load(schema: Schema, payload: Any, what: str) -> dict[str, Any]:

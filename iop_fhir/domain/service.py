@@ -31,6 +31,9 @@ PLURALS = {
     "discharge": "discharges",
     "partner": "partners",
 }
+# Fields that, once set, a PUT may neither change nor drop: a revoked consent stays revoked (42 CFR §2.31(a)(4)); the
+# patient signs a new consent instead.
+SET_ONCE = {"consent": ("revoked_on",)}
 
 
 @dataclass
@@ -91,6 +94,13 @@ class RecordService:
     def update(self, kind: str, rid: str, payload: dict[str, Any]) -> dict[str, Any]:
         with self.store.write() as tx:
             existing = self._existing(tx, kind, rid)
+            for name in SET_ONCE.get(kind, ()):
+                if existing.content.get(name) is not None and payload.get(name) != existing.content[name]:
+                    raise Conflict(
+                        f"{name} of {kind} {rid} is {existing.content[name]} and cannot be changed or removed",
+                        name,
+                        code="business-rule",
+                    )
             context = self._context(tx, kind, payload)
             derived = self.engine.prepare(kind, payload, context)
             spec = self.engine.spec(kind)
@@ -102,6 +112,24 @@ class RecordService:
                 )
             stored = self._save(tx, kind, rid, derived.record, existing, context)
         return self._body(stored, derived.warnings)
+
+    def revoke(self, rid: str, revoked_on: str) -> dict[str, Any]:
+        """The patient withdraws a consent from ``revoked_on`` (42 CFR §2.31(a)(4)): the record keeps the day and
+        its Consent becomes inactive (mappings/consent.yaml), so no disclosure rests on it any more. Unlike a
+        retraction (an entry made in error), the consent stays on record as having been given. Revoking again on the
+        same day changes nothing; another day is a conflict."""
+        existing = self.store.record("consent", rid)
+        if existing is None:
+            raise NotFound(f"consent {rid} is not known", "id")
+        if existing.status == RETRACTED:
+            raise Conflict(f"consent {rid} was entered in error; nothing to revoke", "id", code="business-rule")
+        if existing.content.get("revoked_on") == revoked_on:
+            return self._body(existing, [])
+        if revoked_on < str(existing.content.get("signed_on", "")):
+            raise Invalid(
+                [Issue("invariant", f"must not be before signed_on ({existing.content['signed_on']})", "revoked_on")]
+            )
+        return self.update("consent", rid, {**existing.content, "revoked_on": revoked_on})
 
     def retract(self, kind: str, rid: str, reason: str | None) -> dict[str, Any]:
         with self.store.write() as tx:
@@ -550,3 +578,7 @@ def update(kind: str, record_id: str, payload: dict[str, Any]) -> dict[str, Any]
 
 def retract(kind: str, record_id: str, reason: str | None) -> dict[str, Any]:
     return _service().retract(kind, record_id, reason)
+
+
+def revoke_consent(record_id: str, revoked_on: str) -> dict[str, Any]:
+    return _service().revoke(record_id, revoked_on)

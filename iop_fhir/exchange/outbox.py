@@ -75,7 +75,8 @@ def enqueue(
     ``payload`` is ``{"method", "url", "body"}`` and optionally ``"headers"`` (name -> value, never shown): for a
     ``bundle`` ``{"method": "POST", "url": "", "body": <the transaction Bundle>}``; for a ``notification`` a PUT or
     POST to ``url`` with ``body`` (an object, or null for none). ``blocked`` (a reason, shown as the last error)
-    keeps the delivery from being sent until an operator retries it. Returns the delivery id.
+    keeps the delivery from being sent until a consent releases it (exchange/transitions.py) or an operator retries
+    it (the worker then decides on consent again). Returns the delivery id.
     """
     _check(kind, payload)
     moment = instants.now_us() if now is None else now

@@ -2,6 +2,18 @@
 staff decisions on it update the Task (status, statusReason, BSeR businessStatus) and go back to the referring partner.
 
 Pattern: Gravity SDOH CC TaskForReferralManagement with BSeR TaskBusinessStatusCS codes (TERMINOLOGY.md §5.5).
+
+Consent for the push-backs (exchange/disclosures.py applies it, here and again in the worker):
+- The answers before admission (accepted with a planned date, declined with a reason, no-show) go without a consent
+  check. They answer the unit's own request about the person it referred, on the Task it created, and carry no
+  record this program made of the patient's treatment; the closed referral loop depends on them, and withholding
+  "declined" would leave the unit's patient without a placement while it waits.
+- The admission (Task completed, the EpisodeOfCare as output) tells the unit that the person is now a patient of a
+  Part 2 program and points at a treatment record: that is a disclosure of Part 2 records (42 CFR §2.11, §2.13). It
+  goes only when a consent of the enrolled patient permits disclosure to the referring partner for treatment or care
+  coordination, and then carries that Consent (§2.32); without one it waits as `blocked: no consent` and a consent
+  recorded later releases it (exchange/transitions.py `release`).
+Every delivered push-back, either kind, is audited as a disclosure by the worker.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import orjson
 from iop_fhir.domain import schemas
 from iop_fhir.domain.service import RecordService
 from iop_fhir.errors import Conflict, FhirError, Invalid, Issue, NotFound, Unprocessable
-from iop_fhir.exchange import outbox, package
+from iop_fhir.exchange import disclosures, outbox, package
 from iop_fhir.fhir import search, validation
 from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
@@ -255,6 +267,34 @@ def delivery_bundle(outbound: dict[str, Any]) -> dict[str, Any]:
         )
         entry["resource"].pop("id", None)
     return bundle
+
+
+def with_consent(
+    tx: WriteTx, bundle: dict[str, Any], record: StoredRecord, partner: str
+) -> tuple[dict[str, Any], str | None]:
+    """The admission push-back with the patient's Consent to the referrer in place of any it carried, and why it
+    may not go (None when a consent permits it). The Consent names the patient as the referrer's Task does (its
+    copy there has no Patient of ours to point to)."""
+    reader = disclosures.TxReader(tx)
+    entries = [e for e in bundle.get("entry", []) if e["resource"].get("resourceType") != "Consent"]
+    tasks = [e["resource"] for e in entries if e["resource"].get("resourceType") == "Task"]
+    patient = disclosures.patient_of(reader, record)
+    decided = disclosures.decision(
+        disclosures.consents(reader, patient),
+        partner,
+        tasks,
+        disclosures.today(),
+        bundle_labels=(bundle.get("meta") or {}).get("security", []),
+    )
+    rebuilt = {**bundle, "entry": entries}
+    consent = _current(tx, "Consent", decided.consent.split("/", 1)[1]) if decided.consent else None
+    if not decided.permit or consent is None:
+        return rebuilt, disclosures.blocked_reason(partner, decided)
+    subject = next((t["for"] for t in tasks if isinstance(t.get("for"), dict)), None)
+    if subject is not None:
+        consent["patient"] = copy.deepcopy(subject)
+    rebuilt["entry"] = [*entries, *package.transaction([consent])["entry"]]
+    return rebuilt, None
 
 
 def _absolute(value: Any, base_url: str) -> Any:
@@ -496,24 +536,21 @@ class ReferralService:
                     self._write_task(tx, duplicate, content, now)
             partner = (content.get("referring") or {}).get("partner")
             if partner:
-                self._push(tx, partner, referral_id, content, written, base_url)
+                self._push(tx, partner, updated, written, base_url)
             log.info("referral %s %s", referral_id, target)
             return body(updated)
 
-    def _push(
-        self,
-        tx: WriteTx,
-        partner: str,
-        referral_id: str,
-        referral: dict[str, Any],
-        task: dict[str, Any],
-        base_url: str,
-    ) -> None:
-        """Enqueue the updated Task for the referring partner, in the decision's transaction."""
+    def _push(self, tx: WriteTx, partner: str, record: StoredRecord, task: dict[str, Any], base_url: str) -> None:
+        """Enqueue the updated Task for the referring partner, in the decision's transaction; the admission only
+        with the patient's consent (module docstring), else blocked until one is recorded."""
+        referral = record.content
         service_request = _current(tx, "ServiceRequest", referral["service_request"].split("/", 1)[1])
         patient = _current(tx, "Patient", local_id(task.get("for"), "Patient"))
-        outbound = outbound_task(task, referral_id, base_url, service_request, patient)
-        outbox.enqueue(tx, partner, KIND, referral_id, "bundle", outbox.bundle_payload(delivery_bundle(outbound)))
+        outbound = outbound_task(task, record.id, base_url, service_request, patient)
+        bundle, blocked = delivery_bundle(outbound), None
+        if not disclosures.answers_before_admission(KIND, bundle):
+            bundle, blocked = with_consent(tx, bundle, record, partner)
+        outbox.enqueue(tx, partner, KIND, record.id, "bundle", outbox.bundle_payload(bundle), blocked=blocked)
 
     def _write_task(self, tx: WriteTx, task: dict[str, Any], referral: dict[str, Any], now: int) -> dict[str, Any]:
         changed = task_for(task, referral, instant(now))

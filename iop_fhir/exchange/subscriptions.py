@@ -48,6 +48,10 @@ _RESPONSE_STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK"}
 _HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\Z")
 _PAGE = 500
 
+# The audit trail is for administrators: no Subscription is told of it (one could reach a client that may not read
+# it), and every request writes to it, which would make each read pay for matching the Subscriptions.
+UNNOTIFIED = frozenset({"AuditEvent"})
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -299,6 +303,8 @@ def parse_criteria(criteria: Any) -> tuple[str, tuple[tuple[str, str], ...]]:
     res_type, _, query = criteria.strip().partition("?")
     if res_type not in definitions.resource_types():
         raise invalid(f"'{res_type[:64]}' is not a resource type; criteria are Type?search-parameters")
+    if res_type in UNNOTIFIED:
+        raise invalid(f"no Subscription is notified of {res_type} (the audit trail is for administrators)", "forbidden")
     params = tuple(parse_qsl(query, keep_blank_values=True))
     for key, _ in params:
         if key.split(":", 1)[0] in search.RESULT_PARAMETERS:
@@ -338,6 +344,8 @@ class Subscriptions:
         self._wrote: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def on_write(self, tx: WriteTx, resource: dict[str, Any], stored: StoredResource) -> None:
+        if stored.res_type in UNNOTIFIED:
+            return
         if stored.res_type == "Subscription":
             rule_of(resource)  # refuses (and so rolls back) a Subscription this server cannot serve
             self._wrote.add(tx)

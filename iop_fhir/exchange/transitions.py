@@ -1,68 +1,148 @@
 """Transitions to aftercare: a discharge with a referral sends the partner one transaction Bundle (Patient,
 continuing-care CarePlan, ServiceRequest, Task, and the patient's Consent to that partner) through the outbox, in the
-same database transaction as the discharge. Without an active consent the delivery waits as blocked.
+same database transaction as the discharge. Without a consent that permits it (exchange/disclosures.py: decide() over
+the patient's FHIR Consents) the delivery waits as blocked.
+
+A consent saved, revoked or retracted later acts on what has not gone yet to its recipient, in the consent's
+transaction (`release`): when it permits, every row of the enrollment's records blocked for lack of consent, and
+every pending row whose package differs from the one rebuilt now (it carries another Consent, or an older version),
+is superseded by a new pending row holding the package rebuilt from the records as they are now, with the Consent
+that permits it. The old row is kept (status superseded, its
+last error naming the row that replaced it), never deleted or rewritten, so the outbox stays the log of what was
+queued, held back and sent. When it no longer permits, pending rows become blocked. The worker decides again right
+before it sends (a consent also ends by expiry, with no write to react to).
 """
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Any
 
 import orjson
 
-from iop_fhir.exchange import outbox, package
-from iop_fhir.store.base import StoredRecord, WriteTx
+from iop_fhir.exchange import disclosures, outbox, package
+from iop_fhir.fhir.instants import now_us
+from iop_fhir.store.base import Delivery, StoredRecord, WriteTx
 
 # Roles of the discharge's own resources that make up the package, in the order the receiver should create them.
 PACKAGE_ROLES = ("continuing-care", "referral", "referral-task")
-# Purposes a consent must permit for a transition (TERMINOLOGY.md §6.3: treatment and its coordination).
-TRANSITION_PURPOSES = {"treatment", "care-coordination"}
-NO_CONSENT = "blocked: no consent"
+NO_CONSENT = disclosures.NO_CONSENT
+# A package and why it may not go now (None: a consent permits it, and the package carries that Consent).
+Package = tuple[dict[str, Any], str | None]
 
 
 def on_record_saved(tx: WriteTx, record: StoredRecord, store: Any) -> None:
-    """RecordService hook: a saved or retracted discharge with a referral goes to its partner."""
+    """RecordService hook: a saved or retracted discharge with a referral goes to its partner; a saved, revoked or
+    retracted consent releases or holds back what waits for its recipient."""
+    if record.kind == "consent":
+        release(tx, record, store)
+        return
     if record.kind != "discharge":
         return
-    referral = record.content.get("referral")
-    if not isinstance(referral, dict) or not referral.get("partner"):
+    partner = _partner(record)
+    if partner is None:
         return
-    partner = str(referral["partner"])
+    built = package_for(tx, record, store, partner)
+    if built is None:
+        return
+    bundle, blocked = built
+    outbox.enqueue(tx, partner, record.kind, record.id, "bundle", outbox.bundle_payload(bundle), blocked=blocked)
+
+
+def package_for(tx: WriteTx, record: StoredRecord, store: Any, partner: str) -> Package | None:
+    """The discharge's package as its resources are now, and why it may not go (None when a consent permits it,
+    and then the package carries that Consent); None when the discharge has no package."""
     resources = _resources(tx, record, store)
     if not resources:
-        return
-    consent = active_consent(store, record.enrollment_id, partner, record.content.get("discharge_date"))
-    if consent is not None:
-        resources.extend(_own(tx, consent, ("consent",)))
-    bundle = package.transaction(resources, labels=_labels(resources))
-    outbox.enqueue(
-        tx,
-        partner,
-        record.kind,
-        record.id,
-        "bundle",
-        {"method": "POST", "url": "", "body": bundle},
-        blocked=None if consent is not None else f"{NO_CONSENT} from the patient to disclose to '{partner}'",
-    )
-
-
-def active_consent(store: Any, enrollment_id: str | None, partner: str, on: str | None) -> StoredRecord | None:
-    """The patient's newest active consent that permits disclosure to the partner for a transition on that day."""
-    if enrollment_id is None:
         return None
-    day = on or date.today().isoformat()
-    consents, _ = store.records("consent", enrollment_id=enrollment_id, offset=0, count=1000)
-    fitting = [
-        c
-        for c in consents
-        if c.status == "active"
-        and c.content.get("recipient") == partner
-        and c.content.get("scope") != "sud-counseling-notes"
-        and TRANSITION_PURPOSES & set(c.content.get("purposes") or [])
-        and c.content.get("signed_on", "") <= day
-        and (not c.content.get("expires_on") or day <= c.content["expires_on"])
+    reader = disclosures.TxReader(tx)
+    patient = disclosures.patient_of(reader, record)
+    decided = disclosures.decision(disclosures.consents(reader, patient), partner, resources, disclosures.today())
+    blocked = None
+    if decided.permit and decided.consent is not None:
+        resources.extend(_current(tx, decided.consent))
+    else:
+        blocked = disclosures.blocked_reason(partner, decided)
+    return package.transaction(resources, labels=_labels(resources)), blocked
+
+
+def release(tx: WriteTx, consent_record: StoredRecord, store: Any) -> list[str]:
+    """Act on the undelivered rows to the consent's recipient of its enrollment's records (see the module
+    docstring). Returns the ids of the rows added."""
+    partner = consent_record.content.get("recipient")
+    enrollment_id = consent_record.enrollment_id
+    if not isinstance(partner, str) or enrollment_id is None:
+        return []
+    added: list[str] = []
+    replaced: dict[tuple[str, str | None], str | None] = {}
+    rows = [
+        row
+        for row in tx.deliveries_to(partner, ("blocked", "pending"))
+        if row.kind == "bundle" and (row.status == "pending" or disclosures.is_blocked_for_consent(row))
     ]
-    return max(fitting, key=lambda c: c.content.get("signed_on", "")) if fitting else None
+    # Newest first: the newest row of a record is rebuilt, older ones of the same record are superseded by it.
+    for row in reversed(rows):
+        source = tx.record(row.record_kind, row.record_id, lock=False) if row.record_id else None
+        if source is None or source.enrollment_id != enrollment_id:
+            continue
+        key = (row.record_kind, row.record_id)
+        if key in replaced:
+            _supersede(tx, row, replaced[key])
+            continue
+        rebuilt = _rebuild(tx, row, source, store, partner)
+        if rebuilt is None:
+            continue
+        bundle, blocked = rebuilt
+        if blocked is not None:
+            replaced[key] = None
+            if row.status == "pending":
+                tx.set_delivery_status(row.id, ("pending",), "blocked", _error(blocked), now_us())
+            continue
+        if row.status == "pending" and row.payload.get("body") == bundle:
+            replaced[key] = None
+            continue
+        new_id = outbox.enqueue(tx, partner, row.record_kind, row.record_id, "bundle", outbox.bundle_payload(bundle))
+        added.append(new_id)
+        replaced[key] = new_id
+        _supersede(tx, row, new_id)
+    return added
+
+
+def _rebuild(tx: WriteTx, row: Delivery, source: StoredRecord, store: Any, partner: str) -> Package | None:
+    if row.record_kind == "discharge":
+        return package_for(tx, source, store, partner)
+    if row.record_kind == disclosures.REFERRAL_KIND and not disclosures.answers_before_admission(
+        row.record_kind, row.payload["body"]
+    ):
+        from iop_fhir.exchange import referrals
+
+        return referrals.with_consent(tx, row.payload["body"], source, partner)
+    return None
+
+
+def _supersede(tx: WriteTx, row: Delivery, new_id: str | None) -> None:
+    if new_id is None:
+        return
+    message = f"superseded by delivery {new_id}: a consent now permits it, and the package was rebuilt with it"
+    tx.set_delivery_status(row.id, ("pending", "blocked"), "superseded", _error(message), now_us())
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"status": None, "retryable": False, "message": message, "outcome": None, "retry_after": None}
+
+
+def _partner(record: StoredRecord) -> str | None:
+    referral = record.content.get("referral")
+    if not isinstance(referral, dict) or not referral.get("partner"):
+        return None
+    return str(referral["partner"])
+
+
+def _current(tx: WriteTx, reference: str) -> list[dict[str, Any]]:
+    res_type, res_id = reference.split("/", 1)
+    current = tx.current(res_type, res_id)
+    if current is None or current.deleted or current.content is None:
+        return []
+    return [orjson.loads(current.content)]
 
 
 def _resources(tx: WriteTx, record: StoredRecord, store: Any) -> list[dict[str, Any]]:

@@ -3,6 +3,11 @@
 At-least-once: a row is leased, not removed, while it is delivered; if the worker dies, the lease expires and another
 worker takes the row. Receivers make replays harmless (conditional updates on business identifiers, package.py).
 Logs name deliveries, partners and error types only, never payloads or partner messages (PHI).
+
+Part 2 (exchange/disclosures.py): right before a Bundle goes to a partner the patient's consent is decided again (it
+may have been revoked, retracted or have expired since the row was queued); if none permits it now the row becomes
+blocked and nothing is sent. Once a partner has taken a Bundle, an AuditEvent of the disclosure is stored (before the
+row is marked delivered, so a crash between the two repeats the delivery and its audit, never loses the audit).
 """
 
 from __future__ import annotations
@@ -22,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from iop_fhir.config import Settings
-from iop_fhir.exchange import outbox
+from iop_fhir.exchange import disclosures, outbox
 from iop_fhir.fhir.instants import now_us
 from iop_fhir.store.base import Delivery, Store
 
 if TYPE_CHECKING:
     from iop_fhir.exchange.client import PartnerClient
+    from iop_fhir.fhir.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +224,31 @@ def _syncer(store: Store, settings: Settings) -> Callable[[], int]:
 class Worker:
     """Claims rows for one worker id and records the outcome of each delivery."""
 
-    def __init__(self, store: Store, settings: Settings, *, deliver: Deliver, lease: float, worker_id: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        deliver: Deliver,
+        lease: float,
+        worker_id: str,
+        repository: Repository | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.deliver = deliver
         self.lease = lease
         self.worker_id = worker_id
+        self._repository = repository
+
+    @property
+    def repository(self) -> Repository:
+        """The app's repository (app.build_repository), made on first use: AuditEvents are written through it."""
+        if self._repository is None:
+            from iop_fhir.app import build_repository
+
+            self._repository = build_repository(self.settings, self.store)
+        return self._repository
 
     def deliver_due(self, batch: int, stop: _Stop | None = None) -> int:
         """Claim up to ``batch`` due rows and deliver them; rows not reached before a stop go back to pending.
@@ -254,6 +279,12 @@ class Worker:
             report = {"status": None, "retryable": False, "message": message, "outcome": None, "retry_after": None}
             self._failed(row, report, False)
             return
+        disclosure = disclosures.of(row, self.store)
+        if disclosure is not None:
+            reason = disclosures.refusal(disclosure, row.payload["body"], self.store, disclosures.today())
+            if reason is not None:
+                self._blocked(row, reason)
+                return
         try:
             if row.partner_id.startswith(SUBSCRIPTION_PREFIX):
                 answer = self.notify(row)
@@ -275,6 +306,8 @@ class Worker:
             report = {"status": None, "retryable": True, "message": message, "outcome": None, "retry_after": None}
             self._failed(row, report, True)
             return
+        if disclosure is not None:
+            self._audit(row, disclosure)
         if self.store.delivered(row.id, self.worker_id, now_us(), outbox.response_summary(answer)):
             log.info("delivery %s to %s: delivered (attempt %d)", row.id, row.partner_id, row.attempts)
         else:
@@ -310,6 +343,22 @@ class Worker:
         if not 200 <= response.status_code < 300:
             raise error_for_response(response, what)
         return None
+
+    def _blocked(self, row: Delivery, reason: str) -> None:
+        report = {"status": None, "retryable": False, "message": reason, "outcome": None, "retry_after": None}
+        if self.store.blocked(row.id, self.worker_id, now_us(), report):
+            log.info("delivery %s to %s: blocked, no consent permits it now; nothing sent", row.id, row.partner_id)
+        else:
+            log.warning("delivery %s: not sent, and its lease had passed to another worker", row.id)
+
+    def _audit(self, row: Delivery, disclosure: disclosures.Disclosure) -> None:
+        # The partner has the records whatever happens next: the disclosure is audited even if the lease passed.
+        try:
+            event = disclosures.record_audit(self.repository, disclosure, now_us())
+        except Exception as error:  # never PHI: the type only
+            log.error("delivery %s: delivered, but its AuditEvent failed: %s", row.id, type(error).__name__)
+            return
+        log.info("delivery %s: disclosure audited as %s", row.id, event)
 
     def _partner(self, partner_id: str) -> dict[str, Any]:
         record = self.store.record("partner", partner_id)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from iop_fhir import __version__
+from iop_fhir.config import auth_url
 from iop_fhir.fhir import definitions
 from iop_fhir.fhir.indexing import indexed_params
 
@@ -62,6 +63,30 @@ def _resource(res_type: str) -> dict[str, Any]:
     }
 
 
+def _security(base_url: str) -> dict[str, Any]:
+    """SMART Backend Services at this server's /auth/token (https://hl7.org/fhir/smart-app-launch/conformance.html)."""
+    return {
+        "extension": [
+            {
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": auth_url(base_url, "token")}],
+            }
+        ],
+        "service": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                        "code": "SMART-on-FHIR",
+                    }
+                ]
+            }
+        ],
+        "description": "OAuth 2.0 client credentials with a signed client assertion (SMART Backend Services); "
+        "discovery at .well-known/smart-configuration",
+    }
+
+
 @lru_cache(maxsize=16)  # keyed by base URL, which may come from the Host header: bounded
 def _statement_bytes(base_url: str) -> bytes:
     statement = {
@@ -85,6 +110,7 @@ def _statement_bytes(base_url: str) -> bytes:
         "rest": [
             {
                 "mode": "server",
+                "security": _security(base_url),
                 "documentation": "Search result parameters: " + ", ".join(_RESULT_PARAMS) + "; chained parameters "
                 "one level deep; modifiers :exact :contains :missing :not :text.",
                 "resource": [_resource(t) for t in sorted(definitions.resource_types())],

@@ -629,7 +629,8 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
     else:
         current = tx.current(entry.res_type, entry.res_id) if tx is not None else None
         if (
-            current is not None
+            tx is not None
+            and current is not None
             and not current.deleted
             and str(current.version_id) == entry.version
             and not repo.hides(tx, current)

@@ -6,6 +6,9 @@ repository (Repository.acting_for)."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from typing import Any
 
 from flask import Flask, Response, current_app, g, request
@@ -71,6 +74,7 @@ def repository() -> Repository:
 
 def install(app: Flask) -> None:
     repository_ = app.extensions["iop_fhir.repository"]
+    app.extensions["iop_fhir.verified_tokens"] = VerifiedTokens()
     repository_.write_hooks.append(trail.write_hook(repository_))
 
     @app.before_request
@@ -124,10 +128,44 @@ def _bearer() -> str:
     return token.strip()
 
 
+class VerifiedTokens:
+    """Claims of tokens already verified, by the token's exact text, until they expire: a client sends the same token
+    with every request for its lifetime, and checking its signature each time would be most of a read's cost."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._claims: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, token: str, now: float) -> Any:
+        with self._lock:
+            claims = self._claims.get(token)
+            if claims is None:
+                return None
+            if claims.expires_at <= now:
+                del self._claims[token]
+                return None
+            self._claims.move_to_end(token)
+            return claims
+
+    def put(self, token: str, claims: Any) -> None:
+        with self._lock:
+            self._claims[token] = claims
+            while len(self._claims) > self.size:
+                self._claims.popitem(last=False)
+
+
 def _verify(token: str) -> Any:
     verifier = current_app.extensions["iop_fhir.keys"].verifier
+    cache: VerifiedTokens = current_app.extensions["iop_fhir.verified_tokens"]
+    now = time.time()
+    claims = cache.get(token, now)
+    if claims is not None:
+        return claims
     try:
-        return verifier.verify(token)
+        claims = verifier.verify(token)
+        cache.put(token, claims)
+        return claims
     except TokenError as error:
         # The reason names the rule (expired, bad-signature, ...); neither the token nor its claims are logged.
         log.info("refused access token: %s", error.reason)

@@ -8,6 +8,9 @@ key is used. A ``TokenError`` says which rule refused a token (``reason``) and w
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -27,6 +30,7 @@ ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1: tells an access token apart from
 # SMART: a client assertion's exp is "no more than five minutes in the future".
 MAX_ASSERTION_LIFETIME_S = 300
 MIN_RSA_BITS = 2048
+ADMIN_CLAIM = "iop_admin"  # private claim: the token's client may use the operator endpoints
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -81,6 +85,7 @@ class Claims:
     jti: str
     issued_at: int
     expires_at: int
+    admin: bool = False  # the client may use the operator endpoints (claim iop_admin)
 
 
 @dataclass(frozen=True)
@@ -140,9 +145,11 @@ class TokenIssuer:
         scopes: str | Iterable[str],
         partner: str | None = None,
         purpose_of_use: str | None = None,
+        admin: bool = False,
     ) -> str:
         """A signed access token for ``client_id``. ``scopes`` (a scope string or its items) must parse
-        (``ScopeError`` otherwise) and must not be empty: a token without scopes would be refused anyway."""
+        (``ScopeError`` otherwise) and must not be empty: a token without scopes would be refused anyway.
+        ``admin`` adds the claim ``iop_admin: true``."""
         if not client_id:
             raise ValueError("an access token needs a client id")
         granted = Scopes.parse(scopes)
@@ -164,6 +171,8 @@ class TokenIssuer:
             claims["partner"] = partner
         if purpose_of_use is not None:
             claims["purpose_of_use"] = purpose_of_use
+        if admin:
+            claims[ADMIN_CLAIM] = True
         headers = {"kid": self.key_id, "typ": ACCESS_TOKEN_TYPE}
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
 
@@ -220,6 +229,9 @@ class TokenVerifier:
         for name in ("partner", "purpose_of_use"):
             if payload.get(name) is not None and not isinstance(payload[name], str):
                 raise TokenError("malformed", f"{name} is not a string")
+        admin = payload.get(ADMIN_CLAIM, False)
+        if not isinstance(admin, bool):
+            raise TokenError("malformed", f"{ADMIN_CLAIM} is not a boolean")
         return Claims(
             client_id=client_id,
             scopes=scopes,
@@ -228,6 +240,7 @@ class TokenVerifier:
             jti=payload["jti"],
             issued_at=int(payload["iat"]),
             expires_at=int(payload["exp"]),
+            admin=admin,
         )
 
 
@@ -283,6 +296,34 @@ def verify_client_assertion(
         raise TokenError("replayed", "this assertion (jti) was already used")
     seen_jti.add(jti)
     return ClientAssertion(client_id=payload["iss"], jti=jti, expires_at=int(expires_at))
+
+
+def jwk_algorithm(jwk: Mapping[str, Any]) -> str | None:
+    """The algorithm (RS384 or ES384) a client's signing JWK verifies assertions with; None when it verifies none
+    (another key type or curve, an RSA key under MIN_RSA_BITS, ``use`` other than sig, an ``alg`` it cannot have)."""
+    if not isinstance(jwk, Mapping) or jwk.get("use", "sig") != "sig":
+        return None
+    key = _verifying_key(jwk)
+    if key is None:
+        return None
+    algorithm = _algorithm(key)
+    return algorithm if jwk.get("alg", algorithm) == algorithm else None
+
+
+def jwk_thumbprint(key: PublicKey | PrivateKey) -> str:
+    """The RFC 7638 SHA-256 thumbprint of a public key (of a private key's public half): a stable key id."""
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) else key
+    jwk = _to_jwk(public)
+    members = ("e", "kty", "n") if jwk["kty"] == "RSA" else ("crv", "kty", "x", "y")
+    canonical = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def public_jwk(key: PublicKey | PrivateKey) -> dict[str, Any]:
+    """The public JWK (kty and key members only) of a key, or of a private key's public half."""
+    public = key.public_key() if isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) else key
+    return _to_jwk(public)
 
 
 def _checked_header(token: object) -> dict[str, Any]:

@@ -110,8 +110,8 @@ def after_response(repository: Repository, trail: Trail, status: int, body: byte
     else:
         # A disclosure is accounted for per patient: one event for each patient whose records went out.
         for ref, patients in returned:
-            for patient in sorted(patients) or [None]:
-                groups[f"Patient/{patient}" if patient else None].append(ref)
+            for patient_id in sorted(patients) or [""]:
+                groups[f"Patient/{patient_id}" if patient_id else None].append(ref)
     with repository.store.write() as tx:
         for patient, references in groups.items():
             _write(repository, tx, trail, "0", patient, references)

@@ -1,5 +1,5 @@
 """The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the outbox,
-the sync cursors.
+the sync cursors, the OAuth clients and signing keys of the service's token endpoint.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -161,7 +162,7 @@ outbox = Table(
     Column("record_id", String(ID), nullable=True),
     Column("kind", String(20), nullable=False),  # bundle | notification
     Column("payload", LargeBinary, nullable=False),  # orjson of {"method", "url", "body"}
-    Column("status", String(20), nullable=False),  # pending | delivering | delivered | dead | blocked
+    Column("status", String(20), nullable=False),  # pending | delivering | delivered | dead | blocked | superseded
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", BigInteger, nullable=False),
     Column("lease_until", BigInteger, nullable=True),
@@ -186,4 +187,42 @@ sync_cursors = Table(
     Column("res_type", String(TYPE), primary_key=True),
     Column("last_updated", Text, nullable=False),
     Column("updated", BigInteger, nullable=False),
+)
+
+# The clients allowed to get access tokens at /auth/token (SMART Backend Services): the public JWKS they sign client
+# assertions with, and the most they may be granted. partner_id, purpose_of_use and admin go into every token of the
+# client, never taken from its request. Clients are disabled, never deleted, so a client id is never reused.
+auth_clients = Table(
+    "auth_clients",
+    metadata,
+    Column("client_id", String(ID), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("jwks", Text, nullable=False),  # JSON {"keys": [...]}, public keys only
+    Column("scope", Text, nullable=False),  # space-separated SMART scopes
+    Column("partner_id", String(ID), nullable=True),
+    Column("purpose_of_use", String(32), nullable=True),  # v3-ActReason code
+    Column("admin", Boolean, nullable=False),
+    Column("active", Boolean, nullable=False),
+    Column("created", BigInteger, nullable=False),
+)
+
+# The keys that sign the service's access tokens when no IOP_FHIR_SIGNING_KEY_FILE is set: generated once by
+# whichever process needs one first and shared by every process on the database. The newest signs; all verify.
+auth_keys = Table(
+    "auth_keys",
+    metadata,
+    Column("kid", String(ID), primary_key=True),
+    Column("private_pem", Text, nullable=False),
+    Column("created", BigInteger, nullable=False),
+)
+
+# The jti of every client assertion accepted, until it expires: the unique key refuses a replay in any process.
+auth_jtis = Table(
+    "auth_jtis",
+    metadata,
+    Column("client_id", String(ID), nullable=False),
+    Column("jti", String(255), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    UniqueConstraint("client_id", "jti", name="uq_auth_jtis_client_jti"),
+    Index("ix_auth_jtis_expires", "expires_at"),
 )

@@ -485,7 +485,12 @@ def test_a_referral_from_a_known_partner_enqueues_one_delivery_per_status_change
     client.post(f"/iop/referrals/{referral_id}/accept", json={"planned_admission": "2026-02-09"})
     client.post(f"/iop/referrals/{referral_id}/admit", json={"enrollment": ADMISSION})
     rows = deliveries(app, record_kind="referral", record_id=referral_id)
-    assert [(r.partner_id, r.kind, r.status) for r in rows] == [("st-joseph-detox", "bundle", "pending")] * 2
+    # The admission discloses a treatment record: without the patient's consent it waits (tests/exchange/
+    # test_disclosures.py releases it with one).
+    assert [(r.partner_id, r.kind, r.status) for r in rows] == [
+        ("st-joseph-detox", "bundle", "pending"),
+        ("st-joseph-detox", "bundle", "blocked"),
+    ]
     sent = [r.payload["body"]["entry"][0]["resource"] for r in rows]
     assert [(t["status"], business_status(t)) for t in sent] == [("accepted", "3.0"), ("completed", "7.0")]
     assert sent[1]["focus"]["identifier"]["value"] == "REF-2026-0419"

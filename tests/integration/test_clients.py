@@ -30,8 +30,11 @@ from werkzeug.serving import make_server
 
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
+from tests.auth import mint
 
 MRN = "urn:oid:2.16.840.1.113883.19.5"
+# Access tokens by FHIR base URL: each live server's, minted against its database.
+TOKENS: dict[str, str] = {}
 LOINC = "http://loinc.org"
 
 
@@ -44,7 +47,9 @@ def base(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/fhir"
+    url = f"http://127.0.0.1:{server.server_port}/fhir"
+    TOKENS[url] = mint(app, "system/*.cruds")
+    yield url
     server.shutdown()
     thread.join()
     server.server_close()
@@ -62,6 +67,7 @@ def _family() -> str:
 def _smart(base: str) -> FHIRServer:
     smart = smart_client.FHIRClient(settings={"app_id": "iop-fhir-tests", "api_base": base})
     server: FHIRServer = smart.server
+    server.session.headers["Authorization"] = f"Bearer {TOKENS[base]}"
     return server
 
 
@@ -165,7 +171,7 @@ def test_fhirclient_observation_is_found_by_its_patient_and_code(base: str) -> N
 
 
 def test_fhirpy_save_creates_and_the_reference_reads_it_back(base: str) -> None:
-    fhir = SyncFHIRClient(base)
+    fhir = SyncFHIRClient(base, authorization=f"Bearer {TOKENS[base]}")
     family = _family()
     pat = fhir.resource("Patient", name=[{"family": family, "given": ["Sam"]}], gender="other", birthDate="1985-02-03")
     pat.save()
@@ -179,7 +185,7 @@ def test_fhirpy_save_creates_and_the_reference_reads_it_back(base: str) -> None:
 
 
 def test_fhirpy_search_finds_exactly_the_matches(base: str) -> None:
-    fhir = SyncFHIRClient(base)
+    fhir = SyncFHIRClient(base, authorization=f"Bearer {TOKENS[base]}")
     family = _family()
     births = ["1970-05-01", "1980-05-01", "1990-05-01"]
     pats = [fhir.resource("Patient", name=[{"family": family}], birthDate=b) for b in births]
@@ -198,7 +204,7 @@ def test_fhirpy_search_finds_exactly_the_matches(base: str) -> None:
 
 
 def test_fhirpy_update_saves_a_new_version(base: str) -> None:
-    fhir = SyncFHIRClient(base)
+    fhir = SyncFHIRClient(base, authorization=f"Bearer {TOKENS[base]}")
     pat = fhir.resource("Patient", name=[{"family": _family()}], gender="female")
     pat.save()
     pat["gender"] = "male"
@@ -209,7 +215,7 @@ def test_fhirpy_update_saves_a_new_version(base: str) -> None:
 
 
 def test_fhirpy_limit_fetches_one_page_and_fetch_all_follows_next_links(base: str) -> None:
-    fhir = SyncFHIRClient(base)
+    fhir = SyncFHIRClient(base, authorization=f"Bearer {TOKENS[base]}")
     family = _family()
     births = [f"19{60 + n:02d}-07-15" for n in range(25)]
     ids = {}
@@ -227,7 +233,7 @@ def test_fhirpy_limit_fetches_one_page_and_fetch_all_follows_next_links(base: st
 
 
 def test_fhirpy_observation_is_found_by_patient_and_code_with_the_patient_included(base: str) -> None:
-    fhir = SyncFHIRClient(base)
+    fhir = SyncFHIRClient(base, authorization=f"Bearer {TOKENS[base]}")
     pat = fhir.resource("Patient", name=[{"family": _family()}])
     pat.save()
     obs = fhir.resource(
@@ -289,7 +295,10 @@ def test_iop_fhir_serve_with_two_workers_serves_fhirpy_and_logs_no_search_values
                 pass
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
-        fhir = SyncFHIRClient(f"http://127.0.0.1:{port}/fhir")
+        served = create_app(Settings(database_url=env["IOP_FHIR_DATABASE_URL"], seed_conformance=False))
+        token = mint(served, "system/*.cruds")
+        served.extensions["iop_fhir.store"].close()
+        fhir = SyncFHIRClient(f"http://127.0.0.1:{port}/fhir", authorization=f"Bearer {token}")
         family = _family()
         pats = [fhir.resource("Patient", name=[{"family": family}], birthDate=f"20{n:02d}-01-01") for n in range(20)]
         for pat in pats:

@@ -167,8 +167,20 @@ def test_decisions_on_a_partners_referral_reach_its_task_once_accepted_then_comp
     admitted = response.get_json()
     assert admitted["status"] == "admitted"
     run_worker(app)
+    # The admission discloses a treatment record: it waits for the enrolled patient's consent to the unit.
     rows = deliveries(app, referral_id)
-    assert [r.status for r in rows] == ["delivered"] * 3, [r.last_error for r in rows]
+    assert [r.status for r in rows] == ["delivered", "delivered", "blocked"], [r.last_error for r in rows]
+    assert the_task_at(base, referral_id)["status"] == "accepted"
+    consent = json.loads((CONTRACT / "consent.json").read_text(encoding="utf-8"))
+    consent.update(enrollment_id=admitted["enrollment_id"], recipient=INPATIENT_UNIT["id"])
+    del consent["expires_on"]  # in force whenever the test runs
+    assert client.post("/iop/consents", json=consent).status_code == 201
+    run_worker(app)
+    rows = deliveries(app, referral_id)
+    assert [r.status for r in rows] == ["delivered", "delivered", "superseded", "delivered"], [
+        r.last_error for r in rows
+    ]
+    assert len(search_at(base, "Consent")) == 1
     task = the_task_at(base, referral_id)
     assert (task["status"], business_status(task)) == ("completed", "7.0")
     episodes = [o["valueReference"]["reference"] for o in task["output"] if o["type"]["text"] == "episode of care"]

@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import requests
 
 from iop_fhir.exchange import followup, worker
 from iop_fhir.exchange.client import client_for
+from iop_fhir.fhir import search
 from iop_fhir.mapping import ids
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -110,3 +112,66 @@ def test_partner_that_refuses_the_package_leaves_a_dead_letter_with_its_outcome(
     assert rows[0].last_error["outcome"]["resourceType"] == "OperationOutcome"
     listed = client.get("/iop/deliveries?status=dead").get_json()
     assert [d["id"] for d in listed["items"]] == [rows[0].id]
+
+
+def disclosures_audited(app: Any) -> list[dict[str, Any]]:
+    """The worker's AuditEvents of disclosures, as /fhir/AuditEvent searches them (the API audits its own
+    interactions beside them)."""
+    request = search.parse("AuditEvent", [("type", "110106"), ("_count", "500")], max_count=500)
+    events = [orjson.loads(m.content) for m in app.extensions["iop_fhir.store"].search(request).matches]
+    return [
+        e for e in events if any(a["who"].get("identifier", {}).get("value") == "iop-fhir-worker" for a in e["agent"])
+    ]
+
+
+def everything_at(base: str) -> dict[str, list[dict[str, Any]]]:
+    """Every resource of the types a package holds, as the partner has them."""
+    found = {}
+    for res_type in ("Patient", "CarePlan", "ServiceRequest", "Task", "Consent"):
+        bundle = requests.get(f"{base}/{res_type}", timeout=10).json()
+        found[res_type] = [e["resource"] for e in bundle.get("entry", [])]
+    return found
+
+
+def test_a_transition_waits_for_consent_goes_once_consented_and_stops_once_revoked(
+    app: Any, client: Any, aftercare: str
+) -> None:
+    store = app.extensions["iop_fhir.store"]
+    settings = app.config["IOP_FHIR"]
+    partner = contract("partner")
+    partner.update(fhir_base_url=aftercare, auth={"type": "none"})
+    assert client.post("/iop/partners", json=partner).status_code == 201
+    enrollment_id = client.post("/iop/enrollments", json=contract("enrollment")).get_json()["id"]
+    assert client.post("/iop/treatment-plans", json=contract("treatment-plan", enrollment_id)).status_code == 201
+    discharge = client.post("/iop/discharges", json=contract("discharge", enrollment_id)).get_json()
+    assert discharge["transition"]["delivery"]["status"] == "blocked"
+
+    # Without consent nothing reaches the aftercare provider, not even that the patient exists.
+    assert worker.run(settings, once=True, store=store) == 0
+    assert everything_at(aftercare) == {t: [] for t in ("Patient", "CarePlan", "ServiceRequest", "Task", "Consent")}
+
+    consent_payload = contract("consent", enrollment_id)
+    del consent_payload["expires_on"]  # in force whenever the test runs
+    consent = client.post("/iop/consents", json=consent_payload).get_json()
+    assert worker.run(settings, once=True, store=store) == 0
+    rows, _ = store.deliveries(record_id=discharge["id"])
+    assert [r.status for r in rows] == ["superseded", "delivered"], [r.last_error for r in rows]
+    delivered = everything_at(aftercare)
+    assert {t: len(found) for t, found in delivered.items()} == dict.fromkeys(delivered, 1)
+    assert delivered["Consent"][0]["provision"]["actor"][0]["reference"]["reference"] == (
+        "Organization/passaic-valley-recovery"
+    )
+    assert len(disclosures_audited(app)) == 1
+
+    # The patient revokes the consent; a later change to the discharge is not disclosed.
+    revoked = client.post(f"/iop/consents/{consent['id']}/revoke", json={"revoked_on": "2026-11-30"})
+    assert revoked.status_code == 200, revoked.get_json()
+    changed = {k: v for k, v in discharge.items() if k not in ("id", "fhir", "meta", "transition")}
+    changed["summary"] = "Completed 12 weeks; relapse prevention plan reviewed with family."
+    assert client.put(f"/iop/discharges/{discharge['id']}", json=changed).status_code == 200
+    assert worker.run(settings, once=True, store=store) == 0
+    rows, _ = store.deliveries(record_id=discharge["id"])
+    assert [r.status for r in rows] == ["superseded", "delivered", "blocked"]
+    assert (rows[-1].last_error or {})["message"].startswith("blocked: no consent")
+    assert everything_at(aftercare) == delivered
+    assert len(disclosures_audited(app)) == 1

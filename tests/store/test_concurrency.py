@@ -57,7 +57,10 @@ def test_200_concurrent_conditional_creates_in_threads_leave_one_resource(client
 
 
 def _process_worker(url: str, attempts: int, start: Any, out: Any) -> None:
+    from tests.auth import TokenClient  # a spawned process has not run conftest.py
+
     app = create_app(Settings(database_url=url, base_url="http://testserver/fhir"))
+    app.test_client_class = TokenClient
     client = app.test_client()
     start.wait(60)
     out.put([_conditional_create(client) for _ in range(attempts)])
