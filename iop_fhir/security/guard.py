@@ -87,7 +87,8 @@ def install(app: Flask) -> None:
         g.iop_access = Access(found, app.extensions["iop_fhir.store"])
         action = _action(request.endpoint, request.method)
         if action is not None:
-            query = request.full_path if action == "search" else None
+            # As received; a query string that is not UTF-8 is refused by the FHIR API, and kept here as it decodes.
+            query = f"{request.path}?{request.query_string.decode('utf-8', 'replace')}" if action == "search" else None
             g.iop_trail = trail.Trail(found, action, query=query)
             g.iop_trail_token = trail.begin(g.iop_trail)
         endpoint = request.endpoint or ""

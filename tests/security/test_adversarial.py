@@ -464,3 +464,54 @@ def test_logs_carry_no_patient_data(
     as_client(partner.application, "forged.token.value").get("/fhir/Patient?family=Zyxwvut")
     assert "Zyxwvut" not in caplog.text
     assert "MRN-B-2" not in caplog.text
+
+
+def _labelled(resource: dict[str, Any], *codes: str) -> dict[str, Any]:
+    labels = [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": code} for code in codes]
+    return {**resource, "meta": {"security": labels}}
+
+
+def test_sud_counseling_notes_need_a_consent_of_their_own(
+    app: Flask, program: dict[str, Any], client: FlaskClient
+) -> None:
+    note = _labelled(
+        {
+            "resourceType": "DocumentReference",
+            "status": "current",
+            "subject": {"reference": program["a"]["patient"]},
+            "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}],
+        },
+        "42CFRPart2",
+        "SUD",
+        "PSYTHPN",
+    )
+    created = client.post("/fhir/DocumentReference", data=orjson.dumps(note), content_type=FHIR)
+    assert created.status_code == 201
+    partner = program["partner"]
+    # The treatment consent keeps counseling notes out (its nested deny of PSYTHPN).
+    assert partner.get("/fhir/DocumentReference?_summary=count").get_json()["total"] == 0
+    assert partner.get(f"/fhir/DocumentReference/{created.get_json()['id']}").status_code == 404
+    notes = contract("consent", program["a"]["enrollment"])
+    notes.update(scope="sud-counseling-notes", signed_on="2026-02-01", expires_on="2099-01-01")
+    assert client.post("/iop/consents", json=notes).status_code == 201
+    assert partner.get("/fhir/DocumentReference?_summary=count").get_json()["total"] == 1
+    assert partner.get(f"/fhir/DocumentReference/{created.get_json()['id']}").status_code == 200
+
+
+def test_labelled_resources_of_no_patient_are_hidden_and_unlabelled_ones_shown(
+    program: dict[str, Any], client: FlaskClient
+) -> None:
+    practitioner = _labelled({"resourceType": "Practitioner", "name": [{"family": "Counselor"}]}, "42CFRPart2")
+    assert client.post("/fhir/Practitioner", data=orjson.dumps(practitioner), content_type=FHIR).status_code == 201
+    codes = {"resourceType": "CodeSystem", "status": "active", "content": "complete", "url": "https://x.example/cs"}
+    assert client.post("/fhir/CodeSystem", data=orjson.dumps(codes), content_type=FHIR).status_code == 201
+    partner = program["partner"]
+    assert client.get("/fhir/Practitioner?family=Counselor&_summary=count").get_json()["total"] == 1
+    assert partner.get("/fhir/Practitioner?family=Counselor&_summary=count").get_json()["total"] == 0
+    assert partner.get("/fhir/CodeSystem?url=https://x.example/cs&_summary=count").get_json()["total"] == 1
+
+
+def test_a_consent_for_treatment_discloses_nothing_for_payment(app: Flask, program: dict[str, Any]) -> None:
+    payer = as_client(app, mint(app, "system/*.rs", partner=PARTNER, purpose="HPAYMT"))
+    assert payer.get("/fhir/Patient?_summary=count").get_json()["total"] == 0
+    assert program["partner"].get("/fhir/Patient?_summary=count").get_json()["total"] == 1
