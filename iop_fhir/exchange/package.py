@@ -12,20 +12,12 @@ from typing import Any
 from urllib.parse import quote
 
 from iop_fhir.mapping import ids
+from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE, redisclosure_mark
+
+__all__ = ["REDISCLOSURE_NOTICE", "business_identifier", "conditional_url", "transaction"]
 
 NPI = "http://hl7.org/fhir/sid/us-npi"
 PARTNER_SYSTEM = f"{ids.CANONICAL}/sid/partner"
-# 42 CFR §2.32 Statement 1 (TERMINOLOGY.md §6.1); the full notice accompanies every disclosure.
-REDISCLOSURE_NOTICE = (
-    "This record which has been disclosed to you is protected by Federal confidentiality rules (42 CFR part 2). "
-    "These rules prohibit you from using or disclosing this record, or testimony that describes the information "
-    "contained in this record, in any civil, criminal, administrative, or legislative proceedings by any Federal, "
-    "State, or local authority, against the patient, unless authorized by the consent of the patient, except as "
-    "provided at 42 CFR 2.12(c)(5) or as authorized by a court in accordance with 42 CFR 2.64 or 2.65. In addition, "
-    "the Part 2 rules prohibit you from using or disclosing this record, or testimony that describes the "
-    "information contained in this record, to investigate or prosecute the patient or a Part 2 program, except as "
-    "authorized by a court in accordance with 42 CFR 2.66 or 2.67."
-)
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 
@@ -74,21 +66,7 @@ def transaction(resources: Iterable[dict[str, Any]], *, labels: list[dict[str, A
             }
         )
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-    security = list(labels or [])
-    security.append(
-        {
-            "system": ACT_CODE,
-            "code": "RedisclosureProhibitionMark",
-            "display": "prohibition against redisclosure mark",
-            "extension": [
-                {
-                    "url": "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/display",
-                    "valueString": REDISCLOSURE_NOTICE,
-                }
-            ],
-        }
-    )
-    bundle["meta"] = {"security": security}
+    bundle["meta"] = {"security": [*(labels or []), redisclosure_mark()]}
     return bundle
 
 

@@ -17,6 +17,19 @@ from iop_fhir.security import consent
 from iop_fhir.store.base import Store
 
 PAGE = 1000
+# 42 CFR §2.32 Statement 1 (TERMINOLOGY.md §6.1); the full notice accompanies every disclosure.
+REDISCLOSURE_NOTICE = (
+    "This record which has been disclosed to you is protected by Federal confidentiality rules (42 CFR part 2). "
+    "These rules prohibit you from using or disclosing this record, or testimony that describes the information "
+    "contained in this record, in any civil, criminal, administrative, or legislative proceedings by any Federal, "
+    "State, or local authority, against the patient, unless authorized by the consent of the patient, except as "
+    "provided at 42 CFR 2.12(c)(5) or as authorized by a court in accordance with 42 CFR 2.64 or 2.65. In addition, "
+    "the Part 2 rules prohibit you from using or disclosing this record, or testimony that describes the "
+    "information contained in this record, to investigate or prosecute the patient or a Part 2 program, except as "
+    "authorized by a court in accordance with 42 CFR 2.66 or 2.67."
+)
+MARK_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+DS4P_DISPLAY = "http://hl7.org/fhir/uv/security-label-ds4p/StructureDefinition/display"
 # What every record of the program carries; a resource without labels is judged as if it had them: that a patient's
 # data is held by an addiction treatment program at all is Part 2 information.
 DEFAULT_LABELS: tuple[Mapping[str, Any], ...] = tuple(PART2_LABELS)
@@ -77,3 +90,39 @@ def _patient_id(resource: Mapping[str, Any]) -> str | None:
     if isinstance(reference, str) and "Patient/" in reference:
         return reference.rsplit("Patient/", 1)[1].split("/", 1)[0] or None
     return None
+
+
+def redisclosure_mark() -> dict[str, Any]:
+    """The RedisclosureProhibitionMark label carrying the §2.32 notice (DS4P display extension), which every
+    disclosure of Part 2 records carries."""
+    return {
+        "system": MARK_SYSTEM,
+        "code": "RedisclosureProhibitionMark",
+        "display": "prohibition against redisclosure mark",
+        "extension": [{"url": DS4P_DISPLAY, "valueString": REDISCLOSURE_NOTICE}],
+    }
+
+
+def mark_disclosed(body: bytes) -> bytes:
+    """A response to a partner's client as it is disclosed: a Bundle (searchset, history, batch or transaction
+    response) carries the Part 2 labels and the redisclosure notice in its meta.security, a single resource the
+    notice beside its own labels. Anything else (an OperationOutcome) is returned as it is."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body
+    if not isinstance(parsed, dict) or parsed.get("resourceType") in (None, "OperationOutcome"):
+        return body
+    meta = dict(parsed.get("meta") or {})
+    security = list(meta.get("security") or [])
+    if parsed["resourceType"] == "Bundle":
+        security += [label for label in PART2_LABELS if label not in security]
+    if not any(s.get("code") == "RedisclosureProhibitionMark" for s in security if isinstance(s, dict)):
+        security.append(redisclosure_mark())
+    meta["security"] = security
+    ordered = {"resourceType": parsed["resourceType"]}
+    if "id" in parsed:
+        ordered["id"] = parsed["id"]
+    ordered["meta"] = meta
+    ordered.update((k, v) for k, v in parsed.items() if k not in ordered)
+    return orjson.dumps(ordered)

@@ -15,7 +15,7 @@ from flask import Flask, Response, current_app, g, request
 
 from iop_fhir.errors import Unauthorized
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.security import trail
+from iop_fhir.security import disclosure, trail
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.tokens import TokenError
 
@@ -97,6 +97,9 @@ def install(app: Flask) -> None:
 
     @app.after_request
     def _audit(response: Response) -> Response:
+        found = g.get("iop_principal")
+        if found is not None and found.partner is not None and response.status_code < 400 and response.is_json:
+            response.set_data(disclosure.mark_disclosed(response.get_data()))
         current = g.get("iop_trail")
         if current is not None and response.status_code != 401:
             g.iop_trail = None

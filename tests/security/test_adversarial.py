@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from sqlalchemy import select
 from iop_fhir.security.tokens import TokenIssuer
 from iop_fhir.store import schema
 from tests.auth import TokenClient, admin_token, mint
+from tests.conftest import TOOLS
 
 CONTRACT = Path(__file__).resolve().parents[2].parent / "shared" / "contract"
 PARTNER = "passaic-valley-recovery"
@@ -515,3 +517,26 @@ def test_a_consent_for_treatment_discloses_nothing_for_payment(app: Flask, progr
     payer = as_client(app, mint(app, "system/*.rs", partner=PARTNER, purpose="HPAYMT"))
     assert payer.get("/fhir/Patient?_summary=count").get_json()["total"] == 0
     assert program["partner"].get("/fhir/Patient?_summary=count").get_json()["total"] == 1
+
+
+def test_what_a_partner_receives_carries_the_labels_and_the_redisclosure_notice(
+    program: dict[str, Any], client: FlaskClient, tmp_path: Path
+) -> None:
+    from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE
+
+    partner = program["partner"]
+    bundle = partner.get("/fhir/Encounter").get_json()
+    codes = [s["code"] for s in bundle["meta"]["security"]]
+    assert {"R", "42CFRPart2", "SUD", "NORDSCLCD", "RedisclosureProhibitionMark"} <= set(codes)
+    [mark] = [s for s in bundle["meta"]["security"] if s["code"] == "RedisclosureProhibitionMark"]
+    assert mark["extension"][0]["valueString"] == REDISCLOSURE_NOTICE
+    resource = partner.get(f"/fhir/{program['a']['patient']}").get_json()
+    assert "RedisclosureProhibitionMark" in [s["code"] for s in resource["meta"]["security"]]
+    assert list(resource)[:3] == ["resourceType", "id", "meta"]
+    # The program's own client gets the records as stored.
+    own = client.get(f"/fhir/{program['a']['patient']}").get_json()
+    assert "RedisclosureProhibitionMark" not in [s["code"] for s in own["meta"]["security"]]
+    (tmp_path / "bundle.json").write_bytes(orjson.dumps(bundle))
+    (tmp_path / "patient.json").write_bytes(orjson.dumps(resource))
+    checked = subprocess.run([str(TOOLS / "fhir-validate"), str(tmp_path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
