@@ -240,3 +240,14 @@ def test_the_openapi_document_describes_each_request_body_with_its_schema(sqlite
     assert session["additionalProperties"] is False
     assert session["properties"]["craving_score"] == {"type": "integer", "minimum": 0, "maximum": 10}
     assert "/iop/partners/{record_id}/retract" not in spec["paths"]
+
+
+def test_the_openapi_document_says_every_operation_needs_a_bearer_token(sqlite_app: Flask) -> None:
+    spec = sqlite_app.extensions["iop_fhir.api"].spec.to_dict()
+    assert spec["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
+    assert "/iop/enrollments/{record_id}/disclosures" in spec["paths"]
