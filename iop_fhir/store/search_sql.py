@@ -12,12 +12,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
     FromClause,
     Select,
     Table,
     and_,
+    bindparam,
     exists,
     false,
     func,
@@ -122,15 +124,21 @@ def visible(row: FromClause, restriction: Restriction) -> ColumnElement[bool]:
         )
 
     def all_within(allowed: list[str]) -> ColumnElement[bool]:
-        itself = or_(~own, row.c.res_id.in_(allowed))
-        return and_(itself, ~exists(refs.where(_REF.c.target_id.is_(None) | _REF.c.target_id.not_in(allowed))))
+        itself = or_(~own, row.c.res_id.in_(_ids(allowed)))
+        return and_(itself, ~exists(refs.where(_REF.c.target_id.is_(None) | _REF.c.target_id.not_in(_ids(allowed)))))
 
-    belongs = or_(and_(own, row.c.res_id.in_(patients)), exists(refs.where(_REF.c.target_id.in_(patients))))
+    belongs = or_(and_(own, row.c.res_id.in_(_ids(patients))), exists(refs.where(_REF.c.target_id.in_(_ids(patients)))))
     return and_(
         all_within(patients),
         or_(~labels(NOTE_LABELS), all_within(notes)),
         or_(belongs, ~labels(PROTECTED_LABELS)),
     )
+
+
+def _ids(values: list[str]) -> BindParameter[Any]:
+    """Patient ids rendered into the statement rather than bound one by one: a partner may have more consented
+    patients than SQLite takes parameters in one statement (32,766). They are FHIR ids, quoted by the dialect."""
+    return bindparam(None, values, expanding=True, literal_execute=True)
 
 
 def _only_visible(conn: Connection, found: list[StoredResource], restriction: Restriction) -> list[StoredResource]:

@@ -1,0 +1,69 @@
+"""The Part 2 visibility predicate (search_sql.visible) on both databases: who a resource belongs to, labels that
+need a patient, counseling notes, and a partner with more consented patients than a statement takes parameters."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from iop_fhir.fhir.repository import Repository
+from iop_fhir.fhir.search import Restriction, parse
+from iop_fhir.store.sql import SqlStore
+
+ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+
+
+def labelled(resource: dict[str, Any], *codes: str) -> dict[str, Any]:
+    return {**resource, "meta": {"security": [{"system": ACT, "code": code} for code in codes]}}
+
+
+@pytest.fixture
+def repository(db_url: str) -> Any:
+    store = SqlStore(db_url)
+    repository = Repository(store)
+    with store.write() as tx:
+        for patient in ("a", "b"):
+            repository.update_in(tx, "Patient", patient, labelled({"resourceType": "Patient", "id": patient}, "SUD"))
+        observations = {
+            "of-a": {"subject": {"reference": "Patient/a"}},
+            "of-b": {"subject": {"reference": "Patient/b"}},
+            "of-a-and-b": {"subject": {"reference": "Patient/a"}, "performer": [{"reference": "Patient/b"}]},
+            "note-of-a": labelled({"subject": {"reference": "Patient/a"}}, "SUD", "PSYTHPN"),
+            "labelled-of-nobody": labelled({}, "42CFRPart2"),
+            "unlabelled-of-nobody": {},
+        }
+        for res_id, extra in observations.items():
+            body = {"resourceType": "Observation", "id": res_id, "status": "final", "code": {"text": "x"}, **extra}
+            repository.update_in(tx, "Observation", res_id, body)
+    yield repository
+    store.close()
+
+
+def visible(repository: Repository, res_type: str, restriction: Restriction) -> set[str]:
+    request = replace(parse(res_type, [("_count", "100")]), restriction=restriction)
+    return {res.res_id for res in repository.store.search(request).matches}
+
+
+def test_a_resource_is_visible_only_when_every_patient_it_refers_to_is_permitted(repository: Repository) -> None:
+    only_a = Restriction(frozenset({"a"}))
+    assert visible(repository, "Observation", only_a) == {"of-a", "unlabelled-of-nobody"}
+    assert visible(repository, "Patient", only_a) == {"a"}
+    both = Restriction(frozenset({"a", "b"}))
+    assert visible(repository, "Observation", both) == {"of-a", "of-b", "of-a-and-b", "unlabelled-of-nobody"}
+
+
+def test_counseling_notes_need_the_patient_among_the_note_patients(repository: Repository) -> None:
+    notes = Restriction(frozenset({"a"}), frozenset({"a"}))
+    assert "note-of-a" in visible(repository, "Observation", notes)
+
+
+def test_nobody_permitted_sees_only_unlabelled_resources_of_no_patient(repository: Repository) -> None:
+    assert visible(repository, "Observation", Restriction()) == {"unlabelled-of-nobody"}
+    assert visible(repository, "Patient", Restriction()) == set()
+
+
+def test_forty_thousand_consented_patients_fit_in_one_search(repository: Repository) -> None:
+    many = frozenset({"a", *(f"p{i:05d}" for i in range(40_000))})
+    assert visible(repository, "Patient", Restriction(many)) == {"a"}
