@@ -9,6 +9,7 @@ request: those come from the registration.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -425,11 +426,8 @@ def _create_key(engine: Engine, known: list[tuple[str, str]]) -> list[tuple[str,
     so processes that saw the same keys and start at once try the same kid: one insert wins, the others fail on the
     primary key and read the winner's key."""
     row = {"kid": f"iop-fhir-{len(known) + 1}", "private_pem": _generated_key_pem(), "created": _now_us()}
-    try:
-        with _writing(engine) as conn:
-            conn.execute(insert(auth_keys).values(**row))
-    except IntegrityError:
-        pass
+    with contextlib.suppress(IntegrityError), _writing(engine) as conn:  # another process stored it first
+        conn.execute(insert(auth_keys).values(**row))
     stored = _stored_keys(engine)
     if not stored:
         raise KeyRingError("no signing key could be stored in auth_keys")
