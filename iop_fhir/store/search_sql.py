@@ -7,6 +7,7 @@ SQLAlchemy Core only, the same results on SQLite and PostgreSQL. Every filter is
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -101,6 +102,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
 # -- Part 2 visibility ---------------------------------------------------------------------------------------
 
 _TOK = schema.idx_token
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def visible(row: FromClause, restriction: Restriction) -> ColumnElement[bool]:
@@ -137,8 +139,11 @@ def visible(row: FromClause, restriction: Restriction) -> ColumnElement[bool]:
 
 def _ids(values: list[str]) -> BindParameter[Any]:
     """Patient ids rendered into the statement rather than bound one by one: a partner may have more consented
-    patients than SQLite takes parameters in one statement (32,766). They are FHIR ids, quoted by the dialect."""
-    return bindparam(None, values, expanding=True, literal_execute=True)
+    patients than SQLite takes parameters in one statement (32,766). Only FHIR ids (letters, digits, '-' and '.')
+    are rendered, quoted by the dialect; anything else is bound as a parameter."""
+    if all(_FHIR_ID.fullmatch(value) for value in values):
+        return bindparam(None, values, expanding=True, literal_execute=True)
+    return bindparam(None, values, expanding=True)
 
 
 def _only_visible(conn: Connection, found: list[StoredResource], restriction: Restriction) -> list[StoredResource]:

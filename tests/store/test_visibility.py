@@ -67,3 +67,9 @@ def test_nobody_permitted_sees_only_unlabelled_resources_of_no_patient(repositor
 def test_forty_thousand_consented_patients_fit_in_one_search(repository: Repository) -> None:
     many = frozenset({"a", *(f"p{i:05d}" for i in range(40_000))})
     assert visible(repository, "Patient", Restriction(many)) == {"a"}
+
+
+def test_an_id_that_is_not_a_fhir_id_is_bound_as_a_parameter_never_rendered(repository: Repository) -> None:
+    odd = Restriction(frozenset({"a", "x'); DROP TABLE resources; --"}))
+    assert visible(repository, "Patient", odd) == {"a"}
+    assert visible(repository, "Patient", Restriction(frozenset({"a", "b"}))) == {"a", "b"}
