@@ -249,7 +249,7 @@ class Repository:
     def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
         check_type(res_type)
         self.check(res_type, "vread")
-        if self.restriction is not None and not self.can_see(self.store, res_type, res_id):
+        if not self.can_see(self.store, res_type, res_id):
             raise NotFound(f"{res_type}/{res_id} is not known")
         number = version_number(version)
         if number is None:  # no such version can exist
@@ -290,7 +290,7 @@ class Repository:
         types = self.access.searchable_types() if self.access is not None and res_type is None else None
         if res_id is not None and res_type is not None:
             stored = self.store.read(res_type, res_id)
-            if stored is None or (self.restriction is not None and not self.can_see(self.store, res_type, res_id)):
+            if stored is None or not self.can_see(self.store, res_type, res_id):
                 raise NotFound(f"{res_type}/{res_id} is not known")
         return self.store.history(
             res_type, res_id, since=since, at=at, count=count, offset=offset, types=types, restriction=self.restriction

@@ -255,6 +255,11 @@ class SearchRequest:
         return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in pairs)
 
 
+def is_id(text: str) -> bool:
+    """Whether ``text`` is a FHIR id (https://hl7.org/fhir/R4/datatypes.html#id)."""
+    return bool(_ID.match(text))
+
+
 def id_filter(res_id: str) -> Filter:
     """``_id=res_id``, for looking one resource up through a search (and its restriction)."""
     return Filter("_id", "_id", "token", res_id, values=(TokenValue(None, res_id),))

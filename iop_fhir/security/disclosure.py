@@ -3,7 +3,6 @@ stored FHIR Consents (decided by consent.decide, the same rule the exchange appl
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from datetime import date
@@ -18,7 +17,6 @@ from iop_fhir.security import consent
 from iop_fhir.store.base import Store
 
 PAGE = 1000
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # 42 CFR §2.32 Statement 1 (TERMINOLOGY.md §6.1); the full notice accompanies every disclosure.
 REDISCLOSURE_NOTICE = (
     "This record which has been disclosed to you is protected by Federal confidentiality rules (42 CFR part 2). "
@@ -87,14 +85,17 @@ def _consents(store: Store, params: list[tuple[str, str]]) -> Iterator[dict[str,
         offset += PAGE
 
 
-def _patient_id(resource: Mapping[str, Any]) -> str | None:
-    """The id of the Consent's patient; only a FHIR id can name a stored Patient (and only such ids are ever
-    rendered into a statement by search_sql.visible)."""
-    reference = (resource.get("patient") or {}).get("reference")
+def patient_id(reference: object) -> str | None:
+    """The id of the Patient a reference names (``Patient/x``, absolute ``…/Patient/x``, or versioned), or None; only a FHIR id
+    can name a stored Patient (and only such ids are ever rendered into a statement by search_sql.visible)."""
     if isinstance(reference, str) and "Patient/" in reference:
-        found = reference.rsplit("Patient/", 1)[1].split("/", 1)[0]
-        return found if _FHIR_ID.fullmatch(found) else None
+        found = reference.rsplit("Patient/", 1)[1].split("/_history/", 1)[0]
+        return found if search.is_id(found) else None
     return None
+
+
+def _patient_id(resource: Mapping[str, Any]) -> str | None:
+    return patient_id((resource.get("patient") or {}).get("reference"))
 
 
 def redisclosure_mark() -> dict[str, Any]:

@@ -21,12 +21,11 @@ import orjson
 
 from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.security import audit
+from iop_fhir.security import audit, disclosure
 from iop_fhir.security.access import Principal
 from iop_fhir.store.base import StoredResource, WriteTx
 
 _current: ContextVar[Trail | None] = ContextVar("iop_fhir_audit_trail", default=None)
-_REFERENCE = re.compile(r"^(?:.*/)?Patient/([A-Za-z0-9\-.]{1,64})$")
 _TYPE_ID = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
 MAX_ENTITIES = 1000  # a search page holds at most this many matches and includes each
 
@@ -187,10 +186,9 @@ def _collect(node: Any, found: set[str], depth: int) -> None:
         return
     if isinstance(node, dict):
         reference = node.get("reference")
-        if isinstance(reference, str):
-            match = _REFERENCE.match(reference)
-            if match:
-                found.add(match.group(1))
+        patient = disclosure.patient_id(reference)
+        if patient is not None:
+            found.add(patient)
         for key, value in node.items():
             if key != "contained" and isinstance(value, dict | list):
                 _collect(value, found, depth + 1)

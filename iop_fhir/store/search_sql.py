@@ -7,7 +7,6 @@ SQLAlchemy Core only, the same results on SQLite and PostgreSQL. Every filter is
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +42,7 @@ from iop_fhir.fhir.search import (
     StringValue,
     TokenValue,
     UriValue,
+    is_id,
 )
 from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
@@ -102,7 +102,6 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
 # -- Part 2 visibility ---------------------------------------------------------------------------------------
 
 _TOK = schema.idx_token
-_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
 def visible(row: FromClause, restriction: Restriction) -> ColumnElement[bool]:
@@ -141,7 +140,7 @@ def _ids(values: list[str]) -> BindParameter[Any]:
     """Patient ids rendered into the statement rather than bound one by one: a partner may have more consented
     patients than SQLite takes parameters in one statement (32,766). Only FHIR ids (letters, digits, '-' and '.')
     are rendered, quoted by the dialect; anything else is bound as a parameter."""
-    if all(_FHIR_ID.fullmatch(value) for value in values):
+    if all(is_id(value) for value in values):
         return bindparam(None, values, expanding=True, literal_execute=True)
     return bindparam(None, values, expanding=True)
 

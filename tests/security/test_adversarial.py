@@ -6,6 +6,8 @@ scopes hold on every interaction; every request leaves an AuditEvent, and a part
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import subprocess
@@ -141,9 +143,6 @@ def _forged(app: Flask, kind: str) -> str:
         public_pem = keys.issuer.public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        import hashlib
-        import hmac
-
         segments = [
             jwt.utils.base64url_encode(orjson.dumps({"alg": "HS384", "kid": kid, "typ": "at+jwt"})),
             jwt.utils.base64url_encode(orjson.dumps(_claims(app))),
