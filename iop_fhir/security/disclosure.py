@@ -86,8 +86,9 @@ def _consents(store: Store, params: list[tuple[str, str]]) -> Iterator[dict[str,
 
 
 def patient_id(reference: object) -> str | None:
-    """The id of the Patient a reference names (``Patient/x``, absolute ``…/Patient/x``, or versioned), or None; only a FHIR id
-    can name a stored Patient (and only such ids are ever rendered into a statement by search_sql.visible)."""
+    """The id of the Patient a reference names (``Patient/x``, absolute ``…/Patient/x``, or versioned), or None;
+    only a FHIR id can name a stored Patient (and only such ids are ever rendered into a statement by
+    search_sql.visible)."""
     if isinstance(reference, str) and "Patient/" in reference:
         found = reference.rsplit("Patient/", 1)[1].split("/_history/", 1)[0]
         return found if search.is_id(found) else None
