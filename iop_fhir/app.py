@@ -91,14 +91,6 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.config.setdefault("API_TITLE", "iop-fhir")
     app.config.setdefault("API_VERSION", "0.1.0")
     app.config.setdefault("OPENAPI_VERSION", "3.1.0")
-    # Every /iop operation needs a bearer token from POST /auth/token (security/guard.py).
-    app.config.setdefault(
-        "API_SPEC_OPTIONS",
-        {
-            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
-            "security": [{"bearer": []}],
-        },
-    )
     api = IopApi(app)
     api.register_blueprint(iop_bp)
     from iop_fhir.domain.deliveries import bp as deliveries_bp
@@ -108,6 +100,9 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     api.register_blueprint(referrals_bp)
     app.extensions["iop_fhir.api"] = api
+    from iop_fhir.openapi.views import bp as openapi_bp
+
+    app.register_blueprint(openapi_bp)
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)
     guard.install(app)

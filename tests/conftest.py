@@ -79,6 +79,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def postgres_url(request: pytest.FixtureRequest) -> str:
+    """An empty, migrated PostgreSQL database (a schema of this test session), for tests that pick the database."""
+    url: str = request.getfixturevalue("postgres_schema_url")
+    _empty_postgres(url)
+    return url
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
     """An empty SQLite database, for tests of behaviour that does not depend on the database."""
     path = tmp_path / "iop_fhir.db"

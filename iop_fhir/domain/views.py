@@ -28,6 +28,8 @@ class IopApi(Api):  # type: ignore[misc]
     """flask-smorest's Api documenting errors as OperationOutcomes and leaving error rendering to the app."""
 
     ERROR_SCHEMA = OperationOutcomeSchema
+    # Each operation lists the errors it can answer with; no catch-all "default" response.
+    DEFAULT_ERROR_RESPONSE_NAME = None
 
     def _register_error_handlers(self) -> None:
         """The app's own handlers (app.py) turn every error into an OperationOutcome."""
@@ -79,6 +81,7 @@ def _register(kind: str, *, retractable: bool = True) -> None:
     plural = schemas.PLURALS[kind]
     schema = schemas.SCHEMAS[kind]
     title = kind.replace("-", " ")
+    record = web.record_schema(schema)
 
     def create() -> Response:
         body, created = service.create(kind, schemas.load(kind, web.json_body()))
@@ -113,6 +116,9 @@ def _register(kind: str, *, retractable: bool = True) -> None:
         endpoint=f"create_{kind}",
         body=schema,
         success=201,
+        success_description="the record, recorded",
+        success_schema=record,
+        also={200: "the same record was already recorded (same id and content): nothing changed"},
         errors=(400, 409, 415, 422),
     )
     web.route(
@@ -122,10 +128,12 @@ def _register(kind: str, *, retractable: bool = True) -> None:
         list_records,
         f"List {title} records, oldest first",
         endpoint=f"list_{kind}",
+        success_description="`{total, offset, count, items}`",
+        success_schema=web.list_schema(record),
         errors=(400,),
         parameters=_LIST_QUERY_DOC,
     )
-    web.route(bp, one, "GET", get, f"Read a {title} record", endpoint=f"get_{kind}")
+    web.route(bp, one, "GET", get, f"Read a {title} record", endpoint=f"get_{kind}", success_schema=record)
     web.route(
         bp,
         one,
@@ -134,6 +142,7 @@ def _register(kind: str, *, retractable: bool = True) -> None:
         f"Replace a {title} record",
         endpoint=f"update_{kind}",
         body=schema,
+        success_schema=record,
         errors=(400, 404, 409, 415, 422),
     )
     if retractable:
@@ -144,6 +153,7 @@ def _register(kind: str, *, retractable: bool = True) -> None:
             retract,
             f"Retract a {title} record entered in error",
             endpoint=f"retract_{kind}",
+            success_schema=record,
             body=schemas.RetractionSchema,
             body_required=False,
             errors=(400, 404, 409, 415),
@@ -167,6 +177,7 @@ web.route(
     "Revoke a consent (the patient withdraws it; not an entry made in error): its Consent becomes inactive and "
     "deliveries waiting under it are blocked",
     endpoint="revoke_consent",
+    success_schema=web.record_schema(schemas.SCHEMAS["consent"]),
     body=schemas.RevocationSchema,
     errors=(400, 404, 409, 415),
 )

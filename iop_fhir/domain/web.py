@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from flask import Response, current_app, request
 from flask_smorest import Blueprint
-from marshmallow import Schema, fields
+from marshmallow import INCLUDE, Schema, fields, validate
 
 from iop_fhir.errors import BadRequest, UnsupportedMediaType
 
@@ -18,17 +18,62 @@ JSON = "application/json"
 
 
 class OperationOutcomeIssueSchema(Schema):
-    severity = fields.String(metadata={"description": "error, warning or information"})
-    code = fields.String(metadata={"description": "required, structure, value, invariant, not-found, ..."})
+    severity = fields.String(required=True, validate=validate.OneOf(["fatal", "error", "warning", "information"]))
+    code = fields.String(
+        required=True, metadata={"description": "an IssueType code: required, structure, value, not-found, ..."}
+    )
     diagnostics = fields.String()
     expression = fields.List(fields.String(), metadata={"description": "JSON path of the field, e.g. items[2].code"})
 
 
 class OperationOutcomeSchema(Schema):
-    """The error body of every /iop response (documentation only)."""
+    """The error body of every /iop response and of FHIR errors (documentation only)."""
 
-    resourceType = fields.String(metadata={"enum": ["OperationOutcome"]})
-    issue = fields.List(fields.Nested(OperationOutcomeIssueSchema))
+    resourceType = fields.String(required=True, validate=validate.OneOf(["OperationOutcome"]))
+    issue = fields.List(fields.Nested(OperationOutcomeIssueSchema), required=True, validate=validate.Length(min=1))
+
+
+class RecordMetaSchema(Schema):
+    kind = fields.String(required=True)
+    status = fields.String(required=True, metadata={"description": "active or entered-in-error (or revoked)"})
+    version = fields.Integer(required=True)
+    created = fields.String(required=True, metadata={"description": "FHIR instant"})
+    updated = fields.String(required=True, metadata={"description": "FHIR instant"})
+
+
+_RECORD_SCHEMAS: dict[type[Schema], type[Schema]] = {}
+
+
+def record_schema(schema: type[Schema]) -> type[Schema]:
+    """The record as the service returns it: the fields of its request schema, and the members the service adds
+    (id, the FHIR resources it maps to, meta, warnings; per kind more, e.g. a discharge's transition)."""
+    if schema not in _RECORD_SCHEMAS:
+        declared = {name: field for name, field in schema._declared_fields.items()}
+        added = {
+            "id": fields.String(required=True),
+            "fhir": fields.List(
+                fields.String(), required=True, metadata={"description": "references of the FHIR resources"}
+            ),
+            "meta": fields.Nested(RecordMetaSchema, required=True),
+            "warnings": fields.List(fields.Nested(OperationOutcomeIssueSchema)),
+        }
+        name = schema.__name__.removesuffix("Schema") + "RecordSchema"
+        _RECORD_SCHEMAS[schema] = type(
+            name, (Schema,), {**declared, **added, "Meta": type("Meta", (), {"unknown": INCLUDE})}
+        )
+    return _RECORD_SCHEMAS[schema]
+
+
+def list_schema(item: type[Schema]) -> type[Schema]:
+    """`{total, offset, count, items}` of a list endpoint."""
+    name = item.__name__.removesuffix("Schema") + "ListSchema"
+    members = {
+        "total": fields.Integer(required=True),
+        "offset": fields.Integer(required=True),
+        "count": fields.Integer(required=True),
+        "items": fields.List(fields.Nested(item), required=True),
+    }
+    return type(name, (Schema,), members)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -96,6 +141,8 @@ def route(
     endpoint: str | None = None,
     success: int = 200,
     success_description: str = "the record (JSON)",
+    success_schema: type[Schema] | dict[str, Any] | None = None,
+    also: Mapping[int, str] | None = None,
     errors: Mapping[int, str] | Iterable[int] = (400, 404),
     body: type[Schema] | None = None,
     body_required: bool = True,
@@ -109,7 +156,11 @@ def route(
     if parameters:
         documented["parameters"] = parameters
     view = bp.doc(**documented)(view)
-    view = bp.alt_response(success, description=success_description, content_type=JSON, success=True)(view)
+    view = bp.alt_response(
+        success, description=success_description, schema=success_schema, content_type=JSON, success=True
+    )(view)
+    for status, description in (also or {}).items():
+        view = bp.alt_response(status, description=description, schema=success_schema, content_type=JSON)(view)
     described = errors if isinstance(errors, Mapping) else dict.fromkeys(errors, "OperationOutcome")
     for status, description in described.items():
         view = bp.alt_response(status, description=description, schema=OperationOutcomeSchema, content_type=JSON)(view)

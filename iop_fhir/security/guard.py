@@ -27,6 +27,9 @@ PUBLIC_PATHS = frozenset(
     {"/fhir/metadata", "/fhir/.well-known/smart-configuration", "/auth/token", "/auth/jwks", "/health"}
 )
 PUBLIC_PREFIXES = ("/docs", "/openapi")
+# The views those paths route to; the same path with another method routes elsewhere (DELETE /fhir/metadata is a
+# FHIR delete of type "metadata") and needs a token like any other request.
+PUBLIC_ENDPOINTS = frozenset({"fhir.metadata", "auth.smart_configuration", "auth.token", "auth.jwks", "health"})
 REALM = 'Bearer realm="iop-fhir"'
 
 # Flask endpoint → the audit action of the request (audit.ACTIONS); endpoints not listed are audited by prefix.
@@ -51,6 +54,14 @@ _NOT_AUDITED = frozenset({"fhir.validate"})  # checks a body it is given; reads 
 
 def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def _public_request() -> bool:
+    """A request to a public view, or one to a public path that routes nowhere (answered 404 or 405)."""
+    endpoint = request.endpoint
+    if endpoint is None:
+        return is_public(request.path)
+    return endpoint in PUBLIC_ENDPOINTS or endpoint.startswith("openapi.")
 
 
 def principal() -> Principal:
@@ -79,7 +90,7 @@ def install(app: Flask) -> None:
 
     @app.before_request
     def _authenticate() -> None:
-        if is_public(request.path) or _preflight():
+        if _public_request() or _preflight():
             return
         claims = _verify(_bearer())
         found = Principal.from_claims(claims)

@@ -1,0 +1,5 @@
+import sys
+
+from iop_fhir.openapi import main
+
+sys.exit(main())
