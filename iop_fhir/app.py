@@ -85,9 +85,11 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
 
     from iop_fhir.domain.views import IopApi
     from iop_fhir.domain.views import bp as iop_bp
+    from iop_fhir.fhir import export_views
     from iop_fhir.fhir.views import bp as fhir_bp
 
     app.register_blueprint(fhir_bp)
+    export_views.install(app)
     app.config.setdefault("API_TITLE", "iop-fhir")
     app.config.setdefault("API_VERSION", "0.1.0")
     app.config.setdefault("OPENAPI_VERSION", "3.1.0")

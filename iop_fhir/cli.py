@@ -1,4 +1,4 @@
-"""The ``iop-fhir`` command: serve, worker, sync, init-db, validate, map, client, token."""
+"""The ``iop-fhir`` command: serve, worker, sync, export, init-db, demo, validate, map, client, token."""
 
 from __future__ import annotations
 
@@ -61,6 +61,28 @@ def _init_db(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from iop_fhir import demo
+    from iop_fhir.app import create_app
+    from iop_fhir.store import migrate
+    from iop_fhir.store.sql import SqlStore
+
+    settings = Settings.from_env()
+    store = SqlStore(settings.database_url)
+    migrate.upgrade(store.engine)
+    store.close()
+    app = create_app(settings)
+    try:
+        summary = demo.seed(app, patients=args.patients, seed=args.seed, progress=True)
+    except demo.DemoError as error:
+        print(f"iop-fhir demo: {error}", file=sys.stderr)
+        return 1
+    finally:
+        app.extensions["iop_fhir.store"].close()
+    print(summary)
+    return 0
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -100,6 +122,43 @@ def _sync(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return sync.run(Settings.from_env(), partner_id=args.partner, once=args.once, interval=args.interval)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from iop_fhir.errors import FhirError
+    from iop_fhir.fhir import export
+    from iop_fhir.store import migrate
+    from iop_fhir.store.sql import SqlStore
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"iop-fhir export: {out} must be a new or empty folder", file=sys.stderr)
+        return 2
+    level = "group" if args.group else "patient" if args.patient else "system"
+    params = [(name, value) for name, value in (("_type", args.type), ("_since", args.since)) if value]
+    settings = Settings.from_env()
+    store = SqlStore(settings.database_url, echo=settings.sql_echo)
+    try:
+        request = export.parse(level, params, group=args.group)
+        if not migrate.is_current(store.engine):
+            migrate.upgrade(store.engine)
+        out.mkdir(parents=True, exist_ok=True)
+        with tqdm(desc="export", unit=" resources", disable=None, file=sys.stderr) as progress:
+
+            def advance(res_type: str, count: int) -> None:
+                progress.set_description(res_type)
+                progress.update(count)
+
+            result = export.export_to_folder(store, settings, request, out, on_chunk=advance)
+    except FhirError as error:
+        print(f"iop-fhir export: {error}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    print(json.dumps(result, indent=2))
+    return 1 if result["error"] else 0
 
 
 def _resources(source: str) -> Iterator[tuple[str, Any]]:
@@ -382,8 +441,26 @@ def main(argv: list[str] | None = None) -> int:
         "--interval", type=_positive_float, default=300.0, help="seconds between passes without --once (default 300)"
     )
     puller.set_defaults(run=_sync)
+    exporter = commands.add_parser(
+        "export", help="run a Bulk Data export in this process (as the service, every type) into NDJSON files"
+    )
+    exporter.add_argument("--type", metavar="T,...", help="only these resource types (default: every type)")
+    exporter.add_argument("--since", metavar="INSTANT", help="only resources changed after this FHIR instant")
+    level = exporter.add_mutually_exclusive_group()
+    level.add_argument("--patient", action="store_true", help="the Patient compartment of every patient")
+    level.add_argument("--group", metavar="ID", help="the Patient compartment of the Group's member patients")
+    exporter.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder for the files")
+    exporter.set_defaults(run=_export)
     init_db = commands.add_parser("init-db", help="apply the database migrations")
     init_db.set_defaults(run=_init_db)
+    seeder = commands.add_parser(
+        "demo",
+        help="seed the database with a synthetic program (partners, referrals, 25 patients' stays) through the API; "
+        "running it again changes nothing",
+    )
+    seeder.add_argument("--patients", type=_positive_int, default=25, help="patients admitted (default 25)")
+    seeder.add_argument("--seed", type=int, default=2026, help="the program drawn (default 2026)")
+    seeder.set_defaults(run=_demo)
     check = commands.add_parser("validate", help="validate FHIR R4 JSON files (.json, .ndjson, folders, -) offline")
     check.add_argument("sources", nargs="+", metavar="FILE|DIR|-")
     check.add_argument("--quiet", action="store_true", help="print failures only")

@@ -32,6 +32,8 @@ class Settings:
     signing_key_file: Path | None = None  # PEM private key signing access tokens; None = one kept in the database
     token_lifetime: int = 300  # seconds an access token of this service is valid
     auth_issuer: str = ""  # iss and aud of this service's access tokens; empty = see issuer()
+    export_file_lines: int = 50_000  # most resources in one NDJSON file of a Bulk Data export
+    export_retention: int = 86_400  # seconds a finished export job and its files are kept
 
     @property
     def terminology_dir(self) -> Path:
@@ -105,4 +107,6 @@ DESCRIPTIONS = {
     "token_lifetime": "seconds an access token issued at `/auth/token` (or by `iop-fhir token`) is valid",
     "auth_issuer": "`iss` and `aud` of the service's access tokens; empty: `base_url`, or `urn:iop-fhir` when that "
     "is empty too",
+    "export_file_lines": "most resources in one NDJSON file of a Bulk Data export (`$export`); more make more files",
+    "export_retention": "seconds a finished `$export` job and its files are kept, then deleted (404 afterwards)",
 }

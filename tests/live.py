@@ -28,7 +28,7 @@ def command() -> list[str]:
 
 
 @contextmanager
-def serve(env: dict[str, str], log_path: Path, *, workers: int = 2) -> Iterator[str]:
+def serve(env: dict[str, str], log_path: Path, *, workers: int = 2, cwd: Path | None = None) -> Iterator[str]:
     """Runs `iop-fhir serve` with ``env`` added to the environment; yields its base URL (http://127.0.0.1:PORT) once
     /health answers, and stops it afterwards (a server that did not exit cleanly fails the test)."""
     port = free_port()
@@ -38,6 +38,7 @@ def serve(env: dict[str, str], log_path: Path, *, workers: int = 2) -> Iterator[
         env={**os.environ, **env},
         stdout=log,
         stderr=subprocess.STDOUT,
+        cwd=cwd,
     )
     try:
         deadline = time.monotonic() + 60
@@ -46,7 +47,7 @@ def serve(env: dict[str, str], log_path: Path, *, workers: int = 2) -> Iterator[
             try:
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still starting
                 pass
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)

@@ -97,6 +97,40 @@ def retry_delivery(delivery_id: str) -> Response:
     return json_response(outbox.to_json(_delivery(delivery_id)))
 
 
+DELIVERY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "partner", "record", "kind", "status", "attempts", "created", "updated"],
+    "properties": {
+        "id": {"type": "string"},
+        "partner": {"type": "string"},
+        "record": {
+            "type": "object",
+            "required": ["kind", "id"],
+            "properties": {"kind": {"type": "string"}, "id": {"type": "string"}},
+        },
+        "kind": {"type": "string", "enum": ["bundle", "notification"]},
+        "status": {"type": "string", "enum": list(DELIVERY_STATUSES)},
+        "attempts": {"type": "integer", "minimum": 0},
+        "next_attempt": {"type": ["string", "null"], "description": "FHIR instant, while pending"},
+        "last_error": {"type": ["object", "null"], "description": "status, message, the partner's OperationOutcome"},
+        "payload": {"type": ["object", "null"], "description": "what is sent (types and counts, never the body)"},
+        "response": {"type": ["object", "null"], "description": "summary of the partner's answer"},
+        "created": {"type": "string"},
+        "updated": {"type": "string"},
+        "delivered_at": {"type": ["string", "null"]},
+    },
+}
+DELIVERY_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["total", "offset", "count", "items"],
+    "properties": {
+        "total": {"type": "integer"},
+        "offset": {"type": "integer"},
+        "count": {"type": "integer"},
+        "items": {"type": "array", "items": DELIVERY_SCHEMA},
+    },
+}
+
 web.route(
     bp,
     "/deliveries",
@@ -104,6 +138,7 @@ web.route(
     list_deliveries,
     "List deliveries to partners, oldest first",
     success_description="{total, offset, count, items}",
+    success_schema=DELIVERY_LIST_SCHEMA,
     errors={400: "OperationOutcome: a bad query parameter"},
     parameters=_LIST_DOC,
 )
@@ -114,6 +149,7 @@ web.route(
     get_delivery,
     "Read a delivery: status, attempts, next attempt, last error (with the partner's OperationOutcome)",
     success_description="the delivery",
+    success_schema=DELIVERY_SCHEMA,
     errors={404: "OperationOutcome"},
 )
 web.route(
@@ -123,5 +159,6 @@ web.route(
     retry_delivery,
     "Send a dead or blocked delivery again: it becomes pending and due now, its attempts kept",
     success_description="the delivery, pending",
+    success_schema=DELIVERY_SCHEMA,
     errors={404: "OperationOutcome", 409: "OperationOutcome: the delivery is not dead or blocked"},
 )

@@ -122,6 +122,35 @@ _LIST_DOC = [
     {"in": "query", "name": "offset", "schema": {"type": "integer", "minimum": 0}},
     {"in": "query", "name": "count", "schema": {"type": "integer", "minimum": 0}},
 ]
+REFERRAL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "status", "patient", "service_request", "task", "fhir", "meta"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string", "description": "requested, accepted, declined, no-show or admitted"},
+        "patient": {"type": "object", "description": "reverse-mapped, in the shape of an enrollment's patient"},
+        "diagnoses": {"type": "array", "items": {"type": "object"}},
+        "service": {"type": ["string", "null"]},
+        "requested_start": {"type": ["string", "null"]},
+        "authored_on": {"type": ["string", "null"]},
+        "referring": {"type": "object", "description": "organization (display) and partner (id) of the referrer"},
+        "notes": {"type": "array", "items": {"type": "string"}},
+        "service_request": {"type": "string"},
+        "task": {"type": "string"},
+        "fhir": {"type": "array", "items": {"type": "string"}},
+        "meta": {"type": "object"},
+    },
+}
+REFERRAL_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["total", "offset", "count", "items"],
+    "properties": {
+        "total": {"type": "integer"},
+        "offset": {"type": "integer"},
+        "count": {"type": "integer"},
+        "items": {"type": "array", "items": REFERRAL_SCHEMA},
+    },
+}
 _ACTION_ERRORS = {
     400: "OperationOutcome: the body is not valid",
     404: "OperationOutcome",
@@ -137,6 +166,7 @@ web.route(
     list_referrals,
     "List inbound referrals, oldest first",
     success_description="{total, offset, count, items}",
+    success_schema=REFERRAL_LIST_SCHEMA,
     errors={400: "OperationOutcome: a bad query parameter"},
     parameters=_LIST_DOC,
 )
@@ -147,6 +177,7 @@ web.route(
     get_referral,
     "Read a referral",
     success_description="the referral",
+    success_schema=REFERRAL_SCHEMA,
     errors={404: "OperationOutcome"},
 )
 web.route(
@@ -156,6 +187,7 @@ web.route(
     accept_referral,
     "Accept a referral with a planned admission date (again: reschedule); Task accepted, BSeR 3.0",
     success_description="the referral",
+    success_schema=REFERRAL_SCHEMA,
     errors=_ACTION_ERRORS,
     body=AcceptSchema,
 )
@@ -166,6 +198,7 @@ web.route(
     decline_referral,
     "Decline a referral with a reason; Task rejected, BSeR 4.0",
     success_description="the referral",
+    success_schema=REFERRAL_SCHEMA,
     errors=_ACTION_ERRORS,
     body=DeclineSchema,
 )
@@ -176,6 +209,7 @@ web.route(
     no_show_referral,
     "The patient did not come on the planned admission date; Task failed, BSeR 5.1.2",
     success_description="the referral",
+    success_schema=REFERRAL_SCHEMA,
     errors=_ACTION_ERRORS,
     body=NoShowSchema,
     body_required=False,
@@ -187,6 +221,7 @@ web.route(
     admit_referral,
     "Admit the patient: records the enrollment and completes the Task with its EpisodeOfCare; BSeR 7.0",
     success_description="the referral",
+    success_schema=REFERRAL_SCHEMA,
     errors={**_ACTION_ERRORS, 422: "OperationOutcome: the enrollment is refused"},
     body=AdmitSchema,
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -109,20 +110,29 @@ def sync_all(
     *,
     partner_id: str | None = None,
     session: requests.Session | None = None,
+    progress: bool = False,
 ) -> SyncReport:
-    """One pass over every active hospital-ehr partner (or the one named) and every actively enrolled patient."""
+    """One pass over every active hospital-ehr partner (or the one named) and every actively enrolled patient;
+    ``progress`` shows a bar of the patients done on stderr when it is a terminal."""
+    from tqdm import tqdm
+
     from iop_fhir.exchange.client import DeliveryError, client_for
 
     report = SyncReport()
     enrollments = [r for r in _records(store, "enrollment") if r.status == "active"]
-    for partner in hospital_partners(store, partner_id):
-        try:
-            client = client_for(partner, settings, session=session)
-        except DeliveryError as error:
-            report.skipped.append({"partner": partner["id"], "error": error.message})
-            continue
-        for enrollment in enrollments:
-            sync_enrollment(store, repository, partner, client, enrollment, report)
+    partners = hospital_partners(store, partner_id)
+    total = len(partners) * len(enrollments)
+    with tqdm(total=total, disable=None if progress else True, file=sys.stderr, unit="patient", desc="sync") as bar:
+        for partner in partners:
+            try:
+                client = client_for(partner, settings, session=session)
+            except DeliveryError as error:
+                report.skipped.append({"partner": partner["id"], "error": error.message})
+                bar.update(len(enrollments))
+                continue
+            for enrollment in enrollments:
+                sync_enrollment(store, repository, partner, client, enrollment, report)
+                bar.update(1)
     return report
 
 
@@ -347,6 +357,8 @@ def run(
     """Sync now (``once``), or every ``interval`` seconds until stopped; stopping at any moment is safe (each
     resource and its cursor commit together). Prints each pass's report as JSON. Returns the exit status: 0, 1 if
     the last pass had errors, 2 if the partner named is not an active hospital-ehr partner."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from iop_fhir.app import create_app
 
     # The app's repository, so that what sync stores passes through the same write hooks (subscriptions).
@@ -356,7 +368,11 @@ def run(
     try:
         while True:
             try:
-                report = sync_all(store, repository, settings, partner_id=partner_id, session=session)
+                # Log lines go above the progress bar instead of through it.
+                with logging_redirect_tqdm():
+                    report = sync_all(
+                        store, repository, settings, partner_id=partner_id, session=session, progress=True
+                    )
             except Unprocessable as error:
                 print(f"iop-fhir sync: {error}", flush=True)
                 return 2

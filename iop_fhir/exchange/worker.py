@@ -8,6 +8,8 @@ Part 2 (exchange/disclosures.py): right before a Bundle goes to a partner the pa
 may have been revoked, retracted or have expired since the row was queued); if none permits it now the row becomes
 blocked and nothing is sent. Once a partner has taken a Bundle, an AuditEvent of the disclosure is stored (before the
 row is marked delivered, so a crash between the two repeats the delivery and its audit, never loses the audit).
+
+The worker also runs Bulk Data export jobs (fhir/export.py) that are queued or whose process died.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from iop_fhir.store.base import Delivery, Store
 
 if TYPE_CHECKING:
     from iop_fhir.exchange.client import PartnerClient
+    from iop_fhir.fhir.export import Exporter
     from iop_fhir.fhir.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -158,6 +161,7 @@ def run(
         lease=settings.worker_lease_seconds if lease is None else lease,
         worker_id=worker_id or worker_name(),
     )
+    exports = _exporter(store, settings, worker.worker_id)
     follow = _follower(store, settings) if follow_every > 0 else None
     followed_at = 0.0
     pull = _syncer(store, settings) if sync_every > 0 else None
@@ -167,6 +171,8 @@ def run(
             log.info("worker %s: started", worker.worker_id)
             while not stop.requested:
                 claimed = worker.deliver_due(batch, stop)
+                if exports is not None:
+                    claimed += exports.run_due(lambda: stop.requested)
                 if follow is not None and (once or time.monotonic() - followed_at >= follow_every):
                     followed_at = time.monotonic()
                     follow()
@@ -182,6 +188,14 @@ def run(
         if own_store:
             store.close()
     return 0
+
+
+def _exporter(store: Store, settings: Settings, worker_id: str) -> Exporter | None:
+    """The runner of export jobs queued, or left by a process that died (their lease expired); SQL stores only."""
+    from iop_fhir.fhir.export import Exporter
+    from iop_fhir.store.sql import SqlStore
+
+    return Exporter(store, settings, background=False, worker=worker_id) if isinstance(store, SqlStore) else None
 
 
 def _follower(store: Store, settings: Settings) -> Callable[[], int]:

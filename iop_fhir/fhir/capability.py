@@ -29,6 +29,12 @@ _INTERACTIONS = [
     "search-type",
 ]
 RELEASE_DATE = "2026-11-22"
+# Bulk Data Access IG v2 (https://hl7.org/fhir/uv/bulkdata/export.html): $export at system, Patient and Group level.
+BULK_DATA = "http://hl7.org/fhir/uv/bulkdata"
+_EXPORT_OPERATIONS = {
+    "Patient": f"{BULK_DATA}/OperationDefinition/patient-export",
+    "Group": f"{BULK_DATA}/OperationDefinition/group-export",
+}
 
 
 def supported_search_params(res_type: str) -> list[definitions.SearchParam]:
@@ -59,8 +65,15 @@ def _resource(res_type: str) -> dict[str, Any]:
         "searchInclude": ["*"] + [f"{res_type}:{name}" for name in references],
         "searchRevInclude": ["*"],
         "searchParam": [{"name": p.name, "definition": p.url, "type": p.type} for p in params],
-        "operation": [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}],
+        "operation": _operations(res_type),
     }
+
+
+def _operations(res_type: str) -> list[dict[str, str]]:
+    operations = [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}]
+    if res_type in _EXPORT_OPERATIONS:
+        operations.append({"name": "export", "definition": _EXPORT_OPERATIONS[res_type]})
+    return operations
 
 
 def _security(base_url: str) -> dict[str, Any]:
@@ -102,6 +115,7 @@ def _statement_bytes(base_url: str) -> bytes:
         "publisher": "iop-fhir",
         "description": "FHIR R4 API of iop-fhir, the interoperability service for Intensive Outpatient Programs.",
         "kind": "instance",
+        "instantiates": [f"{BULK_DATA}/CapabilityStatement/bulk-data"],
         "software": {"name": "iop-fhir", "version": __version__},
         "implementation": {"description": "iop-fhir", "url": base_url},
         "fhirVersion": "4.0.1",
@@ -119,7 +133,8 @@ def _statement_bytes(base_url: str) -> bytes:
                     {
                         "name": "validate",
                         "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
-                    }
+                    },
+                    {"name": "export", "definition": f"{BULK_DATA}/OperationDefinition/export"},
                 ],
             }
         ],

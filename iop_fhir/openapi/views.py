@@ -77,7 +77,9 @@ def docs_init() -> Response:
     return _text(_INIT, "text/javascript")
 
 
-@bp.get("/docs/<any('swagger-ui.css','swagger-ui-bundle.js','swagger-ui-standalone-preset.js','favicon-32x32.png'):name>")
+@bp.get(
+    "/docs/<any('swagger-ui.css','swagger-ui-bundle.js','swagger-ui-standalone-preset.js','favicon-32x32.png'):name>"
+)
 def docs_asset(name: str) -> Response:
     response = send_from_directory(SWAGGER_DIST, name, max_age=3600)
     response.headers["Content-Security-Policy"] = DOCS_POLICY

@@ -48,8 +48,12 @@ _FHIR_ACTIONS = {
     "fhir.delete": "delete",
     "fhir.conditional_delete": "delete",
     "fhir.batch_or_transaction": "transaction",
+    "export.export_system": "export",
+    "export.export_patients": "export",
+    "export.export_group": "export",
 }
-_NOT_AUDITED = frozenset({"fhir.validate"})  # checks a body it is given; reads nothing stored at type level
+# $validate checks a body it is given; an export's job audits what it exports (fhir/export.py), and its files stream.
+_NOT_AUDITED = frozenset({"fhir.validate", "export.export_status", "export.export_cancel", "export.export_file"})
 
 
 def is_public(path: str) -> bool:

@@ -1,5 +1,6 @@
 """The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the outbox,
-the sync cursors, the OAuth clients and signing keys of the service's token endpoint.
+the sync cursors, the OAuth clients and signing keys of the service's token endpoint, the Bulk Data export jobs and
+their files.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -225,4 +226,44 @@ auth_jtis = Table(
     Column("expires_at", BigInteger, nullable=False),
     UniqueConstraint("client_id", "jti", name="uq_auth_jtis_client_jti"),
     Index("ix_auth_jtis_expires", "expires_at"),
+)
+
+# Bulk Data $export jobs (fhir/export.py): who asked (the principal whose access the job rebuilds when it runs), what
+# it asked for, where the job stands and which process holds it. A job is claimed with a lease, like an outbox row,
+# so that one whose process died is taken over; `cursor` (JSON: type, last id, current file) moves in the transaction
+# that stores each chunk, so a job taken over resumes where it stopped. Finished jobs are deleted once `expires` passes.
+export_jobs = Table(
+    "export_jobs",
+    metadata,
+    Column("id", String(36), primary_key=True),  # uuid4
+    Column("client_id", String(ID), nullable=False),  # only this client may poll, download or delete
+    Column("principal", Text, nullable=False),  # JSON: client_id, scope, partner, purpose, admin
+    Column("request", Text, nullable=False),  # the kick-off URL, as the manifest's `request`
+    Column("params", Text, nullable=False),  # JSON: level, group, types, since, ignored
+    Column("status", String(16), nullable=False),  # queued | running | completed | failed
+    Column("transaction_time", BigInteger, nullable=True),  # set when the job first runs
+    Column("cursor", Text, nullable=True),
+    Column("exported", BigInteger, nullable=False),  # resources written so far
+    Column("error", Text, nullable=True),  # why a failed job failed (never PHI)
+    Column("attempts", Integer, nullable=False),
+    Column("lease_until", BigInteger, nullable=True),
+    Column("leased_by", String(200), nullable=True),
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    Column("expires", BigInteger, nullable=True),
+    Index("ix_export_jobs_due", "status", "lease_until"),
+)
+
+# The NDJSON an export job produced, in the database so that any process can serve any job's files: each file (one
+# resource type, or OperationOutcomes of errors) is a run of chunks of whole lines, streamed in chunk order.
+export_files = Table(
+    "export_files",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("file_no", Integer, primary_key=True),
+    Column("chunk_no", Integer, primary_key=True),
+    Column("res_type", String(TYPE), nullable=False),
+    Column("kind", String(8), nullable=False),  # output | error
+    Column("lines", Integer, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # NDJSON lines, each ending with a newline
 )

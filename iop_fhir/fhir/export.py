@@ -1,0 +1,676 @@
+"""Bulk Data export (https://hl7.org/fhir/uv/bulkdata/export.html, v2): the kick-off parameters, the jobs that write
+NDJSON of what the requesting client may see, the status and the manifest.
+
+A job runs in a background thread of the process that accepted it, and `iop-fhir worker` runs every job that is
+queued or whose process died (its lease expired); jobs and their files live in the database, so any process on it
+serves any job, and a job taken over resumes at the chunk where it stopped. A job sees exactly what its client sees
+through /fhir search: the types its scopes let it read (AuditEvent only for administrators), and for a partner's
+client the Part 2 restriction (security/disclosure.py), decided again from the consents in force when the job runs.
+What goes to a partner carries the redisclosure mark, as every /fhir response to it does. Each chunk is audited in
+the transaction that stores it: for a partner one AuditEvent per patient whose records it holds, as
+security/trail.py audits reads (a job's files are made for its client alone, so writing them is the disclosure).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from iop_fhir.config import Settings
+from iop_fhir.errors import BadRequest, FhirError, Forbidden, Issue, NotFound, operation_outcome
+from iop_fhir.fhir import definitions
+from iop_fhir.fhir.compartment import patient_compartment
+from iop_fhir.fhir.indexing import date_range
+from iop_fhir.fhir.instants import instant, now_us
+from iop_fhir.security import audit, disclosure
+from iop_fhir.security.access import Access, Principal
+from iop_fhir.security.scopes import Scopes
+from iop_fhir.store.export_sql import Chunk, Compartment, ExportJob, ExportStore, LeaseLost
+from iop_fhir.store.sql import SqlStore, SqlWriteTx
+
+if TYPE_CHECKING:
+    from iop_fhir.fhir.repository import Repository
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("system", "patient", "group")
+OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
+# Kick-off parameters of the specification this server does not implement: 400, or ignored with handling=lenient.
+NOT_SUPPORTED = ("_typeFilter", "patient", "includeAssociatedData", "_elements")
+_KNOWN = frozenset({"_outputFormat", "_type", "_since", "_format", *NOT_SUPPORTED})
+_INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})\Z")
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+PAGE = 1000  # resources read, and stored as one chunk, at a time: at most this many,
+CHUNK_BYTES = 2 * 1024 * 1024  # and no more than fit in this (but at least one), so that memory stays flat
+MAX_ATTEMPTS = 3  # runs of a job that never finished (its process died) before it is given up as failed
+RETRY_AFTER_S = 2
+NDJSON = "application/fhir+ndjson"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What a kick-off asked for: level (system, patient or group), the Group, the types (None: every type the
+    client may read, of the Patient compartment below system level), changes since (µs), parameters ignored."""
+
+    level: str
+    group: str | None = None
+    types: tuple[str, ...] | None = None
+    since: int | None = None
+    ignored: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExportRequest:
+        types = data.get("types")
+        return cls(
+            level=data["level"],
+            group=data.get("group"),
+            types=None if types is None else tuple(types),
+            since=data.get("since"),
+            ignored=tuple(data.get("ignored") or ()),
+        )
+
+
+def compartment_types() -> frozenset[str]:
+    return frozenset(patient_compartment())
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse(
+    level: str, params: list[tuple[str, str]], *, lenient: bool = False, group: str | None = None
+) -> ExportRequest:
+    """Validate the kick-off parameters (pure). Malformed or unknown values are a 400 naming the parameter (its
+    ``expression``); parameters this server does not implement too (``not-supported``), unless ``lenient``, when
+    they are listed in ``ignored`` and the job says so in an informational OperationOutcome of its error file."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}")
+    types: list[str] | None = None
+    since: int | None = None
+    ignored: list[str] = []
+    for name, value in params:
+        if name in ("_outputFormat", "_since"):
+            value = value.replace(" ", "+")  # a "+" sent unencoded arrives as a space; neither value holds one
+        if name == "_outputFormat":
+            if value not in OUTPUT_FORMATS:
+                raise BadRequest(
+                    f"_outputFormat '{_short(value)}' is not supported; use application/fhir+ndjson",
+                    "_outputFormat",
+                    code="not-supported",
+                )
+        elif name == "_type":
+            types = types or []
+            for res_type in (t.strip() for t in value.split(",")):
+                if not res_type:
+                    continue
+                if res_type not in definitions.resource_types():
+                    raise BadRequest(f"_type: '{_short(res_type)}' is not an R4 resource type", "_type")
+                if level != "system" and res_type not in compartment_types():
+                    if lenient:
+                        ignored.append(f"_type={res_type}")
+                        continue
+                    raise BadRequest(
+                        f"_type: {res_type} is not in the Patient compartment, the only types a {level}-level "
+                        "export holds",
+                        "_type",
+                        code="not-supported",
+                    )
+                if res_type not in types:
+                    types.append(res_type)
+        elif name == "_since":
+            since = _since(value)
+        elif name == "_format":
+            continue  # checked with the Accept header by the view
+        elif lenient:
+            ignored.append(name)
+        elif name in _KNOWN:
+            raise BadRequest(f"{name} is not supported by this server's $export", name, code="not-supported")
+        else:
+            raise BadRequest(f"'{_short(name)}' is not a parameter of $export", name, code="not-supported")
+    return ExportRequest(level, group, None if types is None else tuple(types), since, tuple(ignored))
+
+
+def _since(value: str) -> int:
+    error = BadRequest(f"_since '{_short(value)}' is not a FHIR instant such as 2026-01-01T00:00:00Z", "_since")
+    if not _INSTANT.match(value):
+        raise error
+    try:
+        return date_range(value)[0]
+    except ValueError:
+        raise error from None
+
+
+def parameters(body: Any) -> list[tuple[str, str]]:
+    """The kick-off parameters of a POST body: a Parameters resource, each value as the query string would give it
+    (a reference as its ``reference``)."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise BadRequest("a POST $export takes a Parameters resource", "Parameters")
+    found: list[tuple[str, str]] = []
+    listed = body.get("parameter") or []
+    for index, parameter in enumerate(listed if isinstance(listed, list) else [None]):
+        where = f"Parameters.parameter[{index}]"
+        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str):
+            raise BadRequest("each parameter needs a name", where)
+        values = [v for k, v in parameter.items() if k.startswith("value")]
+        value = values[0] if len(values) == 1 else None
+        if isinstance(value, dict):
+            value = value.get("reference")
+        if not isinstance(value, str):
+            raise BadRequest(f"parameter {_short(parameter['name'])} needs one string value", where)
+        found.append((parameter["name"], value))
+    return found
+
+
+def respond_async(prefer: str | None) -> bool:
+    """Whether a Prefer header (RFC 7240) carries ``respond-async``."""
+    return any(part.split("=", 1)[0].strip() == "respond-async" for part in (prefer or "").replace(";", ",").split(","))
+
+
+# -- who asked ------------------------------------------------------------------------------------------------
+
+
+def principal_json(principal: Principal) -> dict[str, Any]:
+    """What the job keeps of its client to rebuild its Access when it runs."""
+    return {
+        "client_id": principal.client_id,
+        "scope": str(principal.scopes),
+        "partner": principal.partner,
+        "purpose": principal.purpose,
+        "admin": principal.admin,
+    }
+
+
+def principal_from(data: dict[str, Any]) -> Principal:
+    return Principal(
+        client_id=data["client_id"],
+        scopes=Scopes.parse(data["scope"]),
+        partner=data.get("partner"),
+        purpose=data.get("purpose"),
+        admin=bool(data.get("admin")),
+    )
+
+
+def readable_types(request: ExportRequest, access: Access) -> list[str]:
+    """The types the job exports: those asked for (or, if none were, every type of its level), each only if the
+    client's scopes permit $export of it."""
+    if request.types is not None:
+        candidates = set(request.types)
+    elif request.level == "system":
+        candidates = set(definitions.resource_types())
+    else:
+        candidates = set(compartment_types())
+    return sorted(t for t in candidates if access.allows(t, "$export"))
+
+
+# -- the API's service functions -------------------------------------------------------------------------------
+
+
+def kick_off(exporter: Exporter, access: Access, repository: Repository, request: ExportRequest, url: str) -> str:
+    """Queue a job for the client behind ``access`` and start it; returns its id."""
+    authorize(access, repository, request)
+    job = new_job(access.principal, request, url)
+    exporter.jobs.add(job)
+    exporter.kick()
+    return job.id
+
+
+def authorize(access: Access, repository: Repository, request: ExportRequest) -> None:
+    """403 if ``_type`` names a type the client may not read (or it may read none), 404 if the Group is not one it
+    can see (``repository`` acts for the client)."""
+    if request.types is not None:
+        for res_type in request.types:
+            access.require(res_type, "$export")
+    elif not readable_types(request, access):
+        raise Forbidden("the access token permits exporting no resource type; that needs a scope system/<type>.rs")
+    if request.group is not None:
+        repository.read("Group", request.group)
+
+
+def new_job(principal: Principal, request: ExportRequest, url: str) -> ExportJob:
+    return ExportJob(
+        id=str(uuid.uuid4()),
+        client_id=principal.client_id,
+        principal=principal_json(principal),
+        request=url,
+        params=request.to_json(),
+        status="queued",
+        created=now_us(),
+    )
+
+
+def owned(exporter: Exporter, principal: Principal, job_id: str) -> ExportJob:
+    """The job, if it is this client's and not expired; 404 otherwise, whether or not another client's exists."""
+    job = exporter.jobs.job(job_id) if _JOB_ID.fullmatch(job_id) else None
+    if job is not None and job.expires is not None and job.expires <= now_us():
+        exporter.jobs.delete(job.id)
+        job = None
+    if job is None or job.client_id != principal.client_id:
+        raise NotFound(f"there is no export job '{_short(job_id)}'")
+    return job
+
+
+def poll(exporter: Exporter, principal: Principal, job_id: str) -> ExportJob:
+    """The client's job, as its status URL shows it. A job that waits for a runner (queued, or its process died) is
+    started here too, so that it needs no worker to finish."""
+    job = owned(exporter, principal, job_id)
+    if job.status == "queued" or (job.status == "running" and (job.lease_until or 0) <= now_us()):
+        exporter.kick()
+    return job
+
+
+def cancel(exporter: Exporter, principal: Principal, job_id: str) -> None:
+    """Delete the client's job and its files; a run in progress stops at its next chunk, storing nothing more."""
+    exporter.jobs.delete(owned(exporter, principal, job_id).id)
+
+
+def progress(job: ExportJob) -> str:
+    """The X-Progress of a job still running."""
+    if job.status == "queued":
+        return "queued"
+    current = (job.cursor or {}).get("type")
+    return f"{job.exported} resources exported" + (f", now {current}" if current else "")
+
+
+def manifest(exporter: Exporter, job: ExportJob, base_url: str) -> dict[str, Any]:
+    """The complete job's manifest (https://hl7.org/fhir/uv/bulkdata/export.html#response---complete-status)."""
+    assert job.transaction_time is not None
+
+    def item(file: Any) -> dict[str, Any]:
+        return {"type": file.res_type, "url": f"{base_url}/$export-file/{job.id}/{file.number}", "count": file.lines}
+
+    files = exporter.jobs.files(job.id)
+    return {
+        "transactionTime": instant(job.transaction_time),
+        "request": job.request,
+        "requiresAccessToken": True,
+        "output": [item(f) for f in files if f.kind == "output"],
+        "error": [item(f) for f in files if f.kind == "error"],
+    }
+
+
+def failure(job: ExportJob) -> FhirError:
+    """The 500 a failed job's status answers."""
+    return FhirError(job.error or "the export job failed", code="exception")
+
+
+def file_chunks(exporter: Exporter, job: ExportJob, file_no: int) -> Iterator[bytes]:
+    """The NDJSON of one file of a complete job, chunk by chunk (one chunk in memory at a time); 404 if none."""
+    numbers = exporter.jobs.chunks(job.id, file_no) if job.status == "completed" else []
+    if not numbers:
+        raise NotFound(f"export job {job.id} has no file {file_no}")
+
+    def stream() -> Iterator[bytes]:
+        for number in numbers:
+            content = exporter.jobs.chunk(job.id, file_no, number)
+            if content is None:  # deleted while downloading
+                return
+            yield content
+
+    return stream()
+
+
+# -- in process (`iop-fhir export`) ---------------------------------------------------------------------------
+
+# The service itself, as an administrator reading every type: what `iop-fhir export` runs as.
+SERVICE = Principal(client_id="iop-fhir-export", scopes=Scopes.parse("system/*.rs"), admin=True)
+
+
+def export_to_folder(
+    store: SqlStore,
+    settings: Settings,
+    request: ExportRequest,
+    folder: Path,
+    *,
+    on_chunk: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run an export in this process as SERVICE, with the same job code as the API, write its files into ``folder``
+    (``Patient.ndjson``, ``Patient.2.ndjson``, ..., errors as ``errors.ndjson``) and delete the job. Returns the
+    manifest with a ``path`` for each file instead of a ``url``."""
+    exporter = Exporter(store, settings, background=False)
+    access = Access(SERVICE, store)
+    authorize(access, exporter.repository.acting_for(access), request)
+    since = instant(request.since) if request.since is not None else ""
+    query = "&".join(f"{k}={v}" for k, v in (("_type", ",".join(request.types or ())), ("_since", since)) if v)
+    path = {"system": "$export", "patient": "Patient/$export", "group": f"Group/{request.group}/$export"}
+    url = f"{settings.base_url.rstrip('/')}/{path[request.level]}" + (f"?{query}" if query else "")
+    now = now_us()
+    job = replace(
+        new_job(SERVICE, request, url),
+        status="running",
+        transaction_time=now,
+        attempts=1,
+        leased_by=exporter.worker_id,
+        lease_until=now + int(exporter.lease * 1_000_000),
+    )
+    exporter.jobs.add(job)
+    try:
+        exporter.run(job, on_chunk=on_chunk)
+        finished = exporter.jobs.job(job.id)
+        if finished is None or finished.status != "completed":
+            raise failure(finished or job)
+        result: dict[str, Any] = {"transactionTime": instant(now), "request": url, "output": [], "error": []}
+        seen: dict[str, int] = defaultdict(int)
+        for file in exporter.jobs.files(job.id):
+            name = file.res_type if file.kind == "output" else "errors"
+            seen[name] += 1
+            target = folder / (f"{name}.ndjson" if seen[name] == 1 else f"{name}.{seen[name]}.ndjson")
+            with target.open("wb") as out:
+                for number in exporter.jobs.chunks(job.id, file.number):
+                    out.write(exporter.jobs.chunk(job.id, file.number, number) or b"")
+            result[file.kind].append({"type": file.res_type, "path": str(target), "count": file.lines})
+        return result
+    finally:
+        exporter.jobs.delete(job.id)
+
+
+# -- running jobs -----------------------------------------------------------------------------------------------
+
+
+class JobFailed(Exception):
+    """The job cannot be done as asked (its Group is gone); the message is what its status answers."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a job stands, stored with each chunk: the type being exported and the last id done, the file it is
+    writing, how many files it has made, how many resources it has exported."""
+
+    type: str | None = None
+    after: str | None = None
+    done: bool = False  # the type is finished
+    file: int | None = None
+    lines: int = 0
+    chunk: int = 0
+    files: int = 0
+    exported: int = 0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Cursor:
+        return cls(**data) if data else cls()
+
+
+def worker_id() -> str:
+    from iop_fhir.exchange.worker import worker_name
+
+    return worker_name()
+
+
+class Exporter:
+    """Runs export jobs: in one background thread of the serving process after each kick-off (``kick``), and in
+    `iop-fhir worker` (``run_due``)."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        settings: Settings,
+        *,
+        repository: Repository | None = None,
+        background: bool = True,
+        worker: str | None = None,
+    ) -> None:
+        self.jobs = ExportStore(store)
+        self.store = store
+        self.settings = settings
+        self.file_lines = max(1, settings.export_file_lines)
+        self.lease = float(settings.worker_lease_seconds)
+        self.background = background
+        self.worker_id = worker or worker_id()
+        self._repository = repository
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def repository(self) -> Repository:
+        """The repository AuditEvents are written through (the app's, or app.build_repository's)."""
+        if self._repository is None:
+            from iop_fhir.app import build_repository
+
+            self._repository = build_repository(self.settings, self.store)
+        return self._repository
+
+    def kick(self) -> None:
+        """Make sure the background thread runs (it takes queued jobs until there are none)."""
+        if not self.background:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drain, name="iop-fhir-export", daemon=True)
+                self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the background thread to run out of jobs."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                # Under the lock: a kick-off that finds the thread alive can count on it to look once more.
+                with self._lock:
+                    job = self.jobs.claim(self.worker_id, self.lease)
+                    if job is None:
+                        self._thread = None
+                        return
+                self.run(job)
+        except Exception as error:  # the database went away: the jobs wait for the next kick-off, poll or worker
+            log.error("export: the background thread stopped: %s", type(error).__name__)
+            with self._lock:
+                self._thread = None
+
+    def run_due(self, stop: Callable[[], bool] | None = None) -> int:
+        """Delete expired jobs, then run every job that is queued or whose lease expired; how many were run."""
+        self.jobs.purge(now_us())
+        ran = 0
+        while not (stop is not None and stop()):
+            job = self.jobs.claim(self.worker_id, self.lease)
+            if job is None:
+                break
+            self.run(job, stop=stop)
+            ran += 1
+        return ran
+
+    def run(
+        self,
+        job: ExportJob,
+        *,
+        on_chunk: Callable[[str, int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        """Run a job this worker has claimed to its end: completed, or failed if the job itself failed. A job
+        cancelled or taken over meanwhile is left alone; on ``stop`` it is left for another run to resume."""
+        try:
+            if job.attempts > MAX_ATTEMPTS:
+                raise JobFailed(f"gave up after {job.attempts - 1} runs that never finished")
+            _Run(self, job, on_chunk, stop)()
+        except LeaseLost:
+            log.info("export %s: cancelled or taken over; stopped", job.id)
+            return
+        except _Stopped:
+            log.info("export %s: stopped; another run resumes it once its lease ends", job.id)
+            return
+        except JobFailed as error:
+            self._finish(job, "failed", str(error))
+            return
+        except Exception as error:
+            # An arbitrary exception's message may quote resource content (PHI): its type and frames only.
+            log.error(
+                "export %s: unexpected %s\n%s",
+                job.id,
+                type(error).__name__,
+                "".join(traceback.format_tb(error.__traceback__)),
+            )
+            self._finish(job, "failed", f"the export failed ({type(error).__name__}); start a new one")
+            return
+        self._finish(job, "completed", None)
+
+    def _finish(self, job: ExportJob, status: str, error: str | None) -> None:
+        expires = now_us() + self.settings.export_retention * 1_000_000
+        if self.jobs.finish(job.id, self.worker_id, status, error=error, expires=expires):
+            log.info("export %s: %s", job.id, status)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Run:
+    """One run of one job, holding the cursor of what is committed."""
+
+    def __init__(
+        self,
+        exporter: Exporter,
+        job: ExportJob,
+        on_chunk: Callable[[str, int], None] | None,
+        stop: Callable[[], bool] | None,
+    ) -> None:
+        self.exporter = exporter
+        self.jobs = exporter.jobs
+        self.job = job
+        self.on_chunk = on_chunk
+        self.stop = stop
+        self.request = ExportRequest.from_json(job.params)
+        self.principal = principal_from(job.principal)
+        self.access = Access(self.principal, exporter.store)
+        self.cursor = Cursor.from_json(job.cursor)
+        self.agent: audit.Agent = {"client_id": self.principal.client_id}
+        if self.principal.recipient:
+            self.agent["partner"] = self.principal.recipient
+        if self.principal.purpose:
+            self.agent["purpose"] = self.principal.purpose
+
+    def __call__(self) -> None:
+        # Decided now, from the consents in force today, not those of the kick-off.
+        restriction = self.access.restriction
+        members = self._members() if self.request.group is not None else None
+        if self.request.ignored and self.cursor.files == 0 and self.cursor.type is None:
+            ignored = ", ".join(self.request.ignored)
+            self._error_file(
+                None, Issue("informational", f"ignored (not supported): {ignored}", severity="information")
+            )
+        for res_type in readable_types(self.request, self.access):
+            current = self.cursor.type
+            if current is not None and (res_type < current or (res_type == current and self.cursor.done)):
+                continue
+            if res_type != current:
+                self.cursor = replace(self.cursor, type=res_type, after=None, done=False, file=None, lines=0, chunk=0)
+            compartment = None
+            if self.request.level != "system":
+                compartment = Compartment(patient_compartment()[res_type], members)
+            try:
+                self._export_type(res_type, compartment, restriction)
+            except (LeaseLost, _Stopped):
+                raise
+            except Exception as error:
+                log.error("export %s: %s failed: %s", self.job.id, res_type, type(error).__name__)
+                message = f"exporting {res_type} failed ({type(error).__name__}); its output may be incomplete"
+                self._error_file(res_type, Issue("exception", message))
+
+    def _members(self) -> tuple[str, ...]:
+        """The Group's Patients now (``member.entity``, leaving out inactive members), if the client can see it."""
+        assert self.request.group is not None
+        try:
+            stored = self.exporter.repository.acting_for(self.access).read("Group", self.request.group)
+        except FhirError:
+            raise JobFailed(f"Group/{self.request.group} is no longer there") from None
+        group = orjson.loads(stored.content or b"{}")
+        found: dict[str, None] = {}
+        for member in group.get("member") or []:
+            if isinstance(member, dict) and member.get("inactive") is not True:
+                patient = disclosure.patient_id((member.get("entity") or {}).get("reference"))
+                if patient is not None:
+                    found[patient] = None
+        return tuple(found)
+
+    def _export_type(self, res_type: str, compartment: Compartment | None, restriction: Any) -> None:
+        partner = self.principal.partner is not None
+        lines_per_file = self.exporter.file_lines
+        while True:
+            if self.stop is not None and self.stop():
+                raise _Stopped
+            cursor = self.cursor
+            new_file = cursor.file is None or cursor.lines >= lines_per_file
+            limit = min(PAGE, lines_per_file if new_file else lines_per_file - cursor.lines)
+            page = self.jobs.page(
+                res_type,
+                cursor.after,
+                limit,
+                since=self.request.since,
+                until=self.job.transaction_time,
+                compartment=compartment,
+                restriction=restriction,
+                max_bytes=CHUNK_BYTES,
+            )
+            if not page:
+                break
+            content = [stored.content or b"{}" for stored in page]
+            lines = [disclosure.mark_disclosed(c) for c in content] if partner else content
+            patients = self.jobs.patients(res_type, [stored.res_id for stored in page])
+            disclosed = [(f"{res_type}/{stored.res_id}", patients[stored.res_id]) for stored in page]
+            if new_file:
+                cursor = replace(cursor, file=cursor.files + 1, files=cursor.files + 1, lines=0, chunk=0)
+            file_no = cursor.file or cursor.files
+            cursor = replace(
+                cursor,
+                after=page[-1].res_id,
+                lines=cursor.lines + len(page),
+                chunk=cursor.chunk + 1,
+                exported=cursor.exported + len(page),
+            )
+            chunk = Chunk(file_no, cursor.chunk, res_type, "output", len(page), b"\n".join(lines) + b"\n")
+            self._commit(cursor, chunk, disclosed)
+
+    def _error_file(self, res_type: str | None, issue: Issue) -> None:
+        files = self.cursor.files + 1
+        cursor = replace(self.cursor, files=files, done=res_type is not None)
+        content = orjson.dumps(operation_outcome([issue])) + b"\n"
+        self._commit(cursor, Chunk(files, 1, "OperationOutcome", "error", 1, content), [])
+
+    def _commit(self, cursor: Cursor, chunk: Chunk | None, disclosed: list[tuple[str, set[str]]]) -> None:
+        with self.jobs.write() as tx:
+            self.jobs.save_chunk(
+                tx,
+                self.job.id,
+                self.exporter.worker_id,
+                self.exporter.lease,
+                chunk,
+                cursor=asdict(cursor),
+                exported=cursor.exported,
+            )
+            self._audit(tx, disclosed)
+        self.cursor = cursor
+        if chunk is not None and chunk.kind == "output" and self.on_chunk is not None:
+            self.on_chunk(chunk.res_type, chunk.lines)
+
+    def _audit(self, tx: SqlWriteTx, disclosed: list[tuple[str, set[str]]]) -> None:
+        """The chunk's AuditEvents, grouped as security/trail.py groups a response: for a partner one per patient
+        whose records the chunk holds, otherwise one (naming the patient if there is only one)."""
+        if not disclosed:
+            return
+        groups: dict[str | None, list[str]] = defaultdict(list)
+        if self.principal.recipient is None:
+            patients = set().union(*(p for _, p in disclosed))
+            single = f"Patient/{next(iter(patients))}" if len(patients) == 1 else None
+            groups[single] = [reference for reference, _ in disclosed]
+        else:
+            for reference, patients in disclosed:
+                for patient_id in sorted(patients) or [""]:
+                    groups[f"Patient/{patient_id}" if patient_id else None].append(reference)
+        when = instant(now_us())
+        for patient, references in groups.items():
+            event = audit.audit_event("export", "0", self.agent, patient, references, when=when)
+            self.exporter.repository.create_in(tx, "AuditEvent", event)

@@ -1,0 +1,698 @@
+"""Bulk Data $export (https://hl7.org/fhir/uv/bulkdata/export.html) on SQLite and PostgreSQL: the async kick-off,
+status and manifest, NDJSON that holds exactly what search returns, _type, _since, the Patient compartment at
+Patient and Group level, refused parameters, jobs owned by their client, cancelling, jobs resumed by the worker
+after their process died, and 42 CFR Part 2: a partner's export holds only consented patients, carries the
+redisclosure mark and is accounted for per patient; AuditEvents are never exported to a non-administrator.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
+from iop_fhir import cli
+from iop_fhir.app import create_app
+from iop_fhir.config import Settings
+from iop_fhir.exchange import worker
+from iop_fhir.fhir.export import Exporter
+from iop_fhir.fhir.validation import validate
+from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE
+from iop_fhir.security.trail import patients_of
+from iop_fhir.store import schema
+from tests.auth import TokenClient, admin_token, mint
+from tests.conftest import TOOLS
+
+CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
+PARTNER = "passaic-valley-recovery"
+FHIR = "application/fhir+json"
+ASYNC = {"Prefer": "respond-async"}
+BASE = "http://testserver"
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+
+def as_client(app: Flask, token: str) -> FlaskClient:
+    found = app.test_client()
+    assert isinstance(found, TokenClient)
+    found.token = token
+    return found
+
+
+def exports(app: Flask) -> Exporter:
+    found: Exporter = app.extensions["iop_fhir.exports"]
+    return found
+
+
+@pytest.fixture
+def small_files(settings: Settings) -> Iterator[Flask]:
+    """An app whose export files hold at most 2 resources (so 2 per chunk) and whose jobs' leases expire at once,
+    its background thread off."""
+    small = create_app(replace(settings, export_file_lines=2, worker_lease_seconds=0))
+    small.config["TESTING"] = True
+    exports(small).background = False
+    yield small
+    small.extensions["iop_fhir.store"].close()
+
+
+def after_one_chunk() -> Callable[[], bool]:
+    """A ``stop`` for Exporter.run that lets one chunk be stored, then stops the run."""
+    asked = iter([False])
+    return lambda: next(asked, True)
+
+
+@pytest.fixture
+def queued(app: Flask) -> Exporter:
+    """The app's exporter with its background thread off: kicked-off jobs wait for run_due or the worker."""
+    exporter = exports(app)
+    exporter.background = False
+    return exporter
+
+
+def post(client: FlaskClient, res_type: str, body: dict[str, Any]) -> str:
+    response = client.post(
+        f"/fhir/{res_type}", data=orjson.dumps({"resourceType": res_type, **body}), content_type=FHIR
+    )
+    assert response.status_code == 201, response.get_json()
+    res_id: str = response.get_json()["id"]
+    return res_id
+
+
+def observation(patient: str, **extra: Any) -> dict[str, Any]:
+    return {"status": "final", "code": {"text": "craving"}, "subject": {"reference": f"Patient/{patient}"}, **extra}
+
+
+def kick_off(client: FlaskClient, path: str = "/fhir/$export", **headers: str) -> str:
+    """The status URL path of a kicked-off job."""
+    response = client.get(path, headers={**ASYNC, **headers})
+    assert response.status_code == 202, response.get_json()
+    location: str = response.headers["Content-Location"]
+    assert location.startswith(f"{BASE}/fhir/$export-status/")
+    return location.removeprefix(BASE)
+
+
+def finished(app: Flask, client: FlaskClient, status: str) -> dict[str, Any]:
+    """The manifest, once the job has run (background thread, or run here if it is off)."""
+    exporter = exports(app)
+    if exporter.background:
+        exporter.wait(60)
+    else:
+        exporter.run_due()
+    response = client.get(status)
+    assert response.status_code == 200, (response.status_code, response.data)
+    assert response.mimetype == "application/json"
+    manifest: dict[str, Any] = response.get_json()
+    return manifest
+
+
+def lines(client: FlaskClient, url: str) -> list[dict[str, Any]]:
+    response = client.get(url.removeprefix(BASE))
+    assert response.status_code == 200
+    assert response.mimetype == "application/fhir+ndjson"
+    assert response.is_streamed
+    assert response.data.endswith(b"\n")
+    return [orjson.loads(line) for line in response.data.splitlines()]
+
+
+def exported(client: FlaskClient, manifest: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every exported resource by type, checking each file's count."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for item in manifest["output"]:
+        resources = lines(client, item["url"])
+        assert len(resources) == item["count"]
+        assert {r["resourceType"] for r in resources} == {item["type"]}
+        found.setdefault(item["type"], []).extend(resources)
+    return found
+
+
+def export_all(app: Flask, client: FlaskClient, path: str = "/fhir/$export") -> dict[str, list[dict[str, Any]]]:
+    return exported(client, finished(app, client, kick_off(client, path)))
+
+
+def searched(client: FlaskClient, res_type: str) -> list[dict[str, Any]]:
+    response = client.get(f"/fhir/{res_type}?_count=1000")
+    assert response.status_code == 200, response.get_json()
+    return [e["resource"] for e in response.get_json().get("entry", [])]
+
+
+def issue(response: Any) -> dict[str, Any]:
+    body = response.get_json()
+    assert body["resourceType"] == "OperationOutcome", body
+    first: dict[str, Any] = body["issue"][0]
+    return first
+
+
+def ids(resources: list[dict[str, Any]]) -> set[str]:
+    return {f"{r['resourceType']}/{r['id']}" for r in resources}
+
+
+def job_rows(app: Flask) -> tuple[int, int]:
+    with app.extensions["iop_fhir.store"].engine.connect() as conn:
+        jobs = conn.execute(select(func.count()).select_from(schema.export_jobs)).scalar_one()
+        files = conn.execute(select(func.count()).select_from(schema.export_files)).scalar_one()
+    return jobs, files
+
+
+@pytest.fixture
+def records(client: FlaskClient) -> dict[str, Any]:
+    """Two patients with Observations, one Observation that names patient one only as its focus (no compartment
+    parameter of Observation), an Organization, and a Group of patient one."""
+    one = post(client, "Patient", {"name": [{"family": "One"}]})
+    two = post(client, "Patient", {"name": [{"family": "Two"}]})
+    of_one = [post(client, "Observation", observation(one)) for _ in range(3)]
+    of_two = [post(client, "Observation", observation(two))]
+    focus = post(
+        client, "Observation", {"status": "final", "code": {"text": "x"}, "focus": [{"reference": f"Patient/{one}"}]}
+    )
+    organization = post(client, "Organization", {"name": "Clinic"})
+    group = post(
+        client,
+        "Group",
+        {
+            "type": "person",
+            "actual": True,
+            "member": [
+                {"entity": {"reference": f"Patient/{one}"}},
+                {"entity": {"reference": f"Patient/{two}"}, "inactive": True},
+            ],
+        },
+    )
+    return {
+        "one": one,
+        "two": two,
+        "of_one": of_one,
+        "of_two": of_two,
+        "focus": focus,
+        "organization": organization,
+        "group": group,
+    }
+
+
+# -- the async pattern ---------------------------------------------------------------------------------------
+
+
+def test_kick_off_answers_202_with_the_status_url_in_content_location(client: FlaskClient, queued: Exporter) -> None:
+    response = client.get("/fhir/$export", headers={**ASYNC, "Accept": FHIR})
+    assert response.status_code == 202
+    assert response.headers["Content-Location"].startswith(f"{BASE}/fhir/$export-status/")
+    assert issue(response)["severity"] == "information"
+
+
+def test_status_is_202_with_progress_while_the_job_waits_then_200_with_the_manifest(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Patient,Observation")
+    waiting = client.get(status)
+    assert waiting.status_code == 202
+    assert waiting.headers["X-Progress"] == "queued"
+    assert int(waiting.headers["Retry-After"]) > 0
+    manifest = finished(app, client, status)
+    assert manifest["request"] == f"{BASE}/fhir/$export?_type=Patient,Observation"
+    assert manifest["requiresAccessToken"] is True
+    assert manifest["transactionTime"].endswith("Z")
+    assert [(o["type"], o["count"]) for o in manifest["output"]] == [("Observation", 5), ("Patient", 2)]
+    assert manifest["error"] == []
+    assert all(o["url"].startswith(f"{BASE}/fhir/$export-file/") for o in manifest["output"])
+
+
+def test_the_server_runs_the_job_in_a_background_thread_without_a_worker(
+    app: Flask, client: FlaskClient, records: dict[str, Any]
+) -> None:
+    assert exports(app).background
+    status = kick_off(client, "/fhir/$export?_type=Patient")
+    exports(app).wait(60)
+    assert client.get(status).status_code == 200
+
+
+def test_post_kick_off_takes_its_parameters_in_a_parameters_resource(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    parameters = {
+        "resourceType": "Parameters",
+        "parameter": [
+            {"name": "_type", "valueString": "Organization"},
+            {"name": "_outputFormat", "valueString": "application/fhir+ndjson"},
+        ],
+    }
+    response = client.post("/fhir/$export", data=orjson.dumps(parameters), content_type=FHIR, headers=ASYNC)
+    assert response.status_code == 202, response.get_json()
+    manifest = finished(app, client, response.headers["Content-Location"].removeprefix(BASE))
+    assert [o["type"] for o in manifest["output"]] == ["Organization"]
+
+
+# -- what the files hold -------------------------------------------------------------------------------------
+
+
+def test_ndjson_holds_exactly_what_search_returns_one_resource_per_line(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    found = export_all(app, client)
+    assert "AuditEvent" not in found  # the program's client is no administrator
+    for res_type, resources in found.items():
+        by_id = {r["id"]: r for r in searched(client, res_type)}
+        assert {r["id"]: r for r in resources} == by_id
+    assert {"Patient", "Observation", "Organization", "Group"} <= set(found)
+    assert len(found["Observation"]) == 5
+
+
+def test_files_are_split_past_the_configured_number_of_lines(small_files: Flask, records: Any) -> None:
+    client = small_files.test_client()
+    manifest = finished(small_files, client, kick_off(client, "/fhir/$export?_type=Observation"))
+    assert [o["count"] for o in manifest["output"]] == [2, 2, 1]
+    assert len(sum((lines(client, o["url"]) for o in manifest["output"]), [])) == 5
+
+
+def test_type_limits_the_export_to_the_types_named(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    found = export_all(app, client, "/fhir/$export?_type=Organization&_type=Group")
+    assert {t: len(r) for t, r in found.items()} == {"Group": 1, "Organization": 1}
+
+
+def test_since_exports_only_what_changed_after_it(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    first = finished(app, client, kick_off(client, "/fhir/$export?_type=Patient,Observation"))
+    later = post(client, "Observation", observation(records["two"]))
+    since = first["transactionTime"].replace("+", "%2B")
+    found = export_all(app, client, f"/fhir/$export?_type=Patient,Observation&_since={since}")
+    assert {t: ids(r) for t, r in found.items()} == {"Observation": {f"Observation/{later}"}}
+
+
+def test_patient_export_holds_the_patient_compartment_by_its_parameters_not_any_reference(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    found = export_all(app, client, "/fhir/Patient/$export")
+    assert ids(found["Patient"]) == {f"Patient/{records['one']}", f"Patient/{records['two']}"}
+    expected = {f"Observation/{o}" for o in records["of_one"] + records["of_two"]}
+    assert ids(found["Observation"]) == expected  # not the one with the patient as focus only
+    assert "Organization" not in found
+    assert ids(found["Group"]) == {f"Group/{records['group']}"}  # a Group is in its members' compartments
+
+
+def test_group_export_holds_the_compartments_of_its_active_members_only(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    found = export_all(app, client, f"/fhir/Group/{records['group']}/$export")
+    assert ids(found["Patient"]) == {f"Patient/{records['one']}"}
+    assert ids(found["Observation"]) == {f"Observation/{o}" for o in records["of_one"]}
+
+
+def test_group_export_of_an_unknown_group_is_404(client: FlaskClient) -> None:
+    response = client.get("/fhir/Group/nobody/$export", headers=ASYNC)
+    assert response.status_code == 404
+    assert issue(response)["code"] == "not-found"
+
+
+def test_every_exported_resource_passes_the_validator(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    for resources in export_all(app, client).values():
+        for resource in resources:
+            assert [i for i in validate(resource) if i.severity in ("error", "fatal")] == []
+
+
+@pytest.mark.peers
+def test_exported_ndjson_passes_the_independent_validator(
+    sqlite_app: Flask, sqlite_client: FlaskClient, tmp_path: Path
+) -> None:
+    client = sqlite_client
+    one = post(client, "Patient", {"name": [{"family": "One"}], "birthDate": "1990-01-01"})
+    post(client, "Observation", observation(one))
+    exports(sqlite_app).background = False
+    manifest = finished(sqlite_app, client, kick_off(client))
+    for item in manifest["output"]:
+        (tmp_path / f"{item['type']}.ndjson").write_bytes(client.get(item["url"].removeprefix(BASE)).data)
+    checked = subprocess.run([str(TOOLS / "fhir-validate"), str(tmp_path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("OK ") == 2
+
+
+def test_a_type_that_fails_is_reported_in_the_error_file_and_the_others_are_exported(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = queued.jobs.page
+
+    def failing(res_type: str, *args: Any, **kwargs: Any) -> Any:
+        if res_type == "Organization":
+            raise RuntimeError("unreadable")
+        return page(res_type, *args, **kwargs)
+
+    monkeypatch.setattr(queued.jobs, "page", failing)
+    manifest = finished(app, client, kick_off(client, "/fhir/$export?_type=Organization,Patient"))
+    assert [o["type"] for o in manifest["output"]] == ["Patient"]
+    [error] = manifest["error"]
+    [outcome] = lines(client, error["url"])
+    assert outcome["issue"][0]["code"] == "exception"
+    assert "Organization" in outcome["issue"][0]["diagnostics"]
+
+
+def test_a_job_that_cannot_be_done_answers_500_with_an_exception_outcome(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, f"/fhir/Group/{records['group']}/$export")
+    assert client.delete(f"/fhir/Group/{records['group']}").status_code == 204
+    queued.run_due()
+    response = client.get(status)
+    assert response.status_code == 500
+    assert issue(response)["code"] == "exception"
+    assert records["group"] in issue(response)["diagnostics"]
+
+
+def test_polling_starts_a_job_that_waits_so_it_needs_no_worker(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Patient")
+    queued.background = True
+    assert client.get(status).status_code == 202
+    queued.wait(60)
+    assert client.get(status).status_code == 200
+
+
+# -- refused kick-offs ---------------------------------------------------------------------------------------
+
+
+def test_kick_off_without_prefer_respond_async_is_400_naming_prefer(client: FlaskClient) -> None:
+    response = client.get("/fhir/$export")
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["Prefer"]
+
+
+@pytest.mark.parametrize(
+    ("query", "expression", "code"),
+    [
+        ("_type=Foo", "_type", "invalid"),
+        ("_type=Patient,Nonsense", "_type", "invalid"),
+        ("_since=yesterday", "_since", "invalid"),
+        ("_since=2026-01-01", "_since", "invalid"),
+        ("_since=2026-13-01T00:00:00Z", "_since", "invalid"),
+        ("_outputFormat=text/csv", "_outputFormat", "not-supported"),
+        ("_typeFilter=Observation%3Fstatus%3Dfinal", "_typeFilter", "not-supported"),
+        ("patient=Patient/x", "patient", "not-supported"),
+        ("includeAssociatedData=LatestProvenanceResources", "includeAssociatedData", "not-supported"),
+        ("_elements=id", "_elements", "not-supported"),
+        ("_count=10", "_count", "not-supported"),
+    ],
+)
+def test_bad_kick_off_parameters_are_400_naming_the_parameter(
+    sqlite_client: FlaskClient, query: str, expression: str, code: str
+) -> None:
+    response = sqlite_client.get(f"/fhir/$export?{query}", headers=ASYNC)
+    assert response.status_code == 400
+    assert (issue(response)["code"], issue(response)["expression"]) == (code, [expression])
+    if expression == "_type":
+        assert query.split(",")[-1].split("=")[-1] in issue(response)["diagnostics"]
+
+
+@pytest.mark.parametrize("query", ["_outputFormat=application/fhir+ndjson", "_since=2026-01-01T00:00:00+05:00"])
+def test_a_plus_sign_left_unencoded_in_output_format_or_since_is_understood(
+    sqlite_client: FlaskClient, sqlite_app: Flask, query: str
+) -> None:
+    exports(sqlite_app).background = False
+    assert sqlite_client.get(f"/fhir/$export?{query}", headers=ASYNC).status_code == 202
+
+
+def test_patient_export_refuses_a_type_outside_the_patient_compartment(sqlite_client: FlaskClient) -> None:
+    response = sqlite_client.get("/fhir/Patient/$export?_type=Organization", headers=ASYNC)
+    assert response.status_code == 400
+    assert issue(response)["code"] == "not-supported"
+    assert "Organization" in issue(response)["diagnostics"]
+
+
+def test_with_handling_lenient_unsupported_parameters_are_ignored_and_said_so_in_the_error_file(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Organization&_elements=id", Prefer="respond-async, handling=lenient")
+    manifest = finished(app, client, status)
+    assert [o["type"] for o in manifest["output"]] == ["Organization"]
+    [error] = manifest["error"]
+    assert error["type"] == "OperationOutcome"
+    [outcome] = lines(client, error["url"])
+    assert outcome["issue"][0]["severity"] == "information"
+    assert "_elements" in outcome["issue"][0]["diagnostics"]
+    assert [i for i in validate(outcome) if i.severity in ("error", "fatal")] == []
+
+
+def test_a_type_the_token_may_not_read_is_refused_with_403(app: Flask) -> None:
+    reader = as_client(app, mint(app, "system/Patient.rs"))
+    response = reader.get("/fhir/$export?_type=Patient,Observation", headers=ASYNC)
+    assert response.status_code == 403
+    assert "system/Observation.rs" in issue(response)["diagnostics"]
+
+
+def test_without_type_only_the_types_the_token_may_read_are_exported(
+    app: Flask, queued: Exporter, records: dict[str, Any]
+) -> None:
+    reader = as_client(app, mint(app, "system/Patient.rs system/Observation.r"))
+    assert set(export_all(app, reader)) == {"Patient"}
+
+
+# -- jobs belong to their client -----------------------------------------------------------------------------
+
+
+def test_another_client_gets_404_for_the_status_the_files_and_delete(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Patient")
+    manifest = finished(app, client, status)
+    other = as_client(app, mint(app, "system/*.rs"))
+    assert other.get(status).status_code == 404
+    assert other.get(manifest["output"][0]["url"].removeprefix(BASE)).status_code == 404
+    assert other.delete(status).status_code == 404
+    assert client.get(status).status_code == 200
+    assert client.get(status.replace("-status/", "-status/0")).status_code == 404
+
+
+def test_delete_cancels_the_job_and_removes_its_files(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Patient")
+    manifest = finished(app, client, status)
+    response = client.delete(status)
+    assert response.status_code == 202
+    assert client.get(status).status_code == 404
+    assert client.get(manifest["output"][0]["url"].removeprefix(BASE)).status_code == 404
+    assert job_rows(app) == (0, 0)
+
+
+def test_a_job_cancelled_while_it_runs_stores_nothing_more(small_files: Flask, records: dict[str, Any]) -> None:
+    client = small_files.test_client()
+    exporter = exports(small_files)
+    status = kick_off(client, "/fhir/$export?_type=Observation")
+    job = exporter.jobs.claim(exporter.worker_id, 60)
+    assert job is not None
+    exporter.run(job, stop=after_one_chunk())
+    assert client.get(status).headers["X-Progress"] == "2 resources exported, now Observation"
+    assert client.delete(status).status_code == 202
+    exporter.run(job)  # the rest of the run finds its job gone
+    assert job_rows(small_files) == (0, 0)
+
+
+def test_an_expired_job_is_404_and_deleted(app: Flask, client: FlaskClient, queued: Exporter) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Patient")
+    finished(app, client, status)
+    with app.extensions["iop_fhir.store"].engine.begin() as conn:
+        conn.execute(schema.export_jobs.update().values(expires=1))
+    assert client.get(status).status_code == 404
+    assert job_rows(app) == (0, 0)
+
+
+# -- nothing is lost -----------------------------------------------------------------------------------------
+
+
+def run_worker(app: Flask) -> None:
+    assert worker.run(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
+
+
+def test_a_queued_job_is_run_by_the_worker(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    status = kick_off(client, "/fhir/$export?_type=Patient")
+    run_worker(app)
+    assert client.get(status).status_code == 200
+
+
+def test_a_job_whose_process_died_is_resumed_by_the_worker_once_its_lease_expired(
+    small_files: Flask, records: dict[str, Any]
+) -> None:
+    client = small_files.test_client()
+    dead = exports(small_files)
+    status = kick_off(client, "/fhir/$export?_type=Observation")
+    dead.worker_id = "a-process-that-dies"
+    job = dead.jobs.claim(dead.worker_id, 0)
+    assert job is not None
+    dead.run(job, stop=after_one_chunk())  # one chunk stored, then the process "dies" holding the job
+    assert client.get(status).status_code == 202
+    run_worker(small_files)
+    manifest = client.get(status).get_json()
+    assert [o["count"] for o in manifest["output"]] == [2, 2, 1]
+    resumed = sum((lines(client, o["url"]) for o in manifest["output"]), [])
+    assert sorted(r["id"] for r in resumed) == sorted(r["id"] for r in searched(client, "Observation"))
+
+
+# -- 42 CFR Part 2 -------------------------------------------------------------------------------------------
+
+
+def contract(kind: str, enrollment_id: str | None = None) -> dict[str, Any]:
+    text = (CONTRACT / f"{kind}.json").read_text(encoding="utf-8")
+    payload: dict[str, Any] = json.loads(text.replace("{{enrollment_id}}", enrollment_id or ""))
+    return payload
+
+
+def enroll(client: FlaskClient, mrn: str, family: str) -> dict[str, str]:
+    payload = contract("enrollment")
+    payload["patient"]["identifiers"][0]["value"] = mrn
+    payload["patient"]["name"]["family"] = family
+    response = client.post("/iop/enrollments", json=payload)
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    refs = {ref.split("/", 1)[0]: ref for ref in reversed(body["fhir"])}
+    assert client.post("/iop/sessions", json=contract("session", body["id"])).status_code == 201
+    return {"enrollment": body["id"], "patient": refs["Patient"]}
+
+
+@pytest.fixture
+def program(app: Flask, client: FlaskClient, queued: Exporter) -> Iterator[dict[str, Any]]:
+    """A partner, patient A who consented to disclosure to it, patient B who did not; the partner's client."""
+    assert client.post("/iop/partners", json=contract("partner")).status_code == 201
+    a = enroll(client, "MRN-A-1", "Consentida")
+    b = enroll(client, "MRN-B-2", "Zyxwvut")
+    consent = contract("consent", a["enrollment"])
+    consent.update(signed_on="2026-01-01", expires_on="2099-01-01")
+    response = client.post("/iop/consents", json=consent)
+    assert response.status_code == 201, response.get_json()
+    partner = as_client(app, mint(app, "system/*.rs", partner=PARTNER, client_id="test-partner"))
+    yield {"a": a, "b": b, "partner": partner, "consent": response.get_json()["id"]}
+
+
+def test_a_partner_export_holds_exactly_what_its_searches_show_only_consented_patients(
+    app: Flask, program: dict[str, Any]
+) -> None:
+    partner = program["partner"]
+    found = export_all(app, partner)
+    assert ids(found["Patient"]) == {program["a"]["patient"]}
+    text = orjson.dumps(found).decode()
+    assert program["b"]["patient"] not in text and "Zyxwvut" not in text
+    for res_type, resources in found.items():
+        assert ids(resources) == ids(searched(partner, res_type))
+    assert {"Encounter", "EpisodeOfCare", "Condition"} <= set(found)
+
+
+def test_what_a_partner_exports_carries_the_redisclosure_mark_and_passes_the_validator(
+    app: Flask, program: dict[str, Any], client: FlaskClient
+) -> None:
+    for resources in export_all(app, program["partner"]).values():
+        for resource in resources:
+            [mark] = [s for s in resource["meta"]["security"] if s["code"] == "RedisclosureProhibitionMark"]
+            assert mark["extension"][0]["valueString"] == REDISCLOSURE_NOTICE
+            assert [i for i in validate(resource) if i.severity in ("error", "fatal")] == []
+    own = export_all(app, client, "/fhir/$export?_type=Patient")
+    assert all("RedisclosureProhibitionMark" not in orjson.dumps(r).decode() for r in own["Patient"])
+
+
+def test_a_partner_export_is_audited_as_a_disclosure_of_each_patient(app: Flask, program: dict[str, Any]) -> None:
+    found = export_all(app, program["partner"])
+    patient_a = program["a"]["patient"]
+    of_a = {
+        f"{r['resourceType']}/{r['id']}"
+        for resources in found.values()
+        for r in resources
+        if patient_a.split("/")[1] in patients_of(r) and r["resourceType"] != "Patient"
+    }
+    admin = as_client(app, admin_token(app))
+    accounting = admin.get(f"/iop/enrollments/{program['a']['enrollment']}/disclosures").get_json()
+    exports_of_a = [i for i in accounting["items"] if i["action"] == "operation"]
+    assert exports_of_a and all(i["recipient"] == f"Organization/{PARTNER}" for i in exports_of_a)
+    assert set(sum((i["resources"] for i in exports_of_a), [])) == of_a
+    events = [e["resource"] for e in admin.get("/fhir/AuditEvent?_count=1000").get_json()["entry"]]
+    by_partner = [e for e in events if e["agent"][0]["who"]["identifier"]["value"] == "test-partner"]
+    assert by_partner and all(e["subtype"][0]["code"] == "operation" for e in by_partner)
+    for event in by_partner:  # one event per patient: at most one Patient among its entities
+        named = [e["what"]["reference"] for e in event["entity"] if e["what"]["reference"].startswith("Patient/")]
+        assert named in ([patient_a], [])
+    other = admin.get(f"/iop/enrollments/{program['b']['enrollment']}/disclosures").get_json()
+    assert other["total"] == 0
+
+
+def test_consent_is_decided_again_when_the_job_runs(app: Flask, client: FlaskClient, program: dict[str, Any]) -> None:
+    partner = program["partner"]
+    status = kick_off(partner, "/fhir/$export?_type=Patient,Encounter")
+    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
+    assert revoked.status_code == 200, revoked.get_json()
+    assert exported(partner, finished(app, partner, status)) == {}
+
+
+def test_a_partner_export_leaves_out_counseling_notes_and_labelled_resources_of_no_patient(
+    app: Flask, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    labels = [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": c} for c in ("42CFRPart2", "SUD")]
+    note_labels = [*labels, {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSYTHPN"}]
+    note = {
+        "meta": {"security": note_labels},
+        "status": "current",
+        "subject": {"reference": program["a"]["patient"]},
+        "content": [{"attachment": {"contentType": "text/plain", "data": "bm90ZQ=="}}],
+    }
+    post(client, "DocumentReference", note)
+    post(client, "Practitioner", {"meta": {"security": labels}, "name": [{"family": "Counselor"}]})
+    found = export_all(app, program["partner"], "/fhir/$export?_type=DocumentReference,Practitioner,Patient")
+    assert set(found) == {"Patient"}
+
+
+def test_audit_events_are_never_exported_to_a_non_administrator(
+    app: Flask, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    assert client.get("/fhir/$export?_type=AuditEvent", headers=ASYNC).status_code == 403
+    assert program["partner"].get("/fhir/$export?_type=AuditEvent", headers=ASYNC).status_code == 403
+    assert "AuditEvent" not in export_all(app, client)
+    assert "AuditEvent" not in export_all(app, program["partner"], "/fhir/Patient/$export")
+    admin = as_client(app, admin_token(app))
+    assert export_all(app, admin, "/fhir/$export?_type=AuditEvent")["AuditEvent"]
+
+
+# -- discovery and the command line --------------------------------------------------------------------------
+
+
+def test_the_capability_statement_lists_export_at_system_patient_and_group_level(sqlite_client: FlaskClient) -> None:
+    statement = sqlite_client.get("/fhir/metadata").get_json()
+    assert "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data" in statement["instantiates"]
+    rest = statement["rest"][0]
+    assert {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"} in rest[
+        "operation"
+    ]
+    by_type = {r["type"]: [o["name"] for o in r["operation"]] for r in rest["resource"]}
+    assert by_type["Patient"] == by_type["Group"] == ["validate", "export"]
+    assert by_type["Observation"] == ["validate"]
+
+
+def test_iop_fhir_export_writes_one_ndjson_file_per_type_into_the_folder(
+    sqlite_app: Flask,
+    sqlite_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client = sqlite_app.test_client()
+    one = post(client, "Patient", {"name": [{"family": "One"}]})
+    post(client, "Observation", observation(one))
+    monkeypatch.setenv("IOP_FHIR_DATABASE_URL", sqlite_url)
+    assert cli.main(["export", "--patient", "--type", "Patient,Observation", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [(o["type"], o["count"], Path(o["path"]).name) for o in result["output"]] == [
+        ("Observation", 1, "Observation.ndjson"),
+        ("Patient", 1, "Patient.ndjson"),
+    ]
+    assert orjson.loads((tmp_path / "out" / "Patient.ndjson").read_bytes())["id"] == one
+    assert job_rows(sqlite_app) == (0, 0)
+    assert cli.main(["export", "--out", str(tmp_path / "out")]) == 2  # not an empty folder
+    assert cli.main(["export", "--since", "yesterday", "--out", str(tmp_path / "new")]) == 2

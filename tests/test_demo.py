@@ -1,0 +1,353 @@
+"""`iop-fhir demo`: the synthetic program it seeds through the API (seeded once for the module), that seeding again
+changes nothing, and the command itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from flask import Flask
+from sqlalchemy import func, select
+
+from iop_fhir import demo
+from iop_fhir.app import create_app
+from iop_fhir.cli import main
+from iop_fhir.config import Settings
+from iop_fhir.demo import cohort, seeding
+from iop_fhir.fhir.validation import validate
+from iop_fhir.security.registry import issue_for_client
+from iop_fhir.store import schema
+from iop_fhir.store.base import StoredRecord
+
+VALIDATOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "fhir-validate"
+ATTENDED = ("attended", "late", "left-early")
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory, sqlite_template: Path) -> Iterator[tuple[Flask, demo.DemoSummary]]:
+    """An app on a database seeded with the default demo (25 patients, seed 2026)."""
+    path = tmp_path_factory.mktemp("demo") / "demo.db"
+    shutil.copy(sqlite_template, path)
+    settings = Settings(database_url=f"sqlite:///{path}", base_url="http://testserver/fhir", seed_conformance=False)
+    app = create_app(settings)
+    summary = demo.seed(app)
+    yield app, summary
+    app.extensions["iop_fhir.store"].close()
+
+
+@pytest.fixture(scope="module")
+def app(seeded: tuple[Flask, demo.DemoSummary]) -> Flask:
+    return seeded[0]
+
+
+def records(app: Flask, kind: str) -> list[StoredRecord]:
+    store = app.extensions["iop_fhir.store"]
+    found: list[StoredRecord] = []
+    while True:
+        page, total = store.records(kind, offset=len(found), count=500)
+        found.extend(page)
+        if not page or len(found) >= total:
+            return found
+
+
+def by_enrollment(app: Flask, kind: str) -> dict[str | None, list[dict[str, Any]]]:
+    grouped: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
+    for record in records(app, kind):
+        grouped[record.enrollment_id].append(record.content)
+    return grouped
+
+
+def current_resources(app: Flask) -> list[tuple[str, str, dict[str, Any]]]:
+    engine = app.extensions["iop_fhir.store"].engine
+    query = select(schema.resources.c.res_type, schema.resources.c.res_id, schema.resources.c.content).where(
+        schema.resources.c.deleted.is_(False)
+    )
+    with engine.connect() as conn:
+        return [(t, i, orjson.loads(content)) for t, i, content in conn.execute(query)]
+
+
+def history_by_type(app: Flask) -> dict[str, int]:
+    engine = app.extensions["iop_fhir.store"].engine
+    query = select(schema.history.c.res_type, func.count()).group_by(schema.history.c.res_type)
+    with engine.connect() as conn:
+        return {t: n for t, n in conn.execute(query)}
+
+
+def day_of(moment: str) -> date:
+    return datetime.fromisoformat(moment).date()
+
+
+# -- what is seeded -----------------------------------------------------------------------------------------------
+
+
+def test_seeding_enrolls_25_patients_each_with_an_intake_assessment_a_treatment_plan_and_sessions(app: Flask) -> None:
+    enrollments = records(app, "enrollment")
+    assert len(enrollments) == 25
+    assessments, plans, sessions = (by_enrollment(app, k) for k in ("assessment", "treatment-plan", "session"))
+    for enrollment in enrollments:
+        assert [a["kind"] for a in assessments[enrollment.id]][0] == "intake"
+        assert len(plans[enrollment.id]) == 1
+        assert len(sessions[enrollment.id]) >= 3 * 3  # at least three weeks, three blocks a week
+        assert enrollment.content["referral"]["service_request"].startswith("http://testserver/fhir/ServiceRequest/")
+
+
+def test_completed_stays_have_eight_weeks_of_at_least_three_sessions_a_week(app: Flask) -> None:
+    sessions = by_enrollment(app, "session")
+    completed = [d for d in records(app, "discharge") if d.content["reason"] == "completed"]
+    assert len(completed) >= 13
+    for discharge in completed:
+        admission = date.fromisoformat(enrollment_of(app, discharge.enrollment_id)["admission_date"])
+        weeks = Counter((day_of(s["start"]) - admission).days // 7 for s in sessions[discharge.enrollment_id])
+        assert sorted(weeks) == list(range(8))
+        assert all(n >= 3 for n in weeks.values()), weeks
+
+
+def enrollment_of(app: Flask, enrollment_id: str | None) -> dict[str, Any]:
+    found = app.extensions["iop_fhir.store"].record("enrollment", enrollment_id)
+    assert found is not None
+    content: dict[str, Any] = found.content
+    return content
+
+
+def test_sessions_are_mostly_attended_some_missed_some_by_telehealth_or_telephone(app: Flask) -> None:
+    sessions = [s.content for s in records(app, "session")]
+    attendance = Counter(s["attendance"] for s in sessions)
+    assert sum(attendance[a] for a in ATTENDED) > 0.8 * len(sessions)
+    assert attendance["no-show"] > 0 and attendance["excused-absence"] > 0
+    assert attendance["cancelled-by-program"] > 0  # the program's holidays
+    assert {s["modality"] for s in sessions} == {"in-person", "telehealth", "telephone"}
+    services = {s["service"] for s in sessions}
+    assert {"group-therapy", "individual-counseling", "family-therapy", "psychoeducation", "mindfulness"} <= services
+    assert {s.get("approach") for s in sessions} >= {"cbt", "dbt", "motivational-interviewing"}
+    assert all(0 <= s["craving_score"] <= 10 for s in sessions if s["attendance"] in ATTENDED)
+
+
+def test_drug_screens_are_weekly_some_positive_and_buprenorphine_positive_as_prescribed(app: Flask) -> None:
+    plans = {r.enrollment_id: r.content for r in records(app, "treatment-plan")}
+    on_buprenorphine = {e for e, p in plans.items() if any("buprenorphine" in g["description"] for g in p["goals"])}
+    assert on_buprenorphine
+    weekly: Counter[tuple[str | None, int]] = Counter()
+    positive: Counter[str] = Counter()
+    for session in records(app, "session"):
+        screen = session.content.get("drug_screen")
+        if screen is None:
+            continue
+        assert session.content["attendance"] in ("attended", "late") and session.content["modality"] == "in-person"
+        results = {r["analyte"]: r["result"] for r in screen["results"]}
+        admission = date.fromisoformat(enrollment_of(app, session.enrollment_id)["admission_date"])
+        weekly[(session.enrollment_id, (day_of(screen["collected_at"]) - admission).days // 7)] += 1
+        assert (results["buprenorphine"] == "positive") == (session.enrollment_id in on_buprenorphine)
+        positive.update(a for a, r in results.items() if r == "positive" and a != "buprenorphine")
+    assert set(weekly.values()) == {1}
+    assert positive["fentanyl"] > 0 and sum(positive.values()) > 10, positive
+
+
+def test_discharges_include_completed_against_advice_and_transferred_and_every_patient_is_discharged(
+    app: Flask,
+) -> None:
+    discharges = records(app, "discharge")
+    reasons = Counter(d.content["reason"] for d in discharges)
+    assert reasons["completed"] > len(discharges) / 2
+    assert reasons["against-advice"] >= 1 and reasons["transferred"] >= 1
+    assert {"stepped-down", "stepped-up"} <= set(reasons)
+    assert {d.enrollment_id for d in discharges} == {e.id for e in records(app, "enrollment")}
+    for discharge in discharges:
+        referral = discharge.content.get("referral")
+        if discharge.content["reason"] == "transferred":
+            assert referral is not None and referral["partner"] == cohort.INPATIENT_UNIT
+        elif discharge.content["reason"] in ("completed", "stepped-down"):
+            assert referral is not None and referral["partner"] in (cohort.OUTPATIENT_CLINIC, cohort.PEER_PROGRAM)
+        else:
+            assert referral is None
+
+
+def test_aftercare_transitions_are_queued_and_blocked_where_the_patient_gave_no_consent(app: Flask) -> None:
+    client = app.test_client()
+    consents = by_enrollment(app, "consent")
+    queued, blocked = 0, 0
+    for discharge in records(app, "discharge"):
+        partner = (discharge.content.get("referral") or {}).get("partner")
+        if partner is None:
+            continue
+        answer = client.get(f"/iop/discharges/{discharge.id}").get_json()
+        status = answer["transition"]["delivery"]["status"]
+        consented = any(c["recipient"] == partner for c in consents[discharge.enrollment_id])
+        assert status == ("pending" if consented else "blocked"), (discharge.id, partner)
+        queued += status == "pending"
+        blocked += status == "blocked"
+    assert queued > 10 and blocked >= 1
+    listed = client.get("/iop/deliveries?status=blocked&count=100").get_json()
+    assert listed["total"] >= blocked
+
+
+def test_a_consent_signed_after_discharge_released_the_waiting_transition(app: Flask) -> None:
+    released = 0
+    discharges = {d.enrollment_id: d for d in records(app, "discharge")}
+    for consent in records(app, "consent"):
+        discharge = discharges[consent.enrollment_id]
+        if consent.content["signed_on"] > discharge.content["discharge_date"]:
+            rows, _ = app.extensions["iop_fhir.store"].deliveries(record_kind="discharge", record_id=discharge.id)
+            assert [r.status for r in rows] == ["superseded", "pending"]
+            released += 1
+    assert released == 1
+
+
+def test_referrals_include_declined_and_no_show_and_every_admission_completed_its_task(app: Flask) -> None:
+    client = app.test_client()
+    referrals = client.get("/iop/referrals?count=100").get_json()["items"]
+    statuses = Counter(r["status"] for r in referrals)
+    assert statuses["admitted"] == 25 and statuses["declined"] >= 1 and statuses["no-show"] >= 1
+    assert {r["referring"]["partner"] for r in referrals} == {cohort.INPATIENT_UNIT}
+    for referral in referrals:
+        task = client.get(f"/fhir/{referral['task']}").get_json()
+        expected = {"admitted": "completed", "declined": "rejected", "no-show": "failed"}[referral["status"]]
+        assert task["status"] == expected
+
+
+def test_the_whole_program_lies_in_the_past(app: Flask, seeded: tuple[Flask, demo.DemoSummary]) -> None:
+    summary = seeded[1]
+    assert date.fromisoformat(summary.first_day) == cohort.START
+    assert date.fromisoformat(summary.last_day) < date.today()
+    latest = max(day_of(s.content["end"]) for s in records(app, "session"))
+    assert latest <= date.fromisoformat(summary.last_day)
+
+
+def test_a_partners_client_sees_only_the_patients_who_consent_to_it(app: Flask) -> None:
+    today = date.today().isoformat()
+    consenting = set()
+    for consent in records(app, "consent"):
+        content = consent.content
+        if content["recipient"] == cohort.HOSPITAL_EHR and not content.get("revoked_on"):
+            assert content["expires_on"] > today
+            patient = next(r for r in patients_of(app, consent.enrollment_id) if r.startswith("Patient/"))
+            consenting.add(patient.split("/", 1)[1])
+    token = issue_for_client(
+        app.extensions["iop_fhir.clients"], app.extensions["iop_fhir.keys"], seeding.EHR_CLIENT, None
+    )[0]
+    bundle = app.test_client().get("/fhir/Patient?_count=100", headers={"Authorization": f"Bearer {token}"}).get_json()
+    assert {e["resource"]["id"] for e in bundle.get("entry", [])} == consenting
+    assert 0 < len(consenting) < 25
+
+
+def patients_of(app: Flask, enrollment_id: str | None) -> list[str]:
+    found = app.extensions["iop_fhir.store"].record("enrollment", enrollment_id)
+    assert found is not None
+    return [r["reference"] for r in found.resources if r["role"] == "patient"]
+
+
+def test_the_summary_counts_what_the_store_holds(app: Flask, seeded: tuple[Flask, demo.DemoSummary]) -> None:
+    summary = seeded[1]
+    assert summary.patients == 25
+    assert summary.records["session"] == len(records(app, "session"))
+    assert summary.referrals["admitted"] == 25
+    assert summary.deliveries["pending"] > 0 and summary.deliveries["blocked"] > 0
+    assert summary.resources["Encounter"] == summary.records["session"]
+    assert summary.audit_events >= summary.requests
+    assert summary.example["enrollment"] == records(app, "enrollment")[0].id
+    text = str(summary)
+    assert f"GET /iop/enrollments/{summary.example['enrollment']}" in text
+    assert "25 enrolled" in text
+
+
+# -- every resource is valid --------------------------------------------------------------------------------------
+
+
+def test_every_fhir_resource_in_the_store_is_valid_r4(app: Flask) -> None:
+    failures = []
+    resources = current_resources(app)
+    for res_type, res_id, resource in resources:
+        issues = validate(resource, expected_type=res_type, expected_id=res_id, require_id=True)
+        errors = [i for i in issues if i.severity in ("error", "fatal")]
+        if errors:
+            failures.append(f"{res_type}/{res_id}: {errors[0].expression}: {errors[0].diagnostics}")
+    assert not failures, failures[:10]
+    assert {"Patient", "EpisodeOfCare", "CarePlan", "Encounter", "Observation", "Consent", "Task"} <= {
+        t for t, _, _ in resources
+    }
+
+
+@pytest.mark.peers
+def test_every_fhir_resource_in_the_store_passes_the_independent_validator(app: Flask, tmp_path: Path) -> None:
+    for res_type, res_id, resource in current_resources(app):
+        (tmp_path / f"{res_type}-{res_id}.json").write_text(json.dumps(resource), encoding="utf-8")
+    result = subprocess.run([str(VALIDATOR), "--quiet", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+# -- seeding again ------------------------------------------------------------------------------------------------
+
+
+def test_seeding_again_writes_nothing_and_changes_no_count(app: Flask, seeded: tuple[Flask, demo.DemoSummary]) -> None:
+    before = history_by_type(app)
+    again = demo.seed(app)
+    assert again == seeded[1]  # every count; the audit trail, requests and time are not compared
+    assert again.writes == 0 and again.requests > 500
+    after = history_by_type(app)
+    assert {t: n for t, n in after.items() if t != "AuditEvent"} == {
+        t: n for t, n in before.items() if t != "AuditEvent"
+    }
+    assert after["AuditEvent"] > before["AuditEvent"]  # every request is audited, a no-op too
+
+
+def test_the_same_seed_draws_the_same_program_and_another_seed_another() -> None:
+    def drawn(seed: int) -> list[Any]:
+        stories = cohort.build(patients=6, seed=seed)
+        return [(s.mrn, s.decision, s.bundle, s.enrollment, [r.payload for r in s.records]) for s in stories]
+
+    assert drawn(7) == drawn(7)
+    assert drawn(7) != drawn(8)
+
+
+def test_fewer_than_one_patient_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        cohort.build(patients=0, seed=1)
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+
+def test_cli_demo_migrates_seeds_and_prints_the_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IOP_FHIR_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    monkeypatch.setenv("IOP_FHIR_SEED_CONFORMANCE", "false")
+    assert main(["demo", "--patients", "2", "--seed", "7"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("iop-fhir demo, seed 7: Clifton Intensive Outpatient Program")
+    assert "  patients      2 enrolled" in out
+    assert "iop-fhir token --client demo-program" in out
+    assert err == ""  # no progress bar when stderr is not a terminal
+
+
+def test_cli_demo_refuses_a_database_seeded_with_the_same_seed_and_other_patients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IOP_FHIR_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    monkeypatch.setenv("IOP_FHIR_SEED_CONFORMANCE", "false")
+    assert main(["demo", "--patients", "1", "--seed", "7"]) == 0
+    capsys.readouterr()
+    assert main(["demo", "--patients", "2", "--seed", "7"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("iop-fhir demo: the referral of patient DEMO7-0002 on file is not the one this demo sends")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_demo_seeds_postgresql_and_seeding_again_changes_nothing(db_url: str) -> None:
+    app = create_app(Settings(database_url=db_url, base_url="http://testserver/fhir", seed_conformance=False))
+    try:
+        first = demo.seed(app, patients=2, seed=11)
+        again = demo.seed(app, patients=2, seed=11)
+    finally:
+        app.extensions["iop_fhir.store"].close()
+    assert first.patients == 2 and first.referrals["admitted"] == 2
+    assert again == first and again.writes == 0
