@@ -120,16 +120,7 @@ DELIVERY_SCHEMA: dict[str, Any] = {
         "delivered_at": {"type": ["string", "null"]},
     },
 }
-DELIVERY_LIST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["total", "offset", "count", "items"],
-    "properties": {
-        "total": {"type": "integer"},
-        "offset": {"type": "integer"},
-        "count": {"type": "integer"},
-        "items": {"type": "array", "items": DELIVERY_SCHEMA},
-    },
-}
+DELIVERY_LIST_SCHEMA = web.list_of(DELIVERY_SCHEMA)
 
 web.route(
     bp,

@@ -141,16 +141,7 @@ REFERRAL_SCHEMA: dict[str, Any] = {
         "meta": {"type": "object"},
     },
 }
-REFERRAL_LIST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["total", "offset", "count", "items"],
-    "properties": {
-        "total": {"type": "integer"},
-        "offset": {"type": "integer"},
-        "count": {"type": "integer"},
-        "items": {"type": "array", "items": REFERRAL_SCHEMA},
-    },
-}
+REFERRAL_LIST_SCHEMA = web.list_of(REFERRAL_SCHEMA)
 _ACTION_ERRORS = {
     400: "OperationOutcome: the body is not valid",
     404: "OperationOutcome",

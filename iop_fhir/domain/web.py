@@ -76,6 +76,20 @@ def list_schema(item: type[Schema]) -> type[Schema]:
     return type(name, (Schema,), members)
 
 
+def list_of(item: dict[str, Any]) -> dict[str, Any]:
+    """`{total, offset, count, items}` of a list endpoint whose items are documented as a JSON schema."""
+    return {
+        "type": "object",
+        "required": ["total", "offset", "count", "items"],
+        "properties": {
+            "total": {"type": "integer"},
+            "offset": {"type": "integer"},
+            "count": {"type": "integer"},
+            "items": {"type": "array", "items": item},
+        },
+    }
+
+
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status=status, headers=headers, mimetype=JSON)
 

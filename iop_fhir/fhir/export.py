@@ -525,7 +525,7 @@ class Exporter:
 
 
 class _Stopped(Exception):
-    pass
+    """The job was cancelled or its lease lost while it ran: stop without finishing it."""
 
 
 class _Run:

@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 from sqlalchemy import (
     ColumnElement,
-    Connection,
     and_,
     bindparam,
     delete,
@@ -137,16 +136,6 @@ class ExportStore:
         self.store = store
         self.engine = store.engine
 
-    @contextmanager
-    def _writing(self) -> Iterator[Connection]:
-        with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
-            yield conn
-
-    @contextmanager
-    def _reading(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
-
     def add(self, job: ExportJob) -> None:
         """Store a new job: queued, or already running under its creator's lease (an export run in process)."""
         values = {
@@ -164,18 +153,18 @@ class ExportStore:
             "created": job.created,
             "updated": job.created,
         }
-        with self._writing() as conn:
+        with self.store._write_conn() as conn:
             conn.execute(insert(_J).values(**values))
 
     def job(self, job_id: str) -> ExportJob | None:
-        with self._reading() as conn:
+        with self.store._read() as conn:
             row = conn.execute(select(*_J_COLUMNS).where(_J.c.id == job_id)).first()
         return _job(row) if row else None
 
     def claim(self, worker_id: str, lease_seconds: float, job_id: str | None = None) -> ExportJob | None:
         """Lease the oldest queued job (or ``job_id``), or one whose lease expired: running, attempts + 1, its
         transaction time set on its first run. None if there is none free."""
-        with self._writing() as conn:
+        with self.store._write_conn() as conn:
             # Taken inside the transaction: on SQLite every writer is serialised behind BEGIN IMMEDIATE, so a write
             # that commits after this moment also stamped its resources after it.
             now = now_us()
@@ -247,12 +236,12 @@ class ExportStore:
         """Mark a job this worker holds completed or failed, kept until ``expires``; False if it no longer holds it."""
         held = (_J.c.id == job_id, _J.c.status == "running", _J.c.leased_by == worker_id)
         values = {"status": status, "error": error, "expires": expires, "lease_until": None, "updated": now_us()}
-        with self._writing() as conn:
+        with self.store._write_conn() as conn:
             return bool(conn.execute(update(_J).where(*held).values(**values)).rowcount == 1)
 
     def delete(self, job_id: str) -> bool:
         """Remove a job and its files (a cancelled or expired job); False if there was none."""
-        with self._writing() as conn:
+        with self.store._write_conn() as conn:
             # The job row first: on PostgreSQL its lock orders this after a chunk being stored, and that chunk's rows
             # are then deleted too.
             removed = conn.execute(delete(_J).where(_J.c.id == job_id)).rowcount
@@ -261,7 +250,7 @@ class ExportStore:
 
     def purge(self, now: int) -> int:
         """Delete every job (and its files) kept past its expiry; returns how many."""
-        with self._reading() as conn:
+        with self.store._read() as conn:
             ids = list(conn.execute(select(_J.c.id).where(_J.c.expires <= now)).scalars())
         return sum(self.delete(job_id) for job_id in ids)
 
@@ -272,18 +261,18 @@ class ExportStore:
             .group_by(_F.c.file_no, _F.c.kind, _F.c.res_type)
             .order_by(_F.c.file_no)
         )
-        with self._reading() as conn:
+        with self.store._read() as conn:
             return [ExportFile(n, kind, res_type, int(lines)) for n, kind, res_type, lines in conn.execute(query)]
 
     def chunks(self, job_id: str, file_no: int) -> list[int]:
         """The chunk numbers of one file, in order (empty: no such file)."""
         query = select(_F.c.chunk_no).where(_F.c.job_id == job_id, _F.c.file_no == file_no).order_by(_F.c.chunk_no)
-        with self._reading() as conn:
+        with self.store._read() as conn:
             return list(conn.execute(query).scalars())
 
     def chunk(self, job_id: str, file_no: int, chunk_no: int) -> bytes | None:
         key = (_F.c.job_id == job_id, _F.c.file_no == file_no, _F.c.chunk_no == chunk_no)
-        with self._reading() as conn:
+        with self.store._read() as conn:
             content = conn.execute(select(_F.c.content).where(*key)).scalar_one_or_none()
         return None if content is None else bytes(content)
 
@@ -314,7 +303,7 @@ class ExportStore:
             where.append(_in_compartment(res_type, compartment, r))
         if restriction is not None:
             where.append(search_sql.visible(r, restriction))
-        with self._reading() as conn:
+        with self.store._read() as conn:
             if max_bytes is not None:
                 sizes = select(r.c.res_id, func.length(r.c.content)).where(*where).order_by(r.c.res_id).limit(limit)
                 taken, total, last = 0, 0, None
@@ -352,7 +341,7 @@ class ExportStore:
             _REF.c.target_type == "Patient",
             _REF.c.target_id.is_not(None),
         )
-        with self._reading() as conn:
+        with self.store._read() as conn:
             for res_id, patient in conn.execute(query):
                 if res_id in found:
                     found[res_id].add(patient)
