@@ -1,14 +1,16 @@
 """Bulk Data export (https://hl7.org/fhir/uv/bulkdata/export.html, v2): the kick-off parameters, the jobs that write
 NDJSON of what the requesting client may see, the status and the manifest.
 
-A job runs in a background thread of the process that accepted it, and `iop-fhir worker` runs every job that is
-queued or whose process died (its lease expired); jobs and their files live in the database, so any process on it
-serves any job, and a job taken over resumes at the chunk where it stopped. A job sees exactly what its client sees
-through /fhir search: the types its scopes let it read (AuditEvent only for administrators), and for a partner's
-client the Part 2 restriction (security/disclosure.py), decided again from the consents in force when the job runs.
-What goes to a partner carries the redisclosure mark, as every /fhir response to it does. Each chunk is audited in
-the transaction that stores it: for a partner one AuditEvent per patient whose records it holds, as
-security/trail.py audits reads (a job's files are made for its client alone, so writing them is the disclosure).
+A job runs in a background thread of the process that accepted it, and `iop-fhir worker` runs every job that is queued
+or whose process died (its lease expired); jobs and their files live in the database, so any process on it serves any
+job, and a job taken over resumes at the chunk where it stopped. A job sees exactly what its client sees through /fhir
+search: the types its scopes let it read (AuditEvent only for administrators), and for a partner's client the Part 2
+restriction (security/disclosure.py), decided again from the consents in force when the job runs. What goes to a
+partner carries the redisclosure mark, as every /fhir response to it does, and its job keeps the patients whose
+consents it ran under: once one of those consents no longer permits the disclosure (revoked, ended), the files not yet
+fetched are deleted rather than served (still_consented). Each chunk is audited in the transaction that stores it: for
+a partner one AuditEvent per patient whose records it holds, as security/trail.py audits reads (a job's files are made
+for its client alone, so writing them is the disclosure).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from iop_fhir.config import Settings
-from iop_fhir.errors import BadRequest, FhirError, Forbidden, Issue, NotFound, operation_outcome
+from iop_fhir.errors import BadRequest, FhirError, Forbidden, Gone, Issue, NotFound, operation_outcome
 from iop_fhir.fhir import definitions
 from iop_fhir.fhir.compartment import patient_compartment
 from iop_fhir.fhir.indexing import date_range
 from iop_fhir.fhir.instants import instant, now_us
+from iop_fhir.fhir.search import Restriction
 from iop_fhir.security import audit, disclosure
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.scopes import Scopes
@@ -263,13 +266,37 @@ def owned(exporter: Exporter, principal: Principal, job_id: str) -> ExportJob:
     return job
 
 
-def poll(exporter: Exporter, principal: Principal, job_id: str) -> ExportJob:
+def poll(exporter: Exporter, access: Access, job_id: str) -> ExportJob:
     """The client's job, as its status URL shows it. A job that waits for a runner (queued, or its process died) is
     started here too, so that it needs no worker to finish."""
-    job = owned(exporter, principal, job_id)
+    job = still_consented(exporter, access, owned(exporter, access.principal, job_id))
     if job.status == "queued" or (job.status == "running" and (job.lease_until or 0) <= now_us()):
         exporter.kick()
     return job
+
+
+def still_consented(exporter: Exporter, access: Access, job: ExportJob) -> ExportJob:
+    """The job, unless a consent it ran under no longer permits disclosure to the client (revoked, ended, replaced
+    by a deny): then its files have not been received and must not be, so the job and its files are deleted (410).
+    Consents given since the job ran change nothing; the client starts a new export for those patients."""
+    if job.consented is None or access.restriction is None:
+        return job
+    now = access.restriction
+    if set(job.consented["patients"]) <= now.patients and set(job.consented["notes"]) <= now.note_patients:
+        return job
+    exporter.jobs.delete(job.id)
+    raise Gone(
+        f"export job {job.id} was made under a consent that no longer permits this disclosure (revoked or ended "
+        "since); the job and its files are deleted: start a new export"
+    )
+
+
+def consented(held: dict[str, list[str]] | None, restriction: Restriction) -> dict[str, list[str]]:
+    """What a partner's job records of the consents it runs under: this run's patients with those of earlier runs
+    (their chunks are among its files too)."""
+    patients = set(restriction.patients).union((held or {}).get("patients", ()))
+    notes = set(restriction.note_patients).union((held or {}).get("notes", ()))
+    return {"patients": sorted(patients), "notes": sorted(notes)}
 
 
 def cancel(exporter: Exporter, principal: Principal, job_id: str) -> None:
@@ -307,8 +334,10 @@ def failure(job: ExportJob) -> FhirError:
     return FhirError(job.error or "the export job failed", code="exception")
 
 
-def file_chunks(exporter: Exporter, job: ExportJob, file_no: int) -> Iterator[bytes]:
-    """The NDJSON of one file of a complete job, chunk by chunk (one chunk in memory at a time); 404 if none."""
+def file_chunks(exporter: Exporter, access: Access, job_id: str, file_no: int) -> Iterator[bytes]:
+    """The NDJSON of one file of the client's complete job, chunk by chunk (one chunk in memory at a time); 404 if
+    there is none, 410 if the consents it was made under no longer permit it (still_consented)."""
+    job = still_consented(exporter, access, owned(exporter, access.principal, job_id))
     numbers = exporter.jobs.chunks(job.id, file_no) if job.status == "completed" else []
     if not numbers:
         raise NotFound(f"export job {job.id} has no file {file_no}")
@@ -547,6 +576,7 @@ class _Run:
         self.principal = principal_from(job.principal)
         self.access = Access(self.principal, exporter.store)
         self.cursor = Cursor.from_json(job.cursor)
+        self.consented: dict[str, list[str]] | None = None  # to store with the next chunk (still_consented)
         self.agent: audit.Agent = {"client_id": self.principal.client_id}
         if self.principal.recipient:
             self.agent["partner"] = self.principal.recipient
@@ -556,6 +586,8 @@ class _Run:
     def __call__(self) -> None:
         # Decided now, from the consents in force today, not those of the kick-off.
         restriction = self.access.restriction
+        if restriction is not None:  # stored with this run's first chunk
+            self.consented = consented(self.job.consented, restriction)
         members = self._members() if self.request.group is not None else None
         if self.request.ignored and self.cursor.files == 0 and self.cursor.type is None:
             ignored = ", ".join(self.request.ignored)
@@ -650,9 +682,11 @@ class _Run:
                 chunk,
                 cursor=asdict(cursor),
                 exported=cursor.exported,
+                consented=self.consented,
             )
             self._audit(tx, disclosed)
         self.cursor = cursor
+        self.consented = None
         if chunk is not None and chunk.kind == "output" and self.on_chunk is not None:
             self.on_chunk(chunk.res_type, chunk.lines)
 

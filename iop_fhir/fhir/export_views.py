@@ -62,7 +62,7 @@ def _kick_off(level: str, group: str | None = None) -> Response:
 
 @bp.get("/$export-status/<job_id>")
 def export_status(job_id: str) -> Response:
-    job = export.poll(exporter(), guard.principal(), job_id)
+    job = export.poll(exporter(), guard.access(), job_id)
     if job.status in ("queued", "running"):
         headers = {"X-Progress": export.progress(job), "Retry-After": str(export.RETRY_AFTER_S)}
         return Response(status=202, headers=headers)
@@ -81,5 +81,5 @@ def export_cancel(job_id: str) -> Response:
 
 @bp.get("/$export-file/<job_id>/<int:file_no>")
 def export_file(job_id: str, file_no: int) -> Response:
-    job = export.owned(exporter(), guard.principal(), job_id)
-    return Response(export.file_chunks(exporter(), job, file_no), status=200, mimetype=export.NDJSON)
+    chunks = export.file_chunks(exporter(), guard.access(), job_id, file_no)
+    return Response(chunks, status=200, mimetype=export.NDJSON)

@@ -64,6 +64,7 @@ class ExportJob:
     created: int = 0
     updated: int = 0
     expires: int | None = None
+    consented: dict[str, list[str]] | None = None  # a partner's job: {"patients": [...], "notes": [...]}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def _job(row: Any) -> ExportJob:
         created=row.created,
         updated=row.updated,
         expires=row.expires,
+        consented=None if row.consented is None else orjson.loads(row.consented),
     )
 
 
@@ -206,9 +208,10 @@ class ExportStore:
         *,
         cursor: dict[str, Any],
         exported: int,
+        consented: dict[str, list[str]] | None = None,
     ) -> None:
-        """Append ``chunk`` and move the job's cursor, extending its lease; LeaseLost (and the transaction must roll
-        back) if the job is no longer this worker's."""
+        """Append ``chunk`` and move the job's cursor (and, if given, the consents it runs under), extending its
+        lease; LeaseLost (and the transaction must roll back) if the job is no longer this worker's."""
         now = now_us()
         held = (_J.c.id == job_id, _J.c.status == "running", _J.c.leased_by == worker_id)
         values = {
@@ -217,6 +220,8 @@ class ExportStore:
             "lease_until": now + int(lease_seconds * 1_000_000),
             "updated": now,
         }
+        if consented is not None:
+            values["consented"] = orjson.dumps(consented).decode()
         if tx.conn.execute(update(_J).where(*held).values(**values)).rowcount != 1:
             raise LeaseLost(job_id)
         if chunk is not None:

@@ -251,6 +251,9 @@ export_jobs = Table(
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
     Column("expires", BigInteger, nullable=True),
+    # JSON for a partner's job: the patients (and those with counseling notes) whose consents it ran under, every
+    # run's together; its files are deleted once a consent of one of them no longer permits disclosure.
+    Column("consented", Text, nullable=True),
     Index("ix_export_jobs_due", "status", "lease_until"),
 )
 

@@ -600,6 +600,20 @@ def test_what_a_partner_exports_carries_the_redisclosure_mark_and_passes_the_val
     assert all("RedisclosureProhibitionMark" not in orjson.dumps(r).decode() for r in own["Patient"])
 
 
+@pytest.mark.peers
+def test_a_partner_export_with_its_redisclosure_marks_passes_the_independent_validator(
+    app: Flask, program: dict[str, Any], tmp_path: Path
+) -> None:
+    partner = program["partner"]
+    manifest = finished(app, partner, kick_off(partner))
+    for number, item in enumerate(manifest["output"]):
+        (tmp_path / f"{number}.{item['type']}.ndjson").write_bytes(partner.get(item["url"].removeprefix(BASE)).data)
+    checked = subprocess.run([str(TOOLS / "fhir-validate"), str(tmp_path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert len(manifest["output"]) >= 5
+    assert checked.stdout.count("OK ") == sum(item["count"] for item in manifest["output"])
+
+
 def test_a_partner_export_is_audited_as_a_disclosure_of_each_patient(app: Flask, program: dict[str, Any]) -> None:
     found = export_all(app, program["partner"])
     patient_a = program["a"]["patient"]
@@ -630,6 +644,61 @@ def test_consent_is_decided_again_when_the_job_runs(app: Flask, client: FlaskCli
     revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
     assert revoked.status_code == 200, revoked.get_json()
     assert exported(partner, finished(app, partner, status)) == {}
+
+
+def test_files_a_partner_has_not_fetched_are_gone_once_a_consent_they_relied_on_is_revoked(
+    app: Flask, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    partner = program["partner"]
+    status = kick_off(partner, "/fhir/$export?_type=Patient,Encounter")
+    manifest = finished(app, partner, status)
+    assert {item["type"] for item in manifest["output"]} == {"Patient", "Encounter"}
+    own = finished(app, client, kick_off(client, "/fhir/$export?_type=Patient"))
+    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
+    assert revoked.status_code == 200, revoked.get_json()
+    response = partner.get(manifest["output"][0]["url"].removeprefix(BASE))
+    assert response.status_code == 410, response.data
+    assert issue(response)["code"] == "deleted"
+    assert "consent" in issue(response)["diagnostics"]
+    assert partner.get(status).status_code == 404
+    assert job_rows(app)[0] == 1  # the partner's job and its files are deleted; the program's own job stays
+    assert len(lines(client, own["output"][0]["url"])) == 2
+
+
+def test_a_consent_given_after_a_partner_export_ran_leaves_its_files_readable(
+    app: Flask, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    partner = program["partner"]
+    status = kick_off(partner, "/fhir/$export?_type=Patient")
+    manifest = finished(app, partner, status)
+    consent = contract("consent", program["b"]["enrollment"])
+    consent.update(signed_on="2026-01-01", expires_on="2099-01-01")
+    assert client.post("/iop/consents", json=consent).status_code == 201
+    assert partner.get(status).status_code == 200
+    assert ids(lines(partner, manifest["output"][0]["url"])) == {program["a"]["patient"]}
+
+
+def test_a_partner_job_resumed_after_a_revocation_is_gone_for_what_its_earlier_run_exported_under_the_consent(
+    app: Flask, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    partner = program["partner"]
+    status = kick_off(partner, "/fhir/$export?_type=Encounter,Patient")
+    exporter = exports(app)
+    job = exporter.jobs.claim(exporter.worker_id, 60)
+    assert job is not None
+    exporter.run(job, stop=after_one_chunk())  # the Encounters of patient A stored, then the run stops
+    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
+    assert revoked.status_code == 200
+    consent = contract("consent", program["b"]["enrollment"])
+    consent.update(signed_on="2026-01-01", expires_on="2099-01-01")
+    assert client.post("/iop/consents", json=consent).status_code == 201
+    stored = exporter.jobs.job(job.id)
+    assert stored is not None and stored.exported > 0
+    exporter.run(stored)  # a second run, under the lease it still holds: B's Patient now, A's Encounters before
+    response = partner.get(status)
+    assert response.status_code == 410, response.data
+    assert issue(response)["code"] == "deleted"
+    assert job_rows(app) == (0, 0)
 
 
 def test_a_partner_export_leaves_out_counseling_notes_and_labelled_resources_of_no_patient(
