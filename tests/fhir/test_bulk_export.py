@@ -575,6 +575,18 @@ def program(app: Flask, client: FlaskClient, queued: Exporter) -> Iterator[dict[
     yield {"a": a, "b": b, "partner": partner, "consent": response.get_json()["id"]}
 
 
+def revoke_consent_of_a(client: FlaskClient, program: dict[str, Any]) -> None:
+    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
+    assert revoked.status_code == 200, revoked.get_json()
+
+
+def consent_of_b(client: FlaskClient, program: dict[str, Any]) -> None:
+    """Patient B now consents to disclosure to the partner too."""
+    consent = contract("consent", program["b"]["enrollment"])
+    consent.update(signed_on="2026-01-01", expires_on="2099-01-01")
+    assert client.post("/iop/consents", json=consent).status_code == 201
+
+
 def test_a_partner_export_holds_exactly_what_its_searches_show_only_consented_patients(
     app: Flask, program: dict[str, Any]
 ) -> None:
@@ -641,8 +653,7 @@ def test_a_partner_export_is_audited_as_a_disclosure_of_each_patient(app: Flask,
 def test_consent_is_decided_again_when_the_job_runs(app: Flask, client: FlaskClient, program: dict[str, Any]) -> None:
     partner = program["partner"]
     status = kick_off(partner, "/fhir/$export?_type=Patient,Encounter")
-    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
-    assert revoked.status_code == 200, revoked.get_json()
+    revoke_consent_of_a(client, program)
     assert exported(partner, finished(app, partner, status)) == {}
 
 
@@ -654,8 +665,7 @@ def test_files_a_partner_has_not_fetched_are_gone_once_a_consent_they_relied_on_
     manifest = finished(app, partner, status)
     assert {item["type"] for item in manifest["output"]} == {"Patient", "Encounter"}
     own = finished(app, client, kick_off(client, "/fhir/$export?_type=Patient"))
-    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
-    assert revoked.status_code == 200, revoked.get_json()
+    revoke_consent_of_a(client, program)
     response = partner.get(manifest["output"][0]["url"].removeprefix(BASE))
     assert response.status_code == 410, response.data
     assert issue(response)["code"] == "deleted"
@@ -671,9 +681,7 @@ def test_a_consent_given_after_a_partner_export_ran_leaves_its_files_readable(
     partner = program["partner"]
     status = kick_off(partner, "/fhir/$export?_type=Patient")
     manifest = finished(app, partner, status)
-    consent = contract("consent", program["b"]["enrollment"])
-    consent.update(signed_on="2026-01-01", expires_on="2099-01-01")
-    assert client.post("/iop/consents", json=consent).status_code == 201
+    consent_of_b(client, program)
     assert partner.get(status).status_code == 200
     assert ids(lines(partner, manifest["output"][0]["url"])) == {program["a"]["patient"]}
 
@@ -687,11 +695,8 @@ def test_a_partner_job_resumed_after_a_revocation_is_gone_for_what_its_earlier_r
     job = exporter.jobs.claim(exporter.worker_id, 60)
     assert job is not None
     exporter.run(job, stop=after_one_chunk())  # the Encounters of patient A stored, then the run stops
-    revoked = client.post(f"/iop/consents/{program['consent']}/revoke", json={"revoked_on": "2026-06-01"})
-    assert revoked.status_code == 200
-    consent = contract("consent", program["b"]["enrollment"])
-    consent.update(signed_on="2026-01-01", expires_on="2099-01-01")
-    assert client.post("/iop/consents", json=consent).status_code == 201
+    revoke_consent_of_a(client, program)
+    consent_of_b(client, program)
     stored = exporter.jobs.job(job.id)
     assert stored is not None and stored.exported > 0
     exporter.run(stored)  # a second run, under the lease it still holds: B's Patient now, A's Encounters before
