@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -78,12 +80,30 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+SQLITE_BUSY_S = 60  # how long a SQLite connection waits for another's lock
+
+
+def _use_wal(cursor: Any, wait_s: float) -> None:
+    """Put the database in WAL mode (kept in the file). A connection that opens while another one switches a new file
+    to WAL, or recovers its WAL, can be told "database is locked" at once, without SQLite's busy handler waiting: that
+    is tried again, for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _sqlite_engine(url: str, echo: bool) -> Engine:
     memory = url in ("sqlite://", "sqlite:///:memory:")
     engine = create_engine(
         url,
         echo=echo,
-        connect_args={"check_same_thread": False, "timeout": 60},
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_S},
         # An in-memory database exists only inside its one connection, so every thread must share it.
         **({"poolclass": StaticPool} if memory else {}),
     )
@@ -93,9 +113,9 @@ def _sqlite_engine(url: str, echo: bool) -> Engine:
         # Take transaction control from the sqlite3 module so BEGIN IMMEDIATE can be issued for writes.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_S * 1000)}")
+        _use_wal(cursor, SQLITE_BUSY_S)
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
         cursor.close()
 
     @event.listens_for(engine, "begin")
