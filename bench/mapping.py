@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from iop_fhir.config import Settings
-from iop_fhir.domain import schemas
-from iop_fhir.fhir import validation
-from iop_fhir.fhir.profiles import ProfileRegistry
+from iop_fhir.iop import schemas
 from iop_fhir.mapping import load_engine
+from iop_fhir.r4 import validation
+from iop_fhir.r4.profiles import ProfileRegistry
 
 CONTRACT = Path(__file__).resolve().parents[2] / "shared" / "contract"
 ENROLLMENT_ID = "6f1c2d9e-0000-4000-8000-000000000001"

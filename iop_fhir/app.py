@@ -72,8 +72,8 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     repository = build_repository(settings, store, seed=settings.seed_conformance)
     app.extensions["iop_fhir.repository"] = repository
 
-    from iop_fhir.domain.service import RecordService
     from iop_fhir.exchange import transitions
+    from iop_fhir.iop.service import RecordService
     from iop_fhir.mapping import load_engine
 
     app.extensions["iop_fhir.records"] = RecordService(
@@ -83,10 +83,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
         extras=[transitions.summary],
     )
 
-    from iop_fhir.domain.views import IopApi
-    from iop_fhir.domain.views import bp as iop_bp
     from iop_fhir.fhir import export_views
     from iop_fhir.fhir.views import bp as fhir_bp
+    from iop_fhir.iop.views import IopApi
+    from iop_fhir.iop.views import bp as iop_bp
 
     app.register_blueprint(fhir_bp)
     export_views.install(app)
@@ -95,10 +95,10 @@ def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
     app.config.setdefault("OPENAPI_VERSION", "3.1.0")
     api = IopApi(app)
     api.register_blueprint(iop_bp)
-    from iop_fhir.domain.deliveries import bp as deliveries_bp
+    from iop_fhir.iop.deliveries import bp as deliveries_bp
 
     api.register_blueprint(deliveries_bp)
-    from iop_fhir.domain.referrals import bp as referrals_bp
+    from iop_fhir.iop.referrals import bp as referrals_bp
 
     api.register_blueprint(referrals_bp)
     app.extensions["iop_fhir.api"] = api

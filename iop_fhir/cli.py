@@ -184,7 +184,7 @@ def _describe(expression: str | None, diagnostics: str) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from iop_fhir.fhir.validation import validate
+    from iop_fhir.r4.validation import validate
 
     failed = 0
     for source in args.sources:
@@ -205,8 +205,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
-    from iop_fhir.domain import schemas
     from iop_fhir.errors import FhirError
+    from iop_fhir.iop import schemas
     from iop_fhir.mapping import load_engine, to_bundle
 
     settings = Settings.from_env()

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from iop_fhir.fhir.profiles import ProfileRegistry
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.r4.profiles import ProfileRegistry
 
 TERMINOLOGY_TYPES = ("CodeSystem", "ValueSet", "ConceptMap")
 Signature = tuple[tuple[str, int, int], ...]

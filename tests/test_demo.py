@@ -22,7 +22,7 @@ from iop_fhir.app import create_app
 from iop_fhir.cli import main
 from iop_fhir.config import Settings
 from iop_fhir.demo import cohort, seeding
-from iop_fhir.fhir.validation import validate
+from iop_fhir.r4.validation import validate
 from iop_fhir.security.registry import issue_for_client
 from iop_fhir.store import schema
 from iop_fhir.store.base import StoredRecord

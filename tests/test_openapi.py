@@ -13,8 +13,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
-from iop_fhir.fhir import definitions
 from iop_fhir.openapi import METHODS, document, render
+from iop_fhir.r4 import definitions
 
 ROOT = Path(__file__).resolve().parents[1]
 # Routes that are not operations of the API: the Swagger UI page's own files, and a redirect to it; POST /fhir/ is

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 
-from iop_fhir.domain.schemas import npi_check_digit_is_valid
 from iop_fhir.exchange.package import PARTNER_SYSTEM
+from iop_fhir.iop.schemas import npi_check_digit_is_valid
 from iop_fhir.mapping import ids
 
 START = date(2026, 3, 2)  # a Monday: the first referral arrives that week; the last discharge is in the summer

@@ -25,8 +25,8 @@ from flask import Flask
 from tqdm import tqdm
 
 from iop_fhir.demo import cohort
-from iop_fhir.domain.schemas import PLURALS
-from iop_fhir.fhir import definitions, search
+from iop_fhir.iop.schemas import PLURALS
+from iop_fhir.r4 import definitions, search
 from iop_fhir.security.registry import ClientRegistry, KeyRing, issue_for_client
 from iop_fhir.security.tokens import jwk_thumbprint, public_jwk
 from iop_fhir.store.base import DELIVERY_STATUSES, Store, StoredRecord

@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from iop_fhir.fhir import search
-from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.r4 import search
+from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.security import audit, consent
 from iop_fhir.store.base import Delivery, SearchResult, StoredRecord, WriteTx
 

@@ -12,7 +12,7 @@ import uuid
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from iop_fhir.fhir import instants
+from iop_fhir.r4 import instants
 from iop_fhir.store.base import Delivery, WriteTx
 
 KINDS = ("bundle", "notification")

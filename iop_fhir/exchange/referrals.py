@@ -29,15 +29,15 @@ from urllib.parse import quote
 
 import orjson
 
-from iop_fhir.domain import schemas
-from iop_fhir.domain.service import RecordService
 from iop_fhir.errors import Conflict, FhirError, Invalid, Issue, NotFound, Unprocessable
 from iop_fhir.exchange import disclosures, outbox, package
-from iop_fhir.fhir import search, validation
-from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.iop import schemas
+from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.r4 import search, validation
+from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import StoredRecord, StoredResource, WriteTx
 
 log = logging.getLogger("iop_fhir.referrals")

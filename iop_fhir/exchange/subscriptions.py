@@ -20,9 +20,9 @@ import orjson
 from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Invalid, Issue
 from iop_fhir.exchange import outbox
-from iop_fhir.fhir import definitions, search
-from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.r4 import definitions, search
+from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import StoredRecord, StoredResource, WriteTx
 
 log = logging.getLogger(__name__)

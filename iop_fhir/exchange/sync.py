@@ -23,10 +23,10 @@ import orjson
 
 from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Invalid, Issue, Unprocessable
-from iop_fhir.fhir import validation
-from iop_fhir.fhir.instants import now_us
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.mapping import ids
+from iop_fhir.r4 import validation
+from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Store, StoredRecord, WriteTx
 
 if TYPE_CHECKING:

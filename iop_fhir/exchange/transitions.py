@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from iop_fhir.exchange import disclosures, outbox, package
-from iop_fhir.fhir.instants import now_us
+from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Delivery, StoredRecord, WriteTx
 
 # Roles of the discharge's own resources that make up the package, in the order the receiver should create them.

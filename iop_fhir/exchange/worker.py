@@ -30,7 +30,7 @@ import orjson
 
 from iop_fhir.config import Settings
 from iop_fhir.exchange import disclosures, outbox
-from iop_fhir.fhir.instants import now_us
+from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Delivery, Store
 
 if TYPE_CHECKING:

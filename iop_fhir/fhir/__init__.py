@@ -1,2 +1,2 @@
-"""The FHIR R4 API at /fhir: interactions, search parsing, Bundles, capability, validation, and the R4 definitions
-they run on (vendored under data/)."""
+"""The FHIR R4 API at /fhir: the repository (every interaction), views, Bundles (batch, transaction, searchset),
+history, capability and Bulk Data export. The R4 machinery it runs on is in ``iop_fhir.r4``."""

@@ -10,8 +10,8 @@ import orjson
 
 from iop_fhir import __version__
 from iop_fhir.config import auth_url
-from iop_fhir.fhir import definitions
-from iop_fhir.fhir.indexing import indexed_params
+from iop_fhir.r4 import definitions
+from iop_fhir.r4.indexing import indexed_params
 
 # Parameter kinds the search engine implements; composite and special parameters are not offered.
 SEARCHABLE_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})

@@ -30,11 +30,11 @@ import orjson
 
 from iop_fhir.config import Settings
 from iop_fhir.errors import BadRequest, FhirError, Forbidden, Gone, Issue, NotFound, operation_outcome
-from iop_fhir.fhir import definitions
-from iop_fhir.fhir.compartment import patient_compartment
-from iop_fhir.fhir.indexing import date_range
-from iop_fhir.fhir.instants import instant, now_us
-from iop_fhir.fhir.search import Restriction
+from iop_fhir.r4 import definitions
+from iop_fhir.r4.compartment import patient_compartment
+from iop_fhir.r4.indexing import date_range
+from iop_fhir.r4.instants import instant, now_us
+from iop_fhir.r4.search import Restriction
 from iop_fhir.security import audit, disclosure
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.scopes import Scopes

@@ -9,8 +9,8 @@ from flask import Blueprint, Flask, Response, current_app, request
 
 from iop_fhir.errors import BadRequest, information
 from iop_fhir.fhir import export, http
-from iop_fhir.fhir.instants import http_date
 from iop_fhir.fhir.views import base_url
+from iop_fhir.r4.instants import http_date
 from iop_fhir.security import guard
 
 bp = Blueprint("export", __name__, url_prefix="/fhir")

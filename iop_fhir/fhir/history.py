@@ -7,9 +7,9 @@ from urllib.parse import urlencode
 import orjson
 
 from iop_fhir.errors import BadRequest
-from iop_fhir.fhir.indexing import date_range
-from iop_fhir.fhir.instants import instant
-from iop_fhir.fhir.search import MAX_OFFSET, non_negative
+from iop_fhir.r4.indexing import date_range
+from iop_fhir.r4.instants import instant
+from iop_fhir.r4.search import MAX_OFFSET, non_negative
 from iop_fhir.store.base import StoredResource
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}

@@ -11,8 +11,8 @@ import orjson
 from flask import Request, Response
 
 from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, information
-from iop_fhir.fhir.instants import http_date
 from iop_fhir.fhir.repository import version_from_etag
+from iop_fhir.r4.instants import http_date
 from iop_fhir.store.base import StoredResource
 
 FHIR_JSON = "application/fhir+json"

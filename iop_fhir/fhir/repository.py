@@ -27,10 +27,11 @@ from iop_fhir.errors import (
     PreconditionFailed,
     Unprocessable,
 )
-from iop_fhir.fhir import definitions, indexing, search, validation
-from iop_fhir.fhir.instants import http_date, instant, now_us
-from iop_fhir.fhir.profiles import ProfileRegistry
-from iop_fhir.store.base import IndexRows, SearchResult, Store, StoredResource, WriteTx
+from iop_fhir.r4 import definitions, indexing, search, validation
+from iop_fhir.r4.indexing import IndexRows
+from iop_fhir.r4.instants import http_date, instant, now_us
+from iop_fhir.r4.profiles import ProfileRegistry
+from iop_fhir.store.base import SearchResult, Store, StoredResource, WriteTx
 
 MAX_DEPTH = 254  # orjson's nesting limit when it serialises a resource
 MAX_VERSION = 2**31 - 1  # resources.version_id is a 32-bit integer

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from iop_fhir.errors import Issue, operation_outcome
-from iop_fhir.fhir.search import SearchRequest
+from iop_fhir.r4.search import SearchRequest
 from iop_fhir.store.base import SearchResult, StoredResource
 
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}

@@ -30,9 +30,10 @@ from iop_fhir.errors import (
     PayloadTooLarge,
     PreconditionFailed,
 )
-from iop_fhir.fhir import definitions, searchset, validation
-from iop_fhir.fhir.instants import instant
+from iop_fhir.fhir import searchset
 from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_from_etag
+from iop_fhir.r4 import definitions, validation
+from iop_fhir.r4.instants import instant
 from iop_fhir.store.base import StoredResource, WriteTx
 
 DEFAULT_MAX_ENTRIES = Settings.max_bundle_entries

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from flask import Flask
 
-from iop_fhir.fhir import definitions
+from iop_fhir.r4 import definitions
 from iop_fhir.security import guard
 
 OPENAPI_VERSION = "3.1.0"

@@ -13,8 +13,8 @@ from functools import cached_property
 from typing import Any
 
 from iop_fhir.errors import Forbidden
-from iop_fhir.fhir import definitions
-from iop_fhir.fhir.search import Restriction
+from iop_fhir.r4 import definitions
+from iop_fhir.r4.search import Restriction
 from iop_fhir.security import disclosure
 from iop_fhir.security.scopes import Scopes
 from iop_fhir.store.base import Store

@@ -10,9 +10,9 @@ from typing import Any
 
 import orjson
 
-from iop_fhir.fhir import search
-from iop_fhir.fhir.search import Restriction
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.r4 import search
+from iop_fhir.r4.search import Restriction
 from iop_fhir.security import consent
 from iop_fhir.store.base import Store
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from iop_fhir.fhir import definitions
+from iop_fhir.r4 import definitions
 
 CONTEXTS = ("system", "user", "patient")
 PERMISSIONS = "cruds"

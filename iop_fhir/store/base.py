@@ -8,10 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# The search index of one resource: index kind ("token", "string", "date", "number", "quantity", "reference",
-# "uri") -> rows, each a dict of the columns of that kind's table in store/schema.py except res_type and res_id
-# (so every row has "param"). Produced by fhir/indexing.py, written by the store beside the resource.
-IndexRows = dict[str, list[dict[str, Any]]]
+from iop_fhir.r4.indexing import IndexRows
 
 
 @dataclass(frozen=True)
@@ -109,7 +106,7 @@ class WriteTx(Protocol):
         """Record a deletion as a new version and drop the resource's search index."""
 
     def search(self, request: Any) -> SearchResult:
-        """Run a parsed search (fhir/search.py) inside this transaction."""
+        """Run a parsed search (r4/search.py) inside this transaction."""
 
     def record(self, kind: str, id: str, *, lock: bool = True) -> StoredRecord | None:
         """The stored record; with ``lock``, serialised with every other writer of it until the transaction ends."""

@@ -30,8 +30,8 @@ from sqlalchemy import (
     update,
 )
 
-from iop_fhir.fhir.instants import now_us
-from iop_fhir.fhir.search import Restriction, is_id
+from iop_fhir.r4.instants import now_us
+from iop_fhir.r4.search import Restriction, is_id
 from iop_fhir.store import schema, search_sql
 from iop_fhir.store.base import StoredResource
 from iop_fhir.store.sql import SqlStore, SqlWriteTx

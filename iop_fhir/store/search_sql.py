@@ -1,4 +1,4 @@
-"""Runs a parsed search (fhir/search.py) as SQL over the index tables of store/schema.py.
+"""Runs a parsed search (r4/search.py) as SQL over the index tables of store/schema.py.
 
 SQLAlchemy Core only, the same results on SQLite and PostgreSQL. Every filter is an ``IN`` (or, negated, a
 ``NOT EXISTS``) subquery on one index table narrowed by ``res_type`` and ``param`` first, so the
@@ -28,7 +28,7 @@ from sqlalchemy import (
     true,
 )
 
-from iop_fhir.fhir.search import (
+from iop_fhir.r4.search import (
     NOTE_LABELS,
     PROTECTED_LABELS,
     DateValue,

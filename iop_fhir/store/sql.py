@@ -35,9 +35,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import DataError
 from sqlalchemy.pool import StaticPool
 
-from iop_fhir.fhir.search import Restriction
+from iop_fhir.r4.indexing import IndexRows
+from iop_fhir.r4.search import Restriction
 from iop_fhir.store import schema, search_sql
-from iop_fhir.store.base import RETRYABLE_BY_HAND, Delivery, IndexRows, SearchResult, StoredRecord, StoredResource
+from iop_fhir.store.base import RETRYABLE_BY_HAND, Delivery, SearchResult, StoredRecord, StoredResource
 
 _R = schema.resources
 _H = schema.history

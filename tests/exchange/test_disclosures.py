@@ -14,7 +14,7 @@ import pytest
 import responses
 
 from iop_fhir.exchange import disclosures, worker
-from iop_fhir.fhir import search
+from iop_fhir.r4 import search
 from iop_fhir.store.base import Delivery
 
 CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"

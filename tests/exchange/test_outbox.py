@@ -17,7 +17,7 @@ import pytest
 from iop_fhir.config import Settings
 from iop_fhir.exchange import outbox
 from iop_fhir.exchange.outbox import backoff_ceiling, next_attempt
-from iop_fhir.fhir.instants import now_us
+from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Delivery, StoredRecord
 from iop_fhir.store.sql import SqlStore
 

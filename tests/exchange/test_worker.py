@@ -17,7 +17,7 @@ from iop_fhir.cli import main
 from iop_fhir.config import Settings
 from iop_fhir.exchange import outbox, worker
 from iop_fhir.exchange.client import DeliveryError
-from iop_fhir.fhir.instants import now_us
+from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Delivery, StoredRecord
 from iop_fhir.store.sql import SqlStore
 

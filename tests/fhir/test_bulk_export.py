@@ -25,7 +25,7 @@ from iop_fhir.app import create_app
 from iop_fhir.config import Settings
 from iop_fhir.exchange import worker
 from iop_fhir.fhir.export import Exporter
-from iop_fhir.fhir.validation import validate
+from iop_fhir.r4.validation import validate
 from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE
 from iop_fhir.security.trail import patients_of
 from iop_fhir.store import schema

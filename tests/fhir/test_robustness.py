@@ -263,7 +263,7 @@ def _one_in(draw: st.DrawFn, n: int) -> bool:
 
 @st.composite
 def search_params(draw: st.DrawFn, res_type: str = "Patient") -> list[tuple[str, str]]:
-    from iop_fhir.fhir import definitions
+    from iop_fhir.r4 import definitions
 
     known = definitions.search_params(res_type) if res_type in definitions.resource_types() else {}
     names = sorted(known) or ["name"]

@@ -14,8 +14,8 @@ import requests
 
 from iop_fhir.exchange import followup, worker
 from iop_fhir.exchange.client import client_for
-from iop_fhir.fhir import search
 from iop_fhir.mapping import ids
+from iop_fhir.r4 import search
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CONTRACT = SHARED / "contract"

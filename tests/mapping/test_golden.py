@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 from conftest import EXAMPLES
 
-from iop_fhir.domain import schemas
-from iop_fhir.fhir.profiles import ProfileRegistry
+from iop_fhir.iop import schemas
 from iop_fhir.mapping import Produced, ids, load_engine
 from iop_fhir.mapping.engine import Engine, merge
 from iop_fhir.mapping.rules import Derived
+from iop_fhir.r4.profiles import ProfileRegistry
 
 # simple-icd-10-cm (imported by the enrollment rules on first use) reads its data with a deprecated importlib call;
 # importing it here, warning silenced, keeps that third-party warning from failing every enrollment case.

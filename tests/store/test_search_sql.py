@@ -1,7 +1,7 @@
 """store/search_sql.py on SQLite and PostgreSQL, and the searchset Bundle (fhir/searchset.py) built from it.
 
 Two data sets share one database per backend: the real examples of ../shared/fhir-examples indexed with
-fhir/indexing.py (expected ids computed from their JSON), and a few hand-made index rows that pin down the
+r4/indexing.py (expected ids computed from their JSON), and a few hand-made index rows that pin down the
 comparison rules of https://hl7.org/fhir/R4/search.html (prefixes, precision, escapes, missing values).
 """
 
@@ -20,10 +20,10 @@ import orjson
 import pytest
 from sqlalchemy import Engine, create_engine, insert, text
 
-from iop_fhir.fhir import indexing
-from iop_fhir.fhir.indexing import date_range, normalize_string, number_range
-from iop_fhir.fhir.search import SearchRequest, parse
 from iop_fhir.fhir.searchset import SUBSETTED, searchset_bundle
+from iop_fhir.r4 import indexing
+from iop_fhir.r4.indexing import date_range, normalize_string, number_range
+from iop_fhir.r4.search import SearchRequest, parse
 from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
 from iop_fhir.store.search_sql import run

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.fhir.search import Restriction, parse
+from iop_fhir.r4.search import Restriction, parse
 from iop_fhir.store.sql import SqlStore
 
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"

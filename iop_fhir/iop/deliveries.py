@@ -9,11 +9,11 @@ from typing import Any
 from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
-from iop_fhir.domain import schemas, web
-from iop_fhir.domain.web import json_response
 from iop_fhir.errors import BadRequest, Conflict, NotFound
 from iop_fhir.exchange import outbox
-from iop_fhir.fhir.instants import now_us
+from iop_fhir.iop import schemas, web
+from iop_fhir.iop.web import json_response
+from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import DELIVERY_STATUSES, RETRYABLE_BY_HAND, Delivery, Store
 
 PARAMETERS = ("partner", "status", "record", "offset", "count")

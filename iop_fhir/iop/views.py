@@ -10,9 +10,9 @@ from typing import Any
 from flask import Response, current_app, request, url_for
 from flask_smorest import Api, Blueprint
 
-from iop_fhir.domain import disclosures, schemas, service, web
-from iop_fhir.domain.web import OperationOutcomeSchema, json_response
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
+from iop_fhir.iop import disclosures, schemas, service, web
+from iop_fhir.iop.web import OperationOutcomeSchema, json_response
 
 LIST_PARAMETERS = ("enrollment", "offset", "count")
 

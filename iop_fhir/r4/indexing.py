@@ -23,10 +23,34 @@ import fhirpathpy
 from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models
 
-from iop_fhir.fhir import definitions
-from iop_fhir.fhir.definitions import SearchParam
-from iop_fhir.fhir.vendor import split_union
-from iop_fhir.store.base import IndexRows
+from iop_fhir.r4 import definitions
+from iop_fhir.r4.definitions import SearchParam
+
+# The search index of one resource: index kind ("token", "string", "date", "number", "quantity", "reference",
+# "uri") -> rows, each a dict of the columns of that kind's table in store/schema.py except res_type and res_id
+# (so every row has "param"). Produced here, written by the store beside the resource.
+IndexRows = dict[str, list[dict[str, Any]]]
+
+
+def split_union(expression: str) -> list[str]:
+    """Split a FHIRPath expression at its top-level ``|`` (outside parentheses and string literals)."""
+    parts: list[str] = []
+    depth, quote, start = 0, False, 0
+    for i, ch in enumerate(expression):
+        if ch == "'" and (i == 0 or expression[i - 1] != "\\"):
+            quote = not quote
+        elif quote:
+            continue
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            parts.append(expression[start:i].strip())
+            start = i + 1
+    parts.append(expression[start:].strip())
+    return [p for p in parts if p]
+
 
 KINDS = ("token", "string", "date", "number", "quantity", "reference", "uri")
 
@@ -36,7 +60,7 @@ SKIPPED_PARAMS = frozenset({"_id", "_lastUpdated", "_text", "_content", "_query"
 # Search parameters of the R4 specification this module cannot index, with the reason. Kept small (tested).
 UNSUPPORTED: dict[tuple[str, str], str] = {}
 
-# Expressions the vendored definitions get wrong, corrected here (none at present: fhir/vendor.py roots the
+# Expressions the vendored definitions get wrong, corrected here (none at present: tools/vendor_r4.py roots the
 # untyped R4 expressions such as InsurancePlan-name's ``name | alias``).
 EXPRESSION_FIXES: dict[tuple[str, str], str] = {}
 

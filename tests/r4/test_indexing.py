@@ -1,4 +1,4 @@
-"""Search index extraction (iop_fhir/fhir/indexing.py) on real US Core and Synthea resources, the value rules
+"""Search index extraction (iop_fhir/r4/indexing.py) on real US Core and Synthea resources, the value rules
 of https://hl7.org/fhir/R4/search.html, and agreement of the fast path with fhirpathpy."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from iop_fhir.fhir import definitions, indexing
-from iop_fhir.fhir.indexing import (
+from iop_fhir.r4 import definitions, indexing
+from iop_fhir.r4.indexing import (
     DATE_MAX,
     DATE_MIN,
     NUMBER_MAX,

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from iop_fhir.errors import Invalid, Issue
-from iop_fhir.fhir import validation
-from iop_fhir.fhir.validation import CONTROL_RE
+from iop_fhir.r4 import validation
+from iop_fhir.r4.validation import CONTROL_RE
 
 # Kind names (as the service takes them) and the collection names of /iop URLs.
 KINDS: tuple[str, ...] = (

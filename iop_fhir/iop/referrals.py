@@ -9,11 +9,11 @@ from flask import Response, current_app, request
 from flask_smorest import Blueprint
 from marshmallow import Schema, ValidationError
 
-from iop_fhir.domain import schemas, web
-from iop_fhir.domain.web import json_response
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
 from iop_fhir.exchange.referrals import STATUSES, ReferralService
 from iop_fhir.fhir.views import base_url
+from iop_fhir.iop import schemas, web
+from iop_fhir.iop.web import json_response
 
 PARAMETERS = ("status", "offset", "count")
 

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from iop_fhir.exchange import outbox
-from iop_fhir.fhir.instants import instant, now_us
+from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.sql import SqlStore
 
 SECOND = 1_000_000

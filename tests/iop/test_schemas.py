@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from iop_fhir.domain import schemas
 from iop_fhir.errors import Invalid, Issue
+from iop_fhir.iop import schemas
 
 CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
 DELETE = object()

@@ -1,5 +1,5 @@
 """The project's profiles: the generated StructureDefinitions (valid, up to date with profiles/src), the profile
-checks of fhir/profiles.py, and their use on writes and in $validate."""
+checks of r4/profiles.py, and their use on writes and in $validate."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from conftest import EXAMPLES
 from flask.testing import FlaskClient
 
 from iop_fhir.errors import Issue
-from iop_fhir.fhir import profile_build, validation
-from iop_fhir.fhir.profiles import ProfileRegistry
+from iop_fhir.r4 import validation
+from iop_fhir.r4.profiles import ProfileRegistry
+from tools import profile_build
 
 VALIDATOR = EXAMPLES.parent / "tools" / "fhir-validate"
 PROFILES = profile_build.PROFILES
@@ -298,9 +299,9 @@ def test_every_generated_structure_definition_passes_the_independent_validator()
 def test_generated_structure_definitions_are_up_to_date_with_the_yaml() -> None:
     built = profile_build.build_all()
     on_disk = {p.name: p.read_text() for p in PROFILES.glob("StructureDefinition-*.json")}
-    assert sorted(on_disk) == sorted(built), "run python -m iop_fhir.fhir.profile_build"
+    assert sorted(on_disk) == sorted(built), "run python -m tools.profile_build"
     stale = [name for name, text in built.items() if on_disk[name] != text]
-    assert stale == [], "run python -m iop_fhir.fhir.profile_build"
+    assert stale == [], "run python -m tools.profile_build"
 
 
 @pytest.mark.peers
@@ -308,7 +309,7 @@ def test_generated_structure_definitions_are_up_to_date_with_the_yaml() -> None:
 def test_vendored_us_core_definitions_are_those_of_us_core_5_0_1() -> None:
     vendored = profile_build.vendored_us_core()
     on_disk = {p.name: p.read_text() for p in profile_build.US_CORE.glob("StructureDefinition-*.json")}
-    assert on_disk == vendored, "run python -m iop_fhir.fhir.profile_build --vendor-us-core"
+    assert on_disk == vendored, "run python -m tools.profile_build --vendor-us-core"
     assert {json.loads(text)["version"] for text in on_disk.values()} == {"5.0.1"}
 
 

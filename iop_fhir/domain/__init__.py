@@ -1,1 +1,0 @@
-"""The IOP records: marshmallow schemas and the /iop blueprint (thin views)."""

@@ -1,0 +1,1 @@
+"""The IOP records (/iop): marshmallow schemas, the /iop blueprints (thin views) and the record services."""
