@@ -1,25 +1,29 @@
-"""create_app(config=None): wiring only: settings, store, repository, blueprints, error handlers."""
+"""create_app(config=None): wiring only: the runtime (runtime.py builds every part), blueprints, error handlers,
+the request guard and headers."""
 
 from __future__ import annotations
 
 import logging
 import traceback
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from iop_fhir import conformance
+from iop_fhir import runtime as runtimes
 from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Issue, operation_outcome
-from iop_fhir.fhir import http
-from iop_fhir.fhir.repository import Repository
+from iop_fhir.fhir import export_views, http
+from iop_fhir.fhir.views import bp as fhir_bp
+from iop_fhir.iop.deliveries import bp as deliveries_bp
+from iop_fhir.iop.referrals import bp as referrals_bp
+from iop_fhir.iop.views import IopApi
+from iop_fhir.iop.views import bp as iop_bp
+from iop_fhir.openapi.views import bp as openapi_bp
+from iop_fhir.runtime import Runtime
 from iop_fhir.security import guard, headers
-from iop_fhir.store import migrate
-from iop_fhir.store.base import Store
-from iop_fhir.store.sql import SqlStore
+from iop_fhir.security.views import install as install_auth_server
 
 log = logging.getLogger("iop_fhir")
 
@@ -32,84 +36,60 @@ _HTTP_CODES = {
 }
 
 
-def build_repository(settings: Settings, store: Store, *, seed: bool = False) -> Repository:
-    """The repository every writer uses (the app, the worker, sync): profiles checked on writes, and the write hooks
-    that must see every stored version wherever it was written (referral intake, subscriptions)."""
-    from iop_fhir.exchange import referrals
-    from iop_fhir.exchange.subscriptions import Subscriptions
-
-    profiles, conformance_resources = conformance.load(settings.profiles_dir, settings.terminology_dir)
-    repository = Repository(
-        store, default_count=settings.default_page_size, max_count=settings.max_page_size, profiles=profiles
-    )
-    if seed:
-        conformance.seed(repository, conformance_resources)
-    repository.write_hooks.append(referrals.on_resource_stored)
-    repository.write_hooks.append(Subscriptions(repository).on_write)
-    return repository
-
-
-def create_app(config: Settings | dict[str, Any] | None = None) -> Flask:
-    if isinstance(config, Settings):
-        settings = config
-    else:
-        settings = Settings.from_env()
-        if config:
-            settings = replace(settings, **config)
+def create_app(config: Settings | dict[str, Any] | None = None, *, runtime: Runtime | None = None) -> Flask:
+    """The WSGI app on ``runtime``, or on a runtime built from ``config`` (Settings, or overrides of the
+    environment's settings)."""
+    if runtime is None:
+        if isinstance(config, Settings):
+            settings = config
+        else:
+            settings = Settings.from_env()
+            if config:
+                settings = replace(settings, **config)
+        runtime = runtimes.build(settings, seed=settings.seed_conformance)
+    settings = runtime.settings
 
     app = Flask(__name__)
     app.config["IOP_FHIR"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["iop_fhir.runtime"] = runtime
+    app.extensions["iop_fhir.store"] = runtime.store
+    app.extensions["iop_fhir.repository"] = runtime.repository
+    app.extensions["iop_fhir.records"] = runtime.records
 
-    store = SqlStore(settings.database_url, echo=settings.sql_echo)
-    if not migrate.is_current(store.engine):
-        migrate.upgrade(store.engine)
-    app.extensions["iop_fhir.store"] = store
-    from iop_fhir.security.views import install as install_auth_server
-
-    install_auth_server(app, settings, store)
-    repository = build_repository(settings, store, seed=settings.seed_conformance)
-    app.extensions["iop_fhir.repository"] = repository
-
-    from iop_fhir.exchange import transitions
-    from iop_fhir.iop.service import RecordService
-    from iop_fhir.mapping import load_engine
-
-    app.extensions["iop_fhir.records"] = RecordService(
-        load_engine(Path(settings.mappings_dir).resolve()),
-        repository,
-        hooks=[transitions.on_record_saved],
-        extras=[transitions.summary],
-    )
-
-    from iop_fhir.fhir import export_views
-    from iop_fhir.fhir.views import bp as fhir_bp
-    from iop_fhir.iop.views import IopApi
-    from iop_fhir.iop.views import bp as iop_bp
-
+    install_auth_server(app, runtime.clients, runtime.keys)
     app.register_blueprint(fhir_bp)
-    export_views.install(app)
+    export_views.install(app, runtime.exporter())
     app.config.setdefault("API_TITLE", "iop-fhir")
     app.config.setdefault("API_VERSION", "0.1.0")
     app.config.setdefault("OPENAPI_VERSION", "3.1.0")
     api = IopApi(app)
     api.register_blueprint(iop_bp)
-    from iop_fhir.iop.deliveries import bp as deliveries_bp
-
     api.register_blueprint(deliveries_bp)
-    from iop_fhir.iop.referrals import bp as referrals_bp
-
     api.register_blueprint(referrals_bp)
     app.extensions["iop_fhir.api"] = api
-    from iop_fhir.openapi.views import bp as openapi_bp
-
     app.register_blueprint(openapi_bp)
     app.add_url_rule("/health", "health", lambda: {"status": "ok"})
     _register_error_handlers(app)
+    _track_request_base(app)
     guard.install(app)
     headers.install(app, settings.cors_origins)
     return app
+
+
+def _track_request_base(app: Flask) -> None:
+    """Tells the write hooks the public base of the request being served (runtime.REQUEST_BASE)."""
+
+    @app.before_request
+    def _enter() -> None:
+        g.iop_request_base = runtimes.REQUEST_BASE.set(request.host_url.rstrip("/") + "/fhir")
+
+    @app.teardown_request
+    def _leave(_error: BaseException | None) -> None:
+        token = g.pop("iop_request_base", None)
+        if token is not None:
+            runtimes.REQUEST_BASE.reset(token)
 
 
 def _outcome_response(outcome: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:

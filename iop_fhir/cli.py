@@ -15,14 +15,11 @@ from iop_fhir.config import Settings
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from iop_fhir.store import migrate
-    from iop_fhir.store.sql import SqlStore
+    from iop_fhir import runtime
 
     settings = Settings.from_env()
     # Migrate once in the master, before workers start, so that workers never race on an empty database.
-    store = SqlStore(settings.database_url)
-    migrate.upgrade(store.engine)
-    store.close()
+    runtime.open_store(settings).close()
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -51,34 +48,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _init_db(_args: argparse.Namespace) -> int:
-    from iop_fhir.store import migrate
-    from iop_fhir.store.sql import SqlStore
+    from iop_fhir import runtime
 
-    store = SqlStore(Settings.from_env().database_url)
-    migrate.upgrade(store.engine)
-    store.close()
+    runtime.open_store(Settings.from_env()).close()
     print("database is at the newest schema revision", file=sys.stderr)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from iop_fhir import demo
+    from iop_fhir import demo, runtime
     from iop_fhir.app import create_app
-    from iop_fhir.store import migrate
-    from iop_fhir.store.sql import SqlStore
 
     settings = Settings.from_env()
-    store = SqlStore(settings.database_url)
-    migrate.upgrade(store.engine)
-    store.close()
-    app = create_app(settings)
-    try:
-        summary = demo.seed(app, patients=args.patients, seed=args.seed, progress=True)
-    except demo.DemoError as error:
-        print(f"iop-fhir demo: {error}", file=sys.stderr)
-        return 1
-    finally:
-        app.extensions["iop_fhir.store"].close()
+    with runtime.opened(settings, seed=settings.seed_conformance) as parts:
+        try:
+            summary = demo.seed(create_app(runtime=parts), patients=args.patients, seed=args.seed, progress=True)
+        except demo.DemoError as error:
+            print(f"iop-fhir demo: {error}", file=sys.stderr)
+            return 1
     print(summary)
     return 0
 
@@ -100,11 +87,11 @@ def _positive_int(raw: str) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
-    from iop_fhir.exchange import worker
+    from iop_fhir import runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
-    return worker.run(
+    return runtime.run_worker(
         settings,
         once=args.once,
         poll=args.poll,
@@ -118,19 +105,18 @@ def _worker(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     import logging
 
-    from iop_fhir.exchange import sync
+    from iop_fhir import runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return sync.run(Settings.from_env(), partner_id=args.partner, once=args.once, interval=args.interval)
+    return runtime.run_sync(Settings.from_env(), partner_id=args.partner, once=args.once, interval=args.interval)
 
 
 def _export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from iop_fhir import runtime
     from iop_fhir.errors import FhirError
     from iop_fhir.fhir import export
-    from iop_fhir.store import migrate
-    from iop_fhir.store.sql import SqlStore
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -138,12 +124,12 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     level = "group" if args.group else "patient" if args.patient else "system"
     params = [(name, value) for name, value in (("_type", args.type), ("_since", args.since)) if value]
-    settings = Settings.from_env()
-    store = SqlStore(settings.database_url, echo=settings.sql_echo)
     try:
         request = export.parse(level, params, group=args.group)
-        if not migrate.is_current(store.engine):
-            migrate.upgrade(store.engine)
+    except FhirError as error:
+        print(f"iop-fhir export: {error}", file=sys.stderr)
+        return 2
+    with runtime.opened(Settings.from_env()) as parts:
         out.mkdir(parents=True, exist_ok=True)
         with tqdm(desc="export", unit=" resources", disable=None, file=sys.stderr) as progress:
 
@@ -151,12 +137,11 @@ def _export(args: argparse.Namespace) -> int:
                 progress.set_description(res_type)
                 progress.update(count)
 
-            result = export.export_to_folder(store, settings, request, out, on_chunk=advance)
-    except FhirError as error:
-        print(f"iop-fhir export: {error}", file=sys.stderr)
-        return 2
-    finally:
-        store.close()
+            try:
+                result = export.export_to_folder(parts.exporter(background=False), request, out, on_chunk=advance)
+            except FhirError as error:
+                print(f"iop-fhir export: {error}", file=sys.stderr)
+                return 2
     print(json.dumps(result, indent=2))
     return 1 if result["error"] else 0
 
@@ -234,20 +219,13 @@ class _CommandError(Exception):
 
 def _auth_server() -> tuple[Any, Any]:
     """The client registry and the store, on the database of IOP_FHIR_DATABASE_URL (migrated when behind)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
+    from iop_fhir import runtime
     from iop_fhir.security.registry import ClientRegistry
-    from iop_fhir.store import migrate
-    from iop_fhir.store.sql import SqlStore
 
-    store = SqlStore(Settings.from_env().database_url)
     try:
-        if not migrate.is_current(store.engine):
-            migrate.upgrade(store.engine)
-    except SQLAlchemyError as error:
-        store.close()
-        # The URL may hold a password: name the failure only.
-        raise _CommandError(f"cannot open the database of IOP_FHIR_DATABASE_URL ({type(error).__name__})") from None
+        store = runtime.open_store(Settings.from_env())
+    except runtime.StoreUnavailable as error:
+        raise _CommandError(str(error)) from None
     return ClientRegistry(store), store
 
 

@@ -70,7 +70,8 @@ def build_search_parameters(src: Path, resource_types: list[str]) -> dict[str, A
     return params
 
 
-def build(src: Path) -> None:
+def search_parameters(src: Path) -> dict[str, Any]:
+    """The R4 resource types and, for each, its search parameters with the expression parts that apply to it."""
     profiles = json.loads((src / "profiles-resources.json").read_text())
     resource_types = sorted(
         e["resource"]["id"]
@@ -81,28 +82,41 @@ def build(src: Path) -> None:
         # the package also carries a few later (R4B) types; the server speaks R4 4.0.1 only
         and e["resource"].get("fhirVersion") == "4.0.1"
     )
-    search = {
+    return {
         "origin": ORIGIN,
         "fhirVersion": "4.0.1",
         "resourceTypes": resource_types,
         "params": build_search_parameters(src, resource_types),
     }
-    DATA.mkdir(exist_ok=True)
-    (DATA / "search-parameters.json").write_text(json.dumps(search, separators=(",", ":"), sort_keys=True))
 
 
-def build_compartment(src: Path) -> None:
-    """Keep, of the HL7 CompartmentDefinition, the types that have parameters (the others are never in it)."""
+def compartment(src: Path) -> dict[str, Any]:
+    """Of the HL7 Patient CompartmentDefinition, the types that have parameters (the others are never in it)."""
     definition = json.loads((src / "compartmentdefinition-patient.json").read_text())
-    compact = {
+    return {
         "origin": ORIGIN,
         "url": definition["url"],
         "version": definition["version"],
         "resource": {r["code"]: r["param"] for r in definition["resource"] if r.get("param")},
     }
-    (DATA / "compartment-patient.json").write_text(json.dumps(compact, separators=(",", ":"), sort_keys=True))
+
+
+def built(src: Path) -> dict[str, str]:
+    """File name under iop_fhir/r4/data/ → its text, as the service reads it."""
+    return {
+        name: json.dumps(data, separators=(",", ":"), sort_keys=True)
+        for name, data in (
+            ("search-parameters.json", search_parameters(src)),
+            ("compartment-patient.json", compartment(src)),
+        )
+    }
+
+
+def main(src: Path) -> None:
+    DATA.mkdir(exist_ok=True)
+    for name, text in built(src).items():
+        (DATA / name).write_text(text)
 
 
 if __name__ == "__main__":
-    build(Path(sys.argv[1]))
-    build_compartment(Path(sys.argv[1]))
+    main(Path(sys.argv[1]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -269,9 +269,14 @@ def _seed_story(api: _Api, story: cohort.Story, referral: dict[str, Any] | None)
 
 
 def _all(store: Store, kind: str) -> Iterator[StoredRecord]:
+    return _every(lambda offset: store.records(kind, offset=offset, count=500))
+
+
+def _every(page_at: Callable[[int], tuple[list[StoredRecord], int]]) -> Iterator[StoredRecord]:
+    """Every item of a paged listing (``page_at(offset)`` gives a page and the total), in its order."""
     offset = 0
     while True:
-        page, total = store.records(kind, offset=offset, count=500)
+        page, total = page_at(offset)
         yield from page
         offset += len(page)
         if not page or offset >= total:
@@ -337,7 +342,9 @@ def summarize(
         first_day=min(days).isoformat(),
         last_day=max(days).isoformat(),
         partners=dict(Counter(str(r.content["kind"]) for r in _all(store, "partner"))),
-        referrals=dict(Counter(str(r.content["status"]) for r in _all(store, "referral"))),
+        referrals=dict(
+            Counter(str(r.content["status"]) for r in _every(lambda at: store.referrals(offset=at, count=500)))
+        ),
         patients=records["enrollment"],
         records={kind: n for kind, n in records.items() if n},
         discharges=dict(Counter(str(r.content["reason"]) for r in _all(store, "discharge"))),

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urljoin, urlsplit
 
 import orjson
@@ -19,9 +19,6 @@ import requests
 import requests.auth
 
 import iop_fhir
-
-if TYPE_CHECKING:
-    from iop_fhir.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -265,19 +262,6 @@ class PartnerClient:
             raise error_for_exception(error, what) from error
         log.debug("%s -> %d in %.0f ms", what, response.status_code, _ms(started))
         return response
-
-
-def client_for(
-    partner: dict[str, Any], settings: Settings, *, session: requests.Session | None = None
-) -> PartnerClient:
-    """The client for a partner record: its base URL, its auth (secrets read from files or the environment now) and
-    the configured timeout. A missing or unusable secret is a permanent DeliveryError naming the partner."""
-    # auth.py raises DeliveryError, defined here: importing it at call time keeps the two modules acyclic at load.
-    from iop_fhir.exchange.auth import auth_for
-
-    session = session if session is not None else requests.Session()
-    auth = auth_for(partner, settings, session=session)
-    return PartnerClient(partner["fhir_base_url"], session=session, auth=auth, timeout=settings.partner_timeout)
 
 
 def _next_link(bundle: dict[str, Any]) -> str | None:

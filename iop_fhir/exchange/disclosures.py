@@ -25,7 +25,7 @@ from iop_fhir.fhir.repository import Repository
 from iop_fhir.r4 import search
 from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.security import audit, consent
-from iop_fhir.store.base import Delivery, SearchResult, StoredRecord, WriteTx
+from iop_fhir.store.base import REFERRAL, Delivery, SearchResult, StoredRecord, WriteTx
 
 # The purpose a push is decided for, and the purpose of use its AuditEvent records (COC is subsumed by TREAT).
 PURPOSE = "COC"
@@ -34,8 +34,8 @@ CLIENT_ID = "iop-fhir-worker"
 NO_CONSENT = "blocked: no consent"
 PART2 = (consent.ACT_CODE, "42CFRPart2")
 SUBSCRIPTION_PREFIX = "subscription:"
-# exchange/referrals.py: KIND (not imported: referrals imports this module).
-REFERRAL_KIND = "referral"
+# The record_kind of a referral's push-backs (exchange/referrals.py: KIND).
+REFERRAL_KIND = REFERRAL
 MAX_CONSENTS = 1000
 # What audit_event accepts as an entity: a relative literal reference.
 _REFERENCE = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
@@ -45,6 +45,8 @@ class Reader(Protocol):
     """What deciding needs to read: the Store outside a transaction, TxReader inside one."""
 
     def record(self, kind: str, id: str) -> StoredRecord | None: ...
+
+    def referral(self, id: str) -> StoredRecord | None: ...
 
     def search(self, request: Any) -> SearchResult: ...
 
@@ -58,8 +60,21 @@ class TxReader:
     def record(self, kind: str, id: str) -> StoredRecord | None:
         return self.tx.record(kind, id, lock=False)
 
+    def referral(self, id: str) -> StoredRecord | None:
+        return self.tx.referral(id, lock=False)
+
     def search(self, request: Any) -> SearchResult:
         return self.tx.search(request)
+
+
+def source_of(reader: Reader, row: Delivery) -> StoredRecord | None:
+    """The record an outbox row was made from: an inbound referral (kept apart from the IOP records) or an IOP
+    record, by the row's record_kind; None for a row made from none (a subscription notification)."""
+    if not row.record_id:
+        return None
+    if row.record_kind == REFERRAL_KIND:
+        return reader.referral(row.record_id)
+    return reader.record(row.record_kind, row.record_id)
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ def of(row: Delivery, reader: Reader) -> Disclosure | None:
     body = row.payload.get("body")
     if row.kind != "bundle" or row.partner_id.startswith(SUBSCRIPTION_PREFIX) or not isinstance(body, dict):
         return None
-    source = reader.record(row.record_kind, row.record_id) if row.record_id else None
+    source = source_of(reader, row)
     patient = patient_of(reader, source) if source is not None else None
     return Disclosure(
         recipient=f"Organization/{row.partner_id}",

@@ -17,6 +17,7 @@ from iop_fhir.config import Settings
 from iop_fhir.exchange.client import DeliveryError, PartnerClient
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.mapping import ids
+from iop_fhir.store.base import Delivery, Outbox, RecordStore, ResourceStore
 
 log = logging.getLogger("iop_fhir.exchange.followup")
 
@@ -35,26 +36,12 @@ def follow(
 ) -> int:
     """One pass over the delivered transitions whose Task is not final; returns how many Tasks changed."""
     store = repository.store
-    rows, _ = store.deliveries(status="delivered", record_kind="discharge", offset=0, count=limit)
-    latest: dict[str, Any] = {}
-    for row in rows:
-        if row.record_id is not None:
-            latest[row.record_id] = row
     changed = 0
-    for record_id, row in latest.items():
-        record = store.record("discharge", record_id)
-        if record is None or record.status != "active":
+    for record_id, row in _delivered_transitions(store, limit).items():
+        open_task = _open_task(record_id, records=store, resources=store)
+        if open_task is None:
             continue
-        ours = next((e["reference"] for e in record.resources if e["role"] == "referral-task"), None)
-        if ours is None:
-            continue
-        res_type, res_id = ours.split("/", 1)
-        current = store.read(res_type, res_id)
-        if current is None or current.deleted or current.content is None:
-            continue
-        task = orjson.loads(current.content)
-        if task.get("status") in FINAL:
-            continue
+        res_type, res_id, task = open_task
         partner = store.record("partner", row.partner_id)
         if partner is None or partner.status != "active":
             continue
@@ -78,3 +65,27 @@ def follow(
             repository.update_in(tx, res_type, res_id, {**orjson.loads(latest_version.content), **update})
         changed += 1
     return changed
+
+
+def _delivered_transitions(outbox: Outbox, limit: int) -> dict[str, Delivery]:
+    """The newest delivered row of each discharge, by the discharge's id."""
+    rows, _ = outbox.deliveries(status="delivered", record_kind="discharge", offset=0, count=limit)
+    return {row.record_id: row for row in rows if row.record_id is not None}
+
+
+def _open_task(
+    discharge_id: str, *, records: RecordStore, resources: ResourceStore
+) -> tuple[str, str, dict[str, Any]] | None:
+    """Our referral Task of an active discharge (type, id, content), unless it is final."""
+    record = records.record("discharge", discharge_id)
+    if record is None or record.status != "active":
+        return None
+    ours = next((e["reference"] for e in record.resources if e["role"] == "referral-task"), None)
+    if ours is None:
+        return None
+    res_type, res_id = ours.split("/", 1)
+    current = resources.read(res_type, res_id)
+    if current is None or current.deleted or current.content is None:
+        return None
+    task: dict[str, Any] = orjson.loads(current.content)
+    return None if task.get("status") in FINAL else (res_type, res_id, task)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from iop_fhir.r4 import instants
-from iop_fhir.store.base import Delivery, WriteTx
+from iop_fhir.store.base import Delivery, OutboxTx
 
 KINDS = ("bundle", "notification")
 METHODS = ("POST", "PUT")
@@ -60,7 +60,7 @@ def next_attempt(
 
 
 def enqueue(
-    tx: WriteTx,
+    tx: OutboxTx,
     partner_id: str,
     record_kind: str,
     record_id: str | None,

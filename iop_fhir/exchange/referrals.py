@@ -38,11 +38,11 @@ from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS
 from iop_fhir.r4 import search, validation
 from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.store.base import StoredRecord, StoredResource, WriteTx
+from iop_fhir.store.base import REFERRAL, StoredRecord, StoredResource, WriteTx
 
 log = logging.getLogger("iop_fhir.referrals")
 
-KIND = "referral"
+KIND = REFERRAL
 TASK_CODE = "http://hl7.org/fhir/CodeSystem/task-code"
 BSER_STATUS = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"
 PARTNER_SYSTEM = package.PARTNER_SYSTEM
@@ -371,7 +371,7 @@ def on_resource_stored(tx: WriteTx, resource: dict[str, Any], stored: StoredReso
     existing = _referral_for(tx, f"ServiceRequest/{sr_id}", stored.res_id)
     if existing is not None:
         duplicates = [*existing.content.get("duplicate_tasks", []), f"Task/{stored.res_id}"]
-        tx.save_record(
+        tx.save_referral(
             replace(
                 existing,
                 content={**existing.content, "duplicate_tasks": duplicates},
@@ -401,7 +401,7 @@ def on_resource_stored(tx: WriteTx, resource: dict[str, Any], stored: StoredReso
     ]
     if patient_id is not None:
         resources.append({"role": "patient", "reference": f"Patient/{patient_id}"})
-    tx.save_record(
+    tx.save_referral(
         StoredRecord(
             kind=KIND,
             id=stored.res_id,
@@ -433,9 +433,9 @@ def _referral_for(tx: WriteTx, service_request: str, task_id: str) -> StoredReco
     for match in tx.search(request).matches:
         if match.res_id == task_id:
             continue
-        record = tx.record(KIND, match.res_id)
-        if record is not None:
-            return record
+        referral = tx.referral(match.res_id)
+        if referral is not None:
+            return referral
     return None
 
 
@@ -452,21 +452,8 @@ class ReferralService:
         self.records = records
 
     def list_referrals(self, *, status: str | None, offset: int, count: int) -> dict[str, Any]:
-        # The store pages by kind only; referrals are few (a program's intake), so the status is filtered here.
-        matching: list[StoredRecord] = []
-        start = 0
-        while True:
-            page, total = self.store.records(KIND, offset=start, count=500)
-            matching.extend(r for r in page if status is None or r.content.get("status") == status)
-            start += len(page)
-            if not page or start >= total:
-                break
-        return {
-            "total": len(matching),
-            "offset": offset,
-            "count": count,
-            "items": [body(r) for r in matching[offset : offset + count]],
-        }
+        page, total = self.store.referrals(status=status, offset=offset, count=count)
+        return {"total": total, "offset": offset, "count": count, "items": [body(r) for r in page]}
 
     def get(self, referral_id: str) -> dict[str, Any]:
         return body(self._record(referral_id))
@@ -497,14 +484,14 @@ class ReferralService:
         )
 
     def _record(self, referral_id: str) -> StoredRecord:
-        found = self.store.record(KIND, referral_id)
+        found = self.store.referral(referral_id)
         if found is None:
             raise NotFound(f"there is no referral with id {referral_id[:80]!r}", "id")
         return found
 
     def _decide(self, referral_id: str, action: str, changes: dict[str, Any], base_url: str) -> dict[str, Any]:
         with self.store.write() as tx:
-            record = tx.record(KIND, referral_id)
+            record = tx.referral(referral_id)
             if record is None:
                 raise NotFound(f"there is no referral with id {referral_id[:80]!r}", "id")
             current = record.content["status"]
@@ -528,7 +515,7 @@ class ReferralService:
                 updated=now,
                 enrollment_id=content.get("enrollment_id"),
             )
-            tx.save_record(updated)
+            tx.save_referral(updated)
             written = self._write_task(tx, task, content, now)
             for reference in content.get("duplicate_tasks", []):
                 duplicate = _current(tx, "Task", reference.split("/", 1)[1])

@@ -10,6 +10,7 @@ import re
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,13 +18,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Invalid, Issue
 from iop_fhir.exchange import outbox
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.r4 import definitions, search
 from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.store.base import StoredRecord, StoredResource, WriteTx
+from iop_fhir.store.base import StoredResource, WriteTx
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,6 @@ NOTIFICATION_PROFILE = (
     "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-notification-r4"
 )
 STATUS_PROFILE = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"
-# The per-Subscription event counter (events-since-subscription-start, event-number) is a stored record of this kind,
-# keyed by the Subscription's id, read locked and incremented in the transaction of the write it notifies.
-EVENTS_KIND = "subscription-events"
 _RESPONSE_STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK"}
 _HEADER = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*\Z")
 _PAGE = 500
@@ -335,8 +332,11 @@ class Subscriptions:
     Subscription written or deleted by another process counts from that process's commit on.
     """
 
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: Repository, *, base: Callable[[], str | None] = lambda: None) -> None:
         self.repository = repository
+        # The public base of this FHIR API for the references of a notification (runtime.public_base), or None:
+        # references stay relative.
+        self.base = base
         self._lock = threading.Lock()
         self._cached: tuple[tuple[int, int | None], dict[str, list[Rule]]] | None = None
         # Per transaction: the rules it uses; a transaction that wrote a Subscription reads its own view.
@@ -367,8 +367,10 @@ class Subscriptions:
                 continue
             event = 0
             if rule.content is not None:
-                event = _next_event(tx, rule.id, now)
-                base = base or fhir_base()
+                # events-since-subscription-start and event-number: counted in the write's transaction, so a
+                # rolled-back write takes no number. Plain R4 notifications carry none.
+                event = tx.next_subscription_event(rule.id, now)
+                base = base or self.base()
             outbox.enqueue(
                 tx,
                 PARTNER_PREFIX + rule.id,
@@ -401,46 +403,6 @@ class Subscriptions:
                     self._cached = (token, rules)
         self._per_tx[tx] = rules
         return rules
-
-
-def _next_event(tx: WriteTx, sub_id: str, now: int) -> int:
-    """The number of this event of the Subscription, counting from 1, taken in the write's transaction.
-
-    The counter record is read locked, so concurrent writes that notify the same Subscription number their events
-    one after the other, and a rolled-back write takes no number. Only backport notifications count (plain R4 ones
-    carry no number); the count survives a delete and a re-create under the same id.
-    """
-    current = tx.record(EVENTS_KIND, sub_id)
-    events = (int(current.content.get("events", 0)) if current is not None else 0) + 1
-    tx.save_record(
-        StoredRecord(
-            kind=EVENTS_KIND,
-            id=sub_id,
-            enrollment_id=None,
-            status="active",
-            version=events,
-            content={"events": events},
-            resources=[],
-            created=current.created if current is not None else now,
-            updated=now,
-        )
-    )
-    return events
-
-
-def fhir_base() -> str | None:
-    """The public base of this FHIR API for the references of a notification: the configured base URL, else that
-    of the request being served; for a write outside a request (sync in the worker) IOP_FHIR_BASE_URL, or None."""
-    from flask import current_app, has_app_context, has_request_context, request
-
-    if has_app_context():
-        settings = current_app.config.get("IOP_FHIR")
-        configured = getattr(settings, "base_url", "")
-        if configured:
-            return str(configured).rstrip("/")
-        if has_request_context():
-            return request.host_url.rstrip("/") + "/fhir"
-    return Settings.from_env().base_url.rstrip("/") or None
 
 
 def _load(tx: WriteTx) -> dict[str, list[Rule]]:

@@ -116,7 +116,8 @@ def sync_all(
     ``progress`` shows a bar of the patients done on stderr when it is a terminal."""
     from tqdm import tqdm
 
-    from iop_fhir.exchange.client import DeliveryError, client_for
+    from iop_fhir.exchange.client import DeliveryError
+    from iop_fhir.exchange.partners import client_for
 
     report = SyncReport()
     enrollments = [r for r in _records(store, "enrollment") if r.status == "active"]
@@ -347,6 +348,8 @@ def store_resource(tx: WriteTx, repository: Repository, body: dict[str, Any]) ->
 
 
 def run(
+    store: Store,
+    repository: Repository,
     settings: Settings,
     *,
     partner_id: str | None = None,
@@ -355,33 +358,23 @@ def run(
     session: requests.Session | None = None,
 ) -> int:
     """Sync now (``once``), or every ``interval`` seconds until stopped; stopping at any moment is safe (each
-    resource and its cursor commit together). Prints each pass's report as JSON. Returns the exit status: 0, 1 if
-    the last pass had errors, 2 if the partner named is not an active hospital-ehr partner."""
+    resource and its cursor commit together). What is stored goes through ``repository``, the app's kind (its write
+    hooks: subscriptions). Prints each pass's report as JSON. Returns the exit status: 0, 1 if the last pass had
+    errors, 2 if the partner named is not an active hospital-ehr partner."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from iop_fhir.app import create_app
-
-    # The app's repository, so that what sync stores passes through the same write hooks (subscriptions).
-    app = create_app(settings)
-    store: Store = app.extensions["iop_fhir.store"]
-    repository: Repository = app.extensions["iop_fhir.repository"]
-    try:
-        while True:
-            try:
-                # Log lines go above the progress bar instead of through it.
-                with logging_redirect_tqdm():
-                    report = sync_all(
-                        store, repository, settings, partner_id=partner_id, session=session, progress=True
-                    )
-            except Unprocessable as error:
-                print(f"iop-fhir sync: {error}", flush=True)
-                return 2
-            print(orjson.dumps(report.to_json()).decode(), flush=True)
-            if once:
-                return 0 if report.ok else 1
-            time.sleep(interval)
-    finally:
-        store.close()
+    while True:
+        try:
+            # Log lines go above the progress bar instead of through it.
+            with logging_redirect_tqdm():
+                report = sync_all(store, repository, settings, partner_id=partner_id, session=session, progress=True)
+        except Unprocessable as error:
+            print(f"iop-fhir sync: {error}", flush=True)
+            return 2
+        print(orjson.dumps(report.to_json()).decode(), flush=True)
+        if once:
+            return 0 if report.ok else 1
+        time.sleep(interval)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------

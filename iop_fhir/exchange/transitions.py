@@ -72,6 +72,7 @@ def release(tx: WriteTx, consent_record: StoredRecord, store: Any) -> list[str]:
     enrollment_id = consent_record.enrollment_id
     if not isinstance(partner, str) or enrollment_id is None:
         return []
+    reader = disclosures.TxReader(tx)
     added: list[str] = []
     replaced: dict[tuple[str, str | None], str | None] = {}
     rows = [
@@ -81,7 +82,7 @@ def release(tx: WriteTx, consent_record: StoredRecord, store: Any) -> list[str]:
     ]
     # Newest first: the newest row of a record is rebuilt, older ones of the same record are superseded by it.
     for row in reversed(rows):
-        source = tx.record(row.record_kind, row.record_id, lock=False) if row.record_id else None
+        source = disclosures.source_of(reader, row)
         if source is None or source.enrollment_id != enrollment_id:
             continue
         key = (row.record_kind, row.record_id)

@@ -15,13 +15,10 @@ The worker also runs Bulk Data export jobs (fhir/export.py) that are queued or w
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -86,7 +83,7 @@ class PartnerDeliverer:
         raise Undeliverable(f"a {row.kind} delivery {method} to {shown!r} is not supported by the partner client")
 
     def _client(self, partner_id: str, partner: dict[str, Any]) -> PartnerClient:
-        from iop_fhir.exchange.client import client_for
+        from iop_fhir.exchange.partners import client_for
 
         fingerprint = orjson.dumps(partner, option=orjson.OPT_SORT_KEYS)
         cached = self._clients.get(partner_id)
@@ -126,113 +123,50 @@ class _Stop:
             time.sleep(min(left, 0.05))
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
 def run(
-    settings: Settings,
+    worker: Worker,
     *,
+    exports: Exporter | None = None,
     once: bool = False,
     poll: float = 1.0,
     batch: int = 20,
-    lease: float | None = None,
-    deliver: Deliver | None = None,
-    store: Store | None = None,
-    worker_id: str | None = None,
+    follow: Callable[[], int] | None = None,
     follow_every: float = 0.0,
+    pull: Callable[[], int] | None = None,
     sync_every: float = 0.0,
 ) -> int:
     """Deliver due outbox rows until stopped (SIGTERM, SIGINT), polling every ``poll`` seconds when none is due;
-    with ``once``, deliver what is due and return. Returns the exit status (0)."""
-    own_store = store is None
-    if store is None:
-        from iop_fhir.store import migrate
-        from iop_fhir.store.sql import SqlStore
-
-        sql_store = SqlStore(settings.database_url, echo=settings.sql_echo)
-        if not migrate.is_current(sql_store.engine):
-            migrate.upgrade(sql_store.engine)
-        store = sql_store
-    worker = Worker(
-        store,
-        settings,
-        deliver=deliver if deliver is not None else PartnerDeliverer(settings),
-        lease=settings.worker_lease_seconds if lease is None else lease,
-        worker_id=worker_id or worker_name(),
-    )
-    exports = _exporter(store, settings, worker.worker_id)
-    follow = _follower(store, settings) if follow_every > 0 else None
+    with ``once``, deliver what is due and return. Between batches, run due export jobs, and every ``follow_every``
+    / ``sync_every`` seconds follow transitions (``follow``) and pull from hospital EHRs (``pull``); a failed pass
+    of either is tried again at the next one. runtime.run_worker assembles the parts. Returns the exit status (0)."""
     followed_at = 0.0
-    pull = _syncer(store, settings) if sync_every > 0 else None
     synced_at = 0.0
-    try:
-        with _Stop() as stop:
-            log.info("worker %s: started", worker.worker_id)
-            while not stop.requested:
-                claimed = worker.deliver_due(batch, stop)
-                if exports is not None:
-                    claimed += exports.run_due(lambda: stop.requested)
-                if follow is not None and (once or time.monotonic() - followed_at >= follow_every):
-                    followed_at = time.monotonic()
-                    follow()
-                if pull is not None and (once or time.monotonic() - synced_at >= sync_every):
-                    synced_at = time.monotonic()
-                    pull()
-                if once and claimed == 0:
-                    break
-                if claimed == 0:
-                    stop.sleep(poll)
-            log.info("worker %s: stopped", worker.worker_id)
-    finally:
-        if own_store:
-            store.close()
+    with _Stop() as stop:
+        log.info("worker %s: started", worker.worker_id)
+        while not stop.requested:
+            claimed = worker.deliver_due(batch, stop)
+            if exports is not None:
+                claimed += exports.run_due(lambda: stop.requested)
+            if follow is not None and (once or time.monotonic() - followed_at >= follow_every):
+                followed_at = time.monotonic()
+                _pass("following transitions", follow)
+            if pull is not None and (once or time.monotonic() - synced_at >= sync_every):
+                synced_at = time.monotonic()
+                _pass("sync", pull)
+            if once and claimed == 0:
+                break
+            if claimed == 0:
+                stop.sleep(poll)
+        log.info("worker %s: stopped", worker.worker_id)
     return 0
 
 
-def _exporter(store: Store, settings: Settings, worker_id: str) -> Exporter | None:
-    """The runner of export jobs queued, or left by a process that died (their lease expired); SQL stores only."""
-    from iop_fhir.fhir.export import Exporter
-    from iop_fhir.store.sql import SqlStore
-
-    return Exporter(store, settings, background=False, worker=worker_id) if isinstance(store, SqlStore) else None
-
-
-def _follower(store: Store, settings: Settings) -> Callable[[], int]:
-    """Following the partners' Tasks of delivered transitions (exchange/followup.py), through the app's repository so
-    that our Task's new versions are checked and seen by subscriptions like any write."""
-    from iop_fhir.app import build_repository
-    from iop_fhir.exchange import followup
-    from iop_fhir.exchange.client import client_for
-
-    repository = build_repository(settings, store)
-
-    def follow() -> int:
-        try:
-            return followup.follow(repository, settings, client_for)
-        except Exception as error:  # a failed pass is tried again at the next one; the worker keeps delivering
-            log.error("following transitions failed: %s", type(error).__name__)
-            return 0
-
-    return follow
-
-
-def _syncer(store: Store, settings: Settings) -> Callable[[], int]:
-    """The scheduled mode of `iop-fhir sync` (exchange/sync.py): one pass over the hospital EHR partners."""
-    from iop_fhir.app import build_repository
-    from iop_fhir.exchange import sync
-
-    repository = build_repository(settings, store)
-
-    def pull() -> int:
-        try:
-            report = sync.sync_all(store, repository, settings)
-        except Exception as error:  # tried again at the next pass; the worker keeps delivering
-            log.error("sync failed: %s", type(error).__name__)
-            return 0
-        return sum(stream.stored for stream in report.streams)
-
-    return pull
+def _pass(what: str, run_pass: Callable[[], int]) -> int:
+    try:
+        return run_pass()
+    except Exception as error:  # tried again at the next pass; the worker keeps delivering
+        log.error("%s failed: %s", what, type(error).__name__)
+        return 0
 
 
 class Worker:
@@ -246,23 +180,14 @@ class Worker:
         deliver: Deliver,
         lease: float,
         worker_id: str,
-        repository: Repository | None = None,
+        repository: Repository,
     ) -> None:
         self.store = store
         self.settings = settings
         self.deliver = deliver
         self.lease = lease
         self.worker_id = worker_id
-        self._repository = repository
-
-    @property
-    def repository(self) -> Repository:
-        """The app's repository (app.build_repository), made on first use: AuditEvents are written through it."""
-        if self._repository is None:
-            from iop_fhir.app import build_repository
-
-            self._repository = build_repository(self.settings, self.store)
-        return self._repository
+        self.repository = repository  # AuditEvents of disclosures are written through it
 
     def deliver_due(self, batch: int, stop: _Stop | None = None) -> int:
         """Claim up to ``batch`` due rows and deliver them; rows not reached before a stop go back to pending.

@@ -38,8 +38,10 @@ from iop_fhir.r4.search import Restriction
 from iop_fhir.security import audit, disclosure
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.scopes import Scopes
-from iop_fhir.store.export_sql import Chunk, Compartment, ExportJob, ExportStore, LeaseLost
-from iop_fhir.store.sql import SqlStore, SqlWriteTx
+from iop_fhir.store import leases
+from iop_fhir.store.base import WriteTx
+from iop_fhir.store.export_sql import ExportDatabase, ExportStore
+from iop_fhir.store.exports import Chunk, Compartment, ExportJob, ExportJobs, LeaseLost
 
 if TYPE_CHECKING:
     from iop_fhir.fhir.repository import Repository
@@ -359,17 +361,16 @@ SERVICE = Principal(client_id="iop-fhir-export", scopes=Scopes.parse("system/*.r
 
 
 def export_to_folder(
-    store: SqlStore,
-    settings: Settings,
+    exporter: Exporter,
     request: ExportRequest,
     folder: Path,
     *,
     on_chunk: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run an export in this process as SERVICE, with the same job code as the API, write its files into ``folder``
-    (``Patient.ndjson``, ``Patient.2.ndjson``, ..., errors as ``errors.ndjson``) and delete the job. Returns the
-    manifest with a ``path`` for each file instead of a ``url``."""
-    exporter = Exporter(store, settings, background=False)
+    """Run an export in this process as SERVICE, with the same job code as the API (``exporter`` runs jobs in the
+    caller's thread), write its files into ``folder`` (``Patient.ndjson``, ``Patient.2.ndjson``, ..., errors as
+    ``errors.ndjson``) and delete the job. Returns the manifest with a ``path`` for each file instead of a ``url``."""
+    store, settings = exporter.store, exporter.settings
     access = Access(SERVICE, store)
     authorize(access, exporter.repository.acting_for(access), request)
     since = instant(request.since) if request.since is not None else ""
@@ -432,44 +433,29 @@ class Cursor:
         return cls(**data) if data else cls()
 
 
-def worker_id() -> str:
-    from iop_fhir.exchange.worker import worker_name
-
-    return worker_name()
-
-
 class Exporter:
     """Runs export jobs: in one background thread of the serving process after each kick-off (``kick``), and in
     `iop-fhir worker` (``run_due``)."""
 
     def __init__(
         self,
-        store: SqlStore,
+        store: ExportDatabase,
         settings: Settings,
         *,
-        repository: Repository | None = None,
+        repository: Repository,
         background: bool = True,
         worker: str | None = None,
     ) -> None:
-        self.jobs = ExportStore(store)
+        self.jobs: ExportJobs = ExportStore(store)
         self.store = store
         self.settings = settings
         self.file_lines = max(1, settings.export_file_lines)
         self.lease = float(settings.worker_lease_seconds)
         self.background = background
-        self.worker_id = worker or worker_id()
-        self._repository = repository
+        self.worker_id = worker or leases.holder_name()
+        self.repository = repository  # AuditEvents of what jobs export are written through it
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-
-    @property
-    def repository(self) -> Repository:
-        """The repository AuditEvents are written through (the app's, or app.build_repository's)."""
-        if self._repository is None:
-            from iop_fhir.app import build_repository
-
-            self._repository = build_repository(self.settings, self.store)
-        return self._repository
 
     def kick(self) -> None:
         """Make sure the background thread runs (it takes queued jobs until there are none)."""
@@ -690,7 +676,7 @@ class _Run:
         if chunk is not None and chunk.kind == "output" and self.on_chunk is not None:
             self.on_chunk(chunk.res_type, chunk.lines)
 
-    def _audit(self, tx: SqlWriteTx, disclosed: list[tuple[str, set[str]]]) -> None:
+    def _audit(self, tx: WriteTx, disclosed: list[tuple[str, set[str]]]) -> None:
         """The chunk's AuditEvents, grouped as security/trail.py groups a response: for a partner one per patient
         whose records the chunk holds, otherwise one (naming the patient if there is only one)."""
         if not disclosed:

@@ -16,11 +16,9 @@ from iop_fhir.security import guard
 bp = Blueprint("export", __name__, url_prefix="/fhir")
 
 
-def install(app: Flask) -> None:
-    """The app's Exporter (its background thread runs the jobs this process accepts) and the endpoints."""
-    app.extensions["iop_fhir.exports"] = export.Exporter(
-        app.extensions["iop_fhir.store"], app.config["IOP_FHIR"], repository=app.extensions["iop_fhir.repository"]
-    )
+def install(app: Flask, exporter: export.Exporter) -> None:
+    """The endpoints, and the app's Exporter (its background thread runs the jobs this process accepts)."""
+    app.extensions["iop_fhir.exports"] = exporter
     app.register_blueprint(bp)
 
 

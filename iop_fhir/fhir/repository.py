@@ -143,10 +143,16 @@ class Repository:
         self.default_count = default_count
         self.max_count = max_count
         self.profiles = profiles
-        # Called in the write's transaction after every stored version (referral intake, subscriptions): what they
-        # write or enqueue commits or rolls back with the write itself.
-        self.write_hooks: list[WriteHook] = []
+        # Called in the write's transaction after every stored version, in the order added (runtime.py registers
+        # them by name): what they write or enqueue commits or rolls back with the write itself.
+        self.write_hooks: dict[str, WriteHook] = {}
         self.access: Access | None = None  # set on the per-request copy made by acting_for
+
+    def add_write_hook(self, name: str, hook: WriteHook) -> None:
+        """Run ``hook`` after every version this repository stores, after the hooks added before it."""
+        if name in self.write_hooks:
+            raise ValueError(f"a write hook named {name!r} is already registered")
+        self.write_hooks[name] = hook
 
     def acting_for(self, access: Access) -> Repository:
         """This repository as one client sees it: every public interaction is checked against ``access`` first,
@@ -499,7 +505,7 @@ class Repository:
             ) from None
         stored = StoredResource(res_type, res_id, version_id, last_updated, False, content, method)
         tx.save(stored, _index(resource))
-        for hook in self.write_hooks:
+        for hook in self.write_hooks.values():
             hook(tx, resource, stored)
         return stored
 

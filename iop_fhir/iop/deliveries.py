@@ -14,7 +14,7 @@ from iop_fhir.exchange import outbox
 from iop_fhir.iop import schemas, web
 from iop_fhir.iop.web import json_response
 from iop_fhir.r4.instants import now_us
-from iop_fhir.store.base import DELIVERY_STATUSES, RETRYABLE_BY_HAND, Delivery, Store
+from iop_fhir.store.base import DELIVERY_STATUSES, RETRYABLE_BY_HAND, Delivery, Outbox
 
 PARAMETERS = ("partner", "status", "record", "offset", "count")
 _RECORD = re.compile(r"([a-z][a-z0-9-]{0,31})/([A-Za-z0-9\-.]{1,64})")
@@ -35,9 +35,9 @@ _LIST_DOC = [
 ]
 
 
-def _store() -> Store:
-    store: Store = current_app.extensions["iop_fhir.store"]
-    return store
+def _outbox() -> Outbox:
+    rows: Outbox = current_app.extensions["iop_fhir.store"]
+    return rows
 
 
 def _filters() -> dict[str, Any]:
@@ -66,7 +66,7 @@ def _filters() -> dict[str, Any]:
 
 def _delivery(delivery_id: str) -> Delivery:
     """The delivery, or 404; ids that cannot be delivery ids are not looked up."""
-    found = _store().delivery(delivery_id) if schemas.FHIR_ID.fullmatch(delivery_id) else None
+    found = _outbox().delivery(delivery_id) if schemas.FHIR_ID.fullmatch(delivery_id) else None
     if found is None:
         raise NotFound(f"there is no delivery with id {delivery_id[:80]!r}", "id")
     return found
@@ -74,7 +74,7 @@ def _delivery(delivery_id: str) -> Delivery:
 
 def list_deliveries() -> Response:
     filters = _filters()
-    found, total = _store().deliveries(**filters)
+    found, total = _outbox().deliveries(**filters)
     body = {
         "total": total,
         "offset": filters["offset"],
@@ -90,7 +90,7 @@ def get_delivery(delivery_id: str) -> Response:
 
 def retry_delivery(delivery_id: str) -> Response:
     current = _delivery(delivery_id)
-    if not _store().retry(current.id, now_us()):
+    if not _outbox().retry(current.id, now_us()):
         status = _delivery(delivery_id).status
         allowed = " or ".join(RETRYABLE_BY_HAND)
         raise Conflict(f"delivery {current.id} is {status}; only {allowed} deliveries can be retried", "status")

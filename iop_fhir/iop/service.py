@@ -18,7 +18,7 @@ from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS, Engine, Overlay, Produced, merge
 from iop_fhir.r4 import validation
 from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.store.base import StoredRecord, WriteTx
+from iop_fhir.store.base import RecordTx, StoredRecord, WriteTx
 
 log = logging.getLogger("iop_fhir.records")
 ACTIVE, RETRACTED = "active", "entered-in-error"
@@ -211,13 +211,13 @@ class RecordService:
             paths.append("".join(f"[{s}]" if s.isdigit() else f".{s}" for s in steps).lstrip("."))
         return paths
 
-    def _existing(self, tx: WriteTx, kind: str, rid: str) -> StoredRecord:
+    def _existing(self, tx: RecordTx, kind: str, rid: str) -> StoredRecord:
         existing = tx.record(kind, rid)
         if existing is None:
             raise NotFound(f"{kind} {rid} is not known", "id")
         return existing
 
-    def _context(self, tx: WriteTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+    def _context(self, tx: RecordTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Checks the records the payload names (enrollment, partners) and gathers what the rules need."""
         spec = self.engine.spec(kind)
         issues: list[Issue] = []
@@ -293,14 +293,14 @@ class RecordService:
         return stored
 
     def _own_resources(
-        self, tx: WriteTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None
+        self, tx: RecordTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None
     ) -> list[Produced]:
         """The record's resources with the changes other records make to them (a discharge closes the episode)."""
         produced = self.engine.map(kind, record, rid)
         overlays = self._overlays_on(tx, kind, rid, enrollment_id)
         return [self._apply(p, kind, overlays) for p in produced]
 
-    def _overlays_on(self, tx: WriteTx, kind: str, rid: str, enrollment_id: str | None) -> list[Overlay]:
+    def _overlays_on(self, tx: RecordTx, kind: str, rid: str, enrollment_id: str | None) -> list[Overlay]:
         if enrollment_id is None:
             return []
         found: list[Overlay] = []
@@ -330,7 +330,7 @@ class RecordService:
         return Produced(produced.role, resource, produced.shared)
 
     def _overlay_targets(
-        self, tx: WriteTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None, *, active: bool
+        self, tx: RecordTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None, *, active: bool
     ) -> list[tuple[Produced, str, bool]]:
         """The resources of other records this record changes (a discharge: the episode, the plan and its goals),
         re-mapped from their own records with this record's changes, or without them once it is retracted.
@@ -402,7 +402,7 @@ class RecordService:
             write.add(produced, role)
         self._write_resources(tx, write)
 
-    def _current_plan(self, enrollment_id: str, tx: WriteTx) -> str | None:
+    def _current_plan(self, enrollment_id: str, tx: RecordTx) -> str | None:
         """The enrollment's current treatment plan: the active one that starts last."""
         plans, _ = self.store.records("treatment-plan", enrollment_id=enrollment_id, offset=0, count=1000)
         active = [p for p in plans if p.status == ACTIVE]

@@ -1,4 +1,10 @@
-"""The mapping engine: IOP records to FHIR resources and back, driven by mappings/*.yaml."""
+"""The mapping engine: IOP records to FHIR resources, driven by mappings/*.yaml; terminology lookups; deterministic ids.
+
+``Engine.reverse`` (resources back to the record) is the mappings' test oracle: the golden tests map every case and
+read it back, which proves that nothing a record says is lost on the way to FHIR. Referral intake does not use it:
+an inbound referral's Patient and Conditions come from another system, not from these templates, and
+exchange/referrals.py reads them leniently (any identifiers, names, codings); the reverse matches what `map` wrote.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ A template is FHIR JSON in which some values are expressions:
     {$text: "... {a.b} ..."}                text assembled from fields
 
 Every expression that names a record field can be read backwards, so `reverse` rebuilds the record from the
-resources; derived values ($fn, $text) are recomputed rather than read back.
+resources; derived values ($fn, $text) are recomputed rather than read back. `reverse` reads only what `map` wrote
+(the golden tests' round trip); see the package docstring for why inbound referrals are read otherwise.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from iop_fhir.r4 import definitions
 from iop_fhir.r4.search import Restriction
 from iop_fhir.security import disclosure
 from iop_fhir.security.scopes import Scopes
-from iop_fhir.store.base import Store
+from iop_fhir.store.base import ResourceStore
 
 # The audit trail is for administrators (registered with --admin) and is written by the service alone.
 ADMIN_ONLY = frozenset({"AuditEvent"})
@@ -89,7 +89,7 @@ class Access:
     """One request's client: ``require`` raises a 403 OperationOutcome naming the scope that is missing, and
     ``restriction`` is computed once, on first use, for a partner's client."""
 
-    def __init__(self, principal: Principal, store: Store, *, today: date | None = None) -> None:
+    def __init__(self, principal: Principal, store: ResourceStore, *, today: date | None = None) -> None:
         self.principal = principal
         self._store = store
         self._today = today

@@ -14,7 +14,7 @@ from iop_fhir.mapping.engine import PART2_LABELS
 from iop_fhir.r4 import search
 from iop_fhir.r4.search import Restriction
 from iop_fhir.security import consent
-from iop_fhir.store.base import Store
+from iop_fhir.store.base import ResourceStore
 
 PAGE = 1000
 # 42 CFR §2.32 Statement 1 (TERMINOLOGY.md §6.1); the full notice accompanies every disclosure.
@@ -40,7 +40,7 @@ NOTE_LABELS: tuple[Mapping[str, Any], ...] = (
 DEFAULT_PURPOSE = "TREAT"
 
 
-def restriction_for(store: Store, recipient: str, purpose: str | None, on: date) -> Restriction:
+def restriction_for(store: ResourceStore, recipient: str, purpose: str | None, on: date) -> Restriction:
     """The patients whose records ``recipient`` ("Organization/<id>") may see on day ``on`` for ``purpose`` (a
     v3-ActReason code, TREAT when the token names none), and those whose SUD counseling notes too.
 
@@ -70,7 +70,7 @@ def restriction_for(store: Store, recipient: str, purpose: str | None, on: date)
     return Restriction(frozenset(patients), frozenset(notes))
 
 
-def _consents(store: Store, params: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+def _consents(store: ResourceStore, params: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
     offset = 0
     while True:
         request = search.parse(

@@ -90,7 +90,6 @@ def repository() -> Repository:
 def install(app: Flask) -> None:
     repository_ = app.extensions["iop_fhir.repository"]
     app.extensions["iop_fhir.verified_tokens"] = VerifiedTokens()
-    repository_.write_hooks.append(trail.write_hook(repository_))
 
     @app.before_request
     def _authenticate() -> None:

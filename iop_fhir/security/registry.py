@@ -1,6 +1,6 @@
-"""The service as the authorization server of its own API (SMART Backend Services): the registered clients, the keys
-that sign its access tokens, the jtis of used client assertions, all in the store's database (tables ``auth_*``), and
-``issue_for_client``, the one place that decides what a client's token says.
+"""The service as the authorization server of its own API (SMART Backend Services): the registered clients and the
+jtis of used client assertions (kept by the store, ClientTables), the keys that sign its access tokens (table
+``auth_keys``), and ``issue_for_client``, the one place that decides what a client's token says.
 
 https://hl7.org/fhir/smart-app-launch/backend-services.html. The token endpoint (``security/views.py``) and
 ``iop-fhir token`` both issue through ``issue_for_client``; neither takes a partner, purpose or admin flag from the
@@ -10,19 +10,18 @@ request: those come from the registration.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
-from sqlalchemy import Connection, Engine, delete, exists, insert, select, update
+from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from iop_fhir.config import Settings, issuer
@@ -36,8 +35,8 @@ from iop_fhir.security.tokens import (
     jwk_algorithm,
     jwk_thumbprint,
 )
-from iop_fhir.store.schema import auth_clients, auth_jtis, auth_keys
-from iop_fhir.store.sql import SqlStore
+from iop_fhir.store.base import ClientTables, RecordStore, StoredClient
+from iop_fhir.store.schema import auth_keys
 
 # https://hl7.org/fhir/R4/datatypes.html#id: a client id is used in audit records and URLs as it is.
 CLIENT_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -79,18 +78,13 @@ class GrantError(Exception):
 
 
 @dataclass(frozen=True)
-class Client:
-    """A registered client: the keys its assertions are signed with and what its tokens may say."""
+class Client(StoredClient):
+    """A registered client: the keys its assertions are signed with and what its tokens may say (``scope``: the most
+    it may be granted)."""
 
-    client_id: str
-    name: str
-    jwks: dict[str, Any]
-    scope: str  # the most it may be granted
-    partner_id: str | None
-    purpose_of_use: str | None
-    admin: bool
-    active: bool
-    created: int  # microseconds since the epoch
+    @classmethod
+    def of(cls, stored: StoredClient) -> Client:
+        return cls(**vars(stored))
 
     def summary(self) -> dict[str, Any]:
         """Everything but the keys, whose ids stand for them."""
@@ -104,20 +98,6 @@ class Client:
             "active": self.active,
             "kids": [k.get("kid") for k in self.jwks.get("keys", []) if isinstance(k, Mapping)],
         }
-
-
-def _row_to_client(row: Any) -> Client:
-    return Client(
-        client_id=row.client_id,
-        name=row.name,
-        jwks=json.loads(row.jwks),
-        scope=row.scope,
-        partner_id=row.partner_id,
-        purpose_of_use=row.purpose_of_use,
-        admin=bool(row.admin),
-        active=bool(row.active),
-        created=int(row.created),
-    )
 
 
 def jwks_issues(jwks: object) -> list[str]:
@@ -142,12 +122,15 @@ def jwks_issues(jwks: object) -> list[str]:
     return issues
 
 
-class ClientRegistry:
-    """The clients of ``auth_clients``. Clients are disabled, never deleted, so a client id is never reused."""
+class RegistryStore(ClientTables, RecordStore, Protocol):
+    """What the registry keeps its clients and jtis in, and where it finds the partners a client may act for."""
 
-    def __init__(self, store: SqlStore, *, clock: Callable[[], float] = time.time) -> None:
+
+class ClientRegistry:
+    """The registered clients. Clients are disabled, never deleted, so a client id is never reused."""
+
+    def __init__(self, store: RegistryStore, *, clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.engine: Engine = store.engine
         self._clock = clock
         self._last_purge = 0.0
         self._purge_guard = threading.Lock()
@@ -202,46 +185,25 @@ class ClientRegistry:
             active=True,
             created=_now_us(),
         )
-        values = {
-            "client_id": client.client_id,
-            "name": client.name,
-            "jwks": json.dumps(client.jwks, separators=(",", ":")),
-            "scope": client.scope,
-            "partner_id": client.partner_id,
-            "purpose_of_use": client.purpose_of_use,
-            "admin": client.admin,
-            "active": client.active,
-            "created": client.created,
-        }
-        try:
-            with self._write() as conn:
-                conn.execute(insert(auth_clients).values(**values))
-        except IntegrityError:
-            raise ClientError([("client_id", f"a client {client_id!r} is already registered")]) from None
+        if not self.store.add_client(client):
+            raise ClientError([("client_id", f"a client {client_id!r} is already registered")])
         return client
 
     def get(self, client_id: str) -> Client | None:
         if not isinstance(client_id, str) or not CLIENT_ID.fullmatch(client_id):
             return None
-        with self.engine.connect() as conn:
-            row = conn.execute(select(auth_clients).where(auth_clients.c.client_id == client_id)).first()
-        return _row_to_client(row) if row else None
+        found = self.store.client(client_id)
+        return Client.of(found) if found is not None else None
 
     def list(self) -> list[Client]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(auth_clients).order_by(auth_clients.c.client_id)).all()
-        return [_row_to_client(row) for row in rows]
+        return [Client.of(stored) for stored in self.store.clients()]
 
     def disable(self, client_id: str) -> None:
         """From now on the client gets no token (those it holds run out within the token lifetime)."""
-        with self._write() as conn:
-            changed = conn.execute(
-                update(auth_clients).where(auth_clients.c.client_id == client_id).values(active=False)
-            ).rowcount
-        if not changed:
+        if not self.store.disable_client(client_id):
             raise ClientError([("client_id", f"no client {client_id!r} is registered")])
 
-    def seen_jtis(self, client_id: str) -> SqlJtiStore:
+    def seen_jtis(self, client_id: str) -> UsedJtis:
         """The jtis already used by ``client_id``'s assertions; deletes the expired ones of every client now and
         then."""
         now = self._clock()
@@ -250,50 +212,33 @@ class ClientRegistry:
             if purge:
                 self._last_purge = now
         if purge:
-            with self._write() as conn:
-                conn.execute(delete(auth_jtis).where(auth_jtis.c.expires_at < int(now * 1_000_000)))
+            self.store.purge_jtis(int(now * 1_000_000))
         # An accepted assertion expires at most this late, so its jti is kept at least as long as it could be used.
         keep_until = int((now + MAX_ASSERTION_LIFETIME_S + 2 * CLOCK_SKEW_S) * 1_000_000)
-        return SqlJtiStore(self.engine, client_id, keep_until)
-
-    def _write(self) -> AbstractContextManager[Connection]:
-        return _writing(self.engine)
+        return UsedJtis(self.store, client_id, keep_until)
 
 
-@contextmanager
-def _writing(engine: Engine) -> Iterator[Connection]:
-    # iop_write: BEGIN IMMEDIATE on SQLite (store/sql.py), so two writers never deadlock on a lock upgrade.
-    with engine.connect().execution_options(iop_write=True) as conn, conn.begin():
-        yield conn
+class UsedJtis:
+    """``tokens.JtiStore`` over the store's jtis for one client: ``add`` is the atomic check, since another process
+    may accept the same assertion between ``in`` and ``add``; the store lets only one of them keep it."""
 
-
-class SqlJtiStore:
-    """``tokens.JtiStore`` over ``auth_jtis`` for one client: ``add`` is the atomic check, since another process may
-    accept the same assertion between ``in`` and ``add``; the unique key lets only one of them insert it."""
-
-    def __init__(self, engine: Engine, client_id: str, keep_until_us: int) -> None:
-        self._engine = engine
+    def __init__(self, store: ClientTables, client_id: str, keep_until_us: int) -> None:
+        self._store = store
         self.client_id = client_id
         self.keep_until_us = keep_until_us
 
     def __contains__(self, jti: object, /) -> bool:
         if not isinstance(jti, str) or len(jti) > MAX_JTI_LENGTH:
             return False  # add refuses it
-        query = select(exists().where(auth_jtis.c.client_id == self.client_id, auth_jtis.c.jti == jti))
-        with self._engine.connect() as conn:
-            return bool(conn.execute(query).scalar())
+        return self._store.jti_used(self.client_id, jti)
 
     def add(self, jti: str, /) -> None:
         if not isinstance(jti, str) or not jti:
             raise TokenError("malformed", "jti is not a non-empty string")
         if len(jti) > MAX_JTI_LENGTH:
             raise TokenError("malformed", f"jti is longer than {MAX_JTI_LENGTH} characters")
-        row = {"client_id": self.client_id, "jti": jti, "expires_at": self.keep_until_us}
-        try:
-            with _writing(self._engine) as conn:
-                conn.execute(insert(auth_jtis).values(**row))
-        except IntegrityError:
-            raise TokenError("replayed", "this assertion (jti) was already used") from None
+        if not self._store.use_jti(self.client_id, jti, self.keep_until_us):
+            raise TokenError("replayed", "this assertion (jti) was already used")
 
 
 def covers(registered: Scopes, requested: Scope) -> bool:
@@ -419,6 +364,13 @@ def _stored_keys(engine: Engine) -> list[tuple[str, str]]:
     )
     with engine.connect() as conn:
         return [(row.kid, row.private_pem) for row in conn.execute(query)]
+
+
+@contextmanager
+def _writing(engine: Engine) -> Iterator[Connection]:
+    # iop_write: BEGIN IMMEDIATE on SQLite (store/sql.py), so two writers never deadlock on a lock upgrade.
+    with engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+        yield conn
 
 
 def _create_key(engine: Engine, known: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -16,7 +16,6 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from iop_fhir.config import Settings, auth_url
 from iop_fhir.security.registry import CLOCK_SKEW_S, ClientRegistry, GrantError, KeyRing, issue_for_client
 from iop_fhir.security.tokens import ALGORITHMS, TokenError, assertion_client_id, verify_client_assertion
-from iop_fhir.store.sql import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +31,10 @@ SCOPES_SUPPORTED = ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.
 CAPABILITIES = ["client-confidential-asymmetric", "permission-v2"]
 
 
-def install(app: Flask, settings: Settings, store: SqlStore) -> None:
-    """Loads the client registry and the signing key (generated and stored on first use) and adds the routes."""
-    app.extensions["iop_fhir.clients"] = ClientRegistry(store)
-    app.extensions["iop_fhir.keys"] = KeyRing.load(settings, store.engine)
+def install(app: Flask, clients: ClientRegistry, keys: KeyRing) -> None:
+    """The routes, on the client registry and the signing key (runtime.py loads both)."""
+    app.extensions["iop_fhir.clients"] = clients
+    app.extensions["iop_fhir.keys"] = keys
     app.register_blueprint(bp)
 
 

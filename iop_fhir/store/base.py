@@ -1,5 +1,9 @@
-"""What every store offers: stored FHIR resource versions, IOP records, outbox deliveries, a write transaction, the
-index row format."""
+"""What the store holds, and what it offers as small protocols by concern: FHIR resource versions and their search
+index (ResourceStore, ResourceTx), IOP records (RecordStore, RecordTx), inbound referrals (Referrals, ReferralTx),
+outbox deliveries (Outbox, OutboxTx), sync cursors (SyncCursors, SyncCursorTx), Subscription event counters
+(SubscriptionEvents, SubscriptionEventTx) and the clients of the token endpoint (ClientTables). A caller that uses one
+concern types against its protocol; ``Store`` and ``WriteTx`` are their union, for the Repository, whose transaction
+every write hook and record hook receives. Export jobs have their own protocol (store/exports.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class StoredResource:
 class StoredRecord:
     """One IOP record (/iop) as stored: the record as loaded, and the FHIR resources it produced."""
 
-    kind: str  # enrollment, assessment, treatment-plan, session, consent, discharge, partner
+    kind: str  # enrollment, assessment, treatment-plan, session, consent, discharge, partner; REFERRAL
     id: str
     enrollment_id: str | None
     status: str  # active | entered-in-error
@@ -37,6 +41,10 @@ class StoredRecord:
     resources: list[dict[str, str]]  # [{"role": ..., "reference": "Type/id"}, ...]
     created: int  # microseconds since the epoch, UTC
     updated: int
+
+
+# The kind of an inbound referral read as a StoredRecord (Referrals): outbox rows name it as their record_kind.
+REFERRAL = "referral"
 
 
 # Outbox statuses: pending (due at next_attempt_at) -> delivering (claimed by a worker until its lease ends) ->
@@ -80,8 +88,27 @@ class SearchResult:
     has_more: bool = False
 
 
-class WriteTx(Protocol):
-    """One database transaction. Everything done through it commits together or not at all."""
+@dataclass(frozen=True)
+class StoredClient:
+    """A client of the token endpoint as stored: the public JWKS it signs assertions with, the most it may be granted,
+    and what every token of it says (partner, purpose of use, admin)."""
+
+    client_id: str
+    name: str
+    jwks: dict[str, Any]
+    scope: str  # space-separated SMART scopes
+    partner_id: str | None
+    purpose_of_use: str | None
+    admin: bool
+    active: bool
+    created: int  # microseconds since the epoch, UTC
+
+
+# -- FHIR resources --------------------------------------------------------------------------------------------------
+
+
+class ResourceTx(Protocol):
+    """The FHIR resources in one database transaction. Everything done through it commits together or not at all."""
 
     # Called once the transaction's body has succeeded, in the transaction, just before it commits.
     before_commit: list[Callable[[], None]]
@@ -95,11 +122,7 @@ class WriteTx(Protocol):
     def reserve(self, res_type: str, res_id: str) -> None:
         """Declare a server-assigned id as new, so that save() needs no current() first."""
 
-    def save(
-        self,
-        version: StoredResource,
-        index: IndexRows,
-    ) -> None:
+    def save(self, version: StoredResource, index: IndexRows) -> None:
         """Store a new version (create or update) and replace the resource's search index."""
 
     def delete(self, res_type: str, res_id: str, version_id: int, last_updated: int) -> None:
@@ -108,35 +131,14 @@ class WriteTx(Protocol):
     def search(self, request: Any) -> SearchResult:
         """Run a parsed search (r4/search.py) inside this transaction."""
 
-    def record(self, kind: str, id: str, *, lock: bool = True) -> StoredRecord | None:
-        """The stored record; with ``lock``, serialised with every other writer of it until the transaction ends."""
-
-    def save_record(self, record: StoredRecord) -> None:
-        """Insert the record, or replace the stored one with the same kind and id."""
-
-    def enqueue(self, delivery: Delivery) -> None:
-        """Add an outbox row; it becomes visible to workers when (and only if) this transaction commits."""
-
-    def deliveries_to(self, partner_id: str, statuses: tuple[str, ...]) -> list[Delivery]:
-        """The partner's outbox rows in one of ``statuses``, oldest first, locked against workers and other writers
-        until the transaction ends (a worker's claim skips them)."""
-
-    def set_delivery_status(
-        self, id: str, expected: tuple[str, ...], status: str, last_error: dict[str, Any] | None, now: int
-    ) -> bool:
-        """Move a row that is still in one of ``expected`` to ``status`` with ``last_error``, due now; False if it
-        was not (a worker claimed it meanwhile)."""
-
     def type_state(self, res_type: str) -> tuple[int, int | None]:
         """How many versions of resources of a type were ever stored, and when the newest was: it changes with every
         create, update and delete of that type (a cheap check that a cache of them still holds)."""
 
-    def save_sync_cursor(self, partner_id: str, patient_id: str, res_type: str, last_updated: str, now: int) -> None:
-        """Set how far sync has stored a partner's resources of one type for one patient (the partner's
-        meta.lastUpdated, as written), in the transaction that stored them."""
 
+class ResourceStore(Protocol):
+    """Stored FHIR resource versions: reads by id and version, history, search, and write transactions."""
 
-class Store(Protocol):
     def read(self, res_type: str, res_id: str) -> StoredResource | None: ...
 
     def vread(self, res_type: str, res_id: str, version_id: int) -> StoredResource | None: ...
@@ -156,6 +158,23 @@ class Store(Protocol):
 
     def search(self, request: Any) -> SearchResult: ...
 
+    def write(self) -> AbstractContextManager[ResourceTx]: ...
+
+
+# -- IOP records -----------------------------------------------------------------------------------------------------
+
+
+class RecordTx(Protocol):
+    def record(self, kind: str, id: str, *, lock: bool = True) -> StoredRecord | None:
+        """The stored record; with ``lock``, serialised with every other writer of it until the transaction ends."""
+
+    def save_record(self, record: StoredRecord) -> None:
+        """Insert the record, or replace the stored one with the same kind and id."""
+
+
+class RecordStore(Protocol):
+    """The IOP records (/iop) and the FHIR resources each produced."""
+
     def record(self, kind: str, id: str) -> StoredRecord | None: ...
 
     def records(
@@ -163,7 +182,51 @@ class Store(Protocol):
     ) -> tuple[list[StoredRecord], int]:
         """A page of records of one kind (of one enrollment if given), oldest first, and the total."""
 
-    def write(self) -> AbstractContextManager[WriteTx]: ...
+
+# -- inbound referrals -----------------------------------------------------------------------------------------------
+
+
+class ReferralTx(Protocol):
+    def referral(self, id: str, *, lock: bool = True) -> StoredRecord | None:
+        """The referral (a StoredRecord of kind REFERRAL); with ``lock``, serialised with every other writer of it
+        until the transaction ends."""
+
+    def save_referral(self, referral: StoredRecord) -> None:
+        """Insert the referral, or replace the stored one with the same id."""
+
+
+class Referrals(Protocol):
+    """Inbound referrals (exchange/referrals.py), each read as a StoredRecord of kind REFERRAL whose content holds the
+    referral's own status (requested, accepted, declined, no-show, admitted)."""
+
+    def referral(self, id: str) -> StoredRecord | None: ...
+
+    def referrals(
+        self, *, status: str | None = None, offset: int = 0, count: int = 20
+    ) -> tuple[list[StoredRecord], int]:
+        """A page of referrals (in ``status`` if given), oldest first, and the total."""
+
+
+# -- the outbox ------------------------------------------------------------------------------------------------------
+
+
+class OutboxTx(Protocol):
+    def enqueue(self, delivery: Delivery) -> None:
+        """Add an outbox row; it becomes visible to workers when (and only if) this transaction commits."""
+
+    def deliveries_to(self, partner_id: str, statuses: tuple[str, ...]) -> list[Delivery]:
+        """The partner's outbox rows in one of ``statuses``, oldest first, locked against workers and other writers
+        until the transaction ends (a worker's claim skips them)."""
+
+    def set_delivery_status(
+        self, id: str, expected: tuple[str, ...], status: str, last_error: dict[str, Any] | None, now: int
+    ) -> bool:
+        """Move a row that is still in one of ``expected`` to ``status`` with ``last_error``, due now; False if it
+        was not (a worker claimed it meanwhile)."""
+
+
+class Outbox(Protocol):
+    """The outbox rows as workers lease and settle them, and as operators list and retry them."""
 
     def claim(self, worker_id: str, now: int, lease_seconds: float, limit: int) -> list[Delivery]:
         """Lease up to ``limit`` due rows to one worker: pending rows whose next attempt is due and delivering rows
@@ -191,9 +254,6 @@ class Store(Protocol):
     def retry(self, id: str, now: int) -> bool:
         """Make a dead or blocked row pending and due now (attempts kept); False if it is not dead or blocked."""
 
-    def sync_cursor(self, partner_id: str, patient_id: str, res_type: str) -> str | None:
-        """The partner's meta.lastUpdated up to which sync has stored its resources of this type and patient."""
-
     def delivery(self, id: str) -> Delivery | None: ...
 
     def deliveries(
@@ -207,5 +267,78 @@ class Store(Protocol):
         count: int = 20,
     ) -> tuple[list[Delivery], int]:
         """A page of outbox rows, oldest first, and the total."""
+
+
+# -- sync cursors ----------------------------------------------------------------------------------------------------
+
+
+class SyncCursorTx(Protocol):
+    def save_sync_cursor(self, partner_id: str, patient_id: str, res_type: str, last_updated: str, now: int) -> None:
+        """Set how far sync has stored a partner's resources of one type for one patient (the partner's
+        meta.lastUpdated, as written), in the transaction that stored them."""
+
+
+class SyncCursors(Protocol):
+    def sync_cursor(self, partner_id: str, patient_id: str, res_type: str) -> str | None:
+        """The partner's meta.lastUpdated up to which sync has stored its resources of this type and patient."""
+
+
+# -- Subscription event counters -------------------------------------------------------------------------------------
+
+
+class SubscriptionEventTx(Protocol):
+    def next_subscription_event(self, sub_id: str, now: int) -> int:
+        """The number of the Subscription's next event, counting from 1, taken in this transaction: concurrent
+        transactions that number events of the same Subscription wait for each other, so no number is given twice,
+        and one that rolls back takes none. The count outlives the Subscription (a delete and re-create under the
+        same id counts on)."""
+
+
+class SubscriptionEvents(Protocol):
+    def subscription_events(self, sub_id: str) -> int | None:
+        """How many events of the Subscription were numbered, or None if none ever was."""
+
+
+# -- the clients of the token endpoint -------------------------------------------------------------------------------
+
+
+class ClientTables(Protocol):
+    """The clients registered at the token endpoint, and the jtis of the client assertions it accepted (each kept
+    until it expires, so that no process accepts one twice)."""
+
+    def add_client(self, client: StoredClient) -> bool:
+        """Store a new client; False (nothing stored) if its client id is taken."""
+
+    def client(self, client_id: str) -> StoredClient | None: ...
+
+    def clients(self) -> list[StoredClient]:
+        """Every client, by client id."""
+
+    def disable_client(self, client_id: str) -> bool:
+        """Mark the client inactive; False if there is no such client."""
+
+    def jti_used(self, client_id: str, jti: str) -> bool:
+        """Whether the client's assertion with this jti was accepted (and has not expired since)."""
+
+    def use_jti(self, client_id: str, jti: str, expires_at: int) -> bool:
+        """Keep the jti of an accepted assertion until ``expires_at``; False (and nothing changed) if it was already
+        used: of processes accepting the same assertion at once, only one succeeds."""
+
+    def purge_jtis(self, now: int) -> int:
+        """Delete the jtis expired before ``now``; returns how many."""
+
+
+# -- all of them -----------------------------------------------------------------------------------------------------
+
+
+class WriteTx(ResourceTx, RecordTx, ReferralTx, OutboxTx, SyncCursorTx, SubscriptionEventTx, Protocol):
+    """One database transaction over every concern: a FHIR write, the records, referrals, deliveries, cursors and
+    event numbers it causes commit together or not at all."""
+
+
+class Store(ResourceStore, RecordStore, Referrals, Outbox, SyncCursors, SubscriptionEvents, Protocol):
+    """Every concern of the store but export jobs and the token endpoint's clients: what the Repository is built on."""
+
+    def write(self) -> AbstractContextManager[WriteTx]: ...
 
     def close(self) -> None: ...

@@ -1,5 +1,6 @@
-"""The SQL of Bulk Data export jobs (fhir/export.py): job rows and their leases, the NDJSON chunks, and the keyset
-pages of resources an export reads, under the same Part 2 predicate as every search (search_sql.visible).
+"""The SQL of Bulk Data export jobs (ExportJobs of store/exports.py, for fhir/export.py): job rows and their leases,
+the NDJSON chunks, and the keyset pages of resources an export reads, under the same Part 2 predicate as every search
+(search_sql.visible).
 
 A job is claimed the way outbox rows are: on PostgreSQL ``FOR UPDATE SKIP LOCKED``, on SQLite inside ``BEGIN
 IMMEDIATE`` (the one writer), so no job runs in two processes at once; a job whose lease expired (its process died)
@@ -10,13 +11,13 @@ meanwhile stores nothing more.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     and_,
     bindparam,
     delete,
@@ -33,73 +34,26 @@ from sqlalchemy import (
 from iop_fhir.r4.instants import now_us
 from iop_fhir.r4.search import Restriction, is_id
 from iop_fhir.store import schema, search_sql
-from iop_fhir.store.base import StoredResource
-from iop_fhir.store.sql import SqlStore, SqlWriteTx
+from iop_fhir.store.base import ResourceStore, StoredResource, WriteTx
+from iop_fhir.store.exports import Chunk, Compartment, ExportFile, ExportJob, LeaseLost
+from iop_fhir.store.sql import SqlWriteTx
 
 _J = schema.export_jobs
 _F = schema.export_files
 _R = schema.resources
 _REF = schema.idx_reference
 _J_COLUMNS = tuple(_J.c)
-STATUSES = ("queued", "running", "completed", "failed")
 
 
-@dataclass(frozen=True)
-class ExportJob:
-    """One $export job as stored."""
+class ExportDatabase(ResourceStore, Protocol):
+    """The store an exporter is given (SqlStore): its resources, the write transactions a chunk is stored in with its
+    AuditEvents, and short transactions on the same database for the job and chunk rows."""
 
-    id: str
-    client_id: str
-    principal: dict[str, Any]  # what Access is rebuilt from: client_id, scope, partner, purpose, admin
-    request: str  # the kick-off URL
-    params: dict[str, Any]  # fhir/export.ExportRequest as JSON
-    status: str  # one of STATUSES
-    exported: int = 0
-    transaction_time: int | None = None
-    cursor: dict[str, Any] | None = None
-    error: str | None = None
-    attempts: int = 0
-    lease_until: int | None = None
-    leased_by: str | None = None
-    created: int = 0
-    updated: int = 0
-    expires: int | None = None
-    consented: dict[str, list[str]] | None = None  # a partner's job: {"patients": [...], "notes": [...]}
+    def write(self) -> AbstractContextManager[WriteTx]: ...
 
+    def reading(self) -> AbstractContextManager[Connection]: ...
 
-@dataclass(frozen=True)
-class ExportFile:
-    """One file of a job's manifest: its number (in the download URL), output or error, type and line count."""
-
-    number: int
-    kind: str  # output | error
-    res_type: str
-    lines: int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Whole NDJSON lines appended to one file of a job."""
-
-    file_no: int
-    chunk_no: int
-    res_type: str
-    kind: str
-    lines: int
-    content: bytes
-
-
-@dataclass(frozen=True)
-class Compartment:
-    """Resources in the Patient compartment (compartment.py) of ``patients`` (None: of any live Patient), through
-    the reference parameters ``params`` (for Patient itself: the patient, or its ``link``)."""
-
-    params: tuple[str, ...]
-    patients: tuple[str, ...] | None = None
-
-
-class LeaseLost(Exception):
-    """The job was deleted (cancelled) or passed to another process: this one must stop working on it."""
+    def writing(self) -> AbstractContextManager[Connection]: ...
 
 
 def _job(row: Any) -> ExportJob:
@@ -132,11 +86,10 @@ def _ids(values: Sequence[str]) -> Any:
 
 
 class ExportStore:
-    """Export jobs and their files in the database of a SqlStore, which any process of the service may share."""
+    """ExportJobs in the database of a SqlStore, which any process of the service may share."""
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: ExportDatabase) -> None:
         self.store = store
-        self.engine = store.engine
 
     def add(self, job: ExportJob) -> None:
         """Store a new job: queued, or already running under its creator's lease (an export run in process)."""
@@ -155,18 +108,18 @@ class ExportStore:
             "created": job.created,
             "updated": job.created,
         }
-        with self.store._write_conn() as conn:
+        with self.store.writing() as conn:
             conn.execute(insert(_J).values(**values))
 
     def job(self, job_id: str) -> ExportJob | None:
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             row = conn.execute(select(*_J_COLUMNS).where(_J.c.id == job_id)).first()
         return _job(row) if row else None
 
     def claim(self, worker_id: str, lease_seconds: float, job_id: str | None = None) -> ExportJob | None:
         """Lease the oldest queued job (or ``job_id``), or one whose lease expired: running, attempts + 1, its
         transaction time set on its first run. None if there is none free."""
-        with self.store._write_conn() as conn:
+        with self.store.writing() as conn:
             # Taken inside the transaction: on SQLite every writer is serialised behind BEGIN IMMEDIATE, so a write
             # that commits after this moment also stamped its resources after it.
             now = now_us()
@@ -193,14 +146,14 @@ class ExportStore:
         return _job(row)
 
     @contextmanager
-    def write(self) -> Iterator[SqlWriteTx]:
+    def write(self) -> Iterator[WriteTx]:
         """A write transaction of the store, for a chunk with the AuditEvents of what it discloses."""
         with self.store.write() as tx:
             yield tx
 
     def save_chunk(
         self,
-        tx: SqlWriteTx,
+        tx: WriteTx,
         job_id: str,
         worker_id: str,
         lease_seconds: float,
@@ -212,6 +165,8 @@ class ExportStore:
     ) -> None:
         """Append ``chunk`` and move the job's cursor (and, if given, the consents it runs under), extending its
         lease; LeaseLost (and the transaction must roll back) if the job is no longer this worker's."""
+        if not isinstance(tx, SqlWriteTx):  # programming error: a transaction of another store
+            raise TypeError("save_chunk needs a transaction of write()")
         now = now_us()
         held = (_J.c.id == job_id, _J.c.status == "running", _J.c.leased_by == worker_id)
         values = {
@@ -241,12 +196,12 @@ class ExportStore:
         """Mark a job this worker holds completed or failed, kept until ``expires``; False if it no longer holds it."""
         held = (_J.c.id == job_id, _J.c.status == "running", _J.c.leased_by == worker_id)
         values = {"status": status, "error": error, "expires": expires, "lease_until": None, "updated": now_us()}
-        with self.store._write_conn() as conn:
+        with self.store.writing() as conn:
             return bool(conn.execute(update(_J).where(*held).values(**values)).rowcount == 1)
 
     def delete(self, job_id: str) -> bool:
         """Remove a job and its files (a cancelled or expired job); False if there was none."""
-        with self.store._write_conn() as conn:
+        with self.store.writing() as conn:
             # The job row first: on PostgreSQL its lock orders this after a chunk being stored, and that chunk's rows
             # are then deleted too.
             removed = conn.execute(delete(_J).where(_J.c.id == job_id)).rowcount
@@ -255,7 +210,7 @@ class ExportStore:
 
     def purge(self, now: int) -> int:
         """Delete every job (and its files) kept past its expiry; returns how many."""
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             ids = list(conn.execute(select(_J.c.id).where(_J.c.expires <= now)).scalars())
         return sum(self.delete(job_id) for job_id in ids)
 
@@ -266,18 +221,18 @@ class ExportStore:
             .group_by(_F.c.file_no, _F.c.kind, _F.c.res_type)
             .order_by(_F.c.file_no)
         )
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             return [ExportFile(n, kind, res_type, int(lines)) for n, kind, res_type, lines in conn.execute(query)]
 
     def chunks(self, job_id: str, file_no: int) -> list[int]:
         """The chunk numbers of one file, in order (empty: no such file)."""
         query = select(_F.c.chunk_no).where(_F.c.job_id == job_id, _F.c.file_no == file_no).order_by(_F.c.chunk_no)
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             return list(conn.execute(query).scalars())
 
     def chunk(self, job_id: str, file_no: int, chunk_no: int) -> bytes | None:
         key = (_F.c.job_id == job_id, _F.c.file_no == file_no, _F.c.chunk_no == chunk_no)
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             content = conn.execute(select(_F.c.content).where(*key)).scalar_one_or_none()
         return None if content is None else bytes(content)
 
@@ -308,7 +263,7 @@ class ExportStore:
             where.append(_in_compartment(res_type, compartment, r))
         if restriction is not None:
             where.append(search_sql.visible(r, restriction))
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             if max_bytes is not None:
                 sizes = select(r.c.res_id, func.length(r.c.content)).where(*where).order_by(r.c.res_id).limit(limit)
                 taken, total, last = 0, 0, None
@@ -346,7 +301,7 @@ class ExportStore:
             _REF.c.target_type == "Patient",
             _REF.c.target_id.is_not(None),
         )
-        with self.store._read() as conn:
+        with self.store.reading() as conn:
             for res_id, patient in conn.execute(query):
                 if res_id in found:
                     found[res_id].add(patient)

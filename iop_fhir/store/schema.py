@@ -1,6 +1,6 @@
-"""The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the outbox,
-the sync cursors, the OAuth clients and signing keys of the service's token endpoint, the Bulk Data export jobs and
-their files.
+"""The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the inbound
+referrals, the outbox, the sync cursors, the Subscription event counters, the OAuth clients and signing keys of the
+service's token endpoint, the Bulk Data export jobs and their files.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -150,6 +150,25 @@ iop_records = Table(
     Index("ix_iop_records_created", "kind", "created", "id"),
 )
 
+# Inbound referrals (exchange/referrals.py): one row per referral Task received, written in the Task's transaction
+# and by each staff decision. The id is the Task's. `status` is the referral's own (content.status, kept here for the
+# listing by status); `record_status` is the StoredRecord status it is read with (active | entered-in-error).
+inbound_referrals = Table(
+    "inbound_referrals",
+    metadata,
+    Column("id", String(ID), primary_key=True),
+    Column("status", String(20), nullable=False),  # requested | accepted | declined | no-show | admitted
+    Column("record_status", String(20), nullable=False),  # active | entered-in-error
+    Column("enrollment_id", String(ID), nullable=True),  # the enrollment an admission recorded
+    Column("version", Integer, nullable=False),
+    Column("content", LargeBinary, nullable=False),  # orjson of the referral dict
+    Column("resources", LargeBinary, nullable=False),  # orjson of [{"role": ..., "reference": "Type/id"}, ...]
+    Column("created", BigInteger, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+    Index("ix_inbound_referrals_created", "created", "id"),
+    Index("ix_inbound_referrals_status", "status", "created", "id"),
+)
+
 # The durable outbox: what must reach a partner, added in the same transaction as the write that caused it, and
 # delivered by `iop-fhir worker`. A claimed row's next_attempt_at is its lease expiry, so one index range
 # (status, next_attempt_at) finds both due pending rows and rows whose worker died mid-delivery. Rows are never
@@ -187,6 +206,17 @@ sync_cursors = Table(
     Column("patient_id", String(ID), primary_key=True),
     Column("res_type", String(TYPE), primary_key=True),
     Column("last_updated", Text, nullable=False),
+    Column("updated", BigInteger, nullable=False),
+)
+
+# The number of the last event of each Subscription that numbers its notifications (Subscriptions R5 Backport
+# events-since-subscription-start), incremented in the transaction of the write it notifies. Kept when the
+# Subscription is deleted: one re-created under the same id counts on.
+subscription_events = Table(
+    "subscription_events",
+    metadata,
+    Column("sub_id", String(ID), primary_key=True),
+    Column("events", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
 )
 

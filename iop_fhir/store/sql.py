@@ -9,6 +9,7 @@ sequences such as conditional create or If-Match updates are race-free on both d
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import sqlite3
 import time
@@ -32,13 +33,22 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DataError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.search import Restriction
 from iop_fhir.store import schema, search_sql
-from iop_fhir.store.base import RETRYABLE_BY_HAND, Delivery, SearchResult, StoredRecord, StoredResource
+from iop_fhir.store.base import (
+    REFERRAL,
+    RETRYABLE_BY_HAND,
+    Delivery,
+    SearchResult,
+    StoredClient,
+    StoredRecord,
+    StoredResource,
+)
 
 _R = schema.resources
 _H = schema.history
@@ -54,8 +64,13 @@ _REC_COLUMNS = (
     _REC.c.created,
     _REC.c.updated,
 )
+_IR = schema.inbound_referrals
+_IR_COLUMNS = tuple(_IR.c)
 _O = schema.outbox
 _SC = schema.sync_cursors
+_SE = schema.subscription_events
+_AC = schema.auth_clients
+_AJ = schema.auth_jtis
 # Answered from the index on (res_type, last_updated) of the history; built once (a write pays ~15 µs for it).
 _TYPE_STATE = (
     select(func.count(), func.max(_H.c.last_updated)).select_from(_H).where(_H.c.res_type == bindparam("res_type"))
@@ -170,6 +185,49 @@ def _record_values(record: StoredRecord) -> dict[str, Any]:
         "created": record.created,
         "updated": record.updated,
     }
+
+
+def _row_to_referral(row: Any) -> StoredRecord:
+    return StoredRecord(
+        kind=REFERRAL,
+        id=row.id,
+        enrollment_id=row.enrollment_id,
+        status=row.record_status,
+        version=row.version,
+        content=orjson.loads(row.content),
+        resources=orjson.loads(row.resources),
+        created=row.created,
+        updated=row.updated,
+    )
+
+
+def _referral_values(referral: StoredRecord) -> dict[str, Any]:
+    if referral.kind != REFERRAL:
+        raise ValueError(f"a referral is a record of kind {REFERRAL!r}, not {referral.kind!r}")  # programming error
+    return {
+        "status": referral.content["status"],
+        "record_status": referral.status,
+        "enrollment_id": referral.enrollment_id,
+        "version": referral.version,
+        "content": orjson.dumps(referral.content),
+        "resources": orjson.dumps(referral.resources),
+        "created": referral.created,
+        "updated": referral.updated,
+    }
+
+
+def _row_to_client(row: Any) -> StoredClient:
+    return StoredClient(
+        client_id=row.client_id,
+        name=row.name,
+        jwks=json.loads(row.jwks),
+        scope=row.scope,
+        partner_id=row.partner_id,
+        purpose_of_use=row.purpose_of_use,
+        admin=bool(row.admin),
+        active=bool(row.active),
+        created=int(row.created),
+    )
 
 
 def _json_or_none(content: Any) -> Any:
@@ -338,6 +396,30 @@ class SqlWriteTx:
         if updated.rowcount == 0:
             self.conn.execute(insert(_REC).values(kind=record.kind, id=record.id, **values))
 
+    def referral(self, id: str, *, lock: bool = True) -> StoredRecord | None:
+        if lock:
+            self.lock(f"inbound-referral:{id}")
+        row = self.conn.execute(select(*_IR_COLUMNS).where(_IR.c.id == id)).first()
+        return _row_to_referral(row) if row else None
+
+    def save_referral(self, referral: StoredRecord) -> None:
+        # The lock makes update-else-insert race-free on PostgreSQL; on SQLite the write transaction already is.
+        values = _referral_values(referral)
+        self.lock(f"inbound-referral:{referral.id}")
+        if self.conn.execute(update(_IR).where(_IR.c.id == referral.id).values(**values)).rowcount == 0:
+            self.conn.execute(insert(_IR).values(id=referral.id, **values))
+
+    def next_subscription_event(self, sub_id: str, now: int) -> int:
+        # One statement: the upsert locks the counter's row (on PostgreSQL a concurrent one waits for this
+        # transaction and then counts on from what it committed; SQLite writers are serialised already).
+        upsert = (postgresql.insert if self.postgres else sqlite.insert)(_SE)
+        statement = (
+            upsert.values(sub_id=sub_id, events=1, updated=now)
+            .on_conflict_do_update(index_elements=[_SE.c.sub_id], set_={"events": _SE.c.events + 1, "updated": now})
+            .returning(_SE.c.events)
+        )
+        return int(self.conn.execute(statement).scalar_one())
+
     def enqueue(self, delivery: Delivery) -> None:
         self._queue("outbox", _delivery_values(delivery))
 
@@ -453,7 +535,7 @@ _VREAD_SQL = (
 
 
 class SqlStore:
-    """The Store of store/base.py over one SQLAlchemy engine."""
+    """Every protocol of store/base.py (Store, ClientTables) over one SQLAlchemy engine."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
         self.url = url
@@ -481,12 +563,15 @@ class SqlStore:
             tx.flush()
 
     @contextmanager
-    def _write_conn(self) -> Iterator[Connection]:
+    def writing(self) -> Iterator[Connection]:
+        """A short write transaction on the database (BEGIN IMMEDIATE on SQLite), outside any WriteTx: the outbox's
+        leases, the clients' tables, and export jobs (store/export_sql.py)."""
         with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
             yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def reading(self) -> Iterator[Connection]:
+        """A read transaction on the database, outside any WriteTx (also for store/export_sql.py)."""
         with self.engine.connect() as conn, conn.begin():
             yield conn
 
@@ -495,7 +580,7 @@ class SqlStore:
         try:
             if self._direct is not None:
                 return self._direct.one(sql, params)
-            with self._read() as conn:
+            with self.reading() as conn:
                 return conn.exec_driver_sql(sql.replace("?", "%s" if self.postgres else "?"), params).first()
         except self._unreadable_key:
             return None
@@ -552,18 +637,18 @@ class SqlStore:
             .limit(count)
             .offset(offset)
         )
-        with self._read() as conn:
+        with self.reading() as conn:
             total = conn.execute(select(func.count()).select_from(_H).where(*conditions)).scalar_one()
             rows = conn.execute(query).all() if count else []
         return [_row_to_stored(r.res_type, r.res_id, r, r.method) for r in rows], total
 
     def search(self, request: Any) -> SearchResult:
-        with self._read() as conn:
+        with self.reading() as conn:
             return search_sql.run(conn, request)
 
     def record(self, kind: str, id: str) -> StoredRecord | None:
         try:
-            with self._read() as conn:
+            with self.reading() as conn:
                 row = conn.execute(select(*_REC_COLUMNS).where(_REC.c.kind == kind, _REC.c.id == id)).first()
         except self._unreadable_key:
             return None
@@ -577,18 +662,99 @@ class SqlStore:
             conditions.append(_REC.c.enrollment_id == enrollment_id)
         query = select(*_REC_COLUMNS).where(*conditions).order_by(_REC.c.created, _REC.c.id).limit(count).offset(offset)
         try:
-            with self._read() as conn:
+            with self.reading() as conn:
                 total = conn.execute(select(func.count()).select_from(_REC).where(*conditions)).scalar_one()
                 rows = conn.execute(query).all() if count else []
         except self._unreadable_key:
             return [], 0
         return [_row_to_record(r) for r in rows], total
 
+    # -- inbound referrals
+
+    def referral(self, id: str) -> StoredRecord | None:
+        try:
+            with self.reading() as conn:
+                row = conn.execute(select(*_IR_COLUMNS).where(_IR.c.id == id)).first()
+        except self._unreadable_key:
+            return None
+        return _row_to_referral(row) if row else None
+
+    def referrals(
+        self, *, status: str | None = None, offset: int = 0, count: int = 20
+    ) -> tuple[list[StoredRecord], int]:
+        conditions = [] if status is None else [_IR.c.status == status]
+        query = select(*_IR_COLUMNS).where(*conditions).order_by(_IR.c.created, _IR.c.id).limit(count).offset(offset)
+        with self.reading() as conn:
+            total = conn.execute(select(func.count()).select_from(_IR).where(*conditions)).scalar_one()
+            rows = conn.execute(query).all() if count else []
+        return [_row_to_referral(r) for r in rows], total
+
+    # -- Subscription event counters
+
+    def subscription_events(self, sub_id: str) -> int | None:
+        with self.reading() as conn:
+            events = conn.execute(select(_SE.c.events).where(_SE.c.sub_id == sub_id)).scalar_one_or_none()
+        return None if events is None else int(events)
+
+    # -- the clients of the token endpoint
+
+    def add_client(self, client: StoredClient) -> bool:
+        values = {
+            "client_id": client.client_id,
+            "name": client.name,
+            "jwks": json.dumps(client.jwks, separators=(",", ":")),
+            "scope": client.scope,
+            "partner_id": client.partner_id,
+            "purpose_of_use": client.purpose_of_use,
+            "admin": client.admin,
+            "active": client.active,
+            "created": client.created,
+        }
+        try:
+            with self.writing() as conn:
+                conn.execute(insert(_AC).values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    def client(self, client_id: str) -> StoredClient | None:
+        with self.reading() as conn:
+            row = conn.execute(select(_AC).where(_AC.c.client_id == client_id)).first()
+        return _row_to_client(row) if row else None
+
+    def clients(self) -> list[StoredClient]:
+        with self.reading() as conn:
+            return [_row_to_client(row) for row in conn.execute(select(_AC).order_by(_AC.c.client_id))]
+
+    def disable_client(self, client_id: str) -> bool:
+        with self.writing() as conn:
+            changed = conn.execute(update(_AC).where(_AC.c.client_id == client_id).values(active=False)).rowcount
+        return bool(changed)
+
+    def jti_used(self, client_id: str, jti: str) -> bool:
+        query = select(exists().where(_AJ.c.client_id == client_id, _AJ.c.jti == jti))
+        with self.reading() as conn:
+            return bool(conn.execute(query).scalar())
+
+    def use_jti(self, client_id: str, jti: str, expires_at: int) -> bool:
+        # The unique key (client_id, jti) lets only one of the processes accepting the same assertion insert it.
+        try:
+            with self.writing() as conn:
+                conn.execute(insert(_AJ).values(client_id=client_id, jti=jti, expires_at=expires_at))
+        except IntegrityError:
+            return False
+        return True
+
+    def purge_jtis(self, now: int) -> int:
+        with self.writing() as conn:
+            purged: int = conn.execute(delete(_AJ).where(_AJ.c.expires_at < now)).rowcount
+        return purged
+
     # -- outbox
 
     def claim(self, worker_id: str, now: int, lease_seconds: float, limit: int) -> list[Delivery]:
         until = now + int(lease_seconds * 1_000_000)
-        with self._write_conn() as conn:
+        with self.writing() as conn:
             if self.postgres:
                 params = {"now": now, "limit": limit, "worker": worker_id, "until": until}
                 rows = conn.execute(_CLAIM_POSTGRES, params).all()
@@ -622,7 +788,7 @@ class SqlStore:
     def _held(self, id: str, worker_id: str, values: dict[str, Any]) -> bool:
         """Update a row only while this worker holds it."""
         held = (_O.c.id == id, _O.c.status == "delivering", _O.c.leased_by == worker_id)
-        with self._write_conn() as conn:
+        with self.writing() as conn:
             return conn.execute(update(_O).where(*held).values(**values)).rowcount == 1
 
     def renew(self, id: str, worker_id: str, now: int, lease_seconds: float) -> bool:
@@ -666,14 +832,14 @@ class SqlStore:
             "lease_until": None,
             "updated": now,
         }
-        with self._write_conn() as conn:
+        with self.writing() as conn:
             released: int = conn.execute(update(_O).where(*held).values(**values)).rowcount
         return released
 
     def retry(self, id: str, now: int) -> bool:
         values = {"status": "pending", "next_attempt_at": now, "lease_until": None, "updated": now}
         try:
-            with self._write_conn() as conn:
+            with self.writing() as conn:
                 stopped = (_O.c.id == id, _O.c.status.in_(RETRYABLE_BY_HAND))
                 return conn.execute(update(_O).where(*stopped).values(**values)).rowcount == 1
         except self._unreadable_key:
@@ -681,13 +847,13 @@ class SqlStore:
 
     def sync_cursor(self, partner_id: str, patient_id: str, res_type: str) -> str | None:
         key = (_SC.c.partner_id == partner_id, _SC.c.patient_id == patient_id, _SC.c.res_type == res_type)
-        with self._read() as conn:
+        with self.reading() as conn:
             value = conn.execute(select(_SC.c.last_updated).where(*key)).scalar_one_or_none()
         return None if value is None else str(value)
 
     def delivery(self, id: str) -> Delivery | None:
         try:
-            with self._read() as conn:
+            with self.reading() as conn:
                 row = conn.execute(select(*_O_COLUMNS).where(_O.c.id == id)).first()
         except self._unreadable_key:
             return None
@@ -714,7 +880,7 @@ class SqlStore:
                 conditions.append(column == value)
         query = select(*_O_COLUMNS).where(*conditions).order_by(_O.c.created, _O.c.id).limit(count).offset(offset)
         try:
-            with self._read() as conn:
+            with self.reading() as conn:
                 total = conn.execute(select(func.count()).select_from(_O).where(*conditions)).scalar_one()
                 rows = conn.execute(query).all() if count else []
         except self._unreadable_key:

@@ -21,7 +21,8 @@ from responses import matchers
 from iop_fhir.config import Settings
 from iop_fhir.exchange import auth
 from iop_fhir.exchange.auth import SmartBackendAuth, TokenCache, secret_env_var
-from iop_fhir.exchange.client import USER_AGENT, DeliveryError, PartnerClient, client_for, parse_retry_after
+from iop_fhir.exchange.client import USER_AGENT, DeliveryError, PartnerClient, parse_retry_after
+from iop_fhir.exchange.partners import client_for
 
 BASE = "https://fhir.partner.example/R4"
 TOKEN_URL = "https://auth.partner.example/token"

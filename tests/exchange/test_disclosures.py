@@ -13,7 +13,8 @@ import orjson
 import pytest
 import responses
 
-from iop_fhir.exchange import disclosures, worker
+from iop_fhir import runtime
+from iop_fhir.exchange import disclosures
 from iop_fhir.r4 import search
 from iop_fhir.store.base import Delivery
 
@@ -54,7 +55,7 @@ def rows(app: Any, **filters: Any) -> list[Delivery]:
 
 
 def run_worker(app: Any) -> None:
-    assert worker.run(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
+    assert runtime.run_worker(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
 
 
 def types(bundle: dict[str, Any]) -> list[str]:

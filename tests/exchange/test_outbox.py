@@ -18,6 +18,7 @@ from iop_fhir.config import Settings
 from iop_fhir.exchange import outbox
 from iop_fhir.exchange.outbox import backoff_ceiling, next_attempt
 from iop_fhir.r4.instants import now_us
+from iop_fhir.runtime import run_worker
 from iop_fhir.store.base import Delivery, StoredRecord
 from iop_fhir.store.sql import SqlStore
 
@@ -348,7 +349,6 @@ def test_threads_claiming_at_once_never_get_the_same_row(store: SqlStore) -> Non
 
 def _process_worker(url: str, n: int, start: Any, out: Any) -> None:
     """A worker process: `worker.run` with a deliver that records which rows it was given."""
-    from iop_fhir.exchange import worker
 
     seen: list[str] = []
 
@@ -358,7 +358,7 @@ def _process_worker(url: str, n: int, start: Any, out: Any) -> None:
         return {"resourceType": "Bundle", "type": "transaction-response", "entry": []}
 
     start.wait(120)
-    worker.run(Settings(database_url=url), once=True, batch=5, deliver=deliver, worker_id=f"process-{n}")
+    run_worker(Settings(database_url=url), once=True, batch=5, deliver=deliver, worker_id=f"process-{n}")
     out.put(seen)
 
 

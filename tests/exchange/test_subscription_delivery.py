@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from iop_fhir.exchange import worker
+from iop_fhir.runtime import run_worker
 
 CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
 
@@ -113,7 +113,7 @@ def test_matching_write_reaches_the_subscriber_once_with_its_headers(
     assert client.post("/fhir/Subscription", json=subscription(receiver.url, payload=payload)).status_code == 201
     session = positive_screen_session(client)
     store = app.extensions["iop_fhir.store"]
-    worker.run(app.config["IOP_FHIR"], once=True, store=store)
+    run_worker(app.config["IOP_FHIR"], once=True, store=store)
     assert len(receiver.received) == 1
     arrived = receiver.received[0]
     assert arrived["authorization"] == "Bearer hook-1"
@@ -134,7 +134,7 @@ def test_a_backport_subscriber_receives_a_history_bundle_with_the_focus(
     body = subscription(receiver.url, payload=True, content=content)
     assert client.post("/fhir/Subscription", json=body).status_code == 201
     session = positive_screen_session(client)
-    worker.run(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"])
+    run_worker(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"])
     (arrived,) = receiver.received
     assert (arrived["method"], arrived["path"]) == ("POST", "/hook")
     assert (arrived["authorization"], arrived["content_type"]) == ("Bearer hook-1", "application/fhir+json")
@@ -164,7 +164,7 @@ def test_a_failing_subscriber_is_retried_and_nothing_is_dropped(
     positive_screen_session(client)
     store = app.extensions["iop_fhir.store"]
     for _ in range(50):
-        worker.run(app.config["IOP_FHIR"], once=True, store=store)
+        run_worker(app.config["IOP_FHIR"], once=True, store=store)
         if len(receiver.received) == 3:
             break
         threading.Event().wait(0.05)

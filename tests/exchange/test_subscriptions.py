@@ -15,6 +15,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from iop_fhir import runtime
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
 from iop_fhir.exchange import subscriptions
@@ -358,16 +359,16 @@ def test_a_plain_r4_subscription_keeps_no_event_counter(app: Flask, client: Flas
     sub_id = subscribe(client)
     client.post("/fhir/Observation", json=observation())
     assert notifications(app, sub_id)[0].payload["body"] is None
-    assert app.extensions["iop_fhir.store"].record(subscriptions.EVENTS_KIND, sub_id) is None
+    assert app.extensions["iop_fhir.store"].subscription_events(sub_id) is None
 
 
 def test_without_a_request_the_base_comes_from_the_environment_else_references_are_relative(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("IOP_FHIR_BASE_URL", "https://iop.example.org/fhir/")
-    assert subscriptions.fhir_base() == "https://iop.example.org/fhir"
+    assert runtime.public_base(Settings.from_env())() == "https://iop.example.org/fhir"
     monkeypatch.delenv("IOP_FHIR_BASE_URL")
-    assert subscriptions.fhir_base() is None
+    assert runtime.public_base(Settings.from_env())() is None
     rule = subscriptions.rule_of({**backport("id-only"), "id": "labs"})
     stored = StoredResource("Observation", "obs-1", 1, 1_700_000_000_000_000, False, b"{}", "POST")
     bundle = subscriptions.notification_bundle(rule, {}, stored, event=4, base=None)

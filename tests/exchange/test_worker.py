@@ -18,6 +18,7 @@ from iop_fhir.config import Settings
 from iop_fhir.exchange import outbox, worker
 from iop_fhir.exchange.client import DeliveryError
 from iop_fhir.r4.instants import now_us
+from iop_fhir.runtime import repository_for, run_worker
 from iop_fhir.store.base import Delivery, StoredRecord
 from iop_fhir.store.sql import SqlStore
 
@@ -108,7 +109,7 @@ def add(store: SqlStore, now: int, *, partner: str = "passaic-valley-recovery", 
 
 
 def run_once(store: SqlStore, deliver: Any = None, **settings: Any) -> int:
-    return worker.run(Settings(database_url=store.url, **settings), once=True, deliver=deliver, store=store)
+    return run_worker(Settings(database_url=store.url, **settings), once=True, deliver=deliver, store=store)
 
 
 def row(store: SqlStore, delivery_id: str) -> Delivery:
@@ -251,7 +252,14 @@ def test_a_row_whose_lease_passed_to_another_worker_is_not_delivered_again(store
     store.claim("other-worker", clock.now + 61 * SECOND, 60, 10)
     clock.now += 62 * SECOND
     partner = Partner(RESPONSE)
-    late = worker.Worker(store, Settings(), deliver=partner, lease=60, worker_id="slow-worker")
+    late = worker.Worker(
+        store,
+        Settings(),
+        deliver=partner,
+        lease=60,
+        worker_id="slow-worker",
+        repository=repository_for(Settings(), store),
+    )
     late.process(stale)
     assert partner.calls == []
     assert (row(store, delivery_id).status, row(store, delivery_id).leased_by) == ("delivering", "other-worker")
@@ -268,7 +276,9 @@ def test_a_row_reached_late_in_a_batch_has_its_lease_renewed_before_delivery(sto
         renewed.append(row(store, delivery.id).lease_until)
         return RESPONSE
 
-    worker.Worker(store, Settings(), deliver=deliver, lease=60, worker_id="w1").process(claimed)
+    worker.Worker(
+        store, Settings(), deliver=deliver, lease=60, worker_id="w1", repository=repository_for(Settings(), store)
+    ).process(claimed)
     assert renewed == [clock.now + 60 * SECOND]
     assert row(store, delivery_id).status == "delivered"
 
@@ -347,7 +357,7 @@ def test_a_partner_answering_503_with_retry_after_is_retried_after_it(store: Sql
 def test_the_default_deliver_reuses_a_partner_client_until_the_partner_changes_or_answers_401(
     store: SqlStore, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from iop_fhir.exchange import client as client_module
+    from iop_fhir.exchange import partners as client_module
 
     made: list[str] = []
     real_client_for = client_module.client_for
@@ -385,7 +395,7 @@ def _slow_worker(url: str, lease: float, hold: float, started: Any) -> None:
         time.sleep(hold)
         return {"resourceType": "Bundle", "type": "transaction-response", "entry": []}
 
-    code = worker.run(Settings(database_url=url), poll=0.05, batch=3, lease=lease, deliver=deliver)
+    code = run_worker(Settings(database_url=url), poll=0.05, batch=3, lease=lease, deliver=deliver)
     raise SystemExit(code)
 
 
@@ -465,8 +475,8 @@ def test_the_worker_pulls_from_hospitals_and_follows_transitions_when_scheduled(
     monkeypatch.setattr(sync, "sync_all", lambda *_a, **_k: calls.append("sync") or sync.SyncReport())
     monkeypatch.setattr(followup, "follow", lambda *_a, **_k: calls.append("follow") or 0)
     settings = Settings(database_url=store.url)
-    assert worker.run(settings, once=True, store=store, sync_every=60, follow_every=60) == 0
+    assert run_worker(settings, once=True, store=store, sync_every=60, follow_every=60) == 0
     assert sorted(calls) == ["follow", "sync"]
     calls.clear()
-    assert worker.run(settings, once=True, store=store) == 0
+    assert run_worker(settings, once=True, store=store) == 0
     assert calls == []

@@ -20,10 +20,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
-from iop_fhir import cli
+from iop_fhir import cli, runtime
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
-from iop_fhir.exchange import worker
 from iop_fhir.fhir.export import Exporter
 from iop_fhir.r4.validation import validate
 from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE
@@ -511,7 +510,7 @@ def test_an_expired_job_is_404_and_deleted(app: Flask, client: FlaskClient, queu
 
 
 def run_worker(app: Flask) -> None:
-    assert worker.run(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
+    assert runtime.run_worker(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
 
 
 def test_a_queued_job_is_run_by_the_worker(

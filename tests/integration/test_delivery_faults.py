@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import requests
 
-from iop_fhir.exchange import outbox, worker
+from iop_fhir.exchange import outbox
 from iop_fhir.mapping import ids
+from iop_fhir.runtime import run_worker
 from tests.conftest import running_ehr_server
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -153,7 +154,7 @@ def drain(app: Any, settings: Any, deadline_s: float = 60.0) -> None:
     store = app.extensions["iop_fhir.store"]
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        worker.run(settings, once=True, store=store)
+        run_worker(settings, once=True, store=store)
         pending, _ = store.deliveries(status="pending")
         if not pending:
             return

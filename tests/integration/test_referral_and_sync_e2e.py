@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import requests
 
-from iop_fhir.exchange import package, referrals, sync, worker
+from iop_fhir import runtime
+from iop_fhir.exchange import package, referrals, sync
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CONTRACT = SHARED / "contract"
@@ -50,7 +51,7 @@ def put_at(base: str, resource: dict[str, Any]) -> None:
 
 
 def run_worker(app: Any) -> None:
-    assert worker.run(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
+    assert runtime.run_worker(app.config["IOP_FHIR"], once=True, store=app.extensions["iop_fhir.store"]) == 0
 
 
 def deliveries(app: Any, referral_id: str) -> list[Any]:

@@ -43,12 +43,13 @@ def _ids(db_url: str) -> dict[str, list[str]]:
     engine = create_engine(db_url)
     with engine.connect() as conn:
         records = conn.execute(select(schema.iop_records.c.kind, schema.iop_records.c.id)).all()
+        referrals = conn.execute(select(schema.inbound_referrals.c.id)).scalars().all()
         resources = conn.execute(select(schema.resources.c.res_id).limit(400)).scalars().all()
         deliveries = conn.execute(select(schema.outbox.c.id).limit(100)).scalars().all()
     engine.dispose()
     return {
-        "record_ids": sorted({rid for kind, rid in records if kind not in ("referral",)}) or ["none"],
-        "referral_ids": sorted({rid for kind, rid in records if kind == "referral"}) or ["none"],
+        "record_ids": sorted({rid for _, rid in records}) or ["none"],
+        "referral_ids": sorted(set(referrals)) or ["none"],
         "enrollment_ids": sorted({rid for kind, rid in records if kind == "enrollment"}) or ["none"],
         "fhir_ids": sorted(set(resources)) or ["none"],
         "delivery_ids": sorted(deliveries) or ["none"],

@@ -12,10 +12,11 @@ import orjson
 import pytest
 import requests
 
-from iop_fhir.exchange import followup, worker
-from iop_fhir.exchange.client import client_for
+from iop_fhir.exchange import followup
+from iop_fhir.exchange.partners import client_for
 from iop_fhir.mapping import ids
 from iop_fhir.r4 import search
+from iop_fhir.runtime import run_worker
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CONTRACT = SHARED / "contract"
@@ -62,7 +63,7 @@ def test_transition_arrives_once_and_the_partners_task_status_comes_back(app: An
     discharge = discharge_with_referral(client, aftercare)
     assert discharge["transition"]["delivery"]["status"] == "pending"
 
-    assert worker.run(settings, once=True, store=store) == 0
+    assert run_worker(settings, once=True, store=store) == 0
     rows, _ = store.deliveries(record_id=discharge["id"])
     assert [r.status for r in rows] == ["delivered"], [r.last_error for r in rows]
 
@@ -80,7 +81,7 @@ def test_transition_arrives_once_and_the_partners_task_status_comes_back(app: An
 
     # Replaying the delivery (an operator retry, or a PUT of the discharge) leaves one copy at the partner.
     assert client.put(f"/iop/discharges/{discharge['id']}", json=discharge).status_code == 200
-    assert worker.run(settings, once=True, store=store) == 0
+    assert run_worker(settings, once=True, store=store) == 0
     assert len(at_partner(aftercare, "Task", task_identifier)) == 1
     for res_type in ("Patient", "ServiceRequest", "CarePlan", "Consent"):
         assert len(requests.get(f"{aftercare}/{res_type}", timeout=10).json().get("entry", [])) == 1, res_type
@@ -106,7 +107,7 @@ def test_partner_that_refuses_the_package_leaves_a_dead_letter_with_its_outcome(
     store = app.extensions["iop_fhir.store"]
     settings = app.config["IOP_FHIR"]
     discharge = discharge_with_referral(client, aftercare + "/no-such-base")
-    worker.run(settings, once=True, store=store)
+    run_worker(settings, once=True, store=store)
     rows, _ = store.deliveries(record_id=discharge["id"])
     # A 4xx other than 429 is permanent: dead at the first attempt, the partner's OperationOutcome kept.
     assert [(r.status, r.attempts) for r in rows] == [("dead", 1)]
@@ -149,13 +150,13 @@ def test_a_transition_waits_for_consent_goes_once_consented_and_stops_once_revok
     assert discharge["transition"]["delivery"]["status"] == "blocked"
 
     # Without consent nothing reaches the aftercare provider, not even that the patient exists.
-    assert worker.run(settings, once=True, store=store) == 0
+    assert run_worker(settings, once=True, store=store) == 0
     assert everything_at(aftercare) == {t: [] for t in ("Patient", "CarePlan", "ServiceRequest", "Task", "Consent")}
 
     consent_payload = contract("consent", enrollment_id)
     del consent_payload["expires_on"]  # in force whenever the test runs
     consent = client.post("/iop/consents", json=consent_payload).get_json()
-    assert worker.run(settings, once=True, store=store) == 0
+    assert run_worker(settings, once=True, store=store) == 0
     rows, _ = store.deliveries(record_id=discharge["id"])
     assert [r.status for r in rows] == ["superseded", "delivered"], [r.last_error for r in rows]
     delivered = everything_at(aftercare)
@@ -171,7 +172,7 @@ def test_a_transition_waits_for_consent_goes_once_consented_and_stops_once_revok
     changed = {k: v for k, v in discharge.items() if k not in ("id", "fhir", "meta", "transition")}
     changed["summary"] = "Completed 12 weeks; relapse prevention plan reviewed with family."
     assert client.put(f"/iop/discharges/{discharge['id']}", json=changed).status_code == 200
-    assert worker.run(settings, once=True, store=store) == 0
+    assert run_worker(settings, once=True, store=store) == 0
     rows, _ = store.deliveries(record_id=discharge["id"])
     assert [r.status for r in rows] == ["superseded", "delivered", "blocked"]
     assert (rows[-1].last_error or {})["message"].startswith("blocked: no consent")

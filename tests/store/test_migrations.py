@@ -1,12 +1,22 @@
-"""The Alembic migrations create exactly the schema that iop_fhir/store/schema.py describes."""
+"""The Alembic migrations create exactly the schema that iop_fhir/store/schema.py describes, and move the rows whose
+home a revision changes."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine
+from sqlalchemy import Engine, Table, create_engine, insert, inspect, select, text
 
 from iop_fhir.store import migrate, schema
+from tests.conftest import POSTGRES_URL
 
 
 def test_migrated_schema_matches_the_table_definitions(db_url: str) -> None:
@@ -23,3 +33,123 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
     migrate.upgrade(engine)
     assert not migrate.is_empty(engine)
     engine.dispose()
+
+
+# -- 0008: inbound referrals and Subscription event counters leave iop_records
+
+REFERRAL_ROWS = [
+    {
+        "kind": "referral",
+        "id": "t1",
+        "enrollment_id": None,
+        "status": "active",
+        "version": 2,
+        "content": orjson.dumps({"status": "accepted", "task": "Task/t1", "planned_admission": "2027-01-12"}),
+        "resources": orjson.dumps([{"role": "task", "reference": "Task/t1"}]),
+        "created": 1_000,
+        "updated": 2_000,
+    },
+    {
+        "kind": "referral",
+        "id": "t2",
+        "enrollment_id": "e2",
+        "status": "active",
+        "version": 3,
+        "content": orjson.dumps({"status": "admitted", "task": "Task/t2", "enrollment_id": "e2"}),
+        "resources": orjson.dumps([{"role": "task", "reference": "Task/t2"}]),
+        "created": 1_500,
+        "updated": 3_000,
+    },
+]
+# A counter record's version was its count; the downgrade cannot know when it was created and takes its last update.
+COUNTER_ROW = {
+    "kind": "subscription-events",
+    "id": "labs",
+    "enrollment_id": None,
+    "status": "active",
+    "version": 3,
+    "content": orjson.dumps({"events": 3}),
+    "resources": orjson.dumps([]),
+    "created": 4_000,
+    "updated": 4_000,
+}
+ENROLLMENT_ROW = {
+    "kind": "enrollment",
+    "id": "e2",
+    "enrollment_id": "e2",
+    "status": "active",
+    "version": 1,
+    "content": orjson.dumps({"program": "iop-adult"}),
+    "resources": orjson.dumps([]),
+    "created": 2_500,
+    "updated": 2_500,
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of this test's own, at no revision yet, on each database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'iop_fhir.db'}"
+        return
+    name = f"iop_migration_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{name}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+        admin.dispose()
+
+
+def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
+    config = migrate.alembic_config(engine)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def _rows(engine: Engine, table: Table, *order: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(table).order_by(*(table.c[name] for name in order))).mappings().all()
+    return [{k: bytes(v) if isinstance(v, memoryview) else v for k, v in row.items()} for row in rows]
+
+
+def test_0008_moves_referrals_and_event_counters_into_their_tables_and_the_downgrade_moves_them_back(
+    unmigrated_url: str,
+) -> None:
+    engine = create_engine(unmigrated_url)
+    try:
+        _migrate(engine, "0007")
+        with engine.begin() as conn:
+            conn.execute(insert(schema.iop_records), [*REFERRAL_ROWS, COUNTER_ROW, ENROLLMENT_ROW])
+
+        _migrate(engine, "0008")
+
+        assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW]
+        assert _rows(engine, schema.inbound_referrals, "id") == [
+            {
+                "id": row["id"],
+                "status": orjson.loads(row["content"])["status"],
+                "record_status": row["status"],
+                "enrollment_id": row["enrollment_id"],
+                "version": row["version"],
+                "content": row["content"],
+                "resources": row["resources"],
+                "created": row["created"],
+                "updated": row["updated"],
+            }
+            for row in REFERRAL_ROWS
+        ]
+        counters = _rows(engine, schema.subscription_events, "sub_id")
+        assert counters == [{"sub_id": "labs", "events": 3, "updated": 4_000}]
+
+        _migrate(engine, "0007", down=True)
+
+        assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW, *REFERRAL_ROWS, COUNTER_ROW]
+        tables = inspect(engine).get_table_names()
+        assert "inbound_referrals" not in tables and "subscription_events" not in tables
+    finally:
+        engine.dispose()
