@@ -30,7 +30,7 @@ from iop_fhir.fhir.export import Exporter
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import load_engine
-from iop_fhir.security import trail
+from iop_fhir.privacy import trail
 from iop_fhir.security.registry import ClientRegistry, KeyRing
 from iop_fhir.store import leases, migrate
 from iop_fhir.store.sql import SqlStore

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from iop_fhir.mapping import ids
-from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE, redisclosure_mark
+from iop_fhir.privacy.disclosure import REDISCLOSURE_NOTICE, redisclosure_mark
 
 __all__ = ["REDISCLOSURE_NOTICE", "business_identifier", "conditional_url", "transaction"]
 

@@ -3,7 +3,7 @@ staff decisions on it update the Task (status, statusReason, BSeR businessStatus
 
 Pattern: Gravity SDOH CC TaskForReferralManagement with BSeR TaskBusinessStatusCS codes (TERMINOLOGY.md §5.5).
 
-Consent for the push-backs (exchange/disclosures.py applies it, here and again in the worker):
+Consent for the push-backs (privacy/pushes.py applies it, here and again in the worker):
 - The answers before admission (accepted with a planned date, declined with a reason, no-show) go without a consent
   check. They answer the unit's own request about the person it referred, on the Task it created, and carry no
   record this program made of the patient's treatment; the closed referral loop depends on them, and withholding
@@ -30,12 +30,13 @@ from urllib.parse import quote
 import orjson
 
 from iop_fhir.errors import Conflict, FhirError, Invalid, Issue, NotFound, Unprocessable
-from iop_fhir.exchange import disclosures, outbox, package
+from iop_fhir.exchange import outbox, package
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.iop import schemas
 from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.privacy import pushes
 from iop_fhir.r4 import search, validation
 from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import REFERRAL, StoredRecord, StoredResource, WriteTx
@@ -275,21 +276,21 @@ def with_consent(
     """The admission push-back with the patient's Consent to the referrer in place of any it carried, and why it
     may not go (None when a consent permits it). The Consent names the patient as the referrer's Task does (its
     copy there has no Patient of ours to point to)."""
-    reader = disclosures.TxReader(tx)
+    reader = pushes.TxReader(tx)
     entries = [e for e in bundle.get("entry", []) if e["resource"].get("resourceType") != "Consent"]
     tasks = [e["resource"] for e in entries if e["resource"].get("resourceType") == "Task"]
-    patient = disclosures.patient_of(reader, record)
-    decided = disclosures.decision(
-        disclosures.consents(reader, patient),
+    patient = pushes.patient_of(reader, record)
+    decided = pushes.decision(
+        pushes.consents(reader, patient),
         partner,
         tasks,
-        disclosures.today(),
+        pushes.today(),
         bundle_labels=(bundle.get("meta") or {}).get("security", []),
     )
     rebuilt = {**bundle, "entry": entries}
     consent = _current(tx, "Consent", decided.consent.split("/", 1)[1]) if decided.consent else None
     if not decided.permit or consent is None:
-        return rebuilt, disclosures.blocked_reason(partner, decided)
+        return rebuilt, pushes.blocked_reason(partner, decided)
     subject = next((t["for"] for t in tasks if isinstance(t.get("for"), dict)), None)
     if subject is not None:
         consent["patient"] = copy.deepcopy(subject)
@@ -535,7 +536,7 @@ class ReferralService:
         patient = _current(tx, "Patient", local_id(task.get("for"), "Patient"))
         outbound = outbound_task(task, record.id, base_url, service_request, patient)
         bundle, blocked = delivery_bundle(outbound), None
-        if not disclosures.answers_before_admission(KIND, bundle):
+        if not pushes.answers_before_admission(KIND, bundle):
             bundle, blocked = with_consent(tx, bundle, record, partner)
         outbox.enqueue(tx, partner, KIND, record.id, "bundle", outbox.bundle_payload(bundle), blocked=blocked)
 

@@ -1,6 +1,6 @@
 """Transitions to aftercare: a discharge with a referral sends the partner one transaction Bundle (Patient,
 continuing-care CarePlan, ServiceRequest, Task, and the patient's Consent to that partner) through the outbox, in the
-same database transaction as the discharge. Without a consent that permits it (exchange/disclosures.py: decide() over
+same database transaction as the discharge. Without a consent that permits it (privacy/pushes.py: decide() over
 the patient's FHIR Consents) the delivery waits as blocked.
 
 A consent saved, revoked or retracted later acts on what has not gone yet to its recipient, in the consent's
@@ -19,13 +19,14 @@ from typing import Any
 
 import orjson
 
-from iop_fhir.exchange import disclosures, outbox, package
+from iop_fhir.exchange import outbox, package
+from iop_fhir.privacy import pushes
 from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Delivery, StoredRecord, WriteTx
 
 # Roles of the discharge's own resources that make up the package, in the order the receiver should create them.
 PACKAGE_ROLES = ("continuing-care", "referral", "referral-task")
-NO_CONSENT = disclosures.NO_CONSENT
+NO_CONSENT = pushes.NO_CONSENT
 # A package and why it may not go now (None: a consent permits it, and the package carries that Consent).
 Package = tuple[dict[str, Any], str | None]
 
@@ -54,14 +55,14 @@ def package_for(tx: WriteTx, record: StoredRecord, store: Any, partner: str) -> 
     resources = _resources(tx, record, store)
     if not resources:
         return None
-    reader = disclosures.TxReader(tx)
-    patient = disclosures.patient_of(reader, record)
-    decided = disclosures.decision(disclosures.consents(reader, patient), partner, resources, disclosures.today())
+    reader = pushes.TxReader(tx)
+    patient = pushes.patient_of(reader, record)
+    decided = pushes.decision(pushes.consents(reader, patient), partner, resources, pushes.today())
     blocked = None
     if decided.permit and decided.consent is not None:
         resources.extend(_current(tx, decided.consent))
     else:
-        blocked = disclosures.blocked_reason(partner, decided)
+        blocked = pushes.blocked_reason(partner, decided)
     return package.transaction(resources, labels=_labels(resources)), blocked
 
 
@@ -72,17 +73,17 @@ def release(tx: WriteTx, consent_record: StoredRecord, store: Any) -> list[str]:
     enrollment_id = consent_record.enrollment_id
     if not isinstance(partner, str) or enrollment_id is None:
         return []
-    reader = disclosures.TxReader(tx)
+    reader = pushes.TxReader(tx)
     added: list[str] = []
     replaced: dict[tuple[str, str | None], str | None] = {}
     rows = [
         row
         for row in tx.deliveries_to(partner, ("blocked", "pending"))
-        if row.kind == "bundle" and (row.status == "pending" or disclosures.is_blocked_for_consent(row))
+        if row.kind == "bundle" and (row.status == "pending" or pushes.is_blocked_for_consent(row))
     ]
     # Newest first: the newest row of a record is rebuilt, older ones of the same record are superseded by it.
     for row in reversed(rows):
-        source = disclosures.source_of(reader, row)
+        source = pushes.source_of(reader, row)
         if source is None or source.enrollment_id != enrollment_id:
             continue
         key = (row.record_kind, row.record_id)
@@ -111,7 +112,7 @@ def release(tx: WriteTx, consent_record: StoredRecord, store: Any) -> list[str]:
 def _rebuild(tx: WriteTx, row: Delivery, source: StoredRecord, store: Any, partner: str) -> Package | None:
     if row.record_kind == "discharge":
         return package_for(tx, source, store, partner)
-    if row.record_kind == disclosures.REFERRAL_KIND and not disclosures.answers_before_admission(
+    if row.record_kind == pushes.REFERRAL_KIND and not pushes.answers_before_admission(
         row.record_kind, row.payload["body"]
     ):
         from iop_fhir.exchange import referrals

@@ -4,7 +4,7 @@ At-least-once: a row is leased, not removed, while it is delivered; if the worke
 worker takes the row. Receivers make replays harmless (conditional updates on business identifiers, package.py).
 Logs name deliveries, partners and error types only, never payloads or partner messages (PHI).
 
-Part 2 (exchange/disclosures.py): right before a Bundle goes to a partner the patient's consent is decided again (it
+Part 2 (privacy/pushes.py): right before a Bundle goes to a partner the patient's consent is decided again (it
 may have been revoked, retracted or have expired since the row was queued); if none permits it now the row becomes
 blocked and nothing is sent. Once a partner has taken a Bundle, an AuditEvent of the disclosure is stored (before the
 row is marked delivered, so a crash between the two repeats the delivery and its audit, never loses the audit).
@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from iop_fhir.config import Settings
-from iop_fhir.exchange import disclosures, outbox
+from iop_fhir.exchange import outbox
+from iop_fhir.privacy import pushes
 from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Delivery, Store
 
@@ -218,9 +219,9 @@ class Worker:
             report = {"status": None, "retryable": False, "message": message, "outcome": None, "retry_after": None}
             self._failed(row, report, False)
             return
-        disclosure = disclosures.of(row, self.store)
+        disclosure = pushes.of(row, self.store)
         if disclosure is not None:
-            reason = disclosures.refusal(disclosure, row.payload["body"], self.store, disclosures.today())
+            reason = pushes.refusal(disclosure, row.payload["body"], self.store, pushes.today())
             if reason is not None:
                 self._blocked(row, reason)
                 return
@@ -290,10 +291,10 @@ class Worker:
         else:
             log.warning("delivery %s: not sent, and its lease had passed to another worker", row.id)
 
-    def _audit(self, row: Delivery, disclosure: disclosures.Disclosure) -> None:
+    def _audit(self, row: Delivery, disclosure: pushes.Disclosure) -> None:
         # The partner has the records whatever happens next: the disclosure is audited even if the lease passed.
         try:
-            event = disclosures.record_audit(self.repository, disclosure, now_us())
+            event = pushes.record_audit(self.repository, disclosure, now_us())
         except Exception as error:  # never PHI: the type only
             log.error("delivery %s: delivered, but its AuditEvent failed: %s", row.id, type(error).__name__)
             return

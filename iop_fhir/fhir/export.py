@@ -5,11 +5,11 @@ A job runs in a background thread of the process that accepted it, and `iop-fhir
 or whose process died (its lease expired); jobs and their files live in the database, so any process on it serves any
 job, and a job taken over resumes at the chunk where it stopped. A job sees exactly what its client sees through /fhir
 search: the types its scopes let it read (AuditEvent only for administrators), and for a partner's client the Part 2
-restriction (security/disclosure.py), decided again from the consents in force when the job runs. What goes to a
+restriction (privacy/disclosure.py), decided again from the consents in force when the job runs. What goes to a
 partner carries the redisclosure mark, as every /fhir response to it does, and its job keeps the patients whose
 consents it ran under: once one of those consents no longer permits the disclosure (revoked, ended), the files not yet
 fetched are deleted rather than served (still_consented). Each chunk is audited in the transaction that stores it: for
-a partner one AuditEvent per patient whose records it holds, as security/trail.py audits reads (a job's files are made
+a partner one AuditEvent per patient whose records it holds, as privacy/trail.py audits reads (a job's files are made
 for its client alone, so writing them is the disclosure).
 """
 
@@ -30,12 +30,12 @@ import orjson
 
 from iop_fhir.config import Settings
 from iop_fhir.errors import BadRequest, FhirError, Forbidden, Gone, Issue, NotFound, operation_outcome
+from iop_fhir.privacy import audit, disclosure
 from iop_fhir.r4 import definitions
 from iop_fhir.r4.compartment import patient_compartment
 from iop_fhir.r4.indexing import date_range
 from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.r4.search import Restriction
-from iop_fhir.security import audit, disclosure
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.scopes import Scopes
 from iop_fhir.store import leases
@@ -677,7 +677,7 @@ class _Run:
             self.on_chunk(chunk.res_type, chunk.lines)
 
     def _audit(self, tx: WriteTx, disclosed: list[tuple[str, set[str]]]) -> None:
-        """The chunk's AuditEvents, grouped as security/trail.py groups a response: for a partner one per patient
+        """The chunk's AuditEvents, grouped as privacy/trail.py groups a response: for a partner one per patient
         whose records the chunk holds, otherwise one (naming the patient if there is only one)."""
         if not disclosed:
             return

@@ -11,8 +11,9 @@ from flask import Response, current_app, request, url_for
 from flask_smorest import Api, Blueprint
 
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
-from iop_fhir.iop import disclosures, schemas, service, web
+from iop_fhir.iop import schemas, service, web
 from iop_fhir.iop.web import OperationOutcomeSchema, json_response
+from iop_fhir.privacy import accounting
 
 LIST_PARAMETERS = ("enrollment", "offset", "count")
 
@@ -188,7 +189,7 @@ def _disclosures(record_id: str) -> Response:
     offset, count = web.paging()
     repository = current_app.extensions["iop_fhir.repository"]
     return json_response(
-        disclosures.accounting(repository, _record_id("enrollment", record_id), offset=offset, count=count)
+        accounting.accounting(repository, _record_id("enrollment", record_id), offset=offset, count=count)
     )
 
 

@@ -200,7 +200,7 @@ NOTE_LABELS = frozenset({(_ACT_CODE, "PSYTHPN")})
 
 @dataclass(frozen=True)
 class Restriction:
-    """Which patients' records a request may see (42 CFR Part 2, decided in security/disclosure.py): a resource that
+    """Which patients' records a request may see (42 CFR Part 2, decided in privacy/disclosure.py): a resource that
     refers to a Patient (through any indexed reference) is visible only if every Patient it refers to is in
     ``patients``, and, when it carries a label that needs a consent of its own (SUD counseling notes), in
     ``note_patients`` too; a Part 2-labelled resource that refers to no Patient is not visible at all."""

@@ -1,6 +1,6 @@
 """What one authenticated client may do: its SMART scopes checked for every interaction, the types only some clients
 may touch, the /iop routes as FHIR interactions, and for a client acting for a partner the Part 2 restriction of
-what it may see (security/disclosure.py).
+what it may see (privacy/disclosure.py).
 
 https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html
 """
@@ -13,9 +13,9 @@ from functools import cached_property
 from typing import Any
 
 from iop_fhir.errors import Forbidden
+from iop_fhir.privacy import disclosure
 from iop_fhir.r4 import definitions
 from iop_fhir.r4.search import Restriction
-from iop_fhir.security import disclosure
 from iop_fhir.security.scopes import Scopes
 from iop_fhir.store.base import ResourceStore
 

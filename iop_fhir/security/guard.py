@@ -15,7 +15,7 @@ from flask import Flask, Response, current_app, g, request
 
 from iop_fhir.errors import Unauthorized
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.security import disclosure, trail
+from iop_fhir.privacy import disclosure, trail
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.tokens import TokenError
 

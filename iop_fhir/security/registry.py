@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from iop_fhir.config import Settings, issuer
-from iop_fhir.security.audit import PURPOSE_DISPLAY
+from iop_fhir.privacy.audit import PURPOSE_DISPLAY
 from iop_fhir.security.scopes import Scope, ScopeError, Scopes
 from iop_fhir.security.tokens import (
     MAX_ASSERTION_LIFETIME_S,

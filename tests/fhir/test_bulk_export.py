@@ -24,9 +24,9 @@ from iop_fhir import cli, runtime
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
 from iop_fhir.fhir.export import Exporter
+from iop_fhir.privacy.disclosure import REDISCLOSURE_NOTICE
+from iop_fhir.privacy.trail import patients_of
 from iop_fhir.r4.validation import validate
-from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE
-from iop_fhir.security.trail import patients_of
 from iop_fhir.store import schema
 from tests.auth import TokenClient, admin_token, mint
 from tests.conftest import TOOLS

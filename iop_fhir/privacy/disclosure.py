@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.privacy import consent
 from iop_fhir.r4 import search
 from iop_fhir.r4.search import Restriction
-from iop_fhir.security import consent
 from iop_fhir.store.base import ResourceStore
 
 PAGE = 1000

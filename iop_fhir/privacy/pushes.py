@@ -22,9 +22,9 @@ from typing import Any, Protocol
 import orjson
 
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.privacy import audit, consent
 from iop_fhir.r4 import search
 from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.security import audit, consent
 from iop_fhir.store.base import REFERRAL, Delivery, SearchResult, StoredRecord, WriteTx
 
 # The purpose a push is decided for, and the purpose of use its AuditEvent records (COC is subsumed by TREAT).

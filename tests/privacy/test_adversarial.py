@@ -521,7 +521,7 @@ def test_a_consent_for_treatment_discloses_nothing_for_payment(app: Flask, progr
 def test_what_a_partner_receives_carries_the_labels_and_the_redisclosure_notice(
     program: dict[str, Any], client: FlaskClient, tmp_path: Path
 ) -> None:
-    from iop_fhir.security.disclosure import REDISCLOSURE_NOTICE
+    from iop_fhir.privacy.disclosure import REDISCLOSURE_NOTICE
 
     partner = program["partner"]
     bundle = partner.get("/fhir/Encounter").get_json()

@@ -14,7 +14,7 @@ import pytest
 import responses
 
 from iop_fhir import runtime
-from iop_fhir.exchange import disclosures
+from iop_fhir.privacy import pushes
 from iop_fhir.r4 import search
 from iop_fhir.store.base import Delivery
 
@@ -72,7 +72,7 @@ def audit_events(app: Any, *params: tuple[str, str]) -> list[dict[str, Any]]:
 
 
 def _by_worker(event: dict[str, Any]) -> bool:
-    return any((a.get("who") or {}).get("identifier", {}).get("value") == disclosures.CLIENT_ID for a in event["agent"])
+    return any((a.get("who") or {}).get("identifier", {}).get("value") == pushes.CLIENT_ID for a in event["agent"])
 
 
 def patient_of(client: Any, enrollment_id: str) -> str:
@@ -126,7 +126,7 @@ def test_a_consent_that_does_not_cover_care_coordination_releases_nothing(app: A
     assert client.post("/iop/consents", json=payment_only).status_code == 201
     [row] = rows(app, record_id=discharge["id"])
     assert row.status == "blocked"
-    assert (row.last_error or {})["message"].startswith(disclosures.NO_CONSENT)
+    assert (row.last_error or {})["message"].startswith(pushes.NO_CONSENT)
 
 
 # -- revocation ----------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_the_worker_blocks_a_queued_transition_whose_consent_no_longer_permits_i
 ) -> None:
     posted = responses.post(PARTNER_BASE, json=ANSWER, status=200)
     payload = {**consent_payload(enrolled), "expires_on": "2027-03-20"}
-    monkeypatch.setattr(disclosures, "today", lambda: date(2026, 12, 2))
+    monkeypatch.setattr(pushes, "today", lambda: date(2026, 12, 2))
     consent = client.post("/iop/consents", json=payload).get_json()
     discharge = client.post("/iop/discharges", json=contract("discharge", enrolled)).get_json()
     [queued] = rows(app, record_id=discharge["id"])
@@ -213,7 +213,7 @@ def test_the_worker_blocks_a_queued_transition_whose_consent_no_longer_permits_i
     # The consent ends behind the outbox's back: its FHIR Consent changed at the FHIR API, or time passed.
     reference = next(r for r in consent["fhir"] if r.startswith("Consent/"))
     if how == "expired":
-        monkeypatch.setattr(disclosures, "today", lambda: date(2027, 3, 21))
+        monkeypatch.setattr(pushes, "today", lambda: date(2027, 3, 21))
     else:
         resource = client.get(f"/fhir/{reference}").get_json()
         resource["status"] = "inactive" if how == "revoked" else "entered-in-error"
@@ -257,7 +257,7 @@ def test_a_delivered_transition_writes_an_audit_event_naming_patient_recipient_a
     assert whats[0] == patient
     assert event["entity"][0]["role"]["code"] == "1"
     assert [w.split("/")[0] for w in whats] == ["Patient", "CarePlan", "ServiceRequest", "Task", "Consent"]
-    assert whats == disclosures.references(row.payload["body"])
+    assert whats == pushes.references(row.payload["body"])
     # Searchable like any AuditEvent, by the patient it concerns.
     assert [e["id"] for e in audit_events(app, ("entity", patient))] == [event["id"]]
 

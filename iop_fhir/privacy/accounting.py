@@ -10,7 +10,7 @@ import orjson
 
 from iop_fhir.errors import NotFound
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.security import audit
+from iop_fhir.privacy import audit
 
 RECIPIENT = "IRCP"
 _PAGE = 1000

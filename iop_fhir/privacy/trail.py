@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.privacy import audit, disclosure
 from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.security import audit, disclosure
 from iop_fhir.security.access import Principal
 from iop_fhir.store.base import StoredResource, WriteTx
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from iop_fhir.mapping.engine import PART2_LABELS
-from iop_fhir.security import audit
-from iop_fhir.security.audit import Agent, audit_event, outcome_for_status
+from iop_fhir.privacy import audit
+from iop_fhir.privacy.audit import Agent, audit_event, outcome_for_status
 
 VALIDATOR = Path(__file__).resolve().parents[3] / "shared" / "tools" / "fhir-validate"
 WHEN = "2026-05-01T14:03:22.123456Z"

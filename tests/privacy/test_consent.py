@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from iop_fhir.mapping.engine import PART2_LABELS
-from iop_fhir.security import consent as part2
-from iop_fhir.security.consent import CONSENT_DENY, CONSENT_PERMIT, NO_CONSENT, decide
+from iop_fhir.privacy import consent as part2
+from iop_fhir.privacy.consent import CONSENT_DENY, CONSENT_PERMIT, NO_CONSENT, decide
 
 PARTNER = "Organization/test-peer-recovery-center"
 OTHER = "Organization/test-regional-ehr"
