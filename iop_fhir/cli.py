@@ -305,6 +305,7 @@ def _client_add(args: argparse.Namespace, registry: Any, _store: Any) -> int:
             partner_id=args.partner,
             purpose_of_use=args.purpose,
             admin=args.admin,
+            consents=args.consents,
         )
     except BaseException:
         if args.generate_key:
@@ -353,6 +354,11 @@ def _add_auth_commands(commands: Any) -> None:
     add.add_argument("--partner", metavar="ID", help="the partner (/iop/partners) the client acts for")
     add.add_argument("--purpose", metavar="CODE", help="v3-ActReason purpose of use (default TREAT with --partner)")
     add.add_argument("--admin", action="store_true", help="the client may use the operator endpoints")
+    add.add_argument(
+        "--consents",
+        action="store_true",
+        help="the program's consent management: the client may write Consents through /fhir (never with --partner)",
+    )
     add.add_argument("--name", help="a display name (default: the client id)")
     add.set_defaults(run=_auth_command(_client_add))
     listing = actions.add_parser("list", help="print every client as a JSON line (no keys)")

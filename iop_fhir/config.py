@@ -34,6 +34,8 @@ class Settings:
     auth_issuer: str = ""  # iss and aud of this service's access tokens; empty = see issuer()
     export_file_lines: int = 50_000  # most resources in one NDJSON file of a Bulk Data export
     export_retention: int = 86_400  # seconds a finished export job and its files are kept
+    audit_flush_ms: float = 10.0  # the longest a read's audit row waits for its group commit
+    audit_flush_rows: int = 256  # audit rows committed in one transaction at most
 
     @property
     def terminology_dir(self) -> Path:
@@ -109,4 +111,8 @@ DESCRIPTIONS = {
     "is empty too",
     "export_file_lines": "most resources in one NDJSON file of a Bulk Data export (`$export`); more make more files",
     "export_retention": "seconds a finished `$export` job and its files are kept, then deleted (404 afterwards)",
+    "audit_flush_ms": "the longest the audit row of a read by the program's own clients waits in its process before "
+    "it is committed with the others (group commit); a crash of the process loses at most these milliseconds of such "
+    "rows (see the audit section); writes and a partner's requests are committed before they are answered",
+    "audit_flush_rows": "most audit rows committed in one transaction; a crash loses at most this many",
 }

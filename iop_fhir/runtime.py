@@ -1,7 +1,8 @@
 """The one place that builds the service's parts from Settings: the store (opened and migrated), the repository with
 its profiles and its write hooks (registered here, by name), the record service with its record hooks, the client
-registry and signing keys, the partner client, the exporter; and the long-running commands (worker, sync) assembled
-from them. The app factory and the CLI get everything here; nothing below them imports this module.
+registry and signing keys, the partner client, the exporter, the audit log's writer; and the long-running commands
+(worker, sync) assembled from them. The app factory and the CLI get everything here; nothing below them imports this
+module.
 
 Every write hook is given what it needs when it is made (the configured or request base URL, the repository): none
 reads Flask's globals or the environment inside a transaction.
@@ -31,6 +32,7 @@ from iop_fhir.fhir.repository import Repository
 from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import load_engine
 from iop_fhir.privacy import trail
+from iop_fhir.privacy.auditlog import AuditWriter
 from iop_fhir.security.registry import ClientRegistry, KeyRing
 from iop_fhir.store import leases, migrate
 from iop_fhir.store.sql import SqlStore
@@ -108,6 +110,16 @@ class Runtime:
         )
 
     @cached_property
+    def audit(self) -> AuditWriter:
+        """The audit log's writer of this process: rows of reads are group-committed every IOP_FHIR_AUDIT_FLUSH_MS
+        or IOP_FHIR_AUDIT_FLUSH_ROWS rows (privacy/auditlog.py)."""
+        writer = AuditWriter(
+            self.store, interval=self.settings.audit_flush_ms / 1000, batch=self.settings.audit_flush_rows
+        )
+        self.store.when_closing(writer.close)
+        return writer
+
+    @cached_property
     def clients(self) -> ClientRegistry:
         return ClientRegistry(self.store)
 
@@ -126,7 +138,7 @@ class Runtime:
         return partners.client_for(partner, self.settings, session=session)
 
     def close(self) -> None:
-        self.store.close()
+        self.store.close()  # the audit log's writer first commits what it holds
 
 
 def build(settings: Settings, *, store: SqlStore | None = None, seed: bool = False) -> Runtime:

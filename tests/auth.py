@@ -34,15 +34,26 @@ def mint(
     partner: str | None = None,
     purpose: str | None = None,
     admin: bool = False,
+    consents: bool = False,
     client_id: str | None = None,
 ) -> str:
-    """An access token of a newly registered client (or of ``client_id`` if it is registered already)."""
+    """An access token of a newly registered client (or of ``client_id`` if it is registered already);
+    ``consents``: registered with the consent-management permission (a program client that may write Consents
+    through /fhir)."""
     registry = app.extensions["iop_fhir.clients"]
     client_id = client_id or f"test-{uuid.uuid4().hex[:12]}"
     if registry.get(client_id) is None:
+        # Passed only when asked for, so that every other registration is the one it always was.
+        extra: dict[str, Any] = {"consents": True} if consents else {}
         try:
             registry.add(
-                client_id, jwks=client_jwks(), scope=scope, partner_id=partner, purpose_of_use=purpose, admin=admin
+                client_id,
+                jwks=client_jwks(),
+                scope=scope,
+                partner_id=partner,
+                purpose_of_use=purpose,
+                admin=admin,
+                **extra,
             )
         except ClientError:
             if registry.get(client_id) is None:  # not another process registering the same client at once
@@ -52,10 +63,11 @@ def mint(
 
 
 def program_token(app: Flask) -> str:
-    """One token per app of the program's own client, system/*.cruds (registered on first use)."""
+    """One token per app of the program's own client, system/*.cruds and the consent-management permission (it
+    records consents through /fhir as the program's systems do), registered on first use."""
     token: str | None = app.extensions.get("tests.program_token")
     if token is None:
-        token = mint(app, ADMIN_SCOPE, client_id="test-program")
+        token = mint(app, ADMIN_SCOPE, client_id="test-program", consents=True)
         app.extensions["tests.program_token"] = token
     return token
 

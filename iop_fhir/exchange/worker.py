@@ -6,8 +6,9 @@ Logs name deliveries, partners and error types only, never payloads or partner m
 
 Part 2 (privacy/pushes.py): right before a Bundle goes to a partner the patient's consent is decided again (it
 may have been revoked, retracted or have expired since the row was queued); if none permits it now the row becomes
-blocked and nothing is sent. Once a partner has taken a Bundle, an AuditEvent of the disclosure is stored (before the
-row is marked delivered, so a crash between the two repeats the delivery and its audit, never loses the audit).
+blocked and nothing is sent. Once a partner has taken a Bundle, the disclosure's row is committed to the audit log
+(before the row is marked delivered, so a crash between the two repeats the delivery and its audit, never loses the
+audit).
 
 The worker also runs Bulk Data export jobs (fhir/export.py) that are queued or whose process died.
 """
@@ -188,7 +189,7 @@ class Worker:
         self.deliver = deliver
         self.lease = lease
         self.worker_id = worker_id
-        self.repository = repository  # AuditEvents of disclosures are written through it
+        self.repository = repository  # disclosures are audited in its store's audit log
 
     def deliver_due(self, batch: int, stop: _Stop | None = None) -> int:
         """Claim up to ``batch`` due rows and deliver them; rows not reached before a stop go back to pending.
@@ -294,9 +295,9 @@ class Worker:
     def _audit(self, row: Delivery, disclosure: pushes.Disclosure) -> None:
         # The partner has the records whatever happens next: the disclosure is audited even if the lease passed.
         try:
-            event = pushes.record_audit(self.repository, disclosure, now_us())
+            event = pushes.record_audit(self.repository.store, disclosure, now_us())
         except Exception as error:  # never PHI: the type only
-            log.error("delivery %s: delivered, but its AuditEvent failed: %s", row.id, type(error).__name__)
+            log.error("delivery %s: delivered, but its audit row failed: %s", row.id, type(error).__name__)
             return
         log.info("delivery %s: disclosure audited as %s", row.id, event)
 

@@ -10,6 +10,7 @@ import orjson
 
 from iop_fhir import __version__
 from iop_fhir.config import auth_url
+from iop_fhir.fhir import auditevents
 from iop_fhir.r4 import definitions
 from iop_fhir.r4.indexing import indexed_params
 
@@ -48,6 +49,8 @@ def supported_search_params(res_type: str) -> list[definitions.SearchParam]:
 
 
 def _resource(res_type: str) -> dict[str, Any]:
+    if res_type == auditevents.AUDIT_EVENT:
+        return _audit_event()
     params = supported_search_params(res_type)
     references = [p.name for p in params if p.type == "reference"]
     return {
@@ -66,6 +69,31 @@ def _resource(res_type: str) -> dict[str, Any]:
         "searchRevInclude": ["*"],
         "searchParam": [{"name": p.name, "definition": p.url, "type": p.type} for p in params],
         "operation": _operations(res_type),
+    }
+
+
+def _audit_event() -> dict[str, Any]:
+    """AuditEvent is the audit log rendered (fhir/auditevents.py): read and searched by administrators, written by the
+    service alone, never versioned."""
+    known = definitions.search_params(auditevents.AUDIT_EVENT)
+    return {
+        "type": auditevents.AUDIT_EVENT,
+        "profile": f"http://hl7.org/fhir/StructureDefinition/{auditevents.AUDIT_EVENT}",
+        "documentation": "The audit log, for administrators: read and search only (the service writes every event); "
+        "sorted by date, newest first unless _sort=date; no _include or _revinclude.",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": [
+            {"name": name, "definition": known[name].url, "type": known[name].type, "documentation": documentation}
+            for name, documentation in sorted(auditevents.SEARCH_PARAMS.items())
+        ],
+        "operation": _operations(auditevents.AUDIT_EVENT),
     }
 
 

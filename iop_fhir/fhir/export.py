@@ -9,8 +9,9 @@ restriction (privacy/disclosure.py), decided again from the consents in force wh
 partner carries the redisclosure mark, as every /fhir response to it does, and its job keeps the patients whose
 consents it ran under: once one of those consents no longer permits the disclosure (revoked, ended), the files not yet
 fetched are deleted rather than served (still_consented). Each chunk is audited in the transaction that stores it: for
-a partner one AuditEvent per patient whose records it holds, as privacy/trail.py audits reads (a job's files are made
-for its client alone, so writing them is the disclosure).
+a partner one row of the audit log per patient whose records it holds, as privacy/trail.py audits reads (a job's
+files are made for its client alone, so writing them is the disclosure). AuditEvents, for administrators, are the
+audit log's rows rendered as they are at /fhir/AuditEvent.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import orjson
 from iop_fhir.config import Settings
 from iop_fhir.errors import BadRequest, FhirError, Forbidden, Gone, Issue, NotFound, operation_outcome
 from iop_fhir.privacy import audit, disclosure
+from iop_fhir.privacy.restriction import Restriction
 from iop_fhir.r4 import definitions
 from iop_fhir.r4.compartment import patient_compartment
 from iop_fhir.r4.indexing import date_range
 from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.r4.search import Restriction
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.scopes import Scopes
 from iop_fhir.store import leases
@@ -57,6 +58,7 @@ _INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PAGE = 1000  # resources read, and stored as one chunk, at a time: at most this many,
 CHUNK_BYTES = 2 * 1024 * 1024  # and no more than fit in this (but at least one), so that memory stays flat
+AUDIT_EVENT = "AuditEvent"  # exported from the audit log, rendered (privacy/audit.py), never stored as resources
 MAX_ATTEMPTS = 3  # runs of a job that never finished (its process died) before it is given up as failed
 RETRY_AFTER_S = 2
 NDJSON = "application/fhir+ndjson"
@@ -453,7 +455,7 @@ class Exporter:
         self.lease = float(settings.worker_lease_seconds)
         self.background = background
         self.worker_id = worker or leases.holder_name()
-        self.repository = repository  # AuditEvents of what jobs export are written through it
+        self.repository = repository  # reads the Group of a Group-level export
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -623,34 +625,58 @@ class _Run:
             cursor = self.cursor
             new_file = cursor.file is None or cursor.lines >= lines_per_file
             limit = min(PAGE, lines_per_file if new_file else lines_per_file - cursor.lines)
-            page = self.jobs.page(
-                res_type,
-                cursor.after,
-                limit,
-                since=self.request.since,
-                until=self.job.transaction_time,
-                compartment=compartment,
-                restriction=restriction,
-                max_bytes=CHUNK_BYTES,
-            )
-            if not page:
+            if res_type == AUDIT_EVENT:
+                if restriction is not None:  # never a partner's (AuditEvent is for administrators)
+                    break
+                ids, lines, disclosed = self._audit_page(cursor.after, limit, compartment)
+            else:
+                page = self.jobs.page(
+                    res_type,
+                    cursor.after,
+                    limit,
+                    since=self.request.since,
+                    until=self.job.transaction_time,
+                    compartment=compartment,
+                    restriction=restriction,
+                    max_bytes=CHUNK_BYTES,
+                )
+                ids = [stored.res_id for stored in page]
+                content = [stored.content or b"{}" for stored in page]
+                lines = [disclosure.mark_disclosed(c) for c in content] if partner else content
+                patients = self.jobs.patients(res_type, ids)
+                disclosed = [(f"{res_type}/{res_id}", patients[res_id]) for res_id in ids]
+            if not ids:
                 break
-            content = [stored.content or b"{}" for stored in page]
-            lines = [disclosure.mark_disclosed(c) for c in content] if partner else content
-            patients = self.jobs.patients(res_type, [stored.res_id for stored in page])
-            disclosed = [(f"{res_type}/{stored.res_id}", patients[stored.res_id]) for stored in page]
+            page_size = len(ids)
             if new_file:
                 cursor = replace(cursor, file=cursor.files + 1, files=cursor.files + 1, lines=0, chunk=0)
             file_no = cursor.file or cursor.files
             cursor = replace(
                 cursor,
-                after=page[-1].res_id,
-                lines=cursor.lines + len(page),
+                after=ids[-1],
+                lines=cursor.lines + page_size,
                 chunk=cursor.chunk + 1,
-                exported=cursor.exported + len(page),
+                exported=cursor.exported + page_size,
             )
-            chunk = Chunk(file_no, cursor.chunk, res_type, "output", len(page), b"\n".join(lines) + b"\n")
+            chunk = Chunk(file_no, cursor.chunk, res_type, "output", page_size, b"\n".join(lines) + b"\n")
             self._commit(cursor, chunk, disclosed)
+
+    def _audit_page(
+        self, after: str | None, limit: int, compartment: Compartment | None
+    ) -> tuple[list[str], list[bytes], list[tuple[str, set[str]]]]:
+        """The next AuditEvents of the export: rows of the audit log by id, rendered (the audit log is not among the
+        stored resources); at Patient or Group level those about a patient of the compartment."""
+        members = compartment.patients if compartment is not None else None
+        rows = self.exporter.store.audit_page(
+            after,
+            limit,
+            since=self.request.since,
+            until=self.job.transaction_time,
+            patients=tuple(f"Patient/{m}" for m in members) if members is not None else None,
+            any_patient=compartment is not None,
+        )
+        lines = [orjson.dumps(audit.render(row)) for row in rows]
+        return [row.id for row in rows], lines, [(f"{AUDIT_EVENT}/{row.id}", set()) for row in rows]
 
     def _error_file(self, res_type: str | None, issue: Issue) -> None:
         files = self.cursor.files + 1
@@ -677,8 +703,8 @@ class _Run:
             self.on_chunk(chunk.res_type, chunk.lines)
 
     def _audit(self, tx: WriteTx, disclosed: list[tuple[str, set[str]]]) -> None:
-        """The chunk's AuditEvents, grouped as privacy/trail.py groups a response: for a partner one per patient
-        whose records the chunk holds, otherwise one (naming the patient if there is only one)."""
+        """The chunk's audit rows, in its transaction, grouped as privacy/trail.py groups a response: for a partner
+        one per patient whose records the chunk holds, otherwise one (naming the patient if there is only one)."""
         if not disclosed:
             return
         groups: dict[str | None, list[str]] = defaultdict(list)
@@ -690,7 +716,7 @@ class _Run:
             for reference, patients in disclosed:
                 for patient_id in sorted(patients) or [""]:
                     groups[f"Patient/{patient_id}" if patient_id else None].append(reference)
-        when = instant(now_us())
-        for patient, references in groups.items():
-            event = audit.audit_event("export", "0", self.agent, patient, references, when=when)
-            self.exporter.repository.create_in(tx, "AuditEvent", event)
+        when = now_us()
+        tx.append_audit(
+            [audit.new_row("export", "0", self.agent, patient, refs, recorded=when) for patient, refs in groups.items()]
+        )

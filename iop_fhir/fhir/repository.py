@@ -27,11 +27,12 @@ from iop_fhir.errors import (
     PreconditionFailed,
     Unprocessable,
 )
+from iop_fhir.privacy import visibility
 from iop_fhir.r4 import definitions, indexing, search, validation
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.instants import http_date, instant, now_us
 from iop_fhir.r4.profiles import ProfileRegistry
-from iop_fhir.store.base import SearchResult, Store, StoredResource, WriteTx
+from iop_fhir.store.base import SearchResult, Store, StoredResource, VersionFacts, WriteTx
 
 MAX_DEPTH = 254  # orjson's nesting limit when it serialises a resource
 MAX_VERSION = 2**31 - 1  # resources.version_id is a 32-bit integer
@@ -121,13 +122,19 @@ class Access(Protocol):
     level history may return, and the Part 2 restriction of what it may see (None: everything)."""
 
     @property
-    def restriction(self) -> search.Restriction | None: ...
+    def restriction(self) -> search.Visibility | None: ...
 
     def require(self, res_type: str, interaction: str) -> None:
         """Raise Forbidden unless the client may do ``interaction`` (scopes.INTERACTIONS) on ``res_type``."""
 
     def searchable_types(self) -> frozenset[str] | None:
         """The types a system-level search or history may return; None: every type."""
+
+    def authorize_type(self, res_type: str) -> None:
+        """Raise Forbidden if the client may write no resource of ``res_type`` (privacy/authority.py)."""
+
+    def authorize_change(self, res_type: str, previous: dict[str, Any] | None, resource: dict[str, Any]) -> None:
+        """Raise Forbidden if the client may not store ``resource`` over ``previous``."""
 
 
 class Repository:
@@ -147,6 +154,7 @@ class Repository:
         # them by name): what they write or enqueue commits or rolls back with the write itself.
         self.write_hooks: dict[str, WriteHook] = {}
         self.access: Access | None = None  # set on the per-request copy made by acting_for
+        self._written: set[tuple[str, str]] = set()  # what the per-request copy stored, for its later references
 
     def add_write_hook(self, name: str, hook: WriteHook) -> None:
         """Run ``hook`` after every version this repository stores, after the hooks added before it."""
@@ -160,28 +168,49 @@ class Repository:
         a write may not touch a resource the client cannot see (it is answered as if there were none)."""
         view = copy.copy(self)
         view.access = access
+        view._written = set()
         return view
 
     def check(self, res_type: str, interaction: str) -> None:
         if self.access is not None:
             self.access.require(res_type, interaction)
 
+    def expect_created(self, res_type: str, res_id: str) -> None:
+        """Count ``res_type/res_id`` as created by this request before it is written (a transaction's other entries
+        may refer to it whatever their order); if it is not created, the transaction fails and nothing stands."""
+        if self.access is not None:
+            self._written.add((res_type, res_id))
+
+    def _authorize(self, res_type: str) -> None:
+        """Who may write a type at all, before anything is looked up (privacy/authority.py)."""
+        if self.access is not None:
+            self.access.authorize_type(res_type)
+
     @property
-    def restriction(self) -> search.Restriction | None:
+    def restriction(self) -> search.Visibility | None:
         return self.access.restriction if self.access is not None else None
 
-    def can_see(self, reader: Store | WriteTx, res_type: str, res_id: str) -> bool:
-        """Whether the client may see the current ``res_type/res_id`` (always, without a restriction)."""
+    def sees(self, reader: Store | WriteTx, stored: StoredResource) -> bool:
+        """Whether the client may see this version (always, without a restriction): decided on the patients and
+        labels it had (a deletion: those of the version it deleted), never on another version."""
         restriction = self.restriction
         if restriction is None:
             return True
-        request = search.SearchRequest(
-            res_type, (search.id_filter(res_id),), count=1, total="none", restriction=restriction
-        )
-        return bool(reader.search(request).matches)
+        return reader.version_visible(stored.res_type, stored.res_id, stored.version_id, restriction)
 
     def hides(self, reader: Store | WriteTx, stored: StoredResource | None) -> bool:
-        return stored is not None and not stored.deleted and not self.can_see(reader, stored.res_type, stored.res_id)
+        """Whether a live current version exists that the client may not see."""
+        return stored is not None and not stored.deleted and not self.sees(reader, stored)
+
+    def knows(self, res_type: str, res_id: str) -> bool:
+        """Whether the resource exists for the client: it has a version the client may see. A resource none of
+        whose versions it may see is, to it, one that never existed."""
+        if self.restriction is None:
+            return self.store.read(res_type, res_id) is not None
+        total = self.store.history(
+            res_type, res_id, since=None, at=None, count=0, offset=0, restriction=self.restriction
+        )[1]
+        return total > 0
 
     def search_request(
         self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False, base_url: str | None = None
@@ -241,7 +270,7 @@ class Repository:
         check_type(res_type)
         self.check(res_type, "read")
         stored = self.store.read(res_type, res_id)
-        if stored is None or self.hides(self.store, stored):
+        if stored is None or not self.sees(self.store, stored):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if stored.deleted:
             raise Gone(
@@ -256,15 +285,14 @@ class Repository:
     def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
         check_type(res_type)
         self.check(res_type, "vread")
-        if not self.can_see(self.store, res_type, res_id):
-            raise NotFound(f"{res_type}/{res_id} is not known")
-        number = version_number(version)
-        if number is None:  # no such version can exist
-            raise NotFound(f"{res_type}/{res_id}/_history/{version[:80]} is not known")
-        stored = self.store.vread(res_type, res_id, number)
-        if stored is None:
-            if self.store.read(res_type, res_id) is None:
+        number = version_number(version)  # None: no such version can exist
+        stored = self.store.vread(res_type, res_id, number) if number is not None else None
+        if stored is None or not self.sees(self.store, stored):
+            # A version the client may not see is answered as one that never existed.
+            if not self.knows(res_type, res_id):
                 raise NotFound(f"{res_type}/{res_id} is not known")
+            if number is None:
+                raise NotFound(f"{res_type}/{res_id}/_history/{version[:80]} is not known")
             raise NotFound(f"{res_type}/{res_id} has no version {version}")
         if stored.deleted:
             raise Gone(f"version {version} of {res_type}/{res_id} is a deletion")
@@ -295,10 +323,8 @@ class Repository:
             check_type(res_type)
             self.check(res_type, "history-instance" if res_id is not None else "history-type")
         types = self.access.searchable_types() if self.access is not None and res_type is None else None
-        if res_id is not None and res_type is not None:
-            stored = self.store.read(res_type, res_id)
-            if stored is None or not self.can_see(self.store, res_type, res_id):
-                raise NotFound(f"{res_type}/{res_id} is not known")
+        if res_id is not None and res_type is not None and not self.knows(res_type, res_id):
+            raise NotFound(f"{res_type}/{res_id} is not known")
         return self.store.history(
             res_type, res_id, since=since, at=at, count=count, offset=offset, types=types, restriction=self.restriction
         )
@@ -382,6 +408,7 @@ class Repository:
         res_id: str | None = None,
         fresh: bool = False,
     ) -> WriteResult:
+        self._authorize(res_type)
         if if_none_exist is not None:
             matches = self.matches_in(tx, res_type, if_none_exist, "If-None-Exist")
             if len(matches) > 1:
@@ -409,6 +436,7 @@ class Repository:
         if_match: int | None = None,
         method: str = "PUT",
     ) -> WriteResult:
+        self._authorize(res_type)
         current = tx.current(res_type, res_id)
         if self.restriction is not None and (current is None or current.deleted or self.hides(tx, current)):
             # A restricted client creates only with POST: a PUT to an id it cannot see is answered as if none
@@ -426,12 +454,14 @@ class Repository:
                     "If-Match",
                 )
         version = current.version_id + 1 if current else 1
-        stored = self._save(tx, res_type, res_id, body, version, method)
+        previous = current if current is not None and not current.deleted else None
+        stored = self._save(tx, res_type, res_id, body, version, method, previous)
         return WriteResult(stored, created=current is None or current.deleted)
 
     def conditional_update_in(
         self, tx: WriteTx, res_type: str, query: str, body: dict[str, Any], *, if_match: int | None = None
     ) -> WriteResult:
+        self._authorize(res_type)
         matches = self.matches_in(tx, res_type, query, "url")
         if len(matches) > 1:
             raise PreconditionFailed(
@@ -450,13 +480,25 @@ class Repository:
             raise PreconditionFailed(
                 f'If-Match W/"{if_match}" given but no {res_type} matches the condition', "If-Match"
             )
-        return self.create_in(tx, res_type, body, res_id=body_id)
+        return self.create_by_condition_in(tx, res_type, body, res_id=body_id)
+
+    def create_by_condition_in(
+        self, tx: WriteTx, res_type: str, body: dict[str, Any], *, res_id: str | None
+    ) -> WriteResult:
+        """The create of a conditional update that matched nothing, with the id the body names (or ``res_id``).
+        As in update_in, a restricted client creates only with POST: a body id is answered as an id that never
+        existed, whether or not a resource it cannot see has it."""
+        body_id = body.get("id")
+        if body_id is not None and self.restriction is not None:
+            raise NotFound(f"{res_type}/{body_id} is not known")
+        return self.create_in(tx, res_type, body, res_id=res_id)
 
     def patch_in(
         self, tx: WriteTx, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None
     ) -> WriteResult:
+        self._authorize(res_type)
         current = tx.current(res_type, res_id)
-        if current is None or self.hides(tx, current):
+        if current is None or not self.sees(tx, current):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if current.deleted or current.content is None:
             raise Gone(f"{res_type}/{res_id} was deleted")
@@ -472,6 +514,7 @@ class Repository:
         return self.update_in(tx, res_type, res_id, patched, if_match=if_match, method="PATCH")
 
     def delete_in(self, tx: WriteTx, res_type: str, res_id: str) -> StoredResource | None:
+        self._authorize(res_type)
         current = tx.current(res_type, res_id)
         if current is None or current.deleted or self.hides(tx, current):
             return None
@@ -480,6 +523,7 @@ class Repository:
         return StoredResource(res_type, res_id, current.version_id + 1, last_updated, True, None, "DELETE")
 
     def conditional_delete_in(self, tx: WriteTx, res_type: str, query: str) -> StoredResource | None:
+        self._authorize(res_type)
         matches = self.matches_in(tx, res_type, query, "url")
         if len(matches) > 1:
             raise PreconditionFailed(
@@ -487,9 +531,36 @@ class Repository:
             )
         return self.delete_in(tx, res_type, matches[0].res_id) if matches else None
 
+    def _check_patients(self, tx: WriteTx, resource: dict[str, Any], facts: VersionFacts) -> None:
+        """A restricted client's write may refer only to Patients it may see or that its request stored: a
+        reference to any other Patient is answered as one to a Patient that does not exist (a write never adds to
+        the record of a patient whose records the client may not see)."""
+        for patient_id in facts.patients:
+            if patient_id is None or ("Patient", patient_id) in self._written:
+                continue
+            if resource.get("resourceType") == "Patient" and resource.get("id") == patient_id:
+                continue
+            current = tx.current("Patient", patient_id)
+            if current is None or current.deleted or not self.sees(tx, current):
+                raise Unprocessable(
+                    f"Patient/{patient_id} is not known",
+                    _reference_path(resource, f"Patient/{patient_id}"),
+                    code="processing",
+                )
+
     def _save(
-        self, tx: WriteTx, res_type: str, res_id: str, body: dict[str, Any], version_id: int, method: str
+        self,
+        tx: WriteTx,
+        res_type: str,
+        res_id: str,
+        body: dict[str, Any],
+        version_id: int,
+        method: str,
+        previous: StoredResource | None = None,
     ) -> StoredResource:
+        if self.access is not None:
+            before = orjson.loads(previous.content) if previous is not None and previous.content else None
+            self.access.authorize_change(res_type, before, body)
         errors = self.profile_issues(body)
         if errors:
             raise Invalid(errors)
@@ -504,10 +575,39 @@ class Repository:
                 code="too-costly",
             ) from None
         stored = StoredResource(res_type, res_id, version_id, last_updated, False, content, method)
-        tx.save(stored, _index(resource))
+        index = _index(resource)
+        facts = visibility.facts_of(res_type, res_id, index)
+        if self.restriction is not None:
+            self._check_patients(tx, resource, facts)
+        tx.save(stored, index, facts)
+        if self.access is not None:
+            self._written.add((res_type, res_id))
         for hook in self.write_hooks.values():
             hook(tx, resource, stored)
         return stored
+
+
+def _reference_path(resource: dict[str, Any], reference: str) -> str:
+    """The FHIRPath of the first Reference in ``resource`` whose ``reference`` is ``reference`` (the type when
+    there is none)."""
+
+    def walk(node: Any, path: str) -> str | None:
+        if isinstance(node, dict):
+            if node.get("reference") == reference:
+                return path
+            for key, value in node.items():
+                found = walk(value, f"{path}.{key}")
+                if found is not None:
+                    return found
+        elif isinstance(node, list):
+            for n, item in enumerate(node):
+                found = walk(item, f"{path}[{n}]")
+                if found is not None:
+                    return found
+        return None
+
+    res_type = str(resource.get("resourceType"))
+    return walk({k: v for k, v in resource.items() if k != "meta"}, res_type) or res_type
 
 
 def validation_issues(res_type: str, body: Any, res_id: str | None = None) -> list[Issue]:

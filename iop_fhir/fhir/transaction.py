@@ -480,6 +480,12 @@ def _run(repo: Repository, tx: WriteTx, entries: list[_Entry], base_url: str) ->
                 _delete(repo, tx, entry, touched)
     final = _resolve(repo, tx, entries)
     for entry in entries:
+        # What the transaction creates may be referred to by its other entries, in whatever order they come.
+        if entry.method == "POST" and entry.matched is None and entry.new_id is not None:
+            repo.expect_created(entry.res_type, entry.new_id)
+        elif entry.created_by_condition and entry.res_id is not None:
+            repo.expect_created(entry.res_type, entry.res_id)
+    for entry in entries:
         if entry.resource is not None and entry.deferred and not entry.deferred.isdisjoint(final):
             entry.resource = _rewrite_entry(entry, final, {}, set(), set(), [])
     for entry in by_phase:
@@ -578,7 +584,7 @@ def _delete(repo: Repository, tx: WriteTx, entry: _Entry, touched: dict[tuple[st
         _touch(touched, entry, entry.res_type, res_id)
     if entry.if_match is not None:
         current = tx.current(entry.res_type, res_id) if res_id is not None else None
-        if current is None or current.deleted:
+        if current is None or current.deleted or repo.hides(tx, current):
             raise PreconditionFailed(
                 f'ifMatch W/"{entry.if_match}" given but there is no {entry.res_type} to delete',
                 f"{entry.path}.request.ifMatch",
@@ -608,7 +614,7 @@ def _write(repo: Repository, tx: WriteTx, entry: _Entry) -> WriteResult:
         return repo.create_in(tx, entry.res_type, entry.resource, res_id=entry.new_id, fresh=True)
     assert entry.res_id is not None
     if entry.created_by_condition:
-        return repo.create_in(tx, entry.res_type, entry.resource, res_id=entry.res_id)
+        return repo.create_by_condition_in(tx, entry.res_type, entry.resource, res_id=entry.res_id)
     return repo.update_in(tx, entry.res_type, entry.res_id, entry.resource, if_match=entry.if_match)
 
 
@@ -623,7 +629,7 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
             stored = repo.read(entry.res_type, entry.res_id)
         else:
             stored = tx.current(entry.res_type, entry.res_id)
-            if stored is None or repo.hides(tx, stored):
+            if stored is None or not repo.sees(tx, stored):
                 raise NotFound(f"{entry.res_type}/{entry.res_id} is not known")
             if stored.deleted:
                 raise Gone(f"{entry.res_type}/{entry.res_id} was deleted")

@@ -1,6 +1,7 @@
 """The /fhir blueprint: one view per FHIR REST interaction (https://hl7.org/fhir/R4/http.html).
 
 Each view unpacks the request, makes one repository call and builds the response; the rules live in repository.py.
+AuditEvent is read and searched in the audit log instead (auditevents.py): the read and search views hand it over.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from urllib.parse import parse_qsl
 from flask import Blueprint, Response, current_app, request
 
 from iop_fhir.errors import BadRequest, information, operation_outcome
-from iop_fhir.fhir import capability, http, searchset, transaction
+from iop_fhir.fhir import auditevents, capability, http, searchset, transaction
 from iop_fhir.fhir.history import history_bundle, history_params
 from iop_fhir.fhir.repository import Repository, check_type
+from iop_fhir.r4.instants import http_date
 from iop_fhir.security import guard
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
@@ -81,6 +83,8 @@ def search_post(res_type: str) -> Response:
 
 
 def _search(res_type: str, params: list[tuple[str, str]]) -> Response:
+    if res_type == auditevents.AUDIT_EVENT:
+        return _search_audit_log(params)
     search_request, result = repo().search(res_type, params, lenient=http.lenient(_prefer()), base_url=base_url())
     return http.fhir_response(searchset.searchset_bundle(search_request, result, base_url()))
 
@@ -118,6 +122,8 @@ def type_history(res_type: str) -> Response:
 
 @bp.get("/<res_type>/<res_id>")
 def read(res_type: str, res_id: str) -> Response:
+    if res_type == auditevents.AUDIT_EVENT:
+        return _read_audit_log(res_id)
     stored = repo().read(res_type, res_id)
     etag = f'W/"{stored.version_id}"'
     if request.headers.get("If-None-Match") in (etag, f'"{stored.version_id}"'):
@@ -185,6 +191,30 @@ def _profile_parameter(parameters: dict[str, Any]) -> str | None:
             value = p.get("valueUri", p.get("valueCanonical"))
             return value if isinstance(value, str) else None
     return None
+
+
+def _read_audit_log(res_id: str) -> Response:
+    store, writer = current_app.extensions["iop_fhir.store"], current_app.extensions["iop_fhir.audit"]
+    body, row = auditevents.read(guard.access(), store, writer, res_id)
+    guard.audited([f"{auditevents.AUDIT_EVENT}/{row.id}"])
+    return http.fhir_response(body, 200, {"Last-Modified": http_date(row.recorded)})
+
+
+def _search_audit_log(params: list[tuple[str, str]]) -> Response:
+    settings = current_app.config["IOP_FHIR"]
+    store, writer = current_app.extensions["iop_fhir.store"], current_app.extensions["iop_fhir.audit"]
+    body, rows = auditevents.search_bundle(
+        guard.access(),
+        store,
+        writer,
+        params,
+        lenient=http.lenient(_prefer()),
+        base_url=base_url(),
+        default_count=settings.default_page_size,
+        max_count=settings.max_page_size,
+    )
+    guard.audited([f"{auditevents.AUDIT_EVENT}/{row.id}" for row in rows])
+    return http.fhir_response(body)
 
 
 def _written(res_type: str, stored: Any, created: bool) -> Response:

@@ -187,10 +187,9 @@ web.route(
 def _disclosures(record_id: str) -> Response:
     web.check_parameters(("offset", "count"))
     offset, count = web.paging()
-    repository = current_app.extensions["iop_fhir.repository"]
-    return json_response(
-        accounting.accounting(repository, _record_id("enrollment", record_id), offset=offset, count=count)
-    )
+    store, writer = current_app.extensions["iop_fhir.store"], current_app.extensions["iop_fhir.audit"]
+    enrollment = _record_id("enrollment", record_id)
+    return json_response(accounting.accounting(store, store, writer, enrollment, offset=offset, count=count))
 
 
 web.route(

@@ -13,6 +13,7 @@ from flask_smorest import Blueprint
 from marshmallow import INCLUDE, Schema, fields, validate
 
 from iop_fhir.errors import BadRequest, UnsupportedMediaType
+from iop_fhir.privacy import trail
 
 JSON = "application/json"
 
@@ -91,6 +92,9 @@ def list_of(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """The /iop answer; the FHIR resources it names (a record's, or those of a page of records) are noted in the
+    request's audit trail, as what the record service returned."""
+    trail.returned_record(body)
     return Response(orjson.dumps(body), status=status, headers=headers, mimetype=JSON)
 
 

@@ -1,83 +1,57 @@
-"""The accounting of disclosures of one patient (42 CFR §2.24, HIPAA §164.528): every AuditEvent that names the
-enrollment's Patient and an information recipient (IRCP): a partner's reads and searches, and every delivery to a
-partner. Newest first; built from the audit trail, which nothing can change through the API."""
+"""The accounting of disclosures of one patient (42 CFR §2.24, HIPAA §164.528): every row of the audit log about the
+enrollment's Patient made for a partner's client whose action discloses (a partner's reads, searches, history and
+exports, and every delivery to a partner), the partner being the information recipient (IRCP) of the rendered
+AuditEvent. Newest first; read from the audit log, which nothing can change through the API."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from iop_fhir.errors import NotFound
-from iop_fhir.fhir.repository import Repository
 from iop_fhir.privacy import audit
+from iop_fhir.privacy.auditlog import AuditWriter
+from iop_fhir.r4.instants import instant
+from iop_fhir.store.base import AuditLog, AuditQuery, AuditRow, RecordStore
 
-RECIPIENT = "IRCP"
-_PAGE = 1000
+# How an item names its action: the interaction, "operation" for an $export (the rendered event's subtype), and
+# "disclose" for a delivery.
+_HOW = {"export": "operation"}
 
 
-def accounting(repository: Repository, enrollment_id: str, *, offset: int, count: int) -> dict[str, Any]:
+def accounting(
+    records: RecordStore, log: AuditLog, writer: AuditWriter, enrollment_id: str, *, offset: int, count: int
+) -> dict[str, Any]:
     """``{enrollment, patient, total, items}``; each item says when, to whom, for what purpose, how (read, search,
     disclose, ...), with what outcome, which resources, and the AuditEvent it comes from."""
-    enrollment = repository.store.record("enrollment", enrollment_id)
+    enrollment = records.record("enrollment", enrollment_id)
     if enrollment is None:
         raise NotFound(f"there is no enrollment record with id {enrollment_id[:80]!r}", "id")
     patient = next((e["reference"] for e in enrollment.resources if e["role"] == "patient"), None)
     items: list[dict[str, Any]] = []
+    total = 0
     if patient is not None:
-        at = 0
-        while True:
-            request, result = repository.search(
-                "AuditEvent",
-                [("patient", patient), ("_sort", "-date"), ("_count", str(_PAGE)), ("_offset", str(at))],
-            )
-            for stored in result.matches:
-                if stored.content is not None:
-                    item = _item(orjson.loads(stored.content), patient)
-                    if item is not None:
-                        items.append(item)
-            if not result.has_more:
-                break
-            at += _PAGE
+        writer.flush()  # what this process audited so far is counted
+        query = AuditQuery(
+            where=((("patient", patient),), tuple(("action", action) for action in sorted(audit.DISCLOSING))),
+            partners_only=True,
+            offset=offset,
+            count=count,
+            total=True,
+        )
+        rows, found = log.audit_rows(query)
+        items = [_item(row) for row in rows]
+        total = found or 0
+    return {"enrollment": enrollment_id, "patient": patient, "total": total, "items": items}
+
+
+def _item(row: AuditRow) -> dict[str, Any]:
+    # The search query of the row is not shown: it may name other patients.
     return {
-        "enrollment": enrollment_id,
-        "patient": patient,
-        "total": len(items),
-        "items": items[offset : offset + count],
+        "date": instant(row.recorded),
+        "recipient": row.on_behalf_of,
+        "purpose": row.purpose,
+        "action": _HOW.get(row.action, row.action),
+        "outcome": row.outcome,
+        "resources": [reference for reference in row.entities if reference != row.patient],
+        "audit_event": f"AuditEvent/{row.id}",
     }
-
-
-def _item(event: dict[str, Any], patient: str) -> dict[str, Any] | None:
-    recipients = [
-        agent["who"]["reference"]
-        for agent in event.get("agent") or []
-        if any(c.get("code") == RECIPIENT for c in (agent.get("type") or {}).get("coding") or [])
-        and isinstance((agent.get("who") or {}).get("reference"), str)
-    ]
-    if not recipients:
-        return None
-    purposes = [
-        coding.get("code")
-        for agent in event.get("agent") or []
-        for concept in agent.get("purposeOfUse") or []
-        for coding in concept.get("coding") or []
-        if coding.get("system") == audit.ACT_REASON
-    ]
-    subtype = [c.get("code") for c in event.get("subtype") or []]
-    how = "disclose" if (event.get("type") or {}).get("code") == "110106" and not subtype else (subtype or [None])[0]
-    resources = [
-        e["what"]["reference"]
-        for e in event.get("entity") or []
-        if isinstance((e.get("what") or {}).get("reference"), str) and e["what"]["reference"] != patient
-    ]
-    item: dict[str, Any] = {
-        "date": event.get("recorded"),
-        "recipient": recipients[0],
-        "purpose": purposes[0] if purposes else None,
-        "action": how,
-        "outcome": event.get("outcome"),
-        "resources": resources,
-        "audit_event": f"AuditEvent/{event.get('id')}",
-    }
-    # The search query of the event is not shown: it may name other patients.
-    return item

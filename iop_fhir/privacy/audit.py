@@ -1,17 +1,21 @@
-"""AuditEvent (R4, https://hl7.org/fhir/R4/auditevent.html) for each interaction with the API and each disclosure to a
-partner: who asked, for what purpose, which patient and resources, with what outcome. Built from codes and references
-only: protected health information reaches an event only inside the base64 `entity.query` of a search."""
+"""The audit log's events: a row (store/base.py AuditRow) for each interaction with the API and each disclosure to a
+partner, and its rendering as an AuditEvent (R4, https://hl7.org/fhir/R4/auditevent.html, shaped as IHE BALP): who
+asked, for what purpose, which patient and resources, with what outcome. Built from codes and references only:
+protected health information reaches an event only inside the base64 `entity.query` of a search."""
 
 from __future__ import annotations
 
 import base64
 import copy
+import os
 import re
 from collections.abc import Sequence
 from typing import Any, NotRequired, TypedDict
 
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.r4.instants import instant
+from iop_fhir.store.base import AuditRow
 
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 RESTFUL_INTERACTION = "http://hl7.org/fhir/restful-interaction"
@@ -79,6 +83,68 @@ def outcome_for_status(status: int) -> str:
     return "4" if status < 500 else "8"
 
 
+MAX_ENTITIES = 2000  # references kept in one row: a search page of 1,000 matches and as many included
+
+
+def new_row(
+    action: str,
+    outcome: str,
+    agent: Agent,
+    patient: str | None,
+    entities: Sequence[str],
+    *,
+    recorded: int,
+    query: str | None = None,
+) -> AuditRow:
+    """A row of the audit log, with a new id, checked as `audit_event` checks its arguments (so that every row
+    renders); `entities` are kept once each, in order, at most MAX_ENTITIES."""
+    references = tuple(dict.fromkeys(entities))[:MAX_ENTITIES]
+    _check(action, outcome, agent, patient, references)
+    return AuditRow(
+        id=time_ordered_id(recorded),
+        recorded=recorded,
+        action=action,
+        outcome=outcome,
+        client_id=agent["client_id"],
+        on_behalf_of=agent.get("partner"),
+        purpose=agent.get("purpose"),
+        patient=patient,
+        entities=references,
+        query=query,
+    )
+
+
+def time_ordered_id(recorded: int) -> str:
+    """A UUID whose first 48 bits are the millisecond of ``recorded`` (the layout of RFC 9562's version 7), the rest
+    random: rows are appended at the end of the id index, and ids sort about as the events happened."""
+    random = int.from_bytes(os.urandom(10), "big")
+    value = (recorded // 1000 & (1 << 48) - 1) << 80 | 0x7 << 76 | (random >> 62 & 0xFFF) << 64 | 0b10 << 62
+    text = f"{value | random & (1 << 62) - 1:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def agent_of(row: AuditRow) -> Agent:
+    agent: Agent = {"client_id": row.client_id}
+    if row.on_behalf_of:
+        agent["partner"] = row.on_behalf_of
+    if row.purpose:
+        agent["purpose"] = row.purpose
+    return agent
+
+
+def render(row: AuditRow) -> dict[str, Any]:
+    """The AuditEvent of one row of the audit log: its id is the row's, meta.lastUpdated its recorded instant."""
+    when = instant(row.recorded)
+    event = audit_event(row.action, row.outcome, agent_of(row), row.patient, row.entities, when=when, query=row.query)
+    rendered: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": row.id,
+        "meta": {"lastUpdated": when, **event["meta"]},
+    }
+    rendered.update((key, value) for key, value in event.items() if key not in rendered)
+    return rendered
+
+
 def audit_event(
     action: str,
     outcome: str,
@@ -95,18 +161,9 @@ def audit_event(
     (type and parameters), stored base64 in `entity.query` as R4 prescribes. The event carries the Part 2 labels:
     that a patient appears in it is itself Part 2 information.
     """
-    if action not in ACTIONS:
-        raise ValueError(f"unknown audit action {action!r}; expected one of {sorted(ACTIONS)}")
-    if outcome not in OUTCOMES:
-        raise ValueError(f"unknown audit outcome {outcome!r}; expected one of {sorted(OUTCOMES)}")
+    _check(action, outcome, agent, patient, entities)
     if not _INSTANT.fullmatch(when):
         raise ValueError("when must be a FHIR instant (date, time to the second, time zone)")
-    for reference in entities:
-        _check_reference(reference, None)
-    if patient is not None:
-        _check_reference(patient, "Patient")
-    if "partner" in agent:
-        _check_reference(agent["partner"], "Organization")
 
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
@@ -132,6 +189,19 @@ def audit_event(
     if entity:
         event["entity"] = entity
     return event
+
+
+def _check(action: str, outcome: str, agent: Agent, patient: str | None, entities: Sequence[str]) -> None:
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}; expected one of {sorted(ACTIONS)}")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown audit outcome {outcome!r}; expected one of {sorted(OUTCOMES)}")
+    for reference in entities:
+        _check_reference(reference, None)
+    if patient is not None:
+        _check_reference(patient, "Patient")
+    if "partner" in agent:
+        _check_reference(agent["partner"], "Organization")
 
 
 def _check_reference(reference: str, resource_type: str | None) -> None:

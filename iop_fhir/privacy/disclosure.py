@@ -12,8 +12,8 @@ import orjson
 
 from iop_fhir.mapping.engine import PART2_LABELS
 from iop_fhir.privacy import consent
+from iop_fhir.privacy.restriction import Restriction
 from iop_fhir.r4 import search
-from iop_fhir.r4.search import Restriction
 from iop_fhir.store.base import ResourceStore
 
 PAGE = 1000
@@ -88,7 +88,7 @@ def _consents(store: ResourceStore, params: list[tuple[str, str]]) -> Iterator[d
 def patient_id(reference: object) -> str | None:
     """The id of the Patient a reference names (``Patient/x``, absolute ``…/Patient/x``, or versioned), or None;
     only a FHIR id can name a stored Patient (and only such ids are ever rendered into a statement by
-    search_sql.visible)."""
+    privacy/restriction.py)."""
     if isinstance(reference, str) and "Patient/" in reference:
         found = reference.rsplit("Patient/", 1)[1].split("/_history/", 1)[0]
         return found if search.is_id(found) else None
@@ -111,25 +111,38 @@ def redisclosure_mark() -> dict[str, Any]:
 
 
 def mark_disclosed(body: bytes) -> bytes:
-    """A response to a partner's client as it is disclosed: a Bundle (searchset, history, batch or transaction
-    response) carries the Part 2 labels and the redisclosure notice in its meta.security, a single resource the
-    notice beside its own labels. Anything else (an OperationOutcome) is returned as it is."""
+    """A response to a partner's client as it is disclosed: the resource, or every resource of a Bundle (searchset,
+    history, batch or transaction response) and the Bundle itself, carries the Part 2 labels and the redisclosure
+    notice in its meta.security, whether or not it was stored with them (that a patient's record is held by the
+    program at all is Part 2 information). Anything else (an OperationOutcome) is returned as it is."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return body
     if not isinstance(parsed, dict) or parsed.get("resourceType") in (None, "OperationOutcome"):
         return body
-    meta = dict(parsed.get("meta") or {})
-    security = list(meta.get("security") or [])
     if parsed["resourceType"] == "Bundle":
-        security += [label for label in PART2_LABELS if label not in security]
-    if not any(s.get("code") == "RedisclosureProhibitionMark" for s in security if isinstance(s, dict)):
+        for entry in parsed.get("entry") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                entry["resource"] = _labelled(entry["resource"])
+    return orjson.dumps(_labelled(parsed))
+
+
+def _labelled(resource: dict[str, Any]) -> dict[str, Any]:
+    """``resource`` with the Part 2 labels it lacks and the redisclosure mark added to meta.security (resourceType,
+    id and meta first, as stored)."""
+    if resource.get("resourceType") in (None, "OperationOutcome"):
+        return resource
+    meta = dict(resource.get("meta") or {})
+    security = list(meta.get("security") or [])
+    present = {(s.get("system"), s.get("code")) for s in security if isinstance(s, dict)}
+    security += [label for label in PART2_LABELS if (label["system"], label["code"]) not in present]
+    if (MARK_SYSTEM, "RedisclosureProhibitionMark") not in present:
         security.append(redisclosure_mark())
     meta["security"] = security
-    ordered = {"resourceType": parsed["resourceType"]}
-    if "id" in parsed:
-        ordered["id"] = parsed["id"]
+    ordered = {"resourceType": resource["resourceType"]}
+    if "id" in resource:
+        ordered["id"] = resource["id"]
     ordered["meta"] = meta
-    ordered.update((k, v) for k, v in parsed.items() if k not in ordered)
-    return orjson.dumps(ordered)
+    ordered.update((k, v) for k, v in resource.items() if k not in ordered)
+    return ordered

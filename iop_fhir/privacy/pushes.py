@@ -1,5 +1,5 @@
 """What a delivery to a partner discloses, whether the patient's consent permits it at this moment, and the
-AuditEvent that accounts for it once it is out (42 CFR §2.31, §2.32, §2.24 accounting of disclosures).
+audit log's row that accounts for it once it is out (42 CFR §2.31, §2.32, §2.24 accounting of disclosures).
 
 One rule for pushes and reads: `security.consent.decide()` over the patient's stored FHIR Consents (whatever wrote
 them: /iop/consents or /fhir/Consent), recipient `Organization/<partner id>`, purpose COC (care coordination, which
@@ -21,11 +21,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from iop_fhir.fhir.repository import Repository
 from iop_fhir.privacy import audit, consent
 from iop_fhir.r4 import search
-from iop_fhir.r4.instants import instant, now_us
-from iop_fhir.store.base import REFERRAL, Delivery, SearchResult, StoredRecord, WriteTx
+from iop_fhir.r4.instants import now_us
+from iop_fhir.store.base import REFERRAL, AuditLog, AuditRow, Delivery, SearchResult, StoredRecord, WriteTx
 
 # The purpose a push is decided for, and the purpose of use its AuditEvent records (COC is subsumed by TREAT).
 PURPOSE = "COC"
@@ -218,25 +217,24 @@ def is_blocked_for_consent(row: Delivery) -> bool:
     return row.status == "blocked" and isinstance(message, str) and message.startswith(NO_CONSENT)
 
 
-def audit_event(disclosure: Disclosure, when_us: int) -> dict[str, Any]:
-    """The AuditEvent of a delivered disclosure (DICOM Export, outcome success, the partner as IRCP agent)."""
+def audit_row(disclosure: Disclosure, when_us: int) -> AuditRow:
+    """The audit log's row of a delivered disclosure (rendered as a DICOM Export AuditEvent, outcome success, the
+    partner as IRCP agent)."""
     agent: audit.Agent = {"client_id": CLIENT_ID, "partner": disclosure.recipient, "purpose": AUDIT_PURPOSE}
-    return audit.audit_event(
-        action="disclose",
-        outcome="0",
-        agent=agent,
-        patient=disclosure.patient,
-        entities=list(disclosure.entities),
-        when=instant(when_us),
-    )
+    return audit.new_row("disclose", "0", agent, disclosure.patient, list(disclosure.entities), recorded=when_us)
 
 
-def record_audit(repository: Repository, disclosure: Disclosure, when_us: int) -> str:
-    """Store the AuditEvent (searchable at /fhir/AuditEvent); returns its reference."""
-    event = audit_event(disclosure, when_us)
-    with repository.store.write() as tx:
-        stored = repository.create_in(tx, "AuditEvent", event).stored
-    return f"AuditEvent/{stored.res_id}"
+def audit_event(disclosure: Disclosure, when_us: int) -> dict[str, Any]:
+    """The AuditEvent of a delivered disclosure, as /fhir/AuditEvent renders its row."""
+    return audit.render(audit_row(disclosure, when_us))
+
+
+def record_audit(log: AuditLog, disclosure: Disclosure, when_us: int) -> str:
+    """Commit the disclosure's row to the audit log at once (searchable at /fhir/AuditEvent); returns the reference
+    of the AuditEvent it renders as."""
+    row = audit_row(disclosure, when_us)
+    log.append_audit([row])
+    return f"AuditEvent/{row.id}"
 
 
 def _role(record: StoredRecord | None, role: str) -> str | None:

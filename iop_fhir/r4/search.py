@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from iop_fhir.errors import BadRequest, NotFound
@@ -178,35 +179,17 @@ class Include:
         return key, value + (f":{self.target_type}" if self.target_type else "")
 
 
-_ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
-_CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
-# meta.security labels that make a resource protected (TERMINOLOGY.md §6.2): restricted or very restricted
-# confidentiality, the Part 2 policy, and the SUD sensitivities (with the legacy ETH and the counseling-note label).
-PROTECTED_LABELS = frozenset(
-    {
-        (_CONFIDENTIALITY, "R"),
-        (_CONFIDENTIALITY, "V"),
-        (_ACT_CODE, "42CFRPart2"),
-        (_ACT_CODE, "SUD"),
-        (_ACT_CODE, "ETH"),
-        (_ACT_CODE, "ETHUD"),
-        (_ACT_CODE, "OPIOIDUD"),
-        (_ACT_CODE, "PSYTHPN"),
-    }
-)
-# Labels whose disclosure needs a consent that names them (SUD counseling notes, 42 CFR Part 2 as of 2024).
-NOTE_LABELS = frozenset({(_ACT_CODE, "PSYTHPN")})
+class Visibility(Protocol):
+    """What a request may see (42 CFR Part 2): privacy/restriction.py's Restriction. The store asks it for the SQL
+    condition on a resource row (``clause``) or a version row (``version_clause``) at every stage of a query; this
+    module only carries it."""
 
+    @property
+    def patients(self) -> frozenset[str]: ...
 
-@dataclass(frozen=True)
-class Restriction:
-    """Which patients' records a request may see (42 CFR Part 2, decided in privacy/disclosure.py): a resource that
-    refers to a Patient (through any indexed reference) is visible only if every Patient it refers to is in
-    ``patients``, and, when it carries a label that needs a consent of its own (SUD counseling notes), in
-    ``note_patients`` too; a Part 2-labelled resource that refers to no Patient is not visible at all."""
+    def clause(self, row: Any) -> Any: ...
 
-    patients: frozenset[str] = frozenset()
-    note_patients: frozenset[str] = frozenset()
+    def version_clause(self, row: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -223,7 +206,7 @@ class SearchRequest:
     elements: tuple[str, ...] = ()
     total: str | None = None  # none | estimate | accurate
     ignored: tuple[str, ...] = ()  # parameters dropped under Prefer: handling=lenient, as given
-    restriction: Restriction | None = None  # set by the repository for a partner's request, never by the client
+    restriction: Visibility | None = None  # set by the repository for a partner's request, never by the client
 
     @property
     def wants_total(self) -> bool:

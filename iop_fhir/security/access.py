@@ -13,9 +13,9 @@ from functools import cached_property
 from typing import Any
 
 from iop_fhir.errors import Forbidden
-from iop_fhir.privacy import disclosure
+from iop_fhir.privacy import authority, disclosure
+from iop_fhir.privacy.restriction import Restriction
 from iop_fhir.r4 import definitions
-from iop_fhir.r4.search import Restriction
 from iop_fhir.security.scopes import Scopes
 from iop_fhir.store.base import ResourceStore
 
@@ -68,6 +68,7 @@ class Principal:
     partner: str | None = None  # the partner id the client acts for; None: the program's own client
     purpose: str | None = None  # v3-ActReason purpose of use
     admin: bool = False
+    consents: bool = False  # the program's consent management: may write Consents through /fhir
 
     @classmethod
     def from_claims(cls, claims: Any) -> Principal:
@@ -77,6 +78,7 @@ class Principal:
             partner=claims.partner,
             purpose=claims.purpose_of_use,
             admin=bool(getattr(claims, "admin", False)),
+            consents=bool(getattr(claims, "consents", False)) and claims.partner is None,
         )
 
     @property
@@ -105,6 +107,18 @@ class Access:
         needed = principal.scopes.denied(res_type, interaction)
         if needed is not None:
             raise Forbidden(f"the access token does not permit {interaction} on {res_type}; that needs scope {needed}")
+
+    def authorize_type(self, res_type: str) -> None:
+        """Raise Forbidden if the client may write no ``res_type`` at all (privacy/authority.py)."""
+        reason = authority.type_refusal(self.principal, res_type)
+        if reason is not None:
+            raise Forbidden(reason)
+
+    def authorize_change(self, res_type: str, previous: dict[str, Any] | None, resource: dict[str, Any]) -> None:
+        """Raise Forbidden if the client may not store ``resource`` over ``previous`` (privacy/authority.py)."""
+        reason = authority.change_refusal(self.principal, res_type, previous, resource)
+        if reason is not None:
+            raise Forbidden(reason)
 
     def allows(self, res_type: str, interaction: str) -> bool:
         try:

@@ -1,7 +1,12 @@
 """Wires security into the app: every request but the public ones needs a valid bearer token (401 with
 WWW-Authenticate otherwise, RFC 6750), /iop routes are checked against the token's scopes, and every authenticated
-request leaves its audit trail (trail.py). The FHIR interactions check their own scopes through the request's
-repository (Repository.acting_for)."""
+request leaves its audit trail (privacy/trail.py): its rows go to the audit log (privacy/auditlog.py, the app's
+``iop_fhir.audit``) once the response is ready, committed before it is released for a partner's client. The FHIR
+interactions check their own scopes through the request's repository (Repository.acting_for), which notes in the trail
+what it returns.
+
+Only bench/run.py's comparison server sets ``iop_fhir.audit`` to None (the audit switched off, to measure what it
+costs); no setting or environment variable can."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from flask import Flask, Response, current_app, g, request
 from iop_fhir.errors import Unauthorized
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.privacy import disclosure, trail
+from iop_fhir.privacy.auditlog import AuditWriter
 from iop_fhir.security.access import Access, Principal
 from iop_fhir.security.tokens import TokenError
 
@@ -82,13 +88,22 @@ def repository() -> Repository:
     """The repository as the request's client sees it."""
     if "iop_repository" not in g:
         base: Repository = current_app.extensions["iop_fhir.repository"]
-        g.iop_repository = base.acting_for(access())
+        view = base.acting_for(access())
+        current = g.get("iop_trail")
+        g.iop_repository = trail.observed(view, current) if current is not None else view
     found: Repository = g.iop_repository
     return found
 
 
+def audited(references: list[str]) -> None:
+    """Note in the request's audit trail resources it returns that no repository call did (the audit log's own
+    AuditEvents)."""
+    current = g.get("iop_trail")
+    if current is not None:
+        current.saw_references(references)
+
+
 def install(app: Flask) -> None:
-    repository_ = app.extensions["iop_fhir.repository"]
     app.extensions["iop_fhir.verified_tokens"] = VerifiedTokens()
 
     @app.before_request
@@ -100,7 +115,7 @@ def install(app: Flask) -> None:
         g.iop_principal = found
         g.iop_access = Access(found, app.extensions["iop_fhir.store"])
         action = _action(request.endpoint, request.method)
-        if action is not None:
+        if action is not None and app.extensions["iop_fhir.audit"] is not None:
             # As received; a query string that is not UTF-8 is refused by the FHIR API, and kept here as it decodes.
             query = f"{request.path}?{request.query_string.decode('utf-8', 'replace')}" if action == "search" else None
             g.iop_trail = trail.Trail(found, action, query=query)
@@ -117,8 +132,14 @@ def install(app: Flask) -> None:
         current = g.get("iop_trail")
         if current is not None and response.status_code != 401:
             g.iop_trail = None
-            body = response.get_data() if response.status_code < 400 else None
-            trail.after_response(repository_, current, response.status_code, body, _target())
+            audit_log: AuditWriter = app.extensions["iop_fhir.audit"]
+            rows = current.rows(response.status_code, _target())
+            if current.durable:
+                # A partner's disclosure (or probe) is in the database before a byte of the response leaves; if it
+                # cannot be, the client gets a 500 instead of unaudited data.
+                audit_log.append_durable(rows)
+            else:
+                audit_log.append(rows)
         return response
 
     @app.teardown_request

@@ -95,6 +95,7 @@ class Client(StoredClient):
             "partner_id": self.partner_id,
             "purpose_of_use": self.purpose_of_use,
             "admin": self.admin,
+            "consents": self.consents,
             "active": self.active,
             "kids": [k.get("kid") for k in self.jwks.get("keys", []) if isinstance(k, Mapping)],
         }
@@ -145,9 +146,11 @@ class ClientRegistry:
         partner_id: str | None = None,
         purpose_of_use: str | None = None,
         admin: bool = False,
+        consents: bool = False,
     ) -> Client:
         """Registers a client; ``ClientError`` naming every field that is wrong (nothing is stored then). A partner
-        client's purpose of use defaults to TREAT."""
+        client's purpose of use defaults to TREAT. ``consents``: the program's consent management may write Consents
+        through /fhir (a partner's client never may)."""
         issues: list[tuple[str, str]] = []
         if not isinstance(client_id, str) or not CLIENT_ID.fullmatch(client_id):
             issues.append(("client_id", "must be a FHIR id: 1 to 64 letters, digits, '-' and '.'"))
@@ -172,6 +175,8 @@ class ClientRegistry:
             issues.append(("purpose_of_use", f"{purpose_of_use!r} is not a v3-ActReason purpose of use ({known})"))
         if name is not None and not name.strip():
             issues.append(("name", "must not be blank"))
+        if consents and partner_id is not None:
+            issues.append(("consents", "a partner's client may never write Consents: only the program grants them"))
         if issues:
             raise ClientError(issues)
         client = Client(
@@ -184,6 +189,7 @@ class ClientRegistry:
             admin=admin,
             active=True,
             created=_now_us(),
+            consents=consents,
         )
         if not self.store.add_client(client):
             raise ClientError([("client_id", f"a client {client_id!r} is already registered")])
@@ -291,6 +297,7 @@ def issue_for_client(
         partner=client.partner_id,
         purpose_of_use=client.purpose_of_use,
         admin=client.admin,
+        consents=client.consents,
     )
     return token, str(granted), keyring.issuer.lifetime_s
 

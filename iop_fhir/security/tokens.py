@@ -31,6 +31,7 @@ ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1: tells an access token apart from
 MAX_ASSERTION_LIFETIME_S = 300
 MIN_RSA_BITS = 2048
 ADMIN_CLAIM = "iop_admin"  # private claim: the token's client may use the operator endpoints
+CONSENTS_CLAIM = "iop_consents"  # private claim: the token's client may write Consents (the program's consent desk)
 
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -86,6 +87,7 @@ class Claims:
     issued_at: int
     expires_at: int
     admin: bool = False  # the client may use the operator endpoints (claim iop_admin)
+    consents: bool = False  # the client may write Consents through /fhir (claim iop_consents)
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,11 @@ class TokenIssuer:
         partner: str | None = None,
         purpose_of_use: str | None = None,
         admin: bool = False,
+        consents: bool = False,
     ) -> str:
         """A signed access token for ``client_id``. ``scopes`` (a scope string or its items) must parse
         (``ScopeError`` otherwise) and must not be empty: a token without scopes would be refused anyway.
-        ``admin`` adds the claim ``iop_admin: true``."""
+        ``admin`` adds the claim ``iop_admin: true``, ``consents`` ``iop_consents: true``."""
         if not client_id:
             raise ValueError("an access token needs a client id")
         granted = Scopes.parse(scopes)
@@ -173,6 +176,8 @@ class TokenIssuer:
             claims["purpose_of_use"] = purpose_of_use
         if admin:
             claims[ADMIN_CLAIM] = True
+        if consents:
+            claims[CONSENTS_CLAIM] = True
         headers = {"kid": self.key_id, "typ": ACCESS_TOKEN_TYPE}
         return jwt.encode(claims, self._key, algorithm=self.algorithm, headers=headers)
 
@@ -230,8 +235,10 @@ class TokenVerifier:
             if payload.get(name) is not None and not isinstance(payload[name], str):
                 raise TokenError("malformed", f"{name} is not a string")
         admin = payload.get(ADMIN_CLAIM, False)
-        if not isinstance(admin, bool):
-            raise TokenError("malformed", f"{ADMIN_CLAIM} is not a boolean")
+        consents = payload.get(CONSENTS_CLAIM, False)
+        for claim, value in ((ADMIN_CLAIM, admin), (CONSENTS_CLAIM, consents)):
+            if not isinstance(value, bool):
+                raise TokenError("malformed", f"{claim} is not a boolean")
         return Claims(
             client_id=client_id,
             scopes=scopes,
@@ -241,6 +248,7 @@ class TokenVerifier:
             issued_at=int(payload["iat"]),
             expires_at=int(payload["exp"]),
             admin=admin,
+            consents=consents and payload.get("partner") is None,
         )
 
 

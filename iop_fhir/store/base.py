@@ -1,13 +1,14 @@
 """What the store holds, and what it offers as small protocols by concern: FHIR resource versions and their search
 index (ResourceStore, ResourceTx), IOP records (RecordStore, RecordTx), inbound referrals (Referrals, ReferralTx),
 outbox deliveries (Outbox, OutboxTx), sync cursors (SyncCursors, SyncCursorTx), Subscription event counters
-(SubscriptionEvents, SubscriptionEventTx) and the clients of the token endpoint (ClientTables). A caller that uses one
-concern types against its protocol; ``Store`` and ``WriteTx`` are their union, for the Repository, whose transaction
-every write hook and record hook receives. Export jobs have their own protocol (store/exports.py)."""
+(SubscriptionEvents, SubscriptionEventTx), the audit log (AuditLog, AuditLogTx) and the clients of the token endpoint
+(ClientTables). A caller that uses one concern types against its protocol; ``Store`` and ``WriteTx`` are their union,
+for the Repository, whose transaction every write hook and record hook receives. Export jobs have their own protocol
+(store/exports.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,6 +27,17 @@ class StoredResource:
     deleted: bool
     content: bytes | None  # None for a deletion
     method: str | None = None  # for history entries: POST, PUT, PATCH or DELETE
+
+
+@dataclass(frozen=True)
+class VersionFacts:
+    """What Part 2 visibility needs of one version, kept beside it (privacy/visibility.py computes them): the
+    Patients it belongs to (None: a Patient reference that names no local id), and whether it carries a protected
+    label or the counseling-note label. A deletion keeps the facts of the version it deleted."""
+
+    patients: tuple[str | None, ...] = ()
+    protected: bool = False
+    note: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,7 @@ class SearchResult:
 @dataclass(frozen=True)
 class StoredClient:
     """A client of the token endpoint as stored: the public JWKS it signs assertions with, the most it may be granted,
-    and what every token of it says (partner, purpose of use, admin)."""
+    and what every token of it says (partner, purpose of use, admin, consent management)."""
 
     client_id: str
     name: str
@@ -102,6 +114,7 @@ class StoredClient:
     admin: bool
     active: bool
     created: int  # microseconds since the epoch, UTC
+    consents: bool = False  # may write Consents through /fhir (privacy/authority.py)
 
 
 # -- FHIR resources --------------------------------------------------------------------------------------------------
@@ -122,14 +135,19 @@ class ResourceTx(Protocol):
     def reserve(self, res_type: str, res_id: str) -> None:
         """Declare a server-assigned id as new, so that save() needs no current() first."""
 
-    def save(self, version: StoredResource, index: IndexRows) -> None:
-        """Store a new version (create or update) and replace the resource's search index."""
+    def save(self, version: StoredResource, index: IndexRows, facts: VersionFacts) -> None:
+        """Store a new version (create or update) with its visibility facts, and replace the resource's search
+        index."""
 
     def delete(self, res_type: str, res_id: str, version_id: int, last_updated: int) -> None:
-        """Record a deletion as a new version and drop the resource's search index."""
+        """Record a deletion as a new version (with the visibility facts of the version it deletes) and drop the
+        resource's search index."""
 
     def search(self, request: Any) -> SearchResult:
         """Run a parsed search (r4/search.py) inside this transaction."""
+
+    def version_visible(self, res_type: str, res_id: str, version_id: int, restriction: Any) -> bool:
+        """ResourceStore.version_visible, seeing this transaction's own writes."""
 
     def type_state(self, res_type: str) -> tuple[int, int | None]:
         """How many versions of resources of a type were ever stored, and when the newest was: it changes with every
@@ -159,6 +177,10 @@ class ResourceStore(Protocol):
     def search(self, request: Any) -> SearchResult: ...
 
     def write(self) -> AbstractContextManager[ResourceTx]: ...
+
+    def version_visible(self, res_type: str, res_id: str, version_id: int, restriction: Any) -> bool:
+        """Whether that version (a deletion too) may be seen under ``restriction`` (r4/search.py Restriction),
+        decided on the facts kept with it; False if there is no such version."""
 
 
 # -- IOP records -----------------------------------------------------------------------------------------------------
@@ -328,15 +350,86 @@ class ClientTables(Protocol):
         """Delete the jtis expired before ``now``; returns how many."""
 
 
+# -- the audit log ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One event of the audit log (privacy/audit.py renders it as an AuditEvent): who (the client, the partner it acts
+    for, its purpose of use), what (an audit.ACTIONS name and its outcome, 0/4/8/12), about which patient and
+    resources, and the search as received. Rows are appended, never changed."""
+
+    id: str
+    recorded: int  # microseconds since the epoch, UTC
+    action: str
+    outcome: str
+    client_id: str
+    on_behalf_of: str | None = None  # "Organization/<partner id>"
+    purpose: str | None = None  # v3-ActReason code
+    patient: str | None = None  # "Patient/<id>": the one patient the event is about, if there is one
+    entities: tuple[str, ...] = ()  # "Type/id" of the resources read, written or disclosed
+    query: str | None = None  # a search as received (path and query string)
+
+
+# Inclusive bounds of ``recorded`` in microseconds; None leaves that end open.
+RecordedRange = tuple[int | None, int | None]
+# The columns an AuditQuery condition may test: equality, but "entity" is one of the row's entities or its patient.
+AUDIT_FIELDS = frozenset({"id", "client_id", "on_behalf_of", "patient", "action", "outcome", "entity"})
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """A search of the audit log. Every condition must hold; a condition holds if one of its alternatives does."""
+
+    where: tuple[tuple[tuple[str, str], ...], ...] = ()  # conditions of (AUDIT_FIELDS name, value) alternatives
+    recorded: tuple[tuple[RecordedRange, ...], ...] = ()  # conditions of ranges
+    partners_only: bool = False  # only rows of a client acting for a partner (on_behalf_of set)
+    oldest_first: bool = False  # else newest first
+    offset: int = 0
+    count: int = 20
+    total: bool = False
+
+
+class AuditLogTx(Protocol):
+    def append_audit(self, rows: Sequence[AuditRow]) -> None:
+        """Add rows to the audit log: they commit or roll back with this transaction."""
+
+
+class AuditLog(Protocol):
+    """The append-only audit log: rows added in a write's transaction (AuditLogTx) or in batches of their own, read
+    by id, searched, and paged through by id for a Bulk Data export."""
+
+    def append_audit(self, rows: Sequence[AuditRow]) -> None:
+        """Add rows in one transaction of their own."""
+
+    def audit_row(self, id: str) -> AuditRow | None: ...
+
+    def audit_rows(self, query: AuditQuery) -> tuple[list[AuditRow], int | None]:
+        """A page of the rows the query matches, by recorded (then id), and their total if ``query.total``."""
+
+    def audit_page(
+        self,
+        after: str | None,
+        limit: int,
+        *,
+        since: int | None,
+        until: int | None,
+        patients: tuple[str, ...] | None = None,
+        any_patient: bool = False,
+    ) -> list[AuditRow]:
+        """At most ``limit`` rows by id after ``after``, recorded after ``since`` and not after ``until``; about one
+        of ``patients`` ("Patient/<id>") if given, or about some patient if ``any_patient``."""
+
+
 # -- all of them -----------------------------------------------------------------------------------------------------
 
 
-class WriteTx(ResourceTx, RecordTx, ReferralTx, OutboxTx, SyncCursorTx, SubscriptionEventTx, Protocol):
-    """One database transaction over every concern: a FHIR write, the records, referrals, deliveries, cursors and
-    event numbers it causes commit together or not at all."""
+class WriteTx(ResourceTx, RecordTx, ReferralTx, OutboxTx, SyncCursorTx, SubscriptionEventTx, AuditLogTx, Protocol):
+    """One database transaction over every concern: a FHIR write, the records, referrals, deliveries, cursors, event
+    numbers and audit rows it causes commit together or not at all."""
 
 
-class Store(ResourceStore, RecordStore, Referrals, Outbox, SyncCursors, SubscriptionEvents, Protocol):
+class Store(ResourceStore, RecordStore, Referrals, Outbox, SyncCursors, SubscriptionEvents, AuditLog, Protocol):
     """Every concern of the store but export jobs and the token endpoint's clients: what the Repository is built on."""
 
     def write(self) -> AbstractContextManager[WriteTx]: ...

@@ -1,6 +1,6 @@
 """The SQL of Bulk Data export jobs (ExportJobs of store/exports.py, for fhir/export.py): job rows and their leases,
 the NDJSON chunks, and the keyset pages of resources an export reads, under the same Part 2 predicate as every search
-(search_sql.visible).
+(privacy/restriction.py).
 
 A job is claimed the way outbox rows are: on PostgreSQL ``FOR UPDATE SKIP LOCKED``, on SQLite inside ``BEGIN
 IMMEDIATE`` (the one writer), so no job runs in two processes at once; a job whose lease expired (its process died)
@@ -32,9 +32,9 @@ from sqlalchemy import (
 )
 
 from iop_fhir.r4.instants import now_us
-from iop_fhir.r4.search import Restriction, is_id
-from iop_fhir.store import schema, search_sql
-from iop_fhir.store.base import ResourceStore, StoredResource, WriteTx
+from iop_fhir.r4.search import Visibility, is_id
+from iop_fhir.store import schema
+from iop_fhir.store.base import AuditLog, ResourceStore, StoredResource, WriteTx
 from iop_fhir.store.exports import Chunk, Compartment, ExportFile, ExportJob, LeaseLost
 from iop_fhir.store.sql import SqlWriteTx
 
@@ -45,9 +45,9 @@ _REF = schema.idx_reference
 _J_COLUMNS = tuple(_J.c)
 
 
-class ExportDatabase(ResourceStore, Protocol):
-    """The store an exporter is given (SqlStore): its resources, the write transactions a chunk is stored in with its
-    AuditEvents, and short transactions on the same database for the job and chunk rows."""
+class ExportDatabase(ResourceStore, AuditLog, Protocol):
+    """The store an exporter is given (SqlStore): its resources and audit log, the write transactions a chunk is
+    stored in with its audit rows, and short transactions on the same database for the job and chunk rows."""
 
     def write(self) -> AbstractContextManager[WriteTx]: ...
 
@@ -147,7 +147,7 @@ class ExportStore:
 
     @contextmanager
     def write(self) -> Iterator[WriteTx]:
-        """A write transaction of the store, for a chunk with the AuditEvents of what it discloses."""
+        """A write transaction of the store, for a chunk with the audit rows of what it discloses."""
         with self.store.write() as tx:
             yield tx
 
@@ -245,7 +245,7 @@ class ExportStore:
         since: int | None,
         until: int | None,
         compartment: Compartment | None,
-        restriction: Restriction | None,
+        restriction: Visibility | None,
         max_bytes: int | None = None,
     ) -> list[StoredResource]:
         """The next live resources of a type by id after ``after``, changed after ``since`` and not after ``until``,
@@ -262,7 +262,7 @@ class ExportStore:
         if compartment is not None:
             where.append(_in_compartment(res_type, compartment, r))
         if restriction is not None:
-            where.append(search_sql.visible(r, restriction))
+            where.append(restriction.clause(r))
         with self.store.reading() as conn:
             if max_bytes is not None:
                 sizes = select(r.c.res_id, func.length(r.c.content)).where(*where).order_by(r.c.res_id).limit(limit)
@@ -288,7 +288,7 @@ class ExportStore:
 
     def patients(self, res_type: str, res_ids: Sequence[str]) -> dict[str, set[str]]:
         """The Patients each resource of a page (ids in order) belongs to, as the Part 2 predicate decides it
-        (search_sql.visible): those it refers to through an indexed reference, and a Patient itself."""
+        (privacy/restriction.py): those it refers to through an indexed reference, and a Patient itself."""
         found: dict[str, set[str]] = {res_id: {res_id} if res_type == "Patient" else set() for res_id in res_ids}
         if not res_ids:
             return found

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from iop_fhir.r4.search import Restriction
+from iop_fhir.r4.search import Visibility
 from iop_fhir.store.base import StoredResource, WriteTx
 
 STATUSES = ("queued", "running", "completed", "failed")
@@ -77,7 +77,7 @@ class ExportJobs(Protocol):
     every process of the service may share.
 
     A job is leased like an outbox row: no job runs in two processes at once, and one whose lease expired (its process
-    died) is claimed again. Each chunk is stored in a write transaction of ``write()`` (with the AuditEvents of what
+    died) is claimed again. Each chunk is stored in a write transaction of ``write()`` (with the audit rows of what
     it discloses) that first re-checks the lease."""
 
     def add(self, job: ExportJob) -> None:
@@ -90,7 +90,7 @@ class ExportJobs(Protocol):
         transaction time set on its first run. None if there is none free."""
 
     def write(self) -> AbstractContextManager[WriteTx]:
-        """A write transaction of the store, for a chunk with the AuditEvents of what it discloses."""
+        """A write transaction of the store, for a chunk with the audit rows of what it discloses."""
 
     def save_chunk(
         self,
@@ -133,7 +133,7 @@ class ExportJobs(Protocol):
         since: int | None,
         until: int | None,
         compartment: Compartment | None,
-        restriction: Restriction | None,
+        restriction: Visibility | None,
         max_bytes: int | None = None,
     ) -> list[StoredResource]:
         """The next live resources of a type by id after ``after``, changed after ``since`` and not after ``until``,

@@ -1,6 +1,6 @@
 """The SQL schema of the store: FHIR resources (current, every version, search index), the IOP records, the inbound
 referrals, the outbox, the sync cursors, the Subscription event counters, the OAuth clients and signing keys of the
-service's token endpoint, the Bulk Data export jobs and their files.
+service's token endpoint, the Bulk Data export jobs and their files, and the audit log.
 
 Times are integers, microseconds since the Unix epoch (UTC), so that range comparisons are exact and identical on
 SQLite and PostgreSQL. Index rows are replaced whole whenever their resource is written. Alembic migrations under
@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -52,8 +53,23 @@ history = Table(
     Column("last_updated", BigInteger, nullable=False),
     Column("method", String(8), nullable=False),  # POST, PUT, PATCH, DELETE
     Column("content", LargeBinary, nullable=True),
+    # Part 2 visibility of the version (store/base.py VersionFacts): a protected label, the counseling-note label.
+    Column("protected", Boolean, nullable=False, server_default=false()),
+    Column("note", Boolean, nullable=False, server_default=false()),
     Index("ix_history_updated", "last_updated"),
     Index("ix_history_type_updated", "res_type", "last_updated"),
+)
+
+# The Patients each version belongs to (VersionFacts.patients; patient_id null: a Patient reference naming no local
+# id), a deletion those of the version it deleted.
+version_patients = Table(
+    "version_patients",
+    metadata,
+    Column("res_type", String(TYPE), nullable=False),
+    Column("res_id", String(ID), nullable=False),
+    Column("version_id", Integer, nullable=False),
+    Column("patient_id", String(ID), nullable=True),
+    Index("ix_version_patients_version", "res_type", "res_id", "version_id"),
 )
 
 
@@ -233,6 +249,8 @@ auth_clients = Table(
     Column("partner_id", String(ID), nullable=True),
     Column("purpose_of_use", String(32), nullable=True),  # v3-ActReason code
     Column("admin", Boolean, nullable=False),
+    # may write Consents through /fhir: the program's consent management (privacy/authority.py)
+    Column("consents", Boolean, nullable=False, server_default=false()),
     Column("active", Boolean, nullable=False),
     Column("created", BigInteger, nullable=False),
 )
@@ -299,4 +317,26 @@ export_files = Table(
     Column("kind", String(8), nullable=False),  # output | error
     Column("lines", Integer, nullable=False),
     Column("content", LargeBinary, nullable=False),  # NDJSON lines, each ending with a newline
+)
+
+# The audit log (store/base.py AuditRow): one narrow row per audited event, appended in the transaction of the write it
+# audits or in batches of reads (privacy/auditlog.py), never changed; rendered as AuditEvent resources on demand. The
+# indexes serve its searches: by date, by patient and date (the accounting of disclosures), by client or partner.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", String(ID), primary_key=True),  # the rendered AuditEvent's id
+    Column("recorded", BigInteger, nullable=False),
+    Column("action", String(16), nullable=False),  # privacy/audit.py ACTIONS
+    Column("outcome", String(2), nullable=False),  # 0 | 4 | 8 | 12
+    Column("client_id", String(ID), nullable=False),
+    Column("on_behalf_of", String(80), nullable=True),  # Organization/<partner id>
+    Column("purpose", String(32), nullable=True),  # v3-ActReason code
+    Column("patient", String(80), nullable=True),  # Patient/<id>
+    Column("entities", Text, nullable=False),  # JSON list of "Type/id"
+    Column("query", Text, nullable=True),  # a search as received
+    Index("ix_audit_log_recorded", "recorded", "id"),
+    Index("ix_audit_log_patient", "patient", "recorded"),
+    Index("ix_audit_log_client", "client_id", "recorded"),
+    Index("ix_audit_log_partner", "on_behalf_of", "recorded"),
 )

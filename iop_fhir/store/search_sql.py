@@ -12,14 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
-    BindParameter,
     ColumnElement,
     Connection,
     FromClause,
     Select,
     Table,
     and_,
-    bindparam,
     exists,
     false,
     func,
@@ -29,20 +27,17 @@ from sqlalchemy import (
 )
 
 from iop_fhir.r4.search import (
-    NOTE_LABELS,
-    PROTECTED_LABELS,
     DateValue,
     Filter,
     Include,
     NumberValue,
     ReferenceValue,
-    Restriction,
     SearchRequest,
     SortKey,
     StringValue,
     TokenValue,
     UriValue,
-    is_id,
+    Visibility,
 )
 from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
@@ -68,12 +63,12 @@ _SORT_COLUMNS: dict[str, tuple[str, str]] = {
 def run(conn: Connection, request: SearchRequest) -> SearchResult:
     """One page of matches (``_count`` from ``_offset``, one more fetched to know whether a next page exists),
     what ``_include``/``_revinclude`` add, and the total when asked for or known for free (last page)."""
-    query = _Query(conn.dialect.name == "sqlite")
+    query = _Query(conn.dialect.name == "sqlite", request.restriction)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
     where += [query.condition(request.res_type, f, r) for f in request.filters]
     if request.restriction is not None:
-        where.append(visible(r, request.restriction))
+        where.append(request.restriction.clause(r))
     result = SearchResult()
     if request.wants_total:
         result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
@@ -93,59 +88,14 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
         if result.matches or request.offset == 0:  # the last page: the total costs nothing
             result.total = request.offset + len(result.matches)
     if request.includes and result.matches:
-        result.included = _include(conn, request.includes, result.matches)
-        if request.restriction is not None:
-            result.included = _only_visible(conn, result.included, request.restriction)
+        result.included = _include(conn, request.includes, result.matches, request.restriction)
     return result
 
 
-# -- Part 2 visibility ---------------------------------------------------------------------------------------
-
-_TOK = schema.idx_token
+# -- Part 2 visibility: the condition comes from the request's restriction (privacy/restriction.py) ---------------
 
 
-def visible(row: FromClause, restriction: Restriction) -> ColumnElement[bool]:
-    """Whether the resource of ``row`` (a table with res_type and res_id) may be seen under ``restriction`` (see
-    search.Restriction). A resource belongs to every Patient it refers to through an indexed reference (a superset
-    of the Patient compartment), and a Patient to itself; a resource with a protected label must belong to one."""
-    patients, notes = sorted(restriction.patients), sorted(restriction.note_patients)
-    own = row.c.res_type == "Patient"
-    refs = select(_REF.c.res_id).where(
-        _REF.c.res_type == row.c.res_type, _REF.c.res_id == row.c.res_id, _REF.c.target_type == "Patient"
-    )
-
-    def labels(pairs: frozenset[tuple[str, str]]) -> ColumnElement[bool]:
-        return exists(
-            select(_TOK.c.res_id).where(
-                _TOK.c.res_type == row.c.res_type,
-                _TOK.c.res_id == row.c.res_id,
-                _TOK.c.param == "_security",
-                or_(*[and_(_TOK.c.system == system, _TOK.c.code == code) for system, code in sorted(pairs)]),
-            )
-        )
-
-    def all_within(allowed: list[str]) -> ColumnElement[bool]:
-        itself = or_(~own, row.c.res_id.in_(_ids(allowed)))
-        return and_(itself, ~exists(refs.where(_REF.c.target_id.is_(None) | _REF.c.target_id.not_in(_ids(allowed)))))
-
-    belongs = or_(and_(own, row.c.res_id.in_(_ids(patients))), exists(refs.where(_REF.c.target_id.in_(_ids(patients)))))
-    return and_(
-        all_within(patients),
-        or_(~labels(NOTE_LABELS), all_within(notes)),
-        or_(belongs, ~labels(PROTECTED_LABELS)),
-    )
-
-
-def _ids(values: list[str]) -> BindParameter[Any]:
-    """Patient ids rendered into the statement rather than bound one by one: a partner may have more consented
-    patients than SQLite takes parameters in one statement (32,766). Only FHIR ids (letters, digits, '-' and '.')
-    are rendered, quoted by the dialect; anything else is bound as a parameter."""
-    if all(is_id(value) for value in values):
-        return bindparam(None, values, expanding=True, literal_execute=True)
-    return bindparam(None, values, expanding=True)
-
-
-def _only_visible(conn: Connection, found: list[StoredResource], restriction: Restriction) -> list[StoredResource]:
+def _only_visible(conn: Connection, found: list[StoredResource], restriction: Visibility) -> list[StoredResource]:
     """``found`` less what ``restriction`` hides (included resources: they count in no total)."""
     if not found:
         return found
@@ -155,7 +105,7 @@ def _only_visible(conn: Connection, found: list[StoredResource], restriction: Re
     shown: set[tuple[str, str]] = set()
     for res_type, ids in by_type.items():
         query = select(_R.c.res_type, _R.c.res_id).where(
-            _R.c.res_type == res_type, _R.c.res_id.in_(ids), visible(_R, restriction)
+            _R.c.res_type == res_type, _R.c.res_id.in_(ids), restriction.clause(_R)
         )
         shown.update((row.res_type, row.res_id) for row in conn.execute(query))
     return [res for res in found if (res.res_type, res.res_id) in shown]
@@ -172,8 +122,10 @@ class _Query:
     """Builds the WHERE clause of each filter; knows the dialect only to add an index-friendly range to
     string prefix matches on SQLite (where LIKE cannot use a BINARY index)."""
 
-    def __init__(self, sqlite: bool) -> None:
+    def __init__(self, sqlite: bool, restriction: Visibility | None = None) -> None:
         self.sqlite = sqlite
+        # A chain's inner search sees what the request may see, at every hop.
+        self.restriction = restriction
 
     def condition(self, res_type: str, f: Filter, r: FromClause) -> ColumnElement[bool]:
         """Whether the resource row ``r`` (of type ``res_type``) satisfies ``f``."""
@@ -209,6 +161,7 @@ class _Query:
             target.c.res_type == f.target_type,
             target.c.deleted == false(),
             self.condition(f.target_type, f.chain, target),
+            *([self.restriction.clause(target)] if self.restriction is not None else []),
         )
         return select(_REF.c.res_id).where(
             _REF.c.res_type == res_type,
@@ -356,10 +309,13 @@ def _sort_column(res_type: str, key: SortKey, r: FromClause) -> Any:
 # -- _include / _revinclude ----------------------------------------------------------------------------------
 
 
-def _include(conn: Connection, rules: Sequence[Include], matches: list[StoredResource]) -> list[StoredResource]:
+def _include(
+    conn: Connection, rules: Sequence[Include], matches: list[StoredResource], restriction: Visibility | None
+) -> list[StoredResource]:
     """Apply every rule to the matches, then the ``:iterate`` rules to what the previous round added, until
     nothing new comes or a bound is reached; nothing is returned twice, nor a match again
-    (https://hl7.org/fhir/R4/search.html#include)."""
+    (https://hl7.org/fhir/R4/search.html#include). Under a restriction each round keeps only what may be seen,
+    so that no round iterates from a hidden resource."""
     seen = {(m.res_type, m.res_id) for m in matches}
     included: list[StoredResource] = []
     frontier = matches
@@ -373,6 +329,8 @@ def _include(conn: Connection, rules: Sequence[Include], matches: list[StoredRes
         added: list[StoredResource] = []
         for rule in active:
             found = _reverse(conn, rule, by_type) if rule.reverse else _forward(conn, rule, by_type)
+            if restriction is not None:
+                found = _only_visible(conn, found, restriction)
             for res in found:
                 if (res.res_type, res.res_id) not in seen and len(included) + len(added) < MAX_INCLUDED:
                     seen.add((res.res_type, res.res_id))

@@ -26,9 +26,9 @@ from sqlalchemy import (
     delete,
     event,
     exists,
-    false,
     func,
     insert,
+    literal,
     select,
     text,
     update,
@@ -38,8 +38,9 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from iop_fhir.r4.indexing import IndexRows
-from iop_fhir.r4.search import Restriction
+from iop_fhir.r4.search import Visibility
 from iop_fhir.store import schema, search_sql
+from iop_fhir.store.audit_sql import SqlAuditLog, SqlAuditLogTx
 from iop_fhir.store.base import (
     REFERRAL,
     RETRYABLE_BY_HAND,
@@ -48,6 +49,7 @@ from iop_fhir.store.base import (
     StoredClient,
     StoredRecord,
     StoredResource,
+    VersionFacts,
 )
 
 _R = schema.resources
@@ -227,6 +229,7 @@ def _row_to_client(row: Any) -> StoredClient:
         admin=bool(row.admin),
         active=bool(row.active),
         created=int(row.created),
+        consents=bool(row.consents),
     )
 
 
@@ -276,7 +279,7 @@ def _delivery_values(delivery: Delivery) -> dict[str, Any]:
     }
 
 
-class SqlWriteTx:
+class SqlWriteTx(SqlAuditLogTx):
     """One write transaction. Inserts are buffered and sent in batches before any read and at commit."""
 
     def __init__(self, conn: Connection, postgres: bool) -> None:
@@ -315,7 +318,7 @@ class SqlWriteTx:
     def _queue(self, table: str, row: dict[str, Any]) -> None:
         self._pending.setdefault(table, []).append(row)
 
-    def save(self, version: StoredResource, index: IndexRows) -> None:
+    def save(self, version: StoredResource, index: IndexRows, facts: VersionFacts) -> None:
         key = (version.res_type, version.res_id)
         if key not in self._known:
             raise RuntimeError("save() needs current() first")  # programming error, never user input
@@ -340,10 +343,14 @@ class SqlWriteTx:
                 "res_type": version.res_type,
                 "res_id": version.res_id,
                 "method": version.method or "PUT",
+                "protected": facts.protected,
+                "note": facts.note,
                 **values,
             },
         )
         base = {"res_type": version.res_type, "res_id": version.res_id}
+        for patient in facts.patients:
+            self._queue("version_patients", {**base, "version_id": version.version_id, "patient_id": patient})
         for kind, rows in index.items():
             table = schema.INDEX_TABLES[kind].name
             for row in rows:
@@ -357,6 +364,9 @@ class SqlWriteTx:
             .where(_R.c.res_type == res_type, _R.c.res_id == res_id)
             .values(version_id=version_id, last_updated=last_updated, deleted=True, content=None)
         )
+        # The deletion discloses what the deleted version did: it keeps that version's visibility facts.
+        deleted = (_H.c.res_type == res_type, _H.c.res_id == res_id, _H.c.version_id == version_id - 1)
+        flags = self.conn.execute(select(_H.c.protected, _H.c.note).where(*deleted)).first()
         self._queue(
             "resource_history",
             {
@@ -367,10 +377,31 @@ class SqlWriteTx:
                 "method": "DELETE",
                 "deleted": True,
                 "content": None,
+                "protected": bool(flags.protected) if flags else False,
+                "note": bool(flags.note) if flags else False,
             },
+        )
+        _VP = schema.version_patients
+        self.conn.execute(
+            insert(_VP).from_select(
+                ["res_type", "res_id", "version_id", "patient_id"],
+                select(_VP.c.res_type, _VP.c.res_id, literal(version_id), _VP.c.patient_id).where(
+                    _VP.c.res_type == res_type, _VP.c.res_id == res_id, _VP.c.version_id == version_id - 1
+                ),
+            )
         )
         self._drop_index(res_type, res_id)
         self._known[(res_type, res_id)] = StoredResource(res_type, res_id, version_id, last_updated, True, None)
+
+    def version_visible(self, res_type: str, res_id: str, version_id: int, restriction: Visibility) -> bool:
+        self.flush()
+        query = select(_H.c.version_id).where(
+            _H.c.res_type == res_type,
+            _H.c.res_id == res_id,
+            _H.c.version_id == version_id,
+            restriction.version_clause(_H),
+        )
+        return self.conn.execute(query).first() is not None
 
     def _drop_index(self, res_type: str, res_id: str) -> None:
         for table in schema.INDEX_TABLES.values():
@@ -467,7 +498,8 @@ class SqlWriteTx:
 
     def flush(self) -> None:
         # Parents first: resources, then history, then index rows.
-        for name in ("resources", "resource_history", *(t.name for t in schema.INDEX_TABLES.values()), "outbox"):
+        tables = ("resources", "resource_history", "version_patients", *(t.name for t in schema.INDEX_TABLES.values()))
+        for name in (*tables, "outbox"):
             rows = self._pending.pop(name, None)
             if rows:
                 table = schema.metadata.tables[name]
@@ -534,7 +566,7 @@ _VREAD_SQL = (
 )
 
 
-class SqlStore:
+class SqlStore(SqlAuditLog):
     """Every protocol of store/base.py (Store, ClientTables) over one SQLAlchemy engine."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
@@ -549,6 +581,7 @@ class SqlStore:
         self._unreadable_key: tuple[type[Exception], ...] = (self.engine.dialect.loaded_dbapi.DataError, DataError)
 
     def close(self) -> None:
+        self.closing()  # first, the audit log's writer commits what it holds
         if self._direct is not None:
             self._direct.close()
         self.engine.dispose()
@@ -609,21 +642,18 @@ class SqlStore:
         count: int,
         offset: int,
         types: frozenset[str] | None = None,
-        restriction: Restriction | None = None,
+        restriction: Visibility | None = None,
     ) -> tuple[list[StoredResource], int]:
         """Versions newest first (https://hl7.org/fhir/R4/http.html#history); ``types`` limits a system history to
-        the types a client may search, ``restriction`` to the versions of resources it may see now (deleted ones
-        are then left out: what they were cannot be told any more)."""
+        the types a client may search, ``restriction`` to the versions it may see, each decided on the patients and
+        labels of that version (a deletion on those of the version it deleted)."""
         conditions: list[Any] = []
         if res_type is not None:
             conditions.append(_H.c.res_type == res_type)
         if types is not None:
             conditions.append(_H.c.res_type.in_(sorted(types)))
         if restriction is not None:
-            live = select(_R.c.res_id).where(
-                _R.c.res_type == _H.c.res_type, _R.c.res_id == _H.c.res_id, _R.c.deleted == false()
-            )
-            conditions += [exists(live), search_sql.visible(_H, restriction)]
+            conditions.append(restriction.version_clause(_H))
         if res_id is not None:
             conditions.append(_H.c.res_id == res_id)
         if since is not None:
@@ -645,6 +675,16 @@ class SqlStore:
     def search(self, request: Any) -> SearchResult:
         with self.reading() as conn:
             return search_sql.run(conn, request)
+
+    def version_visible(self, res_type: str, res_id: str, version_id: int, restriction: Visibility) -> bool:
+        query = select(_H.c.version_id).where(
+            _H.c.res_type == res_type,
+            _H.c.res_id == res_id,
+            _H.c.version_id == version_id,
+            restriction.version_clause(_H),
+        )
+        with self.reading() as conn:
+            return conn.execute(query).first() is not None
 
     def record(self, kind: str, id: str) -> StoredRecord | None:
         try:
@@ -707,6 +747,7 @@ class SqlStore:
             "partner_id": client.partner_id,
             "purpose_of_use": client.purpose_of_use,
             "admin": client.admin,
+            "consents": client.consents,
             "active": client.active,
             "created": client.created,
         }

@@ -643,8 +643,8 @@ def test_a_partner_export_is_audited_as_a_disclosure_of_each_patient(app: Flask,
     by_partner = [e for e in events if e["agent"][0]["who"]["identifier"]["value"] == "test-partner"]
     assert by_partner and all(e["subtype"][0]["code"] == "operation" for e in by_partner)
     for event in by_partner:  # one event per patient: at most one Patient among its entities
-        named = [e["what"]["reference"] for e in event["entity"] if e["what"]["reference"].startswith("Patient/")]
-        assert named in ([patient_a], [])
+        whats = [e["what"]["reference"] for e in event.get("entity", [])]  # the kick-off's event names none
+        assert [what for what in whats if what.startswith("Patient/")] in ([patient_a], [])
     other = admin.get(f"/iop/enrollments/{program['b']['enrollment']}/disclosures").get_json()
     assert other["total"] == 0
 
@@ -731,6 +731,22 @@ def test_audit_events_are_never_exported_to_a_non_administrator(
     assert "AuditEvent" not in export_all(app, program["partner"], "/fhir/Patient/$export")
     admin = as_client(app, admin_token(app))
     assert export_all(app, admin, "/fhir/$export?_type=AuditEvent")["AuditEvent"]
+
+
+def test_an_administrator_exports_the_audit_log_as_fhir_audit_event_renders_it(
+    app: Flask, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    admin = as_client(app, admin_token(app))
+    program["partner"].get(f"/fhir/{program['a']['patient']}")
+    searched = admin.get("/fhir/AuditEvent?_count=1000").get_json()["entry"]
+    before = {e["resource"]["id"]: e["resource"] for e in searched}
+    exported_events = {e["id"]: e for e in export_all(app, admin, "/fhir/$export?_type=AuditEvent")["AuditEvent"]}
+    assert before and set(before) <= set(exported_events)
+    assert all(exported_events[event_id] == event for event_id, event in before.items())
+    # At Patient level, the events about a patient: the partner's read of A among them.
+    about = export_all(app, admin, "/fhir/Patient/$export?_type=AuditEvent")["AuditEvent"]
+    assert all(e["entity"][0]["role"]["code"] == "1" for e in about)
+    assert any(e["entity"][0]["what"]["reference"] == program["a"]["patient"] for e in about)
 
 
 # -- discovery and the command line --------------------------------------------------------------------------

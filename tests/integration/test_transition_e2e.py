@@ -8,15 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import requests
 
 from iop_fhir.exchange import followup
 from iop_fhir.exchange.partners import client_for
 from iop_fhir.mapping import ids
-from iop_fhir.r4 import search
 from iop_fhir.runtime import run_worker
+from tests.auth import admin_token
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
 CONTRACT = SHARED / "contract"
@@ -118,10 +117,13 @@ def test_partner_that_refuses_the_package_leaves_a_dead_letter_with_its_outcome(
 
 
 def disclosures_audited(app: Any) -> list[dict[str, Any]]:
-    """The worker's AuditEvents of disclosures, as /fhir/AuditEvent searches them (the API audits its own
-    interactions beside them)."""
-    request = search.parse("AuditEvent", [("type", "110106"), ("_count", "500")], max_count=500)
-    events = [orjson.loads(m.content) for m in app.extensions["iop_fhir.store"].search(request).matches]
+    """The worker's AuditEvents of disclosures, as an administrator's search of /fhir/AuditEvent finds them (the API
+    audits its own interactions beside them)."""
+    admin = app.test_client()
+    admin.token = admin_token(app)
+    response = admin.get("/fhir/AuditEvent?type=110106&_count=500")
+    assert response.status_code == 200, response.get_json()
+    events = [e["resource"] for e in response.get_json().get("entry", [])]
     return [
         e for e in events if any(a["who"].get("identifier", {}).get("value") == "iop-fhir-worker" for a in e["agent"])
     ]

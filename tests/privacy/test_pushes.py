@@ -1,6 +1,7 @@
 """Disclosures to partners are consent-gated end to end and accountable, on both databases: a consent recorded later
 releases what waits for it (rebuilt with the Consent), a revoked consent stops every later delivery (the worker
-decides again right before sending), and every delivered Bundle writes an AuditEvent of the disclosure."""
+decides again right before sending), and every delivered Bundle leaves a row of the audit log, an AuditEvent of the
+disclosure at /fhir/AuditEvent."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import responses
 
 from iop_fhir import runtime
 from iop_fhir.privacy import pushes
-from iop_fhir.r4 import search
 from iop_fhir.store.base import Delivery
+from tests.auth import admin_token
 
 CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "contract"
 PARTNER_BASE = "http://fhir.aftercare.example/R4"
@@ -63,11 +64,13 @@ def types(bundle: dict[str, Any]) -> list[str]:
 
 
 def audit_events(app: Any, *params: tuple[str, str]) -> list[dict[str, Any]]:
-    """The AuditEvents of disclosures the worker made, found by the search /fhir/AuditEvent runs (the API audits its
-    own interactions beside them; reading AuditEvents over HTTP is for administrators)."""
-    query = [("type", "110106"), *params, ("_count", "500")]
-    found = app.extensions["iop_fhir.store"].search(search.parse("AuditEvent", query, max_count=500)).matches
-    events = [orjson.loads(m.content) for m in found]
+    """The AuditEvents of disclosures the worker made, found by an administrator's search of /fhir/AuditEvent (the
+    API audits its own interactions beside them)."""
+    admin = app.test_client()
+    admin.token = admin_token(app)
+    response = admin.get("/fhir/AuditEvent", query_string=[("type", "110106"), *params, ("_count", "500")])
+    assert response.status_code == 200, response.get_json()
+    events = [e["resource"] for e in response.get_json().get("entry", [])]
     return [e for e in events if _by_worker(e)]
 
 

@@ -1,4 +1,4 @@
-"""The Part 2 visibility predicate (search_sql.visible) on both databases: who a resource belongs to, labels that
+"""The Part 2 visibility predicate (privacy/restriction.py) on both databases: who a resource belongs to, labels that
 need a patient, counseling notes, and a partner with more consented patients than a statement takes parameters."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from iop_fhir.fhir.repository import Repository
-from iop_fhir.r4.search import Restriction, parse
+from iop_fhir.privacy.restriction import Restriction
+from iop_fhir.r4.search import parse
 from iop_fhir.store.sql import SqlStore
 
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"

@@ -390,3 +390,29 @@ def test_a_disabled_or_unknown_client_gets_no_token(
             issue_for_client(registry, keyring, client_id, "system/*.rs")
         assert raised.value.error == "invalid_client"
     assert registry.get("ehr-north").active is False  # type: ignore[union-attr]
+
+
+# -- the program's consent management
+
+
+def test_only_a_program_client_may_be_registered_to_write_consents(
+    store: SqlStore, registry: ClientRegistry, client_key: ec.EllipticCurvePrivateKey
+) -> None:
+    add_partner(store)
+    with pytest.raises(ClientError) as raised:
+        registry.add("pvr", jwks=client_jwks(client_key), scope="system/*.cruds", partner_id=PARTNER, consents=True)
+    assert fields_of(raised) == ["consents"]
+    assert registry.get("pvr") is None
+    desk = registry.add("consent-desk", jwks=client_jwks(client_key), scope="system/Consent.cruds", consents=True)
+    assert registry.get("consent-desk") == desk and desk.consents and desk.summary()["consents"] is True
+
+
+def test_the_consent_permission_rides_in_the_token_of_that_client_only(
+    settings: Settings, store: SqlStore, registry: ClientRegistry, client_key: ec.EllipticCurvePrivateKey
+) -> None:
+    keyring = KeyRing.load(settings, store.engine)
+    registry.add("consent-desk", jwks=client_jwks(client_key), scope="system/Consent.cruds", consents=True)
+    registry.add("program", jwks=client_jwks(client_key), scope="system/*.cruds")
+    desk = keyring.verifier.verify(issue_for_client(registry, keyring, "consent-desk", None)[0])
+    program = keyring.verifier.verify(issue_for_client(registry, keyring, "program", None)[0])
+    assert (desk.consents, program.consents) == (True, False)

@@ -13,7 +13,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, Table, create_engine, insert, inspect, select, text
+from sqlalchemy import Column, Engine, MetaData, Table, create_engine, insert, inspect, select, text
 
 from iop_fhir.store import migrate, schema
 from tests.conftest import POSTGRES_URL
@@ -151,5 +151,72 @@ def test_0008_moves_referrals_and_event_counters_into_their_tables_and_the_downg
         assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW, *REFERRAL_ROWS, COUNTER_ROW]
         tables = inspect(engine).get_table_names()
         assert "inbound_referrals" not in tables and "subscription_events" not in tables
+    finally:
+        engine.dispose()
+
+
+# -- 0009: what each version disclosed is kept beside it
+
+_HISTORY_0008 = Table(
+    "resource_history",
+    MetaData(),
+    *(Column(c.name, c.type) for c in schema.history.columns if c.name not in ("protected", "note")),
+)
+_PART2 = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "42CFRPart2"}
+
+
+def _version(res_id: str, version: int, content: dict[str, Any] | None) -> dict[str, Any]:
+    body = orjson.dumps({"resourceType": "Observation", "id": res_id, **content}) if content is not None else None
+    return {
+        "res_type": "Observation",
+        "res_id": res_id,
+        "version_id": version,
+        "last_updated": version * 1_000,
+        "method": "DELETE" if content is None else "PUT",
+        "content": body,
+    }
+
+
+def test_0009_fills_in_the_patients_and_labels_of_every_stored_version_and_a_deletion_keeps_those_it_deleted(
+    unmigrated_url: str,
+) -> None:
+    engine = create_engine(unmigrated_url)
+    labelled = {"meta": {"security": [_PART2]}, "status": "final", "code": {"text": "x"}}
+    try:
+        _migrate(engine, "0008")
+        with engine.begin() as conn:
+            conn.execute(
+                insert(_HISTORY_0008),
+                [
+                    _version("moved", 1, {**labelled, "subject": {"reference": "Patient/b"}}),
+                    _version("moved", 2, {**labelled, "subject": {"reference": "Patient/a"}}),
+                    _version("gone", 1, {**labelled, "subject": {"reference": "Patient/c"}}),
+                    _version("gone", 2, None),
+                    _version(
+                        "elsewhere", 1, {"status": "final", "code": {"text": "x"}, "subject": {"reference": "x/y"}}
+                    ),
+                ],
+            )
+
+        _migrate(engine, "0009")
+
+        patients = _rows(engine, schema.version_patients, "res_id", "version_id")
+        assert [(p["res_id"], p["version_id"], p["patient_id"]) for p in patients] == [
+            ("gone", 1, "c"),
+            ("gone", 2, "c"),
+            ("moved", 1, "b"),
+            ("moved", 2, "a"),
+        ]
+        flags = [
+            (h["res_id"], h["version_id"], h["protected"], h["note"])
+            for h in _rows(engine, schema.history, "res_id", "version_id")
+        ]
+        assert flags == [
+            ("elsewhere", 1, False, False),
+            ("gone", 1, True, False),
+            ("gone", 2, True, False),
+            ("moved", 1, True, False),
+            ("moved", 2, True, False),
+        ]
     finally:
         engine.dispose()

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from iop_fhir.store.base import StoredRecord, StoredResource
+from iop_fhir.store.base import StoredRecord, StoredResource, VersionFacts
 from iop_fhir.store.sql import SqlStore
 
 CONTENT = {
@@ -100,7 +100,7 @@ def test_a_record_commits_or_rolls_back_with_the_fhir_resources_of_its_transacti
     encounter = StoredResource("Encounter", "s1-encounter", 1, 1_000, False, b'{"resourceType":"Encounter"}', "PUT")
     with pytest.raises(RuntimeError), store.write() as tx:
         tx.current("Encounter", "s1-encounter")
-        tx.save(encounter, {})
+        tx.save(encounter, {}, VersionFacts())
         tx.save_record(_record())
         raise RuntimeError("mapping failed after the writes")
     assert store.record("session", "s1") is None
@@ -108,7 +108,7 @@ def test_a_record_commits_or_rolls_back_with_the_fhir_resources_of_its_transacti
 
     with store.write() as tx:
         tx.current("Encounter", "s1-encounter")
-        tx.save(encounter, {})
+        tx.save(encounter, {}, VersionFacts())
         tx.save_record(_record())
     assert store.record("session", "s1") == _record()
     assert store.read("Encounter", "s1-encounter") is not None

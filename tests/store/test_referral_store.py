@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from iop_fhir.store import schema
-from iop_fhir.store.base import REFERRAL, StoredRecord, StoredResource
+from iop_fhir.store.base import REFERRAL, StoredRecord, StoredResource, VersionFacts
 from iop_fhir.store.sql import SqlStore
 
 RESOURCES = [
@@ -104,7 +104,7 @@ def test_a_referral_commits_or_rolls_back_with_the_task_of_its_transaction(store
     task = StoredResource("Task", "t1", 1, 1_000, False, b'{"resourceType":"Task"}', "POST")
     with pytest.raises(RuntimeError), store.write() as tx:
         tx.current("Task", "t1")
-        tx.save(task, {})
+        tx.save(task, {}, VersionFacts())
         tx.save_referral(_referral())
         raise RuntimeError("a later write hook failed")
     assert store.referral("t1") is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from iop_fhir.store import sql
-from iop_fhir.store.base import StoredResource
+from iop_fhir.store.base import StoredResource, VersionFacts
 from iop_fhir.store.schema import metadata
 from iop_fhir.store.sql import SqlStore
 
@@ -20,7 +20,9 @@ def test_in_memory_database_reads_and_vreads_through_its_single_connection() -> 
     version = StoredResource("Patient", "p1", 1, 1_000_000, False, b'{"resourceType":"Patient","id":"p1"}', "POST")
     with store.write() as tx:
         assert tx.current("Patient", "p1") is None
-        tx.save(version, {"token": [{"param": "gender", "system": None, "code": "other", "text": None}]})
+        tx.save(
+            version, {"token": [{"param": "gender", "system": None, "code": "other", "text": None}]}, VersionFacts()
+        )
     assert store.read("Patient", "p1") == StoredResource("Patient", "p1", 1, 1_000_000, False, version.content)
     assert store.vread("Patient", "p1", 1) == version
     assert store.read("Patient", "p2") is None
