@@ -10,6 +10,7 @@ names.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -108,10 +109,8 @@ class _DirectAppends:
                 cursor.close()
             except Exception:
                 self._conn = None
-                try:
+                with contextlib.suppress(Exception):  # already failing: the first error is the one raised
                     conn.close()
-                except Exception:  # already failing: the first error is the one raised
-                    pass
                 raise
 
     def close(self) -> None:
