@@ -27,8 +27,9 @@ from tests.auth import TokenClient
 # Every test client of every app authenticates (tests/auth.py): nothing is tested with security turned off.
 Flask.test_client_class = TokenClient
 
-# The Part 2 scenario (a partner, a consenting and a non-consenting patient) used by several test modules.
-pytest_plugins = ["tests.privacy.scenario"]
+# Fixtures several test modules share: the Part 2 scenario (a partner, a consenting and a non-consenting patient),
+# and an empty database at no revision for the migration tests.
+pytest_plugins = ["tests.privacy.scenario", "tests.store.migrating"]
 
 POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "fhir-examples"

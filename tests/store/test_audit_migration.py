@@ -4,51 +4,22 @@ resources stay as they were. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
-from alembic import command
-from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy import Engine, create_engine, func, insert, select
 
 from iop_fhir.privacy import audit
 from iop_fhir.r4 import indexing
 from iop_fhir.r4.indexing import date_range
-from iop_fhir.store import migrate, schema
+from iop_fhir.store import schema
 from iop_fhir.store.base import AuditQuery, AuditRow
 from iop_fhir.store.sql import SqlStore
-from tests.conftest import POSTGRES_URL
+from tests.store.migrating import migrate_to
 
 WHEN = "2026-05-01T14:03:22.123456Z"
 PARTNER = "Organization/passaic-valley-recovery"
 QUERY = "/fhir/Observation?subject=Patient/p1&code=8867-4"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'iop_fhir.db'}"
-        return
-    name = f"iop_migration_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{name}"'))
-    try:
-        yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{name}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
-        admin.dispose()
-
-
-def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
-    config = migrate.alembic_config(engine)
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(config, revision)
 
 
 def _store(engine: Engine, res_type: str, res_id: str, resource: dict[str, Any], *, versions: int = 1) -> None:
@@ -84,7 +55,7 @@ def _count(engine: Engine, table: Any, res_type: str) -> int:
 def test_0010_moves_audit_events_into_the_audit_log_and_out_of_the_resources(unmigrated_url: str) -> None:
     engine = create_engine(unmigrated_url)
     try:
-        _migrate(engine, "0009")
+        migrate_to(engine, "0009")
         partner_read = audit.audit_event(
             "search",
             "0",
@@ -110,7 +81,7 @@ def test_0010_moves_audit_events_into_the_audit_log_and_out_of_the_resources(unm
         _store(engine, "Patient", "p1", patient)
         before = {t.name: _count(engine, t, "Patient") for t in (schema.resources, schema.history)}
 
-        _migrate(engine, "0010")
+        migrate_to(engine, "0010")
 
         store = SqlStore(unmigrated_url)
         try:
@@ -142,7 +113,7 @@ def test_0010_moves_audit_events_into_the_audit_log_and_out_of_the_resources(unm
         assert {t.name: _count(engine, t, "Patient") for t in (schema.resources, schema.history)} == before
         assert _count(engine, schema.idx_string, "Patient") > 0
 
-        _migrate(engine, "0009", down=True)
+        migrate_to(engine, "0009", down=True)
         with engine.connect() as conn:
             assert not engine.dialect.has_table(conn, "audit_log")
     finally:

@@ -3,20 +3,15 @@ home a revision changes."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Column, Engine, MetaData, Table, create_engine, insert, inspect, select, text
+from sqlalchemy import Column, Engine, MetaData, Table, create_engine, insert, inspect, select
 
 from iop_fhir.store import migrate, schema
-from tests.conftest import POSTGRES_URL
+from tests.store.migrating import migrate_to
 
 
 def test_migrated_schema_matches_the_table_definitions(db_url: str) -> None:
@@ -86,31 +81,6 @@ ENROLLMENT_ROW = {
 }
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def unmigrated_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database of this test's own, at no revision yet, on each database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'iop_fhir.db'}"
-        return
-    name = f"iop_migration_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{name}"'))
-    try:
-        yield f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{name}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
-        admin.dispose()
-
-
-def _migrate(engine: Engine, revision: str, *, down: bool = False) -> None:
-    config = migrate.alembic_config(engine)
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(config, revision)
-
-
 def _rows(engine: Engine, table: Table, *order: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(select(table).order_by(*(table.c[name] for name in order))).mappings().all()
@@ -122,11 +92,11 @@ def test_0008_moves_referrals_and_event_counters_into_their_tables_and_the_downg
 ) -> None:
     engine = create_engine(unmigrated_url)
     try:
-        _migrate(engine, "0007")
+        migrate_to(engine, "0007")
         with engine.begin() as conn:
             conn.execute(insert(schema.iop_records), [*REFERRAL_ROWS, COUNTER_ROW, ENROLLMENT_ROW])
 
-        _migrate(engine, "0008")
+        migrate_to(engine, "0008")
 
         assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW]
         assert _rows(engine, schema.inbound_referrals, "id") == [
@@ -146,7 +116,7 @@ def test_0008_moves_referrals_and_event_counters_into_their_tables_and_the_downg
         counters = _rows(engine, schema.subscription_events, "sub_id")
         assert counters == [{"sub_id": "labs", "events": 3, "updated": 4_000}]
 
-        _migrate(engine, "0007", down=True)
+        migrate_to(engine, "0007", down=True)
 
         assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW, *REFERRAL_ROWS, COUNTER_ROW]
         tables = inspect(engine).get_table_names()
@@ -183,7 +153,7 @@ def test_0009_fills_in_the_patients_and_labels_of_every_stored_version_and_a_del
     engine = create_engine(unmigrated_url)
     labelled = {"meta": {"security": [_PART2]}, "status": "final", "code": {"text": "x"}}
     try:
-        _migrate(engine, "0008")
+        migrate_to(engine, "0008")
         with engine.begin() as conn:
             conn.execute(
                 insert(_HISTORY_0008),
@@ -198,7 +168,7 @@ def test_0009_fills_in_the_patients_and_labels_of_every_stored_version_and_a_del
                 ],
             )
 
-        _migrate(engine, "0009")
+        migrate_to(engine, "0009")
 
         patients = _rows(engine, schema.version_patients, "res_id", "version_id")
         assert [(p["res_id"], p["version_id"], p["patient_id"]) for p in patients] == [
