@@ -35,6 +35,7 @@ from iop_fhir.security.tokens import (
     jwk_algorithm,
     jwk_thumbprint,
 )
+from iop_fhir.store import writerlock
 from iop_fhir.store.base import ClientTables, RecordStore, StoredClient
 from iop_fhir.store.schema import auth_keys
 
@@ -376,7 +377,7 @@ def _stored_keys(engine: Engine) -> list[tuple[str, str]]:
 @contextmanager
 def _writing(engine: Engine) -> Iterator[Connection]:
     # iop_write: BEGIN IMMEDIATE on SQLite (store/sql.py), so two writers never deadlock on a lock upgrade.
-    with engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+    with writerlock.writing(engine), engine.connect().execution_options(iop_write=True) as conn, conn.begin():
         yield conn
 
 

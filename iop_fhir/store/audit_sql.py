@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from sqlalchemy import ColumnElement, Connection, Engine, and_, false, func, insert, or_, select
 
-from iop_fhir.store import schema
+from iop_fhir.store import schema, writerlock
 from iop_fhir.store.base import AUDIT_FIELDS, AuditQuery, AuditRow
 
 _A = schema.audit_log
@@ -104,9 +104,10 @@ class _DirectAppends:
                 self._conn, self._pid = self._connect(), os.getpid()
             conn = self._conn
             try:
-                cursor = conn.cursor()
-                cursor.execute(self.sql, (batch.decode(),))
-                cursor.close()
+                with writerlock.writing(self.engine):
+                    cursor = conn.cursor()
+                    cursor.execute(self.sql, (batch.decode(),))
+                    cursor.close()
             except Exception:
                 self._conn = None
                 with contextlib.suppress(Exception):  # already failing: the first error is the one raised
@@ -181,7 +182,11 @@ class SqlAuditLog:
             return
         if str(self.engine.url) in ("sqlite://", "sqlite:///:memory:"):
             # One database per connection: only the engine's own connection sees it.
-            with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+            with (
+                writerlock.writing(self.engine),
+                self.engine.connect().execution_options(iop_write=True) as conn,
+                conn.begin(),
+            ):
                 append(conn, rows)
             return
         direct: _DirectAppends | None = self.__dict__.get("_audit_appends")

@@ -39,7 +39,7 @@ from sqlalchemy.pool import StaticPool
 
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.search import Visibility
-from iop_fhir.store import schema, search_sql
+from iop_fhir.store import schema, search_sql, writerlock
 from iop_fhir.store.audit_sql import SqlAuditLog, SqlAuditLogTx
 from iop_fhir.store.base import (
     REFERRAL,
@@ -588,7 +588,11 @@ class SqlStore(SqlAuditLog):
 
     @contextmanager
     def write(self) -> Iterator[SqlWriteTx]:
-        with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+        with (
+            writerlock.writing(self.engine),
+            self.engine.connect().execution_options(iop_write=True) as conn,
+            conn.begin(),
+        ):
             tx = SqlWriteTx(conn, self.postgres)
             yield tx
             while tx.before_commit:
@@ -599,7 +603,11 @@ class SqlStore(SqlAuditLog):
     def writing(self) -> Iterator[Connection]:
         """A short write transaction on the database (BEGIN IMMEDIATE on SQLite), outside any WriteTx: the outbox's
         leases, the clients' tables, and export jobs (store/export_sql.py)."""
-        with self.engine.connect().execution_options(iop_write=True) as conn, conn.begin():
+        with (
+            writerlock.writing(self.engine),
+            self.engine.connect().execution_options(iop_write=True) as conn,
+            conn.begin(),
+        ):
             yield conn
 
     @contextmanager
