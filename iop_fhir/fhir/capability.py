@@ -74,16 +74,17 @@ def _resource(res_type: str) -> dict[str, Any]:
 
 def _audit_event() -> dict[str, Any]:
     """AuditEvent is the audit log rendered (fhir/auditevents.py): read and searched by administrators, written by the
-    service alone, never versioned."""
+    service alone; each has one version, 1."""
     known = definitions.search_params(auditevents.AUDIT_EVENT)
     return {
         "type": auditevents.AUDIT_EVENT,
         "profile": f"http://hl7.org/fhir/StructureDefinition/{auditevents.AUDIT_EVENT}",
-        "documentation": "The audit log, for administrators: read and search only (the service writes every event); "
-        "sorted by date, newest first unless _sort=date; no _include or _revinclude.",
-        "interaction": [{"code": "read"}, {"code": "search-type"}],
-        "versioning": "no-version",
-        "readHistory": False,
+        "documentation": "The audit log, for administrators: read and search only (the service writes every event, "
+        "once: version 1 is its only one); sorted by date, newest first unless _sort=date; no _include or "
+        "_revinclude, no type history, and not in batch or transaction entries.",
+        "interaction": [{"code": "read"}, {"code": "vread"}, {"code": "history-instance"}, {"code": "search-type"}],
+        "versioning": "versioned",
+        "readHistory": True,
         "updateCreate": False,
         "conditionalCreate": False,
         "conditionalRead": "not-supported",

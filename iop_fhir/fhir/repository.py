@@ -266,11 +266,13 @@ class Repository:
 
     # -- reads -------------------------------------------------------------------------------------------------
 
-    def read(self, res_type: str, res_id: str) -> StoredResource:
+    def read(self, res_type: str, res_id: str, *, tx: WriteTx | None = None) -> StoredResource:
+        """The current version; inside ``tx`` (a transaction Bundle's GET entry) as that transaction sees it."""
         check_type(res_type)
         self.check(res_type, "read")
-        stored = self.store.read(res_type, res_id)
-        if stored is None or not self.sees(self.store, stored):
+        reader: Store | WriteTx = self.store if tx is None else tx
+        stored = self.store.read(res_type, res_id) if tx is None else tx.current(res_type, res_id)
+        if stored is None or not self.sees(reader, stored):
             raise NotFound(f"{res_type}/{res_id} is not known")
         if stored.deleted:
             raise Gone(
@@ -282,10 +284,15 @@ class Repository:
             )
         return stored
 
-    def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
+    def vread(self, res_type: str, res_id: str, version: str, *, tx: WriteTx | None = None) -> StoredResource:
+        """One version; inside ``tx`` also the version that transaction wrote."""
         check_type(res_type)
         self.check(res_type, "vread")
         number = version_number(version)  # None: no such version can exist
+        current = tx.current(res_type, res_id) if tx is not None and number is not None else None
+        if tx is not None and current is not None and current.version_id == number and not current.deleted:
+            if self.sees(tx, current):
+                return current
         stored = self.store.vread(res_type, res_id, number) if number is not None else None
         if stored is None or not self.sees(self.store, stored):
             # A version the client may not see is answered as one that never existed.

@@ -24,9 +24,7 @@ from iop_fhir.config import Settings
 from iop_fhir.errors import (
     BadRequest,
     FhirError,
-    Gone,
     Invalid,
-    NotFound,
     PayloadTooLarge,
     PreconditionFailed,
 )
@@ -189,6 +187,13 @@ def _target(entry: _Entry, segments: list[str], query: str | None, url: str) -> 
     if not segments or not segments[0]:
         raise BadRequest(f"request.url '{url}' names no resource type", code="not-supported")
     check_type(segments[0])
+    if segments[0] == "AuditEvent" and method in ("GET", "HEAD"):
+        # AuditEvents are the audit log rendered (fhir/auditevents.py), never stored resources: a Bundle entry
+        # would find none, so it is refused rather than answered empty.
+        raise BadRequest(
+            "AuditEvent is read and searched at /fhir/AuditEvent directly, not in a batch or transaction",
+            code="not-supported",
+        )
     if len(segments) >= 2:
         if not _ID.match(segments[1]):
             raise BadRequest(f"'{segments[1]}' in request.url '{url}' is not a valid resource id")
@@ -623,28 +628,10 @@ def _get(repo: Repository, tx: WriteTx | None, entry: _Entry, base_url: str) -> 
     reads see its own writes."""
     if entry.res_id is None:
         return _search(repo, tx, entry, base_url)
-    stored: StoredResource | None = None
     if entry.version is None:
-        if tx is None:
-            stored = repo.read(entry.res_type, entry.res_id)
-        else:
-            stored = tx.current(entry.res_type, entry.res_id)
-            if stored is None or not repo.sees(tx, stored):
-                raise NotFound(f"{entry.res_type}/{entry.res_id} is not known")
-            if stored.deleted:
-                raise Gone(f"{entry.res_type}/{entry.res_id} was deleted")
+        stored = repo.read(entry.res_type, entry.res_id, tx=tx)
     else:
-        current = tx.current(entry.res_type, entry.res_id) if tx is not None else None
-        if (
-            tx is not None
-            and current is not None
-            and not current.deleted
-            and str(current.version_id) == entry.version
-            and not repo.hides(tx, current)
-        ):
-            stored = current
-        else:
-            stored = repo.vread(entry.res_type, entry.res_id, entry.version)
+        stored = repo.vread(entry.res_type, entry.res_id, entry.version, tx=tx)
     etag = f'W/"{stored.version_id}"'
     response: dict[str, Any] = {
         "status": "200 OK",

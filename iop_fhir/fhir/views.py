@@ -11,12 +11,14 @@ from urllib.parse import parse_qsl
 
 from flask import Blueprint, Response, current_app, request
 
-from iop_fhir.errors import BadRequest, information, operation_outcome
+from iop_fhir.errors import BadRequest, NotFound, information, operation_outcome
 from iop_fhir.fhir import auditevents, capability, http, searchset, transaction
 from iop_fhir.fhir.history import history_bundle, history_params
 from iop_fhir.fhir.repository import Repository, check_type
+from iop_fhir.privacy import trail
 from iop_fhir.r4.instants import http_date
 from iop_fhir.security import guard
+from iop_fhir.store.base import StoredResource
 
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
@@ -53,6 +55,8 @@ def metadata() -> Response:
 @bp.post("/")
 def batch_or_transaction() -> Response:
     bundle = http.json_body(request)
+    if isinstance(bundle, dict) and bundle.get("type") == "batch":
+        trail.named("batch")  # audited as a batch (the endpoint alone cannot tell)
     return http.fhir_response(
         transaction.process(
             repo(), bundle, base_url=base_url(), max_entries=current_app.config["IOP_FHIR"].max_bundle_entries
@@ -117,6 +121,11 @@ def conditional_delete(res_type: str) -> Response:
 
 @bp.get("/<res_type>/_history")
 def type_history(res_type: str) -> Response:
+    if res_type == auditevents.AUDIT_EVENT:
+        raise BadRequest(
+            "the audit log has no history of its own: each AuditEvent has one version; search AuditEvent by date",
+            code="not-supported",
+        )
     return _history(res_type, None, f"{res_type}/_history")
 
 
@@ -154,11 +163,23 @@ def delete(res_type: str, res_id: str) -> Response:
 
 @bp.get("/<res_type>/<res_id>/_history")
 def instance_history(res_type: str, res_id: str) -> Response:
+    if res_type == auditevents.AUDIT_EVENT:
+        stored = _audit_event(res_id)
+        return http.fhir_response(
+            history_bundle(
+                [stored], 1, base_url=base_url(), path=f"{res_type}/{res_id}/_history", params=[], count=1, offset=0
+            )
+        )
     return _history(res_type, res_id, f"{res_type}/{res_id}/_history")
 
 
 @bp.get("/<res_type>/<res_id>/_history/<version>")
 def vread(res_type: str, res_id: str, version: str) -> Response:
+    if res_type == auditevents.AUDIT_EVENT:
+        stored = _audit_event(res_id)
+        if version != "1":  # an AuditEvent is written once: version 1 is its only one
+            raise NotFound(f"{res_type}/{res_id[:80]} has no version {version[:20]!r}")
+        return http.fhir_response(stored.content, 200, {"Last-Modified": http_date(stored.last_updated)})
     return http.resource_response(repo().vread(res_type, res_id, version))
 
 
@@ -194,10 +215,16 @@ def _profile_parameter(parameters: dict[str, Any]) -> str | None:
 
 
 def _read_audit_log(res_id: str) -> Response:
+    stored = _audit_event(res_id)
+    return http.fhir_response(stored.content, 200, {"Last-Modified": http_date(stored.last_updated)})
+
+
+def _audit_event(res_id: str) -> StoredResource:
+    """The AuditEvent of one audit row (its read, vread and history), audited as read."""
     store, writer = current_app.extensions["iop_fhir.store"], current_app.extensions["iop_fhir.audit"]
     body, row = auditevents.read(guard.access(), store, writer, res_id)
     guard.audited([f"{auditevents.AUDIT_EVENT}/{row.id}"])
-    return http.fhir_response(body, 200, {"Last-Modified": http_date(row.recorded)})
+    return StoredResource(auditevents.AUDIT_EVENT, row.id, 1, row.recorded, False, body, "POST")
 
 
 def _search_audit_log(params: list[tuple[str, str]]) -> Response:

@@ -133,13 +133,14 @@ def agent_of(row: AuditRow) -> Agent:
 
 
 def render(row: AuditRow) -> dict[str, Any]:
-    """The AuditEvent of one row of the audit log: its id is the row's, meta.lastUpdated its recorded instant."""
+    """The AuditEvent of one row of the audit log: its id is the row's, meta.lastUpdated its recorded instant, and its
+    one version is 1 (a row is never changed)."""
     when = instant(row.recorded)
     event = audit_event(row.action, row.outcome, agent_of(row), row.patient, row.entities, when=when, query=row.query)
     rendered: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": row.id,
-        "meta": {"lastUpdated": when, **event["meta"]},
+        "meta": {"versionId": "1", "lastUpdated": when, **event["meta"]},
     }
     rendered.update((key, value) for key, value in event.items() if key not in rendered)
     return rendered

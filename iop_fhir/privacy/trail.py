@@ -121,6 +121,14 @@ def current() -> Trail | None:
     return _current.get()
 
 
+def named(action: str) -> None:
+    """Name the request's action once its body tells more than its endpoint (a Bundle posted to the base is a batch
+    or a transaction)."""
+    found = _current.get()
+    if found is not None:
+        found.action = action
+
+
 def returned_record(body: Any) -> None:
     """Note the FHIR resources an /iop response names (a record, or a page of them) in the request's trail."""
     trail = _current.get()
@@ -169,13 +177,13 @@ class ObservedRepository(Repository):
 
     trail: Trail
 
-    def read(self, res_type: str, res_id: str) -> StoredResource:
-        stored = super().read(res_type, res_id)
+    def read(self, res_type: str, res_id: str, *, tx: WriteTx | None = None) -> StoredResource:
+        stored = super().read(res_type, res_id, tx=tx)
         self.trail.saw([stored])
         return stored
 
-    def vread(self, res_type: str, res_id: str, version: str) -> StoredResource:
-        stored = super().vread(res_type, res_id, version)
+    def vread(self, res_type: str, res_id: str, version: str, *, tx: WriteTx | None = None) -> StoredResource:
+        stored = super().vread(res_type, res_id, version, tx=tx)
         self.trail.saw([stored])
         return stored
 

@@ -633,6 +633,9 @@ def _parse_include(res_type: str, key: str, value: str) -> Include:
         raise BadRequest(f"{key}: '{value}' is not SourceType:parameter[:TargetType]", key)
     source, name = parts[0], parts[1]
     target = parts[2] if len(parts) == 3 else None
+    if "AuditEvent" in (source, target) and res_type != "AuditEvent":
+        # AuditEvents are rendered from the audit log, not stored with the resources they name: no include finds them.
+        raise _NotSupported(f"{key}: AuditEvents are not included; search AuditEvent?entity=Type/id instead")
     types = definitions.resource_types()
     if source not in types:
         raise BadRequest(f"{key}: '{source}' is not a resource type", key)

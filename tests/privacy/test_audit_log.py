@@ -151,6 +151,26 @@ def test_a_transaction_that_fails_leaves_only_its_failure(app: Flask, client: Fl
     assert [(r.action, r.outcome) for r in flushed_rows(app, action="transaction")] == [("transaction", "4")]
 
 
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+def test_what_a_bundle_reads_by_id_and_version_is_in_its_audit_row(app: Flask, client: FlaskClient, kind: str) -> None:
+    patient = create(client, {"resourceType": "Patient", "name": [{"family": "Bundled"}]})
+    reference = f"Patient/{patient['id']}"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [
+            {"request": {"method": "GET", "url": reference}},
+            {"request": {"method": "GET", "url": f"{reference}/_history/1"}},
+        ],
+    }
+    response = client.post("/fhir", data=orjson.dumps(bundle), content_type=FHIR)
+
+    assert response.status_code == 200
+    assert [e["response"]["status"] for e in response.get_json()["entry"]] == ["200 OK", "200 OK"]
+    [row] = flushed_rows(app, action=kind)  # a batch is audited as one (action E, subtype batch)
+    assert (row.outcome, row.patient, row.entities) == ("0", reference, (reference,))
+
+
 def test_audit_events_are_never_stored_as_resources(app: Flask, client: FlaskClient, admin: FlaskClient) -> None:
     create(client, {"resourceType": "Patient"})
     client.get("/fhir/Patient")
@@ -345,6 +365,7 @@ def test_an_audit_event_reads_as_the_row_rendered(admin: FlaskClient, logged: li
     event = response.get_json()
     assert event["id"] == "ev-2"
     assert event["meta"]["lastUpdated"] == event["recorded"] == "2026-03-01T11:00:00.000000Z"
+    assert event["meta"]["versionId"] == "1"
     assert event["subtype"][0]["code"] == "search" and event["action"] == "E"
     client, partner = event["agent"]
     assert client["who"]["identifier"]["value"] == "peer-app"
@@ -355,6 +376,54 @@ def test_an_audit_event_reads_as_the_row_rendered(admin: FlaskClient, logged: li
     assert base64.b64decode(event["entity"][-1]["query"]).decode() == "/fhir/Observation?subject=Patient/p1"
     assert admin.get("/fhir/AuditEvent/ev-404").status_code == 404
     assert issue(admin.get("/fhir/AuditEvent/ev-404"))["code"] == "not-found"
+
+
+def test_an_audit_event_has_one_version_read_by_vread_and_its_history(
+    admin: FlaskClient, logged: list[AuditRow]
+) -> None:
+    event = admin.get("/fhir/AuditEvent/ev-2").get_json()
+    vread = admin.get("/fhir/AuditEvent/ev-2/_history/1")
+    assert vread.status_code == 200 and vread.get_json() == event
+    for path in ("/fhir/AuditEvent/ev-2/_history/2", "/fhir/AuditEvent/ev-404/_history/1"):
+        assert admin.get(path).status_code == 404, path
+        assert issue(admin.get(path))["code"] == "not-found"
+    history = admin.get("/fhir/AuditEvent/ev-2/_history").get_json()
+    assert history["type"] == "history" and history["total"] == 1
+    [entry] = history["entry"]
+    assert entry["resource"] == event
+    assert entry["request"] == {"method": "POST", "url": "AuditEvent"}
+    assert admin.get("/fhir/AuditEvent/ev-404/_history").status_code == 404
+
+
+def test_audit_events_have_no_type_history_and_are_not_found_through_other_paths(
+    admin: FlaskClient, logged: list[AuditRow]
+) -> None:
+    """Each of these would find nothing in the resource store: refused as not supported, never answered empty."""
+    response = admin.get("/fhir/AuditEvent/_history")
+    assert response.status_code == 400 and issue(response)["code"] == "not-supported"
+    for query in (
+        "_revinclude=AuditEvent:entity",
+        "_revinclude=AuditEvent:patient",
+        "_include=Patient:link:AuditEvent",
+    ):
+        response = admin.get(f"/fhir/Patient?{query}")
+        assert response.status_code == 400, query
+        assert issue(response)["code"] == "not-supported"
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "AuditEvent/ev-2"}},
+            {"request": {"method": "GET", "url": "AuditEvent?patient=p1"}},
+        ],
+    }
+    answered = admin.post("/fhir", data=orjson.dumps(bundle), content_type=FHIR).get_json()
+    for entry in answered["entry"]:
+        assert entry["response"]["status"].startswith("400")
+        assert entry["response"]["outcome"]["issue"][0]["code"] == "not-supported"
+    bundle["type"] = "transaction"
+    response = admin.post("/fhir", data=orjson.dumps(bundle), content_type=FHIR)
+    assert response.status_code == 400 and issue(response)["code"] == "not-supported"
 
 
 @pytest.mark.parametrize(
@@ -400,7 +469,7 @@ def test_the_capability_statement_lists_exactly_the_audit_event_parameters_that_
     statement = client.get("/fhir/metadata").get_json()
     [entry] = [r for r in statement["rest"][0]["resource"] if r["type"] == "AuditEvent"]
     assert [p["name"] for p in entry["searchParam"]] == AUDIT_PARAMS
-    assert [i["code"] for i in entry["interaction"]] == ["read", "search-type"]
+    assert [i["code"] for i in entry["interaction"]] == ["read", "vread", "history-instance", "search-type"]
     for param in entry["searchParam"]:
         assert admin.get(f"/fhir/AuditEvent?{param['name']}=x1").status_code in (200, 400)
         assert issue(admin.get(f"/fhir/AuditEvent?{param['name']}:missing=true"))["code"] == "not-supported"
@@ -440,7 +509,11 @@ def test_new_rows_render_as_the_builder_shapes_them(app: Flask) -> None:
     assert {k: v for k, v in rendered.items() if k not in ("id", "meta")} == {
         k: v for k, v in built.items() if k != "meta"
     }
-    assert rendered["meta"] == {"lastUpdated": rendered["recorded"], "security": built["meta"]["security"]}
+    assert rendered["meta"] == {
+        "versionId": "1",
+        "lastUpdated": rendered["recorded"],
+        "security": built["meta"]["security"],
+    }
     with pytest.raises(ValueError):
         audit.new_row("read", "0", agent, "Group/g", [], recorded=T0)
 
