@@ -39,7 +39,7 @@ SEARCH_PARAMS = {
     "outcome": "0 4 8 or 12 (http://hl7.org/fhir/audit-event-outcome)",
     "type": "rest (a RESTful interaction) or 110106 (DICOM Export: an $export, or a delivery to a partner)",
     "subtype": "the RESTful interaction (read, vread, history, search, create, update, patch, delete, batch, "
-    "transaction) or operation (an $export)",
+    "transaction) or operation ($validate, an $export, its status, cancellation or files)",
 }
 _ACTION_SYSTEM = "http://hl7.org/fhir/audit-event-action"
 _OUTCOME_SYSTEM = "http://hl7.org/fhir/audit-event-outcome"
@@ -48,7 +48,7 @@ _TYPES = {
     (audit.AUDIT_EVENT_TYPE, "rest"): tuple(audit.REST_ACTIONS),
     (audit.DICOM, "110106"): tuple(audit.EXPORT_ACTIONS),
 }
-_SUBTYPES = {**{name: (name,) for name in audit.REST_ACTIONS}, "operation": ("export",)}
+_SUBTYPES = {**{name: (name,) for name in audit.REST_ACTIONS}, "operation": ("operation", "export")}
 _NEVER = ("id", "")  # an alternative no row matches (ids are never empty)
 
 

@@ -41,6 +41,8 @@ REST_ACTIONS = {
     # A batch or transaction Bundle as a whole: "execute", its entries named as entities.
     "batch": "E",
     "transaction": "E",
+    # An operation the service runs on request ($validate, an export's status or cancellation).
+    "operation": "E",
 }
 # Records leaving the service in bulk ($export) or pushed to a partner: DICOM 110106 "Export", a code of the R4
 # audit-event-type value set; DICOM PS3.15 A.5.3.6 gives Export the event action R.

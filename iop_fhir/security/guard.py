@@ -57,9 +57,17 @@ _FHIR_ACTIONS = {
     "export.export_system": "export",
     "export.export_patients": "export",
     "export.export_group": "export",
+    # $validate, and polling or cancelling an export: operations, audited with their path as the query.
+    "fhir.validate": "operation",
+    "export.export_status": "operation",
+    "export.export_cancel": "operation",
+    # A file of an export leaving the service: its job's row names every resource it exported (fhir/export.py);
+    # each download is audited too, with its path (job and file number).
+    "export.export_file": "export",
 }
-# $validate checks a body it is given; an export's job audits what it exports (fhir/export.py), and its files stream.
-_NOT_AUDITED = frozenset({"fhir.validate", "export.export_status", "export.export_cancel", "export.export_file"})
+# Requests audited with their path and query string (no resource names them).
+_QUERIED = frozenset({"fhir.validate", "export.export_status", "export.export_cancel", "export.export_file"})
+_NOT_AUDITED: frozenset[str] = frozenset()
 
 
 def is_public(path: str) -> bool:
@@ -117,7 +125,8 @@ def install(app: Flask) -> None:
         action = _action(request.endpoint, request.method)
         if action is not None and app.extensions["iop_fhir.audit"] is not None:
             # As received; a query string that is not UTF-8 is refused by the FHIR API, and kept here as it decodes.
-            query = f"{request.path}?{request.query_string.decode('utf-8', 'replace')}" if action == "search" else None
+            queried = action == "search" or request.endpoint in _QUERIED
+            query = f"{request.path}?{request.query_string.decode('utf-8', 'replace')}" if queried else None
             g.iop_trail = trail.Trail(found, action, query=query)
             g.iop_trail_token = trail.begin(g.iop_trail)
         endpoint = request.endpoint or ""

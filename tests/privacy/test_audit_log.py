@@ -171,6 +171,39 @@ def test_what_a_bundle_reads_by_id_and_version_is_in_its_audit_row(app: Flask, c
     assert (row.outcome, row.patient, row.entities) == ("0", reference, (reference,))
 
 
+def test_validate_and_every_step_of_an_export_are_audited_with_their_path(app: Flask, client: FlaskClient) -> None:
+    create(client, {"resourceType": "Patient", "name": [{"family": "Exported"}]})
+    body = orjson.dumps({"resourceType": "Patient", "gender": "nope"})
+    assert client.post("/fhir/Patient/$validate", data=body, content_type=FHIR).status_code == 200
+    exporter = app.extensions["iop_fhir.exports"]
+    exporter.background = False
+    kicked = client.get("/fhir/$export?_type=Patient", headers={"Prefer": "respond-async"})
+    assert kicked.status_code == 202
+    status = kicked.headers["Content-Location"].split("/fhir", 1)[1]
+    exporter.run_due()
+    manifest = client.get(f"/fhir{status}").get_json()
+    [item] = manifest["output"]
+    file_path = "/fhir" + item["url"].split("/fhir", 1)[1]
+    assert client.get(file_path).status_code == 200
+    assert client.delete(f"/fhir{status}").status_code == 202
+
+    rows = flushed_rows(app)
+    operations = sorted((r.action, r.outcome, unquote(r.query or "")) for r in rows if r.query and "$" in r.query)
+    assert operations == sorted(
+        [
+            ("operation", "0", "/fhir/Patient/$validate?"),
+            ("operation", "0", f"/fhir{status}?"),
+            ("operation", "0", f"/fhir{status}?"),
+            ("export", "0", f"{file_path}?"),
+        ]
+    )
+    rendered = {
+        r.action: audit.render(r) for r in rows if r.query and ("$validate" in r.query or "$export-file" in r.query)
+    }
+    assert rendered["operation"]["subtype"][0]["code"] == "operation"
+    assert rendered["export"]["type"]["code"] == "110106"
+
+
 def test_audit_events_are_never_stored_as_resources(app: Flask, client: FlaskClient, admin: FlaskClient) -> None:
     create(client, {"resourceType": "Patient"})
     client.get("/fhir/Patient")
