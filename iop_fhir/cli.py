@@ -458,7 +458,17 @@ def main(argv: list[str] | None = None) -> int:
         "map", help="print the FHIR transaction Bundle an IOP record maps to (no server, no database)"
     )
     mapper.add_argument(
-        "kind", choices=["enrollment", "assessment", "treatment-plan", "session", "consent", "discharge", "partner"]
+        "kind",
+        choices=[
+            "enrollment",
+            "assessment",
+            "treatment-plan",
+            "session",
+            "consent",
+            "discharge",
+            "medication",
+            "partner",
+        ],
     )
     mapper.add_argument("file", metavar="FILE|-")
     mapper.add_argument(

@@ -22,7 +22,8 @@ def load(profiles_dir: Path, terminology_dir: Path) -> tuple[ProfileRegistry, li
     """The profile registry and the conformance resources of the two folders. Read once per process for as
     long as the folders' files are unchanged (every app, and every test, would otherwise parse them again)."""
     profiles_dir, terminology_dir = Path(profiles_dir), Path(terminology_dir)
-    return _load(profiles_dir, terminology_dir, _signature(profiles_dir) + _signature(terminology_dir))
+    signature = _signature(profiles_dir) + _signature(profiles_dir / "us-core") + _signature(terminology_dir)
+    return _load(profiles_dir, terminology_dir, signature)
 
 
 def _signature(directory: Path) -> Signature:

@@ -111,7 +111,7 @@ def test_us_core_constraints_of_a_profile_are_checked_on_writes(client: FlaskCli
     response = client.post("/fhir/Patient", json=patient, headers={"Content-Type": "application/fhir+json"})
     assert response.status_code == 400
     issue = response.get_json()["issue"][0]
-    assert (issue["code"], issue["expression"]) == ("invariant", ["Patient"])
+    assert (issue["code"], issue["expression"]) == ("invariant", ["Patient.name[0]"])
     assert "us-core-6" in issue["diagnostics"]
     patient["name"] = [{"family": "Rivera", "given": ["Alex"]}]
     assert client.post("/fhir/Patient", json=patient).status_code == 201

@@ -22,6 +22,7 @@ from iop_fhir.app import create_app
 from iop_fhir.cli import main
 from iop_fhir.config import Settings
 from iop_fhir.demo import cohort, seeding
+from iop_fhir.mapping import ids
 from iop_fhir.r4.validation import validate
 from iop_fhir.security.registry import issue_for_client
 from iop_fhir.store import schema
@@ -97,6 +98,18 @@ def test_seeding_enrolls_25_patients_each_with_an_intake_assessment_a_treatment_
         assert len(plans[enrollment.id]) == 1
         assert len(sessions[enrollment.id]) >= 3 * 3  # at least three weeks, three blocks a week
         assert enrollment.content["referral"]["service_request"].startswith("http://testserver/fhir/ServiceRequest/")
+
+
+def test_each_person_is_one_patient_whether_referred_enrolled_or_both(app: Flask) -> None:
+    patients = [content for res_type, _, content in current_resources(app) if res_type == "Patient"]
+    holders: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for patient in patients:
+        for identifier in patient.get("identifier", []):
+            if identifier.get("system") != ids.RECORD_SYSTEM:
+                holders[(identifier["system"], identifier["value"])].add(patient["id"])
+    assert holders and all(len(found) == 1 for found in holders.values()), holders
+    enrolled = [e["reference"] for r in records(app, "enrollment") for e in r.resources if e["role"] == "patient"]
+    assert set(enrolled) <= {f"Patient/{p['id']}" for p in patients}
 
 
 def test_completed_stays_have_eight_weeks_of_at_least_three_sessions_a_week(app: Flask) -> None:

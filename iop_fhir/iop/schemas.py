@@ -26,11 +26,15 @@ KINDS: tuple[str, ...] = (
     "assessment",
     "treatment-plan",
     "session",
+    "group-session",
     "consent",
     "discharge",
+    "medication",
     "partner",
 )
 PLURALS: dict[str, str] = {kind: f"{kind}s" for kind in KINDS}
+# Kinds of which the service keeps one record, read and written at /iop/<kind> (the program's own Organization).
+SINGLETONS: tuple[str, ...] = ("organization",)
 KIND_OF_PLURAL: dict[str, str] = {plural: kind for kind, plural in PLURALS.items()}
 
 ASAM_DIMENSIONS = (
@@ -43,6 +47,8 @@ ASAM_DIMENSIONS = (
 )
 PARTNER_KINDS = ("hospital-ehr", "inpatient-unit", "aftercare-provider")
 AUTH_TYPES = ("none", "bearer", "smart-backend-services")
+# UCUM units a measured drug screen result may carry (each is its own UCUM code).
+SCREEN_UNITS = ("g/dL", "mg/dL", "g/L", "mg/L", "ug/L", "ng/mL", "ug/mL")
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 MAX_ISSUES = 100
 FHIR_INTEGER_MIN, FHIR_INTEGER_MAX = -(2**31), 2**31 - 1  # https://hl7.org/fhir/R4/datatypes.html#integer
@@ -396,6 +402,9 @@ class PatientSchema(RecordSchema):
     name = Object(PatientNameSchema, required=True)
     birth_date = Date(required=True)
     gender = Code(required=True)
+    race = _list(Code(), metadata={"description": "OMB race categories (vocabulary race); several may apply"})
+    ethnicity = Code(metadata={"description": "OMB ethnicity category (vocabulary ethnicity)"})
+    preferred_language = Code(metadata={"description": "BCP-47 tag of the language preferred (vocabulary language)"})
     phone = Phone()
     email = Email()
     address = Object(AddressSchema)
@@ -525,6 +534,18 @@ class TreatmentPlanSchema(RecordSchema):
 class ScreenResultSchema(RecordSchema):
     analyte = Code(required=True)
     result = Code(required=True)
+    value = Number(
+        validate=_at_least(0),
+        metadata={"description": "the measured concentration (breath or blood alcohol), with unit; optional"},
+    )
+    unit = Code(validate=_one_of(SCREEN_UNITS), metadata={"description": "the UCUM unit of value; required with value"})
+
+    @validates_schema(skip_on_field_errors=False)
+    def _value_with_unit(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if (data.get("value") is None) != (data.get("unit") is None):
+            missing = "unit" if data.get("unit") is None else "value"
+            other = "value" if missing == "unit" else "unit"
+            _invariants({missing: [Problem("required", f"required when {other} is given")]})
 
 
 class DrugScreenSchema(RecordSchema):
@@ -552,6 +573,34 @@ class SessionSchema(RecordSchema):
     craving_score = Integer(validate=_between(0, 10))
     drug_screen = Object(DrugScreenSchema)
     progress_note = Text()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _end_not_before_start(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _not_before(data, "start", "end", datetime.fromisoformat)
+
+
+class GroupAttendeeSchema(RecordSchema):
+    """One patient's part of a group session: what a session record says of its patient."""
+
+    enrollment_id = FhirId(required=True)
+    attendance = Code(required=True)
+    craving_score = Integer(validate=_between(0, 10))
+    drug_screen = Object(DrugScreenSchema)
+    progress_note = Text()
+
+
+class GroupSessionSchema(RecordSchema):
+    """One group event and its attendees; each attendee's enrollment must exist and be active, once each (422)."""
+
+    group_id = FhirId(required=True, metadata={"description": "the program's id of the group event; the record's id"})
+    service = Code(required=True)
+    approach = Code()
+    topic = Text()
+    start = DateTime(required=True)
+    end = DateTime(required=True)
+    modality = Code(required=True)
+    facilitator = Object(ClinicianSchema)
+    attendees = _objects(GroupAttendeeSchema, required=True)
 
     @validates_schema(skip_on_field_errors=False)
     def _end_not_before_start(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -590,6 +639,11 @@ class RevocationSchema(RecordSchema):
 class GoalOutcomeSchema(RecordSchema):
     goal = Code(required=True, metadata={"description": "key of a goal of the treatment plan"})
     status = Code(required=True)
+
+
+class DiagnosisStatusSchema(RecordSchema):
+    code = Code(required=True, metadata={"description": "code of a diagnosis of the enrollment"})
+    clinical_status = Code(required=True, metadata={"description": "at discharge (vocabulary clinical-status)"})
 
 
 class ContinuingCareServiceSchema(RecordSchema):
@@ -632,6 +686,7 @@ class DischargeSchema(RecordSchema):
     reason = Code(required=True)
     summary = Text()
     goal_outcomes = _objects(GoalOutcomeSchema)
+    diagnoses = _objects(DiagnosisStatusSchema)
     continuing_care = Object(ContinuingCareSchema)
     referral = Object(ReferralOutSchema)
 
@@ -639,7 +694,45 @@ class DischargeSchema(RecordSchema):
     def _one_outcome_per_goal(self, data: dict[str, Any], **kwargs: Any) -> None:
         problems: dict[Any, Any] = {}
         _duplicates(_items(data, "goal_outcomes"), "goal", "goal", problems, ("goal_outcomes",))
+        _duplicates(_items(data, "diagnoses"), "code", "diagnosis", problems, ("diagnoses",))
         _invariants(problems)
+
+
+class DoseSchema(RecordSchema):
+    quantity = Number(required=True, validate=_POSITIVE)
+    unit = Text(required=True, metadata={"description": "the dose unit as written: film, tablet, mg, mL, spray"})
+    frequency = Integer(required=True, validate=_at_least(1))
+    period = Number(required=True, validate=_POSITIVE)
+    period_unit = Code(required=True)
+
+
+class IndicationSchema(RecordSchema):
+    system = Code(required=True)
+    code = Code(required=True)
+    display = Text()
+
+
+class MedicationSchema(RecordSchema):
+    """A medication of an enrolled patient; source decides the FHIR resource (mappings/medication.yaml)."""
+
+    enrollment_id = FhirId(required=True)
+    medication = Code(required=True)
+    strength = Text(metadata={"description": "as written on the label, e.g. 8 mg / 2 mg"})
+    form = Code()
+    dose = Object(DoseSchema)
+    indication = Object(IndicationSchema)
+    category = Code(required=True)
+    status = Code(required=True)
+    start = Date(required=True)
+    end = Date()
+    prescriber = Object(ClinicianSchema)
+    source = Code(required=True)
+    quantity = Integer(validate=_at_least(1), metadata={"description": "units handed over (a dispense)"})
+    note = Text()
+
+    @validates_schema(skip_on_field_errors=False)
+    def _end_not_before_start(self, data: dict[str, Any], **kwargs: Any) -> None:
+        _not_before(data, "start", "end", date.fromisoformat)
 
 
 # Which auth fields each auth type needs; the others must be absent.
@@ -687,6 +780,40 @@ class PartnerSchema(RecordSchema):
     auth = Object(PartnerAuthSchema)
 
 
+class TaxId(Text):
+    """A US Employer Identification Number (federal tax id): nine digits, written NN-NNNNNNN or without the dash."""
+
+    openapi = {"pattern": r"^[0-9]{2}-?[0-9]{7}$", "description": "EIN (nine digits, NN-NNNNNNN)"}
+
+    def _check(self, value: str) -> None:
+        if not re.fullmatch(r"[0-9]{2}-?[0-9]{7}", value):
+            raise _error("value", f"must be an EIN of nine digits such as 12-3456789, got {value[:20]!r}")
+
+
+class OrganizationSchema(RecordSchema):
+    """The program itself (one per service): the Organization its records name as provider, requester and the
+    disclosing program of its consents."""
+
+    id = FhirId(required=True, metadata={"description": "chosen by the client; also the Organization's id"})
+    name = Text(required=True)
+    npi = Npi()
+    tax_id = TaxId()
+    address = Object(AddressSchema)
+    phone = Phone()
+    programs = _list(Code(), metadata={"description": "the programs it runs (vocabulary program)"})
+    part2_program = Boolean(metadata={"description": "whether it is a federally assisted 42 CFR Part 2 program"})
+
+    @validates_schema(skip_on_field_errors=False)
+    def _programs_once(self, data: dict[str, Any], **kwargs: Any) -> None:
+        problems: dict[Any, Any] = {}
+        seen: set[Any] = set()
+        for index, program in enumerate(_items(data, "programs")):
+            if program in seen:
+                _merge(problems, ("programs", index), f"program {program!r} appears more than once")
+            seen.add(program)
+        _invariants(problems)
+
+
 class RetractionSchema(RecordSchema):
     reason = Text()
 
@@ -696,9 +823,12 @@ SCHEMAS: dict[str, type[RecordSchema]] = {
     "assessment": AssessmentSchema,
     "treatment-plan": TreatmentPlanSchema,
     "session": SessionSchema,
+    "group-session": GroupSessionSchema,
     "consent": ConsentSchema,
     "discharge": DischargeSchema,
+    "medication": MedicationSchema,
     "partner": PartnerSchema,
+    "organization": OrganizationSchema,
 }
 _INSTANCES: dict[str, RecordSchema] = {kind: schema() for kind, schema in SCHEMAS.items()}
 _RETRACTION = RetractionSchema()

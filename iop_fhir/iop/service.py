@@ -14,8 +14,10 @@ from flask import current_app
 
 from iop_fhir.errors import Conflict, Invalid, Issue, NotFound, Unprocessable
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.iop import persons
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS, Engine, Overlay, Produced, merge
+from iop_fhir.mapping.spec import DuringSpec
 from iop_fhir.r4 import validation
 from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import RecordTx, StoredRecord, WriteTx
@@ -27,13 +29,18 @@ PLURALS = {
     "assessment": "assessments",
     "treatment-plan": "treatment-plans",
     "session": "sessions",
+    "group-session": "group-sessions",
     "consent": "consents",
     "discharge": "discharges",
+    "medication": "medications",
     "partner": "partners",
 }
 # Fields that, once set, a PUT may neither change nor drop: a revoked consent stays revoked (42 CFR §2.31(a)(4)); the
 # patient signs a new consent instead.
 SET_ONCE = {"consent": ("revoked_on",)}
+# Kinds whose mappings give work to the enrollment's care team (an assessment's suicide-risk review Task): their
+# context names the treatment plan whose CareTeam that is ($context.care_team_plan).
+CARE_TEAM_KINDS = ("assessment",)
 
 
 @dataclass
@@ -42,12 +49,24 @@ class _Write:
 
     resources: dict[str, Produced] = field(default_factory=dict)
     roles: list[dict[str, str]] = field(default_factory=list)
+    # The references the mappings give an enrollment's patient → the person's Patient (iop/persons.py).
+    moved: dict[str, str] = field(default_factory=dict)
 
     def add(self, produced: Produced, role: str) -> None:
+        if self.moved:
+            produced = persons.rehome(produced, self.moved)
         self.resources[produced.reference] = produced
         entry = {"role": role, "reference": produced.reference}
         if entry not in self.roles:
             self.roles.append(entry)
+
+    def keep_identifiers(self, tx: WriteTx) -> None:
+        """A person's Patient keeps the identifiers it had (iop/persons.py)."""
+        for reference in set(self.moved.values()) & set(self.resources):
+            produced = self.resources[reference]
+            current = tx.current("Patient", reference.split("/", 1)[1])
+            resource = persons.keep_identifiers(produced.resource, current)
+            self.resources[reference] = Produced(produced.role, resource, produced.shared)
 
 
 # Called inside the write transaction after a record is saved or retracted (the exchange enqueues deliveries).
@@ -145,9 +164,15 @@ class RecordService:
                 current = tx.current(res_type, res_id)
                 if current is None or current.deleted:
                     continue
-                spec_role = self.engine.spec(kind).resource(role) if role != "provenance" else None
+                spec_role = _role(self.engine, kind, role) if role != "provenance" else None
                 if spec_role is None or spec_role.shared is not None:
                     continue
+                if (
+                    kind == "enrollment"
+                    and role == "patient"
+                    and persons.shared_with_another(tx, rid, entry["reference"])
+                ):
+                    continue  # the person's Patient stays active for their other enrollment
                 resource = _json(current.content)
                 write.add(Produced(role, self.engine.retracted(kind, role, resource)), role)
             stored = replace(
@@ -170,6 +195,43 @@ class RecordService:
         if record is None:
             raise NotFound(f"{kind} {rid} is not known", "id")
         return self._body(record, [])
+
+    def put_singleton(self, kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """Creates or replaces the one record of ``kind`` (the program's organization): 201 the first time, 200
+        after, and 200 with nothing written when the content is the same. Its id is chosen once: a record with
+        another id is a conflict (one program organization per service)."""
+        with self.store.write() as tx:
+            tx.lock(f"record:{kind}")  # two first PUTs with different ids may not both create one
+            current = self._singleton(kind)
+            rid = str(payload.get("id"))
+            if current is not None and current.id != rid:
+                raise Conflict(
+                    f"the {kind} is recorded as {current.id!r}; the service has one, and its id cannot change",
+                    "id",
+                    code="business-rule",
+                )
+            existing = tx.record(kind, rid) if current is not None else None
+            derived = self.engine.prepare(kind, payload, {})
+            if existing is not None and existing.content == derived.record:
+                return self._body(existing, derived.warnings), 200
+            stored = self._save(tx, kind, rid, derived.record, existing, {})
+        return self._body(stored, derived.warnings), 200 if existing is not None else 201
+
+    def get_singleton(self, kind: str) -> dict[str, Any]:
+        record = self._singleton(kind)
+        if record is None:
+            raise NotFound(f"no {kind} is recorded yet; send PUT /iop/{kind}")
+        return self._body(record, [])
+
+    def _singleton(self, kind: str) -> StoredRecord | None:
+        records, _ = self.store.records(kind, offset=0, count=1)
+        return records[0] if records else None
+
+    def _organization_context(self) -> dict[str, Any]:
+        """The program's organization record as $context.organization (templates reference its Organization once it
+        is recorded; resources mapped before that are not rewritten)."""
+        organization = self._singleton("organization")
+        return {"organization": {"id": organization.id, **organization.content}} if organization is not None else {}
 
     def list_records(self, kind: str, *, enrollment_id: str | None, offset: int, count: int) -> dict[str, Any]:
         records, total = self.store.records(kind, enrollment_id=enrollment_id, offset=offset, count=count)
@@ -220,8 +282,10 @@ class RecordService:
     def _context(self, tx: RecordTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Checks the records the payload names (enrollment, partners) and gathers what the rules need."""
         spec = self.engine.spec(kind)
+        if spec.expand is not None:
+            return self._members_context(tx, kind, payload)
         issues: list[Issue] = []
-        context: dict[str, Any] = {}
+        context: dict[str, Any] = self._organization_context()
         for path, target_kind in spec.references.items():
             value = _get(payload, path)
             if value is None:
@@ -234,9 +298,103 @@ class RecordService:
                 context["enrollment"] = target
                 program = self.engine.terminology.concept("program", target.content.get("program", ""))
                 context["age_group"] = ((program or {}).get("properties") or {}).get("age-group", "adult")
+                # The patient's administrative gender: AUDIT-C's positive cut-off depends on it (assessment.yaml).
+                context["gender"] = (target.content.get("patient") or {}).get("gender")
+                # The codes of the enrollment's diagnoses: the Conditions a plan addresses (treatment-plan.yaml).
+                context["diagnoses"] = [dx.get("code") for dx in target.content.get("diagnoses") or ()]
+                if kind in CARE_TEAM_KINDS:
+                    context.update(self._care_team(tx, target.id))
+                if "expected-positives" in spec.derive:
+                    context["medications"] = self._medications(target.id)
+        if spec.during is not None and "enrollment" in context:
+            issues.extend(self._outside_enrollment(tx, spec.during, payload, context["enrollment"]))
         if issues:
             raise Unprocessable(issues=issues)
         return context
+
+    def _outside_enrollment(
+        self, tx: RecordTx, during: DuringSpec, payload: dict[str, Any], enrollment: StoredRecord
+    ) -> list[Issue]:
+        """A record dated outside its enrollment, from admission to discharge (a span: not overlapping it). Dates
+        are compared as the days written (an instant's local date). A retracted discharge reopens the enrollment."""
+        admitted = str(enrollment.content.get("admission_date") or "")
+        discharge = tx.record("discharge", ids.record_id("discharge", [enrollment.id]), lock=False)
+        discharged = (
+            str(discharge.content.get("discharge_date") or "")
+            if discharge is not None and discharge.status == ACTIVE
+            else ""
+        )
+        start = _get(payload, during.start)
+        end = _get(payload, during.end) if during.end is not None else None
+        first = str(start)[:10] if isinstance(start, str) else None
+        last = str(end)[:10] if isinstance(end, str) else None
+        issues: list[Issue] = []
+        if discharged and first is not None and first > discharged:
+            issues.append(
+                Issue(
+                    "business-rule",
+                    f"{first} is after the enrollment's discharge on {discharged}; retract the discharge to reopen "
+                    "the enrollment",
+                    during.start,
+                )
+            )
+        if during.end is None and admitted and first is not None and first < admitted:
+            issues.append(
+                Issue("business-rule", f"{first} is before the enrollment's admission on {admitted}", during.start)
+            )
+        if during.end is not None and admitted and last is not None and last < admitted:
+            text = f"it ended on {last}, before the enrollment's admission on {admitted}"
+            issues.append(Issue("business-rule", text, during.end))
+        return issues
+
+    def _care_team(self, tx: RecordTx, enrollment_id: str) -> dict[str, Any]:
+        """The enrollment's current treatment plan as {"care_team_plan": id}, when that plan has a care team."""
+        plan_id = self._current_plan(enrollment_id, tx)
+        plan = tx.record("treatment-plan", plan_id, lock=False) if plan_id is not None else None
+        return {"care_team_plan": plan_id} if plan is not None and plan.content.get("care_team") else {}
+
+    def _medications(self, enrollment_id: str) -> list[dict[str, Any]]:
+        """The enrollment's medication records (not retracted), each with the analytes it explains (the property
+        explains of CodeSystem iop-medication): what rule expected-positives reads."""
+        records, _ = self.store.records("medication", enrollment_id=enrollment_id, offset=0, count=1000)
+        return [
+            {
+                "id": record.id,
+                **{k: record.content.get(k) for k in ("medication", "status", "start", "end", "source")},
+                "explains": self.engine.terminology.property_values(
+                    "medication", str(record.content.get("medication")), "explains"
+                ),
+            }
+            for record in records
+            if record.status == ACTIVE
+        ]
+
+    def _members_context(self, tx: RecordTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """A group session's context: each attendee's session checked and gathered as a session record of its own
+        would be (its enrollment known and active, and whatever else a session's context holds), under "members"
+        in list order; an attendee named twice is refused. Issues name the attendee's field."""
+        expand = self.engine.spec(kind).expand
+        assert expand is not None
+        issues: list[Issue] = []
+        contexts: list[dict[str, Any]] = []
+        first: dict[str, str] = {}
+        for member in self.engine.members(kind, payload):
+            if member.key in first:
+                text = f"{member.key} is already an attendee at {first[member.key]}; each attendee appears once"
+                issues.append(Issue("duplicate", text, member.key_path))
+            first.setdefault(member.key, member.path)
+            try:
+                contexts.append(self._context(tx, expand.kind, member.record))
+            except Unprocessable as error:
+                for found in map(member.issue, error.issues):
+                    if found.expression is not None and not found.expression.startswith(member.path):
+                        # a field the attendees share (the group's start): say whose enrollment it fails for
+                        found = replace(found, diagnostics=f"for {member.path}: {found.diagnostics}")
+                    issues.append(found)
+                contexts.append({})
+        if issues:
+            raise Unprocessable(issues=issues)
+        return {"members": contexts}
 
     def _save(
         self,
@@ -250,8 +408,8 @@ class RecordService:
         now = now_us()
         spec = self.engine.spec(kind)
         enrollment_id = record.get("enrollment_id") if spec.enrollment else (rid if kind == "enrollment" else None)
-        write = _Write()
-        for produced in self._own_resources(tx, kind, rid, record, enrollment_id):
+        write = _Write(moved=self._moved(tx, kind, rid, record, existing, context))
+        for produced in self._own_resources(tx, kind, rid, record, enrollment_id, context):
             write.add(produced, produced.role)
         # Resources of the previous version that this one no longer produces are retracted, never left behind.
         if existing is not None:
@@ -283,7 +441,8 @@ class RecordService:
                 if applied:
                     write.add(produced, role)
                 else:  # re-mapped without this record's change (an outcome a PUT removed)
-                    write.resources[produced.reference] = produced
+                    moved = persons.rehome(produced, write.moved) if write.moved else produced
+                    write.resources[moved.reference] = moved
         self._write_resources(tx, write)
         provenance = self._provenance(tx, stored, write, "UPDATE" if existing else "CREATE")
         stored = replace(stored, resources=[*write.roles, {"role": "provenance", "reference": provenance}])
@@ -293,10 +452,16 @@ class RecordService:
         return stored
 
     def _own_resources(
-        self, tx: RecordTx, kind: str, rid: str, record: dict[str, Any], enrollment_id: str | None
+        self,
+        tx: RecordTx,
+        kind: str,
+        rid: str,
+        record: dict[str, Any],
+        enrollment_id: str | None,
+        context: dict[str, Any] | None = None,
     ) -> list[Produced]:
         """The record's resources with the changes other records make to them (a discharge closes the episode)."""
-        produced = self.engine.map(kind, record, rid)
+        produced = self.engine.map(kind, record, rid, context)
         overlays = self._overlays_on(tx, kind, rid, enrollment_id)
         return [self._apply(p, kind, overlays) for p in produced]
 
@@ -351,7 +516,7 @@ class RecordService:
                     if o.key is not None
                 )
                 continue
-            produced = self.engine.map(target_kind, target.content, target.id)
+            produced = self.engine.map(target_kind, target.content, target.id, self._target_context(tx, target))
             by_id = {p.resource["id"]: p for p in produced}
             for overlay in mine:
                 if overlay.key is None:
@@ -383,6 +548,14 @@ class RecordService:
             raise Unprocessable(issues=issues)
         return out
 
+    def _target_context(self, tx: RecordTx, target: StoredRecord) -> dict[str, Any]:
+        """The context a record another one changes is re-mapped with: what it was mapped with itself (a plan's
+        diagnoses, the organization), or the organization alone where a record it names is gone since."""
+        try:
+            return self._context(tx, target.kind, target.content)
+        except Unprocessable:
+            return self._organization_context()
+
     def _keys(self, kind: str, record: dict[str, Any], role: str) -> list[str]:
         """The keys a record's resources of one role are named by (a plan's goal keys)."""
         res_spec = self.engine.spec(kind).resource(role)
@@ -395,7 +568,7 @@ class RecordService:
     def _rematerialize_targets(self, tx: WriteTx, kind: str, existing: StoredRecord) -> None:
         if not self.engine.spec(kind).updates:
             return
-        write = _Write()
+        write = _Write(moved=self._moved(tx, kind, existing.id, existing.content, existing, {}))
         for produced, role, _applied in self._overlay_targets(
             tx, kind, existing.id, existing.content, existing.enrollment_id, active=False
         ):
@@ -410,7 +583,32 @@ class RecordService:
             return None
         return max(active, key=lambda p: (p.content.get("period", {}).get("start", ""), p.created)).id
 
+    def _moved(
+        self,
+        tx: WriteTx,
+        kind: str,
+        rid: str,
+        record: dict[str, Any],
+        existing: StoredRecord | None,
+        context: dict[str, Any],
+    ) -> dict[str, str]:
+        """Where the patients of the enrollments this record maps for are (iop/persons.py): an enrollment's own
+        (chosen now for a new one), the enrollment it belongs to, or each attendee's."""
+        pairs: list[tuple[str, str]] = []
+        if kind == "enrollment":
+            pairs.append((rid, persons.person_for(tx, rid, record, existing)))
+        enrollment = context.get("enrollment")
+        if enrollment is None and kind != "enrollment" and isinstance(record.get("enrollment_id"), str):
+            enrollment = tx.record("enrollment", record["enrollment_id"], lock=False)
+        if isinstance(enrollment, StoredRecord):
+            pairs.append((enrollment.id, persons.of(enrollment)))
+        for member in context.get("members") or ():
+            if isinstance(member.get("enrollment"), StoredRecord):
+                pairs.append((member["enrollment"].id, persons.of(member["enrollment"])))
+        return persons.aliases(pairs)
+
     def _write_resources(self, tx: WriteTx, write: _Write) -> None:
+        write.keep_identifiers(tx)
         issues: list[Issue] = []
         for produced in write.resources.values():
             resource = produced.resource
@@ -445,7 +643,10 @@ class RecordService:
             "resourceType": "Provenance",
             "id": prov_id,
             "meta": {
-                "profile": [f"{ids.CANONICAL}/StructureDefinition/iop-record-provenance"],
+                "profile": [
+                    f"{ids.CANONICAL}/StructureDefinition/iop-record-provenance",
+                    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-provenance",
+                ],
                 "security": copy.deepcopy(PART2_LABELS),
             },
             "target": targets or [{"reference": f"Provenance/{prov_id}"}],
@@ -520,7 +721,7 @@ def _get(payload: Any, path: str) -> Any:
 
 def _role(engine: Engine, kind: str, role: str) -> Any:
     try:
-        return engine.spec(kind).resource(role)
+        return engine.resource_spec(kind, role)
     except KeyError:
         return None
 
@@ -582,3 +783,11 @@ def retract(kind: str, record_id: str, reason: str | None) -> dict[str, Any]:
 
 def revoke_consent(record_id: str, revoked_on: str) -> dict[str, Any]:
     return _service().revoke(record_id, revoked_on)
+
+
+def put_singleton(kind: str, payload: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    return _service().put_singleton(kind, payload)
+
+
+def get_singleton(kind: str) -> dict[str, Any]:
+    return _service().get_singleton(kind)

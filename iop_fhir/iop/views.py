@@ -184,6 +184,52 @@ web.route(
 )
 
 
+def put_organization() -> Response:
+    body = web.json_body()
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in READ_ONLY}
+    record, status = service.put_singleton("organization", schemas.load("organization", body))
+    return json_response(record, status)
+
+
+def get_organization() -> Response:
+    return json_response(service.get_singleton("organization"))
+
+
+# The program's own Organization: one record per service, at one URL (schemas.SINGLETONS).
+_organization = web.record_schema(schemas.SCHEMAS["organization"])
+web.route(
+    bp,
+    "/organization",
+    "PUT",
+    put_organization,
+    "Record or replace the program's organization (its Organization is named as serviceProvider, requester, "
+    "consent organization and managing organization by the records written after it)",
+    endpoint="update_organization",
+    body=schemas.SCHEMAS["organization"],
+    success=201,
+    success_description="the organization, recorded for the first time",
+    success_schema=_organization,
+    also={200: "the organization replaced, or already recorded with the same content (nothing changed)"},
+    errors={
+        400: "OperationOutcome",
+        409: "OperationOutcome: the service already has an organization with another id",
+        415: "OperationOutcome",
+        422: "OperationOutcome",
+    },
+)
+web.route(
+    bp,
+    "/organization",
+    "GET",
+    get_organization,
+    "Read the program's organization",
+    endpoint="get_organization",
+    success_schema=_organization,
+    errors={404: "OperationOutcome: no organization is recorded yet"},
+)
+
+
 def _disclosures(record_id: str) -> Response:
     web.check_parameters(("offset", "count"))
     offset, count = web.paging()

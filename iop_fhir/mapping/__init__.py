@@ -29,7 +29,7 @@ def to_bundle(
     """The FHIR resources of one record as a transaction Bundle of PUTs (replaying it never duplicates)."""
     derived = engine.prepare(kind, record, context or {})
     rid = engine.natural_key(kind, derived.record)
-    produced = engine.map(kind, derived.record, rid)
+    produced = engine.map(kind, derived.record, rid, context)
     return {
         "resourceType": "Bundle",
         "type": "transaction",

@@ -3,8 +3,9 @@
 A template is FHIR JSON in which some values are expressions:
 
     "$a.b"                                  the record's field a.b (or a loop variable's: "$result.analyte")
-    {$code: VOCAB, from: EXPR, as: coding|codings|concept|code, depends: {prop: EXPR}, text: EXPR}
-                                            the translations of an IOP code through ConceptMap iop-VOCAB
+    {$code: VOCAB, from: EXPR, as: coding|codings|concept|code|display, depends: {prop: EXPR}, text: EXPR}
+                                            the translations of an IOP code through ConceptMap iop-VOCAB (display:
+                                            the name of its first, for a text that goes with the code)
     {$ref: ROLE, key: EXPR, record: {kind: KIND, id: EXPR}, shared: [EXPR...], type: TYPE}
                                             a Reference to a resource produced from this or another record
     {$each: EXPR, as: NAME, do: TEMPLATE}   one list item per element of a list (inside a list)
@@ -12,6 +13,9 @@ A template is FHIR JSON in which some values are expressions:
     {$lookup: TABLE, key: EXPR, get: FIELD} a value from the mapping's tables (instrument codes, ...)
     {$fn: NAME, args: [EXPR...]}            a derived value (minutes between two times, a severity band, ...)
     {$text: "... {a.b} ..."}                text assembled from fields
+    "$context.a"                            what the service knows of the record's enrollment when it maps it (the
+                                            patient's gender, the care team's plan): read by `map`, never written
+                                            back by `reverse`, for it is not part of the record
 
 Every expression that names a record field can be read backwards, so `reverse` rebuilds the record from the
 resources; derived values ($fn, $text) are recomputed rather than read back. `reverse` reads only what `map` wrote
@@ -35,6 +39,7 @@ from iop_fhir.mapping.terminology import Terminology
 
 MISSING: Any = object()
 PROFILE_BASE = f"{ids.CANONICAL}/StructureDefinition/"
+US_CORE_BASE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 # TERMINOLOGY.md §6.2: the label set of a 42 CFR Part 2 record (DS4P pattern).
 PART2_LABELS: list[dict[str, Any]] = [
@@ -58,6 +63,7 @@ _PART2_LABELS_JSON = orjson.dumps(PART2_LABELS)
 # Types that have no identifier element; every other produced type carries the record identifier.
 NO_IDENTIFIER = {"Provenance"}
 _FIELD_RE = re.compile(r"\{([A-Za-z0-9_.\[\]]+)\}")
+CONTEXT = "context"  # the name templates read the mapping context by ("$context.gender")
 
 
 @dataclass
@@ -80,6 +86,27 @@ class Overlay:
     key: str | None
     merge: dict[str, Any]
     key_path: str | None = None  # the JSON path of the field the key came from, for errors
+
+
+@dataclass
+class Member:
+    """One of the records an expanding record stands for (an attendee's session of a group session)."""
+
+    index: int
+    key: str
+    record: dict[str, Any]
+    path: str  # the JSON path of the element it was built from ("attendees[2]")
+    key_path: str  # the JSON path of its key ("attendees[2].enrollment_id")
+    paths: dict[str, str]  # each of its fields -> the JSON path in the expanding record the value came from
+
+    def issue(self, issue: Issue) -> Issue:
+        """An issue about the member's record, as an issue about the expanding record (its path rewritten)."""
+        if not issue.expression:
+            return issue
+        head = re.split(r"[.\[]", issue.expression, maxsplit=1)[0]
+        base = self.paths.get(head)
+        where = base + issue.expression[len(head) :] if base is not None else _join(self.path, issue.expression)
+        return Issue(issue.code, issue.diagnostics, where, issue.severity)
 
 
 @dataclass
@@ -207,8 +234,9 @@ class Engine:
             entry = table.get(key) if key is not MISSING else None
             if entry is None:
                 return MISSING
-            if "get" in expr:
-                return copy.deepcopy(entry.get(expr["get"], MISSING)) if isinstance(entry, dict) else MISSING
+            if "get" in expr:  # (a deep copy of MISSING would not be MISSING)
+                found = entry.get(expr["get"]) if isinstance(entry, dict) else None
+                return MISSING if found is None else copy.deepcopy(found)
             return copy.deepcopy(entry)
         if op == "$fn":
             args = [self.value(a, scope, issues) for a in expr.get("args", [])]
@@ -280,6 +308,8 @@ class Engine:
         shape = expr.get("as", "concept")
         if shape == "code":
             return codings[0]["code"]
+        if shape == "display":
+            return codings[0].get("display", MISSING)
         if shape == "coding":
             return dict(codings[0])
         if shape == "codings":
@@ -346,6 +376,8 @@ class Engine:
     def prepare(self, kind: str, payload: Mapping[str, Any], context: Mapping[str, Any]) -> rules.Derived:
         """The record as stored: codes checked, derived values added (computed totals, weekly hours), warnings."""
         spec = self.spec(kind)
+        if spec.expand is not None:
+            return self._prepare_members(kind, payload, context)
         issues = self.check_codes(kind, payload)
         if issues:  # the rules read coded fields (period units, instruments), so they run on known codes only
             raise Invalid(_unique(issues))
@@ -354,15 +386,21 @@ class Engine:
             raise Invalid(_unique(derived.errors))
         return derived
 
-    def map(self, kind: str, record: Mapping[str, Any], rid: str) -> list[Produced]:
-        """The record's own resources, in template order; raises Invalid naming every uncovered code."""
+    def map(
+        self, kind: str, record: Mapping[str, Any], rid: str, context: Mapping[str, Any] | None = None
+    ) -> list[Produced]:
+        """The record's own resources, in template order; raises Invalid naming every uncovered code. ``context`` is
+        what templates read as ``$context`` (the service's context of the record, see `prepare`)."""
         spec = self.spec(kind)
-        self._tables = spec.tables
-        self._current = (kind, rid)
         issues: list[Issue] = []
         produced: list[Produced] = []
+        if spec.expand is not None:
+            produced = self._map_members(kind, record, rid, context or {}, issues)
+        self._tables = spec.tables
+        self._current = (kind, rid)
+        root = _Scope(record) if context is None else _Scope(record).bind(CONTEXT, context, CONTEXT)
         for res_spec in spec.resources:
-            for scope, key in self._instances(res_spec.each, res_spec.as_, res_spec.key, _Scope(record), issues):
+            for scope, key in self._instances(res_spec.each, res_spec.as_, res_spec.key, root, issues):
                 if res_spec.when is not None and not _truthy(self.value(res_spec.when, scope, issues)):
                     continue
                 body = self.value(res_spec.template, scope, issues)
@@ -424,7 +462,7 @@ class Engine:
         resource: dict[str, Any] = {
             "resourceType": res_spec.type,
             "id": res_id,
-            "meta": {"profile": [PROFILE_BASE + res_spec.profile], "security": orjson.loads(_PART2_LABELS_JSON)},
+            "meta": {"profile": _claimed_profiles(res_spec), "security": orjson.loads(_PART2_LABELS_JSON)},
         }
         if not shared and res_spec.type not in NO_IDENTIFIER:
             record_identifier = {
@@ -454,8 +492,135 @@ class Engine:
 
     def retracted(self, kind: str, role: str, resource: dict[str, Any]) -> dict[str, Any]:
         """The resource marked entered-in-error, as the role's `retract` section says."""
-        res_spec = self.spec(kind).resource(role)
+        res_spec = self.resource_spec(kind, role)
         return {**resource, **copy.deepcopy(res_spec.retract or {})}
+
+    def resource_spec(self, kind: str, role: str) -> ResourceSpec:
+        """The spec of a role of the record's resources: its own, or one of the kind its members are mapped with."""
+        spec = self.spec(kind)
+        try:
+            return spec.resource(role)
+        except KeyError:
+            if spec.expand is None:
+                raise
+            return self.spec(spec.expand.kind).resource(role)
+
+    # -- records that stand for several records (a group session: one session per attendee) ------------------
+
+    def members(self, kind: str, record: Mapping[str, Any]) -> list[Member]:
+        """The member records of an expanding record, in list order, each built from its `expand.record` (sharing
+        the record's values: mapping reads a record and never changes it, and `prepare` copies what it derives)."""
+        expand = self.spec(kind).expand
+        if expand is None:
+            return []
+        items, path = self._lookup(expand.each, _Scope(record))
+        out = []
+        for n, item in enumerate(items if isinstance(items, list) else []):
+            scope = _Scope(record).bind(expand.as_, item, f"{path}[{n}]")
+            member: dict[str, Any] = {}
+            paths: dict[str, str] = {}
+            for name, expr in expand.record.items():
+                value, where = self._lookup(expr, scope)
+                paths[name] = where
+                if value is not MISSING:
+                    member[name] = value
+            key, key_path = self._lookup(expand.key, scope)
+            out.append(Member(n, str(key), member, f"{path}[{n}]", key_path, paths))
+        return out
+
+    def member_id(self, kind: str, rid: str, member: Member) -> str:
+        """The record id a member's resources are named by: stable for the record and the member's key, so that a
+        correction of the record updates the same resources, and opaque (it names neither of them)."""
+        return ids.record_id(kind, [rid, member.key])
+
+    def _prepare_members(self, kind: str, payload: Mapping[str, Any], context: Mapping[str, Any]) -> rules.Derived:
+        """Each member prepared as a record of its own kind, with the context the service gathered for it
+        (context["members"][i]); what that adds to a member (a drug screen result a medication explains) is written
+        back to the fields it came from, so that the record maps to what each member's own record would."""
+        expand = self.spec(kind).expand
+        assert expand is not None
+        contexts = context.get("members") or []
+        derived = rules.Derived(copy.deepcopy(dict(payload)))
+        elements = self._lookup(expand.each, _Scope(derived.record))[0]
+        for member in self.members(kind, payload):
+            member_context = contexts[member.index] if member.index < len(contexts) else {}
+            try:
+                prepared = self.prepare(expand.kind, member.record, member_context)
+            except Invalid as error:
+                derived.errors.extend(member.issue(i) for i in error.issues)
+                continue
+            derived.warnings.extend(member.issue(w) for w in prepared.warnings)
+            if prepared.record != member.record:
+                scope = _Scope(derived.record).bind(expand.as_, elements[member.index], member.path)
+                self._unify(expand.record, prepared.record, scope)
+        if derived.errors:
+            raise Invalid(_unique(derived.errors))
+        return derived
+
+    def _map_members(
+        self, kind: str, record: Mapping[str, Any], rid: str, context: Mapping[str, Any], issues: list[Issue]
+    ) -> list[Produced]:
+        """Each member's resources, as its own kind's mapping makes them with the member's context
+        (context["members"][i]), with the `add` of their roles merged in; a shared resource (the facilitator) once."""
+        expand = self.spec(kind).expand
+        assert expand is not None
+        produced: list[Produced] = []
+        seen: set[str] = set()
+        items, _path = self._lookup(expand.each, _Scope(record))
+        contexts = context.get("members") or []
+        for member in self.members(kind, record):
+            member_context = contexts[member.index] if member.index < len(contexts) else None
+            try:
+                resources = self.map(expand.kind, member.record, self.member_id(kind, rid, member), member_context)
+            except Invalid as error:
+                issues.extend(member.issue(i) for i in error.issues)
+                continue
+            self._tables = self.spec(kind).tables
+            scope = _Scope(record).bind(expand.as_, items[member.index], member.path)
+            for item in resources:
+                if item.shared and item.reference in seen:
+                    continue
+                seen.add(item.reference)
+                add = expand.add.get(item.role)
+                if add is not None:
+                    fragment = self.value(add, scope, issues)
+                    if fragment is not MISSING:  # the resource was just made: merged in place, copying what changes
+                        touched = {k: item.resource[k] for k in fragment if k in item.resource}
+                        item.resource.update(merge(touched, fragment))
+                produced.append(item)
+        return produced
+
+    def _reverse_members(self, kind: str, by_role: dict[str, list[dict[str, Any]]], record: dict[str, Any]) -> None:
+        """Rebuilds the members from their resources (grouped by the member record they name) and the expanding
+        record from the members."""
+        expand = self.spec(kind).expand
+        assert expand is not None
+        member_kind = self.spec(expand.kind)
+        groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        shared: list[tuple[str, dict[str, Any]]] = []
+        for res_spec in member_kind.resources:
+            for resource in by_role.get(res_spec.role, []):
+                if res_spec.shared is not None:
+                    shared.append((res_spec.role, resource))
+                    continue
+                own = [i for i in resource.get("identifier", []) if i.get("system") == ids.RECORD_SYSTEM]
+                parsed = ids.parse_identifier_value(own[0].get("value", "")) if own else None
+                if parsed is not None and parsed[0] == expand.kind:
+                    groups.setdefault(parsed[1], []).append((res_spec.role, resource))
+        # Every member has resources of the first unshared role (an attendee's Encounter), in the list's order.
+        items: list[dict[str, Any]] = []
+        for resources in groups.values():
+            member = self.reverse(expand.kind, [*shared, *resources], self._resolve)
+            item: dict[str, Any] = {}
+            scope = _Scope(record).bind(expand.as_, item, "")
+            self._unify(expand.record, member, scope)
+            for role, add in expand.add.items():
+                for role_of, resource in resources:
+                    if role_of == role:
+                        self._unify(add, resource, scope)
+            items.append(item)
+        if items:
+            self._set(expand.each, _Scope(record), items)
 
     # -- resources -> records ---------------------------------------------------------------------------------
 
@@ -474,6 +639,9 @@ class Engine:
         for role, resource in produced:
             by_role.setdefault(role, []).append(resource)
         record: dict[str, Any] = {}
+        if spec.expand is not None:
+            self._reverse_members(kind, by_role, record)
+            self._tables = spec.tables
         for res_spec in spec.resources:
             if res_spec.each is not None and "[]." in res_spec.each:
                 self._reverse_nested(res_spec, by_role.get(res_spec.role, []), record)
@@ -483,6 +651,8 @@ class Engine:
                 item: dict[str, Any] = {}
                 if res_spec.each is not None:
                     existing = self._lookup(res_spec.each, scope)[0]
+                    if res_spec.when is not None:  # made for some elements only: its key names its element
+                        n = self._element_index(res_spec, record, existing, resource, n)
                     if isinstance(existing, list) and n < len(existing) and isinstance(existing[n], dict):
                         item = existing[n]
                     _assign(record, res_spec.each[1:], item, index=n)
@@ -530,8 +700,24 @@ class Engine:
             self._unify(res_spec.template, body, scope)
             outer[inner_field][i] = item.pop("$value") if "$value" in item else item
 
+    def _element_index(
+        self, res_spec: ResourceSpec, record: dict[str, Any], elements: Any, resource: dict[str, Any], default: int
+    ) -> int:
+        """The index of the list element a resource was made for, by the key of its record identifier."""
+        own = [i for i in resource.get("identifier", []) if i.get("system") == ids.RECORD_SYSTEM]
+        parsed = ids.parse_identifier_value(own[0].get("value", "")) if own else None
+        if parsed is None or parsed[3] is None or not isinstance(elements, list):
+            return default
+        for index, element in enumerate(elements):
+            scope = _Scope(record).bind(res_spec.as_, element, "").bind(f"{res_spec.as_}_index", index, "")
+            if str(self.value(res_spec.key, scope, [])) == parsed[3]:
+                return index
+        return default
+
     def _set(self, expr: str, scope: _Scope, value: Any) -> None:
         parts = _segments(expr[1:])
+        if parts[0] == CONTEXT and CONTEXT not in scope.vars:  # the mapping context is not part of the record
+            return
         if parts[0] in scope.vars:
             target = scope.vars[parts[0]][0]
             parts = parts[1:]
@@ -712,6 +898,12 @@ class Engine:
                         table.setdefault(codings[0]["code"], code)
                 self._code_reverse[vocabulary] = table
             return self._code_reverse[vocabulary].get(value) if isinstance(value, str) else None
+        if shape == "display":
+            for code in self.terminology.codes(vocabulary):
+                codings = self.terminology.translate(vocabulary, code)
+                if codings and codings[0].get("display") == value:
+                    return code
+            return None
         if shape == "coding":
             codings = [value]
         elif shape == "codings":
@@ -794,6 +986,13 @@ def _walk(record: Any, path: str, where: str = "") -> Iterable[tuple[Any, str]]:
         yield value, here
 
 
+def _claimed_profiles(res_spec: ResourceSpec) -> list[str]:
+    """meta.profile: the project profile, and the US Core profile it derives from, which partners that know US Core
+    but cannot resolve the project's canonical URLs recognise (and search by, with _profile)."""
+    claimed = [PROFILE_BASE + res_spec.profile]
+    return claimed + [US_CORE_BASE + res_spec.us_core] if res_spec.us_core else claimed
+
+
 def _unique(issues: list[Issue]) -> list[Issue]:
     seen: dict[tuple[str | None, str], Issue] = {}
     for issue in issues:
@@ -803,11 +1002,12 @@ def _unique(issues: list[Issue]) -> list[Issue]:
 
 def merge(resource: dict[str, Any], fragment: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the resource with the fragment merged in: objects merge, lists append (an extension with the same
-    url is replaced), other values are replaced."""
+    url is replaced), other values are replaced, and so is a CodeableConcept (a discharge's clinical status is not
+    one more coding of the admission's)."""
     out = copy.deepcopy(resource)
     for key, value in fragment.items():
         current = out.get(key)
-        if isinstance(current, dict) and isinstance(value, dict):
+        if isinstance(current, dict) and isinstance(value, dict) and "coding" not in value:
             out[key] = merge(current, value)
         elif isinstance(current, list) and isinstance(value, list):
             urls = {v.get("url") for v in value if isinstance(v, dict) and "url" in v}

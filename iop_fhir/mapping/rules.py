@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iop_fhir.errors import Issue
+from iop_fhir.mapping import functions
 
 DAYS = {"d": 1.0, "wk": 7.0, "mo": 365.25 / 12, "a": 365.25}
 
@@ -24,7 +25,8 @@ class Derived:
 
 def instrument_scores(record: dict[str, Any], tables: Mapping[str, Any], context: Mapping[str, Any]) -> Derived:
     """Each instrument: known, item count and item range right, total in range and equal to the items' sum; a
-    missing total is computed from the items."""
+    missing total is computed from the items. An answer above 0 to an instrument's safety item (PHQ-9 item 9) is a
+    warning."""
     out = Derived(record)
     instruments = tables["instruments"]
     seen: dict[str, int] = {}
@@ -82,6 +84,17 @@ def instrument_scores(record: dict[str, Any], tables: Mapping[str, Any], context
                     )
                 )
                 continue
+            # TERMINOLOGY.md §3.1: an answer above 0 to PHQ-9 item 9 starts a safety workflow (assessment.yaml).
+            number = definition.get("safety_item")
+            if number and items[number - 1] > 0:
+                out.warnings.append(
+                    Issue(
+                        "business-rule",
+                        f"{name.upper()} item {number} is {items[number - 1]}: {definition['safety_warning']}",
+                        f"{where}.items[{number - 1}]",
+                        severity="warning",
+                    )
+                )
         if total is None:
             out.errors.append(
                 Issue("required", "total_score is required when items are not given", where + ".total_score")
@@ -185,24 +198,79 @@ def diagnosis_codes(record: dict[str, Any], tables: Mapping[str, Any], context: 
     for n, diagnosis in enumerate(record.get("diagnoses") or []):
         if diagnosis.get("system") != "icd-10-cm":
             continue
-        code = diagnosis.get("code", "")
-        where = f"diagnoses[{n}].code"
-        if not icd.is_valid_item(code):
-            out.errors.append(Issue("code-invalid", f"'{code}' is not an ICD-10-CM code", where))
-        elif not icd.is_leaf(code):
-            children = icd.get_children(code)[:3]
-            out.errors.append(
-                Issue(
-                    "code-invalid",
-                    f"'{code}' is an ICD-10-CM category, not a billable code; use one of its codes "
-                    f"(e.g. {', '.join(children)})",
-                    where,
-                )
-            )
+        issue = _icd10cm_issue(icd, diagnosis.get("code", ""), f"diagnoses[{n}].code")
+        if issue is not None:
+            out.errors.append(issue)
     return out
 
 
+def _icd10cm_issue(icd: Any, code: str, where: str) -> Issue | None:
+    if not icd.is_valid_item(code):
+        return Issue("code-invalid", f"'{code}' is not an ICD-10-CM code", where)
+    if not icd.is_leaf(code):
+        children = icd.get_children(code)[:3]
+        return Issue(
+            "code-invalid",
+            f"'{code}' is an ICD-10-CM category, not a billable code; use one of its codes "
+            f"(e.g. {', '.join(children)})",
+            where,
+        )
+    return None
+
+
 RULES["diagnosis-codes"] = diagnosis_codes
+
+
+def indication_code(record: dict[str, Any], tables: Mapping[str, Any], context: Mapping[str, Any]) -> Derived:
+    """A medication's ICD-10-CM indication must be a billable code of the current CMS tabular, as a diagnosis."""
+    out = Derived(record)
+    indication = record.get("indication") or {}
+    if indication.get("system") == "icd-10-cm":
+        issue = _icd10cm_issue(_icd10cm(), indication.get("code", ""), "indication.code")
+        if issue is not None:
+            out.errors.append(issue)
+    return out
+
+
+def medication_fields(record: dict[str, Any], tables: Mapping[str, Any], context: Mapping[str, Any]) -> Derived:
+    """Fields the resource a source maps to has no place for (table not_recorded: source -> {field: why}) are
+    refused rather than dropped."""
+    out = Derived(record)
+    source = record.get("source")
+    for name, why in (tables.get("not_recorded", {}).get(source) or {}).items():
+        if record.get(name) is not None:
+            out.errors.append(Issue("invariant", f"not recorded for a medication {source}: {why}", name))
+    return out
+
+
+def expected_positives(record: dict[str, Any], tables: Mapping[str, Any], context: Mapping[str, Any]) -> Derived:
+    """A positive drug screen result that a medication the patient is recorded as taking explains is expected, not a
+    relapse signal: an information issue says so (the drug screen Observation says so too: session.yaml reads the
+    same context). context["medications"]: the enrollment's medication records (functions.explained_by)."""
+    out = Derived(record)
+    screen = record.get("drug_screen")
+    if not isinstance(screen, dict):
+        return out
+    medications = context.get("medications") or []
+    for n, result in enumerate(screen.get("results") or []):
+        medication = functions.explaining_medication(result, str(screen.get("collected_at", "")), medications)
+        if medication is None:
+            continue
+        out.warnings.append(
+            Issue(
+                "informational",
+                f"the positive {result['analyte']} result is expected: the patient is recorded as taking "
+                f"{medication['medication']} (medication {medication['id']}), so it is not a relapse signal",
+                f"drug_screen.results[{n}]",
+                severity="information",
+            )
+        )
+    return out
+
+
+RULES["indication-code"] = indication_code
+RULES["medication-fields"] = medication_fields
+RULES["expected-positives"] = expected_positives
 
 
 @functools.cache

@@ -94,6 +94,14 @@ class Terminology:
         concept = self._vocabulary(vocabulary).concepts.get(code)
         return None if concept is None else {**concept, "properties": dict(concept["properties"])}
 
+    def property_values(self, vocabulary: str, code: str, prop: str) -> list[Any]:
+        """Every value of a property a concept may repeat (the analytes a medication explains); `concept` gives
+        one value per property."""
+        for concept in self._vocabulary(vocabulary).codesystem.get("concept", []):
+            if concept.get("code") == code:
+                return [_property_value(p) for p in concept.get("property", []) if p.get("code") == prop]
+        return []
+
     def translate(self, vocabulary: str, code: str, depends: Mapping[str, str] | None = None) -> list[dict[str, str]]:
         targets = self._vocabulary(vocabulary).forward.get(code, [])
         return [dict(target.coding) for target in targets if target.applies(depends)]

@@ -1,7 +1,8 @@
 """Checks a resource against the project's profiles (StructureDefinition snapshots in ``profiles/``): cardinality,
 fixed and pattern values, bindings, types, reference targets, slices (https://hl7.org/fhir/R4/profiling.html) and
 the invariants a profile adds to R4 (its own and those of a US Core base, evaluated with fhirpathpy). The US Core
-StructureDefinitions of ``profiles/us-core/`` are read for the extensions their slices name.
+StructureDefinitions of ``profiles/us-core/`` (and the US Core value sets there) are read for the extensions their
+slices name, and to check a resource against a US Core profile when asked to by name.
 
 Pure: ``ProfileRegistry.load`` reads files once; ``check`` takes and returns plain data. Each issue's expression is
 a FHIRPath into the resource (``CarePlan.category``, ``CareTeam.participant[1].role``,
@@ -11,6 +12,7 @@ a FHIRPath into the resource (``CarePlan.category``, ``CareTeam.participant[1].r
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import fhirpathpy
+import orjson
 from fhirpathpy.engine.nodes import ResourceNode
 from fhirpathpy.models import models
 
@@ -68,6 +71,56 @@ class _Invariant:
 @cache
 def _compiled(expression: str) -> Callable[..., list[Any]]:
     return fhirpathpy.compile(expression, models["r4"])
+
+
+# An invariant's result depends only on the members its expression names. Evaluated on the object cut down to those
+# members, equal cut-down objects give equal results, so results are remembered by it: the 36 drug-screen
+# Observations of a group session differ in ids and subjects, not in what us-core-2 or us-core-3 read. Expressions
+# that can reach beyond the members they name (the whole of $this, children, descendants, resolve, variables) are
+# always evaluated on the whole object; a primitive value is remembered as it is.
+_WHOLE = re.compile(r"\$this\b(?!\s*(is|as)\b)|descendants|children|repeat|resolve|%|trace|aggregate|conformsTo")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESULTS: dict[tuple[str, str, bytes], list[Any]] = {}
+_MOST_RESULTS = 8192
+
+
+@cache
+def _names(expression: str) -> frozenset[str] | None:
+    """The member names an expression may navigate (every identifier in it), or None if it may reach others."""
+    if _WHOLE.search(expression):
+        return None
+    return frozenset(_NAME.findall(expression.replace("'", " ' ")))
+
+
+def _members(value: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """The members of ``value`` an expression naming ``names`` can reach: a name, its choice-type forms (value:
+    valueQuantity) and their primitive extensions (_name)."""
+    kept: dict[str, Any] = {}
+    for key, member in value.items():
+        bare = key[1:] if key.startswith("_") else key
+        if bare in names or any(bare.startswith(name) and bare[len(name) : len(name) + 1].isupper() for name in names):
+            kept[key] = member
+    return kept
+
+
+def _evaluate(expression: str, value: Any, type_code: str) -> list[Any]:
+    if isinstance(value, dict):
+        names = _names(expression)
+        if names is None:
+            return _compiled(expression)(ResourceNode.create_node(value, type_code))
+        cut: Any = _members(value, names | {"resourceType"})
+    elif isinstance(value, str | int | float | bool):  # a primitive is its own key
+        cut = value
+    else:
+        return _compiled(expression)(ResourceNode.create_node(value, type_code))
+    key = (expression, type_code, orjson.dumps(cut, option=orjson.OPT_SORT_KEYS))
+    found = _RESULTS.get(key)
+    if found is None:
+        found = _compiled(expression)(ResourceNode.create_node(cut, type_code))
+        if len(_RESULTS) >= _MOST_RESULTS:
+            _RESULTS.clear()
+        _RESULTS[key] = found
+    return found
 
 
 @dataclass(eq=False)
@@ -191,8 +244,8 @@ class ProfileRegistry:
         bases: list[dict[str, Any]] | None = None,
     ) -> None:
         """``definitions``: the project's StructureDefinitions; ``bases``: those of other guides they build on
-        (US Core), used for the types of their URLs and for the extensions slices name, but neither listed by
-        ``profiles`` nor ``known``."""
+        (US Core), used for the types of their URLs and for the extensions slices name, and known for an explicit
+        ``check`` ($validate with a profile), but neither listed by ``profiles`` nor checked as claimed."""
         self._definitions = sorted(definitions, key=lambda sd: str(sd["url"]))
         self._value_sets = value_sets or {}
         self._code_systems = code_systems or {}
@@ -201,17 +254,20 @@ class ProfileRegistry:
         type_of = {sd["url"]: sd["type"] for sd in everything}
         compiled = {sd["url"]: _Profile(sd["url"], sd["type"], sd, _compile(sd, type_of)) for sd in everything}
         self._profiles = {sd["url"]: compiled[sd["url"]] for sd in definitions}
+        self._bases = {url: p for url, p in compiled.items() if url not in self._profiles and p.type != "Extension"}
         self._extensions = {url: p for url, p in compiled.items() if p.type == "Extension"}
 
     @classmethod
     def load(cls, profiles_dir: Path, terminology_dir: Path | None = None) -> ProfileRegistry:
         """The StructureDefinitions of ``profiles_dir`` (and of its ``us-core`` folder, as bases) and the ValueSets
-        and CodeSystems of ``terminology_dir`` (any may be missing: nothing is loaded from it)."""
+        and CodeSystems of ``terminology_dir`` and of the ``us-core`` folder (any may be missing: nothing is loaded
+        from it)."""
         definitions = [r for r in _read(profiles_dir) if r.get("resourceType") == "StructureDefinition"]
-        bases = [r for r in _read(profiles_dir / "us-core") if r.get("resourceType") == "StructureDefinition"]
+        us_core = _read(profiles_dir / "us-core")
+        bases = [r for r in us_core if r.get("resourceType") == "StructureDefinition"]
         value_sets: dict[str, dict[str, Any]] = {}
         code_systems: dict[str, dict[str, Any]] = {}
-        for resource in _read(terminology_dir) if terminology_dir is not None else []:
+        for resource in [*us_core, *(_read(terminology_dir) if terminology_dir is not None else [])]:
             if resource.get("resourceType") == "ValueSet" and resource.get("url"):
                 value_sets[resource["url"]] = resource
             elif resource.get("resourceType") == "CodeSystem" and resource.get("url"):
@@ -219,7 +275,9 @@ class ProfileRegistry:
         return cls(definitions, value_sets, code_systems, bases)
 
     def known(self, url: str) -> bool:
-        return _without_version(url) in self._profiles
+        """A profile ``check`` can check against: the project's, or one of the guides they build on."""
+        url = _without_version(url)
+        return url in self._profiles or url in self._bases
 
     def profiles(self) -> list[dict[str, Any]]:
         """Every StructureDefinition (profiles and extension definitions), by URL."""
@@ -228,7 +286,8 @@ class ProfileRegistry:
     def check(self, resource: dict[str, Any], profile_url: str) -> list[Issue]:
         """Every way ``resource`` departs from the profile (errors; warnings for extensible bindings and
         bindings that cannot be checked). Raises KeyError for a profile this registry does not know."""
-        profile = self._profiles[_without_version(profile_url)]
+        url = _without_version(profile_url)
+        profile = self._profiles[url] if url in self._profiles else self._bases[url]
         res_type = resource.get("resourceType")
         if res_type != profile.type:
             return [
@@ -245,13 +304,14 @@ class ProfileRegistry:
         return out
 
     def claimed_issues(self, resource: Any) -> list[Issue]:
-        """The issues of ``resource`` against each known profile its ``meta.profile`` names (others are
-        ignored: a resource may claim profiles of other guides)."""
+        """The issues of ``resource`` against each of the project's profiles its ``meta.profile`` names. Others
+        are ignored: a resource may claim profiles of other guides, and a claim of a US Core profile names no
+        version, so data that a sender made for another US Core release is not refused by this one's."""
         meta = resource.get("meta") if isinstance(resource, dict) else None
         claimed = meta.get("profile") if isinstance(meta, dict) else None
         out: list[Issue] = []
         for url in claimed if isinstance(claimed, list) else ():
-            if isinstance(url, str) and self.known(url):
+            if isinstance(url, str) and _without_version(url) in self._profiles:
                 out += [i for i in self.check(resource, url) if i not in out]
         return out
 
@@ -413,7 +473,7 @@ class _Checker:
             if type_code in ("", "BackboneElement", "Element"):  # typed by the element's path: Patient.contact
                 type_code = ".".join(part.split(":", 1)[0] for part in node.element_id.split("."))
             try:
-                result = _compiled(invariant.expression)(ResourceNode.create_node(value, type_code))
+                result = _evaluate(invariant.expression, value, type_code)
             except Exception as exc:  # fhirpathpy refuses a function or construct it does not implement
                 self.add("not-supported", f"invariant {invariant.key} could not be evaluated: {exc}", path, "warning")
                 continue
@@ -522,6 +582,12 @@ class _Checker:
             for step in [] if disc_path == "$this" else disc_path.split("."):
                 target = target.child(step) if target is not None else None
                 values = [item for v in values for item in _step(v, step)]
+            if target is not None and target.fixed is None and target.pattern is None and target.binding is not None:
+                # a slice of a value set rather than of a value (US Core: "Required Bindings When Slicing by
+                # Value Sets"): an item is in it if its code is in the value set
+                if not any(self.in_value_set(v, target.binding[1]) for v in values):
+                    return False
+                continue
             if target is None or (target.fixed is None and target.pattern is None):
                 return False
             if target.fixed is not None and not any(v == target.fixed for v in values):
@@ -530,10 +596,25 @@ class _Checker:
                 return False
         return True
 
+    def in_value_set(self, value: Any, url: str) -> bool:
+        """Whether a code, Coding or CodeableConcept is in the value set (one that cannot be expanded holds
+        everything)."""
+        codes = self.registry.value_set(url)
+        if codes is None:
+            return True
+        if isinstance(value, str):
+            return any(c is None or value in c for c in codes.values())
+        if not isinstance(value, dict):
+            return False
+        codings = value.get("coding") if "coding" in value else [value]
+        return any(isinstance(c, dict) and _in(c, codes) for c in codings or ())
+
     def describe(self, slice_node: _Node) -> str:
         shown = slice_node.pattern if slice_node.pattern is not None else slice_node.fixed
         if shown is not None:
             return f"matching {_show(shown)}"
+        if slice_node.binding is not None and not slice_node.children:
+            return f"with a code of {slice_node.binding[1]}"
         parts = [f"{c.name} {_show(c.fixed if c.fixed is not None else c.pattern)}" for c in slice_node.children]
         return "with " + ", ".join(p for p in parts if not p.endswith(" null"))
 

@@ -44,9 +44,12 @@ RECORD_TYPES = {
     "assessment": "Observation",
     "treatment-plan": "CarePlan",
     "session": "Encounter",
+    "group-session": "Encounter",
     "consent": "Consent",
     "discharge": "EpisodeOfCare",
+    "medication": "MedicationRequest",
     "partner": "Organization",
+    "organization": "Organization",
 }
 # /iop endpoint name prefixes → the interaction they are.
 _RECORD_ACTIONS = {

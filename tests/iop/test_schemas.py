@@ -19,7 +19,10 @@ DELETE = object()
 
 
 def contract(kind: str) -> dict[str, Any]:
-    text = (CONTRACT / f"{kind}.json").read_text().replace("{{enrollment_id}}", str(uuid.uuid4()))
+    # A group session names three enrollments ({{enrollment_id}}, {{enrollment_id_2}}, ...): each its own id.
+    text = re.sub(
+        r"\{\{enrollment_id(_[0-9]+)?\}\}", lambda _: str(uuid.uuid4()), (CONTRACT / f"{kind}.json").read_text()
+    )
     payload: dict[str, Any] = json.loads(text)
     return payload
 
@@ -99,8 +102,10 @@ def test_kinds_and_their_url_names_correspond() -> None:
         "assessment",
         "treatment-plan",
         "session",
+        "group-session",
         "consent",
         "discharge",
+        "medication",
         "partner",
     )
     assert [schemas.PLURALS[k] for k in schemas.KINDS] == [
@@ -108,8 +113,10 @@ def test_kinds_and_their_url_names_correspond() -> None:
         "assessments",
         "treatment-plans",
         "sessions",
+        "group-sessions",
         "consents",
         "discharges",
+        "medications",
         "partners",
     ]
     assert {schemas.KIND_OF_PLURAL[schemas.PLURALS[k]] for k in schemas.KINDS} == set(schemas.KINDS)
@@ -174,7 +181,7 @@ def test_an_unknown_field_is_a_structure_issue_listing_the_allowed_fields(kind: 
 
 def test_the_unknown_field_issue_names_exactly_the_fields_of_its_object() -> None:
     issue = only_problem("session", changed("session", "drug_screen.results[0].cutoff", 50))
-    assert issue.diagnostics == "unknown field; allowed fields: analyte, result"
+    assert issue.diagnostics == "unknown field; allowed fields: analyte, result, unit, value"
 
 
 def test_an_unknown_asam_dimension_is_rejected_listing_the_six_dimensions() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ JSON = "application/json"
 
 
 def contract(kind: str) -> dict[str, Any]:
-    text = (CONTRACT / f"{kind}.json").read_text().replace("{{enrollment_id}}", str(uuid.uuid4()))
+    # A group session names three enrollments ({{enrollment_id}}, {{enrollment_id_2}}, ...): each its own id.
+    text = re.sub(
+        r"\{\{enrollment_id(_[0-9]+)?\}\}", lambda _: str(uuid.uuid4()), (CONTRACT / f"{kind}.json").read_text()
+    )
     payload: dict[str, Any] = json.loads(text)
     return payload
 

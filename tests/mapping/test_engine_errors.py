@@ -4,6 +4,7 @@ JSON path of the offending field as expression, and diagnostics that say what is
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from conftest import EXAMPLES
 from iop_fhir.errors import Invalid, Issue
 from iop_fhir.mapping import load_engine
 from iop_fhir.mapping.engine import Engine
+from iop_fhir.mapping.terminology import Terminology
 
 # simple-icd-10-cm (imported by the enrollment rules on first use) reads its data with a deprecated importlib call;
 # importing it here, warning silenced, keeps that third-party warning from failing the ICD-10-CM tests.
@@ -60,10 +62,21 @@ def test_unknown_service_code_is_rejected_with_the_allowed_values(engine: Engine
     assert ", yoga," in issue.diagnostics
 
 
-def test_analyte_of_an_oral_fluid_screen_that_no_map_covers_is_rejected(engine: Engine) -> None:
+def test_analyte_that_no_map_covers_for_its_specimen_is_rejected_naming_each_result(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # Every specimen x analyte of the vocabulary maps (tests/mapping/test_drug_screens.py); a terminology whose
+    # analyte map lacks the project codes shows the refusal a gap would give.
+    terminology = tmp_path / "terminology"
+    shutil.copytree(REPO / "mappings" / "terminology", terminology)
+    path = terminology / "ConceptMap-iop-analyte.json"
+    conceptmap = json.loads(path.read_text(encoding="utf-8"))
+    conceptmap["group"] = [g for g in conceptmap["group"] if not g["target"].endswith("/drug-screen-test")]
+    path.write_text(json.dumps(conceptmap), encoding="utf-8")
+    gapped = Engine(engine.specs, Terminology.load(terminology))
     session = _contract("session")
     session["drug_screen"]["specimen"] = "oral-fluid"
-    issues = _refusal(engine, "session", session)
+    issues = _refusal(gapped, "session", session)
     assert (issues[0].code, issues[0].expression) == ("code-invalid", "drug_screen.results[0].analyte")
     assert "no map covers code 'ethyl-glucuronide' with specimen 'oral-fluid'" in issues[0].diagnostics
     # every uncovered analyte is named, not only the first
@@ -90,11 +103,23 @@ def test_gad7_total_above_21_is_rejected_as_out_of_range(engine: Engine) -> None
     assert "between 0 and 21, got 22" in issue.diagnostics
 
 
-def test_audit_c_item_scores_are_rejected(engine: Engine) -> None:
-    record = _assessment({"instrument": "audit-c", "items": [3, 3, 3], "total_score": 9})
+def test_audit_c_items_that_do_not_add_up_to_the_total_are_rejected(engine: Engine) -> None:
+    record = _assessment({"instrument": "audit-c", "items": [3, 3, 2], "total_score": 9})
     issue = _refusal(engine, "assessment", record)[0]
+    assert (issue.code, issue.expression) == ("invariant", "instruments[0].total_score")
+    assert "add up to 8, but total_score is 9" in issue.diagnostics
+
+
+def test_audit_c_item_above_4_is_rejected_naming_the_item(engine: Engine) -> None:
+    issue = _refusal(engine, "assessment", _assessment({"instrument": "audit-c", "items": [1, 5, 0]}))[0]
+    assert (issue.code, issue.expression) == ("value", "instruments[0].items[1]")
+    assert "between 0 and 4, got 5" in issue.diagnostics
+
+
+def test_audit_c_with_four_item_scores_is_rejected(engine: Engine) -> None:
+    issue = _refusal(engine, "assessment", _assessment({"instrument": "audit-c", "items": [1, 1, 1, 1]}))[0]
     assert (issue.code, issue.expression) == ("value", "instruments[0].items")
-    assert "audit-c is recorded by its total only" in issue.diagnostics
+    assert "audit-c has 3 items, got 4" in issue.diagnostics
 
 
 def test_unknown_instrument_is_rejected_with_the_known_ones(engine: Engine) -> None:

@@ -53,6 +53,20 @@ UNVERIFIED = {
     "736353004",  # likely "Inpatient care plan"
     "441261000124109",  # nutrition-specific motivational interviewing
 }  # fmt: skip
+# CDC Race and Ethnicity (PHIN VADS): the OMB race and ethnicity categories of the US Core OMB value sets, with the
+# displays of the US Core 6.1.0 examples (patient-example.json) and of the HL7 SDOH Clinical Care OMB race value set
+# (SDOHCC-ValueSetOMBRaceCategories), the only codes of that system the mappings may write.
+CDC_RACE = "urn:oid:2.16.840.1.113883.6.238"
+OMB_CATEGORIES = {
+    "1002-5": "American Indian or Alaska Native",
+    "2028-9": "Asian",
+    "2054-5": "Black or African American",
+    "2076-8": "Native Hawaiian or Other Pacific Islander",
+    "2106-3": "White",
+    "2135-2": "Hispanic or Latino",
+    "2186-5": "Not Hispanic or Latino",
+}
+BCP47 = "urn:ietf:bcp:47"
 # Vocabularies that are value lists only (the design table gives them no ConceptMap).
 WITHOUT_CONCEPTMAP = {"diagnosis-system", "instrument"}
 
@@ -222,7 +236,7 @@ def test_hl7_targets_exist_in_the_r4_definitions_with_their_display(files: dict[
     r4 = _r4_codes()
     checked = 0
     for name, code, system, target in _targets(files):
-        if system in STANDARD or system.startswith(C):
+        if system in STANDARD or system in (CDC_RACE, BCP47) or system.startswith(C):
             continue
         assert system in r4, (name, system)
         concept = r4[system].get(target["code"])
@@ -232,6 +246,24 @@ def test_hl7_targets_exist_in_the_r4_definitions_with_their_display(files: dict[
         assert statuses.isdisjoint({"deprecated", "retired"}), (name, target["code"])
         checked += 1
     assert checked > 50
+
+
+def test_race_and_ethnicity_targets_are_the_omb_categories(files: dict[str, dict[str, Any]]) -> None:
+    written = {target["code"]: target["display"] for _, _, system, target in _targets(files) if system == CDC_RACE}
+    assert written == OMB_CATEGORIES
+
+
+@pytest.mark.peers
+@pytest.mark.skipif(not DEFINITIONS.exists(), reason="the R4 definitions are installed by ../shared/tools/setup-peers")
+def test_language_targets_are_the_r4_common_languages_with_their_display(files: dict[str, dict[str, Any]]) -> None:
+    languages = next(
+        entry["resource"]
+        for entry in json.loads((DEFINITIONS / "valuesets.json").read_text())["entry"]
+        if entry["resource"].get("url") == "http://hl7.org/fhir/ValueSet/languages"
+    )
+    common = {c["code"]: c["display"] for include in languages["compose"]["include"] for c in include["concept"]}
+    written = {(code, target["code"]): target["display"] for _, code, s, target in _targets(files) if s == BCP47}
+    assert written == {(code, code): display for code, display in common.items()}
 
 
 def test_every_vocabulary_the_mappings_name_has_a_codesystem(term: Terminology) -> None:
@@ -281,14 +313,24 @@ def test_screen_results_use_the_interpretation_codes_of_the_lab_examples(term: T
 
 
 def test_cannabinoids_in_urine_translate_to_loinc_18282_4(term: Terminology) -> None:
-    assert term.translate("analyte", "cannabinoids", {"specimen": "urine"}) == [
+    assert term.translate("analyte", "cannabinoids", {"specimen": "urine", "scale": "qualitative"}) == [
         {"system": LOINC, "code": "18282-4", "display": "Cannabinoids [Presence] in Urine by Screen method"}
     ]
 
 
-def test_analyte_of_another_specimen_or_without_specimen_is_not_covered(term: Terminology) -> None:
-    assert term.translate("analyte", "cannabinoids", {"specimen": "oral-fluid"}) == []
+def test_analyte_without_specimen_is_not_covered(term: Terminology) -> None:
     assert term.translate("analyte", "cannabinoids") == []
+    assert term.translate("analyte", "cannabinoids", {"scale": "qualitative"}) == []
+
+
+def test_analyte_of_a_specimen_without_verified_loinc_translates_to_a_project_code(term: Terminology) -> None:
+    assert term.translate("analyte", "cannabinoids", {"specimen": "oral-fluid", "scale": "qualitative"}) == [
+        {
+            "system": f"{C}/CodeSystem/drug-screen-test",
+            "code": "oral-fluid-cannabinoids",
+            "display": "Cannabinoids in oral fluid, drug screen (iop-fhir project code)",
+        }
+    ]
 
 
 def test_unknown_vocabulary_raises_key_error(term: Terminology) -> None:
@@ -366,7 +408,7 @@ def test_level_of_care_maps_to_the_asam_codesystem_of_the_third_edition(
 def test_reverse_of_every_translation_gives_the_code_back(term: Terminology) -> None:
     for vocabulary in term.vocabularies():
         for code in term.codes(vocabulary):
-            codings = term.translate(vocabulary, code, {"specimen": "urine"})
+            codings = term.translate(vocabulary, code, {"specimen": "urine", "scale": "qualitative"})
             if vocabulary in WITHOUT_CONCEPTMAP:
                 assert codings == []
                 continue

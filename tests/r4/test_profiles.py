@@ -24,8 +24,11 @@ PROFILES = profile_build.PROFILES
 C = "https://iop-fhir.org/fhir/StructureDefinition/"
 US_CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
 R4 = "http://hl7.org/fhir/StructureDefinition/"
-# Profiles whose resource has a US Core 5.0.1 profile vendored in profiles/us-core/.
-ON_US_CORE = {"iop-patient": "us-core-patient"}
+# The US Core 6.1.0 profile (vendored in profiles/us-core/) each project profile derives from, by its spec.
+ON_US_CORE = {spec["id"]: spec["base"] for spec in profile_build.load_specs() if spec.get("base")}
+# Resource profiles of types US Core has no profile for (they stay on the R4 base).
+NOT_ON_US_CORE = {"iop-episode-of-care", "iop-part2-consent", "iop-referral-task"}
+NOT_ON_US_CORE |= {"iop-safety-flag", "iop-safety-task"}  # US Core has no Flag or Task profile
 FHIR = "application/fhir+json"
 PART2 = "https://www.ecfr.gov/current/title-42/chapter-I/subchapter-A/part-2"
 NARRATIVE = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Plan</div>'}
@@ -138,6 +141,7 @@ EXAMPLES_BY_PROFILE: dict[str, dict[str, Any]] = {
     },
     "iop-support-contact": {
         "resourceType": "RelatedPerson",
+        "active": True,
         "patient": PATIENT,
         "relationship": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "SPS"}]}],
         "name": [{"text": "Sam Rivera"}],
@@ -253,7 +257,7 @@ EXAMPLES_BY_PROFILE: dict[str, dict[str, Any]] = {
     "iop-practitioner": {
         "resourceType": "Practitioner",
         "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
-        "name": [{"text": "Dana Lee"}],
+        "name": [{"text": "Dana Lee", "family": "Lee", "given": ["Dana"]}],
     },
     "iop-record-provenance": {
         "resourceType": "Provenance",
@@ -263,6 +267,50 @@ EXAMPLES_BY_PROFILE: dict[str, dict[str, Any]] = {
         "entity": [{"role": "source", "what": {"display": "treatment-plan/tp1"}}],
     },
 }
+EXAMPLES_BY_PROFILE["iop-safety-flag"] = {
+    "resourceType": "Flag",
+    "extension": [
+        {
+            "url": "http://hl7.org/fhir/StructureDefinition/flag-detail",
+            "valueReference": {"reference": "Observation/o9"},
+        }
+    ],
+    "status": "active",
+    "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/flag-category", "code": "safety"}]}],
+    "code": _concept("suicide-risk-screen-positive"),
+    "subject": PATIENT,
+    "period": {"start": "2026-03-02T10:00:00Z"},
+}
+EXAMPLES_BY_PROFILE["iop-safety-task"] = {
+    "resourceType": "Task",
+    "status": "requested",
+    "intent": "order",
+    "priority": "asap",
+    "code": _concept("review-suicide-risk-screen"),
+    "focus": {"reference": "Flag/f1"},
+    "for": PATIENT,
+    "authoredOn": "2026-03-02T10:00:00Z",
+}
+EXAMPLES_BY_PROFILE["iop-program-organization"] = {
+    "resourceType": "Organization",
+    "extension": [{"url": C + "part2-program", "valueBoolean": True}],
+    "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1780680033"}],
+    "active": True,
+    "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": "prov"}]}],
+    "name": "Clifton Recovery Center IOP",
+}
+# The medication profiles' examples are what the mapping makes of the medication golden cases.
+for _case, _profile in [
+    ("contract", "iop-medication-request"),
+    ("methadone-prescribed-elsewhere", "iop-medication-statement"),
+    ("naloxone-kit-dispensed", "iop-medication-dispense"),
+]:
+    _mapped = json.loads((Path(__file__).parents[1] / "data" / "medication" / f"{_case}.fhir.json").read_text())
+    [EXAMPLES_BY_PROFILE[_profile]] = [
+        {k: v for k, v in item["resource"].items() if k not in ("id", "meta")}
+        for item in _mapped
+        if item["resource"]["resourceType"].startswith("Medication")
+    ]
 for _profile, _example in EXAMPLES_BY_PROFILE.items():
     _example.setdefault("meta", {"profile": [C + _profile]})
 
@@ -287,8 +335,9 @@ def _errors(issues: list[Issue]) -> list[tuple[str, str | None]]:
 def test_every_generated_structure_definition_passes_the_independent_validator() -> None:
     run = subprocess.run([str(VALIDATOR), "--json", str(PROFILES)], capture_output=True, timeout=300)
     verdicts = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
-    # the generated profiles and the vendored US Core definitions they build on
-    built = sorted(str(p.relative_to(PROFILES)) for p in PROFILES.rglob("StructureDefinition-*.json"))
+    # the generated profiles, the US Core definitions they build on (as published and with their snapshots) and
+    # the US Core terminology vendored with them
+    built = sorted(str(p.relative_to(PROFILES)) for p in PROFILES.rglob("*.json"))
     assert sorted(str(Path(v["path"]).relative_to(PROFILES)) for v in verdicts) == built
     assert [(Path(v["path"]).name, v["issues"]) for v in verdicts if not v["ok"] or v["issues"]] == []
     assert run.returncode == 0
@@ -304,13 +353,85 @@ def test_generated_structure_definitions_are_up_to_date_with_the_yaml() -> None:
     assert stale == [], "run python -m tools.profile_build"
 
 
+@pytest.mark.skipif(not profile_build.US_CORE_RELEASE.exists(), reason="the US Core 6.1.0 release is ../shared")
+def test_vendored_us_core_files_are_those_of_the_us_core_6_1_0_release_unchanged() -> None:
+    release = profile_build.us_core_release_files()
+    vendored = {
+        str(p.relative_to(profile_build.US_CORE))
+        for p in profile_build.US_CORE.rglob("*.json")
+        if p.parent == profile_build.US_CORE_SOURCES or not p.name.startswith("StructureDefinition-")
+    }
+    assert vendored == set(release), "run python -m tools.profile_build --vendor-us-core"
+    for name, source in release.items():
+        assert (profile_build.US_CORE / name).read_text() == source.read_text(), name
+    assert {f"StructureDefinition-{p}.json" for p in profile_build.US_CORE_PROFILES} <= {
+        Path(name).name for name in release
+    }
+
+
 @pytest.mark.peers
-@pytest.mark.skipif(not profile_build.US_CORE_SOURCE.exists(), reason="US Core 5.0.1 comes with setup-peers")
-def test_vendored_us_core_definitions_are_those_of_us_core_5_0_1() -> None:
-    vendored = profile_build.vendored_us_core()
+@pytest.mark.skipif(not profile_build.DEFINITIONS.exists(), reason="the R4 definitions come with setup-peers")
+def test_us_core_snapshots_are_up_to_date_with_the_vendored_differentials() -> None:
+    built = profile_build.build_us_core()
     on_disk = {p.name: p.read_text() for p in profile_build.US_CORE.glob("StructureDefinition-*.json")}
-    assert on_disk == vendored, "run python -m tools.profile_build --vendor-us-core"
-    assert {json.loads(text)["version"] for text in on_disk.values()} == {"5.0.1"}
+    assert sorted(on_disk) == sorted(built), "run python -m tools.profile_build"
+    stale = [name for name, text in built.items() if on_disk[name] != text]
+    assert stale == [], "run python -m tools.profile_build"
+    assert {json.loads(text)["version"] for text in on_disk.values()} == {"6.1.0"}
+
+
+def test_a_us_core_snapshot_has_every_element_of_its_differential_with_its_constraints() -> None:
+    for path in profile_build.US_CORE_SOURCES.glob("StructureDefinition-*.json"):
+        published = json.loads(path.read_text())
+        built = json.loads((profile_build.US_CORE / path.name).read_text())
+        snapshot = {el["id"]: el for el in built["snapshot"]["element"]}
+        for diff in published["differential"]["element"]:
+            el = snapshot.get(diff["id"]) or snapshot[_choice_form(diff["id"], snapshot)]
+            for key in ("min", "max", "mustSupport", "type", "sliceName", "slicing"):
+                if key in diff:
+                    assert el[key] == diff[key], (path.name, diff["id"], key)
+            for key in ("fixedCode", "fixedUri", "patternCodeableConcept", "patternCoding", "patternIdentifier"):
+                if key in diff:
+                    assert el[key] == diff[key], (path.name, diff["id"], key)
+            if "binding" in diff:
+                assert el["binding"]["strength"] == diff["binding"]["strength"], (path.name, diff["id"])
+            keys = {c["key"]: c["source"] for c in el.get("constraint", ())}
+            for constraint in diff.get("constraint", ()):
+                assert keys[constraint["key"]] == published["url"], (path.name, diff["id"])
+
+
+def _choice_form(element_id: str, snapshot: dict[str, Any]) -> str:
+    """``Observation.valueQuantity.code`` as ``Observation.value[x].code``: an element named by its one type."""
+    parts = element_id.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[: i + 1]) not in snapshot:
+            parent = ".".join(parts[:i])
+            parts[i] = next(
+                el_id[len(parent) + 1 :]
+                for el_id in snapshot
+                if el_id.startswith(parent + ".")
+                and el_id.endswith("[x]")
+                and parts[i].startswith(el_id[len(parent) + 1 : -3])
+                and parts[i][len(el_id) - len(parent) - 4 :][:1].isupper()
+            )
+    return ".".join(parts)
+
+
+def test_a_choice_element_named_by_its_type_is_narrowed_to_that_type() -> None:
+    occupation = json.loads(
+        (profile_build.US_CORE / "StructureDefinition-us-core-observation-occupation.json").read_text()
+    )
+    effective = next(el for el in occupation["snapshot"]["element"] if el["id"] == "Observation.effective[x]")
+    assert [t["code"] for t in effective["type"]] == ["Period"]
+
+
+def test_a_us_core_snapshot_builds_on_its_base_profile() -> None:
+    lab = json.loads((profile_build.US_CORE / "StructureDefinition-us-core-observation-lab.json").read_text())
+    assert lab["baseDefinition"] == US_CORE + "us-core-observation-clinical-result"
+    ids = [el["id"] for el in lab["snapshot"]["element"]]
+    assert "Observation.category:us-core" in ids
+    sources = {c["key"]: c["source"] for el in lab["snapshot"]["element"] for c in el.get("constraint", ())}
+    assert sources["us-core-2"] == US_CORE + "us-core-observation-clinical-result"
 
 
 def test_every_structure_definition_passes_the_base_validation() -> None:
@@ -343,6 +464,22 @@ def test_structure_definitions_are_project_conformance_resources(registry: Profi
         assert sd["baseDefinition"] == base
 
 
+def test_a_profile_of_a_type_us_core_profiles_derives_from_us_core(registry: ProfileRegistry) -> None:
+    profiled = {
+        json.loads(path.read_text())["type"]
+        for path in profile_build.US_CORE.glob("StructureDefinition-*.json")
+        if json.loads(path.read_text())["kind"] == "resource"
+    }
+    for sd in registry.profiles():
+        if sd["kind"] == "resource" and sd["type"] in profiled:
+            assert sd["baseDefinition"].startswith(US_CORE), sd["id"]
+        if sd["id"] in NOT_ON_US_CORE:
+            assert sd["type"] not in profiled and sd["baseDefinition"] == R4 + sd["type"], sd["id"]
+    assert {"iop-patient", "iop-session-encounter", "iop-treatment-plan", "iop-drug-screen-observation"} <= set(
+        ON_US_CORE
+    )
+
+
 def test_a_profile_on_us_core_keeps_every_us_core_constraint_in_its_snapshot(registry: ProfileRegistry) -> None:
     by_id = {sd["id"]: sd for sd in registry.profiles()}
     for profile, us_core_id in ON_US_CORE.items():
@@ -353,8 +490,12 @@ def test_a_profile_on_us_core_keeps_every_us_core_constraint_in_its_snapshot(reg
             assert el["min"] >= base["min"], el["id"]
             assert profile_build._max(el["max"]) <= profile_build._max(base["max"]), el["id"]
             assert el.get("mustSupport", False) >= base.get("mustSupport", False), el["id"]
-            for key in ("binding", "slicing", "sliceName", "type"):
+            for key in ("binding", "sliceName"):
                 assert el.get(key) == base.get(key), (el["id"], key)
+            if "slicing" in base:  # a profile may slice what US Core does not, never slice otherwise
+                assert el["slicing"] == base["slicing"], el["id"]
+            # types are some of US Core's, a reference's targets the project's profiles of them at most
+            assert {t["code"] for t in el.get("type", ())} <= {t["code"] for t in base.get("type", ())}, el["id"]
             assert {c["key"] for c in el.get("constraint", ())} >= {c["key"] for c in base.get("constraint", ())}
 
 
@@ -381,7 +522,7 @@ def test_slices_follow_their_sliced_element_in_the_snapshot(registry: ProfileReg
     at = ids.index("CarePlan.category")
     assert ids[at : at + 4] == [
         "CarePlan.category",
-        "CarePlan.category:assessPlan",
+        "CarePlan.category:AssessPlan",
         "CarePlan.category:mentalHealthCarePlan",
         "CarePlan.title",
     ]
@@ -445,8 +586,8 @@ def test_generator_refuses_a_base_of_another_type_or_not_vendored() -> None:
     spec = {"id": "bad", "type": "Goal", "base": "us-core-patient", "title": "B", "description": "B"}
     with pytest.raises(profile_build.SpecError, match="is a profile of Patient, not Goal"):
         profile_build.build(spec, definitions, {})
-    with pytest.raises(profile_build.SpecError, match="no StructureDefinition .*us-core-goal in profiles/us-core"):
-        profile_build.build({**spec, "base": "us-core-goal"}, definitions, {})
+    with pytest.raises(profile_build.SpecError, match="no StructureDefinition .*us-core-goal-x in profiles/us-core"):
+        profile_build.build({**spec, "base": "us-core-goal-x"}, definitions, {})
 
 
 def test_generator_refuses_a_repeated_yaml_key(tmp_path: Path) -> None:
@@ -626,15 +767,17 @@ def test_us_core_invariant_is_checked(registry: ProfileRegistry) -> None:
     patient = example("iop-patient")
     patient["name"] = [{"text": "Alex Rivera"}]
     issues = registry.check(patient, C + "iop-patient")
-    assert _errors(issues) == [("invariant", "Patient")]
+    assert _errors(issues) == [("invariant", "Patient.name[0]")]
     assert "(us-core-6)" in issues[0].diagnostics
 
 
 def test_us_core_invariant_holds_with_a_data_absent_reason(registry: ProfileRegistry) -> None:
     patient = example("iop-patient")
-    patient["name"] = [{"text": "Alex Rivera"}]
-    patient["extension"] = [
-        {"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "masked"}
+    patient["name"] = [
+        {
+            "text": "Alex Rivera",
+            "extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "masked"}],
+        }
     ]
     assert _errors(registry.check(patient, C + "iop-patient")) == []
 
@@ -653,7 +796,7 @@ def test_us_core_extension_is_checked_against_its_vendored_definition(registry: 
     omb = {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2106-3", "display": "White"}
     patient = example("iop-patient")
     patient["extension"] = [{"url": race, "extension": [{"url": "ombCategory", "valueCoding": omb}]}]
-    issues = registry.check(patient, C + "iop-patient")
+    issues = [i for i in registry.check(patient, C + "iop-patient") if i.severity == "error"]
     assert _errors(issues) == [("required", f"Patient.extension('{race}').extension")]
     assert "slice 'text'" in issues[0].diagnostics
     patient["extension"][0]["extension"].append({"url": "text", "valueString": "White"})
@@ -668,8 +811,27 @@ def test_extensible_us_core_binding_is_no_error(registry: ProfileRegistry) -> No
 
 
 def test_us_core_definitions_are_bases_not_profiles_of_the_project(registry: ProfileRegistry) -> None:
-    assert not registry.known(US_CORE + "us-core-patient")
+    assert registry.known(US_CORE + "us-core-patient")  # for $validate with a profile
+    assert not registry.known(US_CORE + "us-core-race")  # an extension definition is no profile to check against
     assert all(sd["url"].startswith(C) for sd in registry.profiles())
+
+
+def test_a_claimed_us_core_profile_is_not_enforced_but_an_explicit_check_is(registry: ProfileRegistry) -> None:
+    goal = example("iop-goal")
+    goal["meta"] = {"profile": [US_CORE + "us-core-goal"]}
+    del goal["description"]
+    assert registry.claimed_issues(goal) == []
+    assert _errors(registry.check(goal, US_CORE + "us-core-goal")) == [("required", "Goal.description")]
+
+
+def test_a_slice_by_value_set_matches_the_codes_of_its_value_set(registry: ProfileRegistry) -> None:
+    condition = example("iop-sud-condition")
+    us_core = US_CORE + "us-core-condition-problems-health-concerns"
+    assert _errors(registry.check(condition, us_core)) == []
+    condition["category"] = [{"coding": [{"system": "http://example.org/local", "code": "problem"}]}]
+    issues = registry.check(condition, us_core)
+    assert ("required", "Condition.category") in _errors(issues)
+    assert any("slice 'us-core' (with a code of" in i.diagnostics for i in issues)
 
 
 # -- bindings to project value sets (a spec built here, a terminology folder of the test's own) ----------------
