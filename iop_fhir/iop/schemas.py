@@ -437,6 +437,13 @@ class CandidacySchema(RecordSchema):
     needs_24h_supervision = Boolean()
     needs_medical_detox = Boolean()
 
+    @validates_schema(skip_on_field_errors=True)
+    def _answers_something(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # The candidacy Observation holds one component per answer: with none it would say nothing.
+        if all(value is None for value in data.values()):
+            names = ", ".join(self.fields)
+            raise ValidationError(f"answer at least one of {names}, or leave candidacy out")
+
 
 class EnrollmentSchema(RecordSchema):
     patient = Object(PatientSchema, required=True)

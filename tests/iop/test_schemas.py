@@ -371,3 +371,13 @@ def test_a_retraction_has_an_optional_reason_and_nothing_else() -> None:
     with pytest.raises(Invalid) as caught:
         schemas.load_retraction({"reason": "x", "by": "me"})
     assert [(i.code, i.expression) for i in caught.value.issues] == [("structure", "by")]
+
+
+@pytest.mark.parametrize("candidacy", [{}, {"stable_housing": None}])
+def test_a_candidacy_that_answers_nothing_is_refused_naming_it(candidacy: dict[str, Any]) -> None:
+    payload = json.loads((CONTRACT / "enrollment.json").read_text(encoding="utf-8"))
+    payload["candidacy"] = candidacy
+    with pytest.raises(Invalid) as error:
+        schemas.load("enrollment", payload)
+    # an empty object says nothing; a null answer is not a boolean
+    assert [i.expression for i in error.value.issues] in (["candidacy"], ["candidacy.stable_housing"])
