@@ -84,13 +84,17 @@ def _track_request_base(app: Flask) -> None:
 
     @app.before_request
     def _enter() -> None:
-        g.iop_request_base = runtimes.REQUEST_BASE.set(request.host_url.rstrip("/") + "/fhir")
+        g.iop_request_base = runtimes.REQUEST_BASE.set(_request_fhir_base)
 
     @app.teardown_request
     def _leave(_error: BaseException | None) -> None:
         token = g.pop("iop_request_base", None)
         if token is not None:
             runtimes.REQUEST_BASE.reset(token)
+
+
+def _request_fhir_base() -> str:
+    return request.host_url.rstrip("/") + "/fhir"
 
 
 def _outcome_response(outcome: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:

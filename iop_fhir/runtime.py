@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 # The public base of the FHIR API of the request being served (set by the app around each request), for what a
 # write hook writes when IOP_FHIR_BASE_URL is not configured. Outside a request it is None.
-REQUEST_BASE: ContextVar[str | None] = ContextVar("iop_fhir_request_base", default=None)
+# How to tell the public base of the request being served (the app sets it per request; worked out only when a
+# hook asks, which most requests never do).
+REQUEST_BASE: ContextVar[Callable[[], str] | None] = ContextVar("iop_fhir_request_base", default=None)
 
 # The write hooks every repository runs, in this order, in the write's transaction after each stored version.
 WRITE_HOOKS = ("referral-intake", "subscriptions", "audit-trail")
@@ -68,7 +70,13 @@ def public_base(settings: Settings) -> Callable[[], str | None]:
     """The public base of the FHIR API for references written by hooks: the configured base URL, else that of the
     request being served, else None (references stay relative)."""
     configured = settings.base_url.rstrip("/")
-    return lambda: configured or REQUEST_BASE.get()
+    def base() -> str | None:
+        if configured:
+            return configured
+        of_request = REQUEST_BASE.get()
+        return of_request() if of_request is not None else None
+
+    return base
 
 
 def repository_for(settings: Settings, store: SqlStore, *, seed: bool = False) -> Repository:

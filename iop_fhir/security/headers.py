@@ -33,9 +33,11 @@ def install(app: Flask, cors_origins: str) -> None:
 
     @app.after_request
     def _harden(response: Response) -> Response:
+        present = {name.lower() for name in response.headers.keys()}
         for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        if "Cache-Control" not in response.headers:
+            if name.lower() not in present:
+                response.headers.add(name, value)
+        if "cache-control" not in present:
             response.headers["Cache-Control"] = "no-cache" if request.path in PUBLIC_PATHS else NO_STORE
         origin = request.headers.get("Origin")
         if origin and origin in origins:
