@@ -36,6 +36,7 @@ class Settings:
     export_retention: int = 86_400  # seconds a finished export job and its files are kept
     audit_flush_ms: float = 10.0  # the longest a read's audit row waits for its group commit
     audit_flush_rows: int = 256  # audit rows committed in one transaction at most
+    transition_overdue_days: int = 7  # days a transition may wait for the partner's acceptance before it is overdue
 
     @property
     def terminology_dir(self) -> Path:
@@ -115,4 +116,7 @@ DESCRIPTIONS = {
     "it is committed with the others (group commit); a crash of the process loses at most these milliseconds of such "
     "rows (see the audit section); writes and a partner's requests are committed before they are answered",
     "audit_flush_rows": "most audit rows committed in one transaction; a crash loses at most this many",
+    "transition_overdue_days": "days after a transition is queued for an aftercare partner by which the partner "
+    "should have accepted it; after that, while its Task is still requested or received, the discharge's transition "
+    "says `overdue: true` and `GET /iop/deliveries?status=overdue` lists it",
 }

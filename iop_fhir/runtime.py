@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from iop_fhir.exchange.client import PartnerClient
 from iop_fhir.exchange.subscriptions import Subscriptions
 from iop_fhir.fhir.export import Exporter
 from iop_fhir.fhir.repository import Repository
+from iop_fhir.iop import summaries
 from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import load_engine
 from iop_fhir.privacy import trail
@@ -70,6 +71,7 @@ def public_base(settings: Settings) -> Callable[[], str | None]:
     """The public base of the FHIR API for references written by hooks: the configured base URL, else that of the
     request being served, else None (references stay relative)."""
     configured = settings.base_url.rstrip("/")
+
     def base() -> str | None:
         if configured:
             return configured
@@ -89,7 +91,9 @@ def repository_for(settings: Settings, store: SqlStore, *, seed: bool = False) -
     if seed:
         conformance.seed(repository, conformance_resources)
     hooks = {
-        "referral-intake": referrals.on_resource_stored,
+        "referral-intake": partial(
+            referrals.on_resource_stored, engine=load_engine(Path(settings.mappings_dir).resolve())
+        ),
         "subscriptions": Subscriptions(repository, base=public_base(settings)).on_write,
         "audit-trail": trail.write_hook(repository),
     }
@@ -109,12 +113,13 @@ class Runtime:
 
     @cached_property
     def records(self) -> RecordService:
-        """The /iop record service: mappings loaded once, transitions queued when a discharge is saved."""
+        """The /iop record service: mappings loaded once, transitions queued and the PDF summary stored when a
+        discharge is saved."""
         return RecordService(
             load_engine(Path(self.settings.mappings_dir).resolve()),
             self.repository,
-            hooks=[transitions.on_record_saved],
-            extras=[transitions.summary],
+            hooks=[transitions.on_record_saved, partial(summaries.on_record_saved, repository=self.repository)],
+            extras=[partial(transitions.summary, overdue_days=self.settings.transition_overdue_days)],
         )
 
     @cached_property

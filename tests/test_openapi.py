@@ -78,6 +78,8 @@ def test_every_operation_has_an_id_a_summary_and_documented_success_and_errors(s
             if operation.get("security") != []:
                 assert {"401", "403"} <= statuses, (method, path)
     assert len(ids) == len(set(ids))
+    # usable as method names by client generators: letters and digits only
+    assert [i for i in ids if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", i)] == []
 
 
 def test_fhir_interactions_document_their_headers_and_fhir_error_bodies(served: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ https://hl7.org/fhir/R4/http.html#cond-update, https://hl7.org/fhir/R4/bundle.ht
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote
@@ -45,7 +46,7 @@ def transaction(resources: Iterable[dict[str, Any]], *, labels: list[dict[str, A
     server-assigned meta (versionId, lastUpdated) is dropped, and the Bundle carries the Part 2 labels and the
     redisclosure notice."""
     resources = list(resources)
-    urns = {f"{r['resourceType']}/{r['id']}": f"urn:uuid:{r['id']}" for r in resources if _is_uuid(r["id"])}
+    urns = {f"{r['resourceType']}/{r['id']}": urn for r in resources if (urn := _urn(r)) is not None}
     entries = []
     for resource in resources:
         body = _rewrite(copy.deepcopy(resource), urns)
@@ -83,6 +84,18 @@ def _rewrite(value: Any, urns: dict[str, str]) -> Any:
         for item in value:
             _rewrite(item, urns)
     return value
+
+
+def _urn(resource: dict[str, Any]) -> str | None:
+    """The entry's urn:uuid fullUrl: its id when that is a UUID; for another id (a partner's or the program's
+    Organization, named by its own id) that the receiver does not keep, one derived from it, so references to it
+    within the Bundle still resolve. None for a resource sent to its own id."""
+    res_type, res_id = resource["resourceType"], resource["id"]
+    if _is_uuid(res_id):
+        return f"urn:uuid:{res_id}"
+    if conditional_url(resource) == f"{res_type}/{res_id}":
+        return None
+    return f"urn:uuid:{uuid.uuid5(ids.NAMESPACE, f'{res_type}/{res_id}')}"
 
 
 def _is_uuid(value: str) -> bool:

@@ -35,7 +35,7 @@ from iop_fhir.fhir.repository import Repository
 from iop_fhir.iop import schemas
 from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import ids
-from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.mapping.engine import PART2_LABELS, Engine
 from iop_fhir.privacy import pushes
 from iop_fhir.r4 import search, validation
 from iop_fhir.r4.instants import instant, now_us
@@ -120,20 +120,25 @@ def referral_from(
     service_request: dict[str, Any],
     patient: dict[str, Any] | None,
     conditions: list[dict[str, Any]],
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """The referral record of an inbound referral Task, reverse-mapped from its resources. The patient has the shape
     of an enrollment's patient, and diagnoses use the enrollment's system names where they are known, so that
-    admission can start from them."""
+    admission can start from them. With the mapping engine, the Patient and Conditions are read back through the
+    enrollment mapping (mappings/enrollment.yaml: race, ethnicity, address and language in the record's
+    vocabularies too); what that reading does not recognise (another system's names, identifiers without a
+    system, a ServiceRequest's reasonCode) is read leniently as before."""
     requesters = [task.get("requester"), service_request.get("requester")]
     organization = next((r["display"] for r in requesters if isinstance(r, dict) and r.get("display")), None)
     partner = next((p for p in map(partner_named, requesters) if p is not None), None)
     occurrence = service_request.get("occurrencePeriod") or {}
     code = service_request.get("code") or {}
     notes = [n["text"] for n in [*service_request.get("note", []), *task.get("note", [])] if n.get("text")]
+    reversed_enrollment = _reverse(engine, patient, conditions)
     return {
         "status": "requested",
-        "patient": _patient(patient or {}),
-        "diagnoses": _diagnoses(service_request, conditions),
+        "patient": {**_patient(patient or {}), **_reversed_patient(reversed_enrollment)},
+        "diagnoses": _merged(_reversed_diagnoses(reversed_enrollment), _diagnoses(service_request, conditions)),
         "service": code.get("text") or next((c.get("display") for c in code.get("coding", [])), None),
         "requested_start": occurrence.get("start") or service_request.get("occurrenceDateTime"),
         "authored_on": task.get("authoredOn") or service_request.get("authoredOn"),
@@ -143,6 +148,52 @@ def referral_from(
         "task": f"Task/{task['id']}",
         "duplicate_tasks": [],
     }
+
+
+def _reverse(engine: Engine | None, patient: dict[str, Any] | None, conditions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The enrollment record the engine reads back from the referral's Patient and Conditions ({} without an
+    engine, or when another system's resources do not read back)."""
+    if engine is None:
+        return {}
+    produced = [("patient", patient)] if patient else []
+    produced += [("diagnosis", condition) for condition in conditions]
+    if not produced:
+        return {}
+    try:
+        return engine.reverse("enrollment", produced)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+        # Another system's resources are not bound to match our templates; the lenient reading stands.
+        log.warning("inbound referral: the mapping engine could not read the Patient/Conditions back (%s)", type(error))
+        return {}
+
+
+# What of the patient read back through the enrollment mapping is kept: identifiers are read leniently (any system
+# with a value, the assigner's display) and name as the official one; the rest in the record's own vocabularies.
+_REVERSED_PATIENT = ("gender", "birth_date", "phone", "email", "address", "race", "ethnicity", "preferred_language")
+
+
+def _reversed_patient(enrollment: dict[str, Any]) -> dict[str, Any]:
+    patient = enrollment.get("patient")
+    if not isinstance(patient, dict):
+        return {}
+    return {k: patient[k] for k in _REVERSED_PATIENT if patient.get(k) not in (None, "", [], {})}
+
+
+def _reversed_diagnoses(enrollment: dict[str, Any]) -> list[dict[str, Any]]:
+    found = enrollment.get("diagnoses")
+    return [
+        {k: d[k] for k in ("system", "code", "display") if d.get(k)}
+        for d in (found if isinstance(found, list) else [])
+        if isinstance(d, dict) and d.get("system") in DIAGNOSIS_SYSTEMS.values() and d.get("code")
+    ]
+
+
+def _merged(first: list[dict[str, Any]], then: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = list(first)
+    for diagnosis in then:
+        if all((d["system"], d["code"]) != (diagnosis["system"], diagnosis["code"]) for d in out):
+            out.append(diagnosis)
+    return out
 
 
 def _patient(patient: dict[str, Any]) -> dict[str, Any]:
@@ -358,10 +409,13 @@ def check_transition(referral_id: str, status: str, action: str) -> str:
 # -- the write hook: intake ---------------------------------------------------------------------------------------
 
 
-def on_resource_stored(tx: WriteTx, resource: dict[str, Any], stored: StoredResource) -> None:
+def on_resource_stored(
+    tx: WriteTx, resource: dict[str, Any], stored: StoredResource, *, engine: Engine | None = None
+) -> None:
     """Repository write hook: the first version of an inbound referral Task creates its referral record, in the
     Task's transaction. A Task for a ServiceRequest that already has a referral (a replayed Bundle: the Task has no
-    condition) is recorded as a duplicate of it and follows its changes."""
+    condition) is recorded as a duplicate of it and follows its changes. ``engine`` reads the Patient and
+    Conditions back through the enrollment mapping (runtime.py gives it)."""
     if stored.res_type != "Task" or stored.version_id != 1 or not is_referral_task(resource):
         return
     sr_id = local_id(resource["focus"], "ServiceRequest")
@@ -387,7 +441,7 @@ def on_resource_stored(tx: WriteTx, resource: dict[str, Any], stored: StoredReso
         for reference in service_request.get("reasonReference", [])
         if (found := _current(tx, "Condition", local_id(reference, "Condition"))) is not None
     ]
-    content = referral_from(resource, service_request, _current(tx, "Patient", patient_id), conditions)
+    content = referral_from(resource, service_request, _current(tx, "Patient", patient_id), conditions, engine)
     referring = content["referring"]
     if referring["partner"] is not None:
         partner = tx.record("partner", referring["partner"], lock=False)

@@ -1,7 +1,7 @@
 """Transitions to aftercare: a discharge with a referral sends the partner one transaction Bundle (Patient,
-continuing-care CarePlan, ServiceRequest, Task, and the patient's Consent to that partner) through the outbox, in the
-same database transaction as the discharge. Without a consent that permits it (privacy/pushes.py: decide() over
-the patient's FHIR Consents) the delivery waits as blocked.
+continuing-care CarePlan, ServiceRequest, Task, the patient's Consent to that partner, and the transition-of-care
+document of exchange/document.py) through the outbox, in the same database transaction as the discharge. Without a
+consent that permits it (privacy/pushes.py: decide() over the patient's FHIR Consents) the delivery waits as blocked.
 
 A consent saved, revoked or retracted later acts on what has not gone yet to its recipient, in the consent's
 transaction (`release`): when it permits, every row of the enrollment's records blocked for lack of consent, and
@@ -19,9 +19,9 @@ from typing import Any
 
 import orjson
 
-from iop_fhir.exchange import outbox, package
+from iop_fhir.exchange import document, outbox, package
 from iop_fhir.privacy import pushes
-from iop_fhir.r4.instants import now_us
+from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import Delivery, StoredRecord, WriteTx
 
 # Roles of the discharge's own resources that make up the package, in the order the receiver should create them.
@@ -63,7 +63,28 @@ def package_for(tx: WriteTx, record: StoredRecord, store: Any, partner: str) -> 
         resources.extend(_current(tx, decided.consent))
     else:
         blocked = pushes.blocked_reason(partner, decided)
-    return package.transaction(resources, labels=_labels(resources)), blocked
+    bundle = package.transaction(resources, labels=_labels(resources))
+    # The transition-of-care document goes in the same transaction (exchange/document.py).
+    consent = decided.consent if blocked is None else None
+    bundle["entry"].append(document.transaction_entry(_document(tx, record, store, consent)))
+    return bundle, blocked
+
+
+def _document(tx: WriteTx, record: StoredRecord, store: Any, consent: str | None) -> dict[str, Any]:
+    """The discharge's transition-of-care document as its records are now, the same document as before when they
+    did not change, replacing the one sent before when they did."""
+
+    def read(res_type: str, res_id: str) -> dict[str, Any] | None:
+        current = tx.current(res_type, res_id)
+        if current is None or current.deleted or current.content is None:
+            return None
+        return dict(orjson.loads(current.content))
+
+    resources = document.gather(store, record, read=read, consents=[consent] if consent else [])
+    discharge = {"id": record.id, "content": record.content, "status": record.status}
+    built = document.transition_document(discharge, resources, timestamp=instant(record.updated))
+    rows, _ = store.deliveries(record_kind=record.kind, record_id=record.id, offset=0, count=1000)
+    return document.settle(built, rows)
 
 
 def release(tx: WriteTx, consent_record: StoredRecord, store: Any) -> list[str]:
@@ -153,7 +174,24 @@ def _resources(tx: WriteTx, record: StoredRecord, store: Any) -> list[dict[str, 
         return []
     enrollment = store.record("enrollment", record.enrollment_id) if record.enrollment_id else None
     patient = _own(tx, enrollment, ("patient",)) if enrollment is not None else []
-    return patient + own
+    return patient + _organizations(tx, own) + own
+
+
+# Where the referral names Organizations: the program (requester, author) and the partner (owner, performer).
+_ORGANIZATION_ELEMENTS = ("requester", "owner", "performer", "author")
+
+
+def _organizations(tx: WriteTx, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Organizations the package's resources name, so that the receiver can resolve requester and owner."""
+    references: list[str] = []
+    for resource in resources:
+        for element in _ORGANIZATION_ELEMENTS:
+            value = resource.get(element)
+            for item in value if isinstance(value, list) else [value]:
+                reference = item.get("reference") if isinstance(item, dict) else None
+                if isinstance(reference, str) and reference.startswith("Organization/") and reference not in references:
+                    references.append(reference)
+    return [found for reference in references for found in _current(tx, reference)]
 
 
 def _own(tx: WriteTx, record: StoredRecord, roles: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -178,11 +216,15 @@ def _labels(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return labels
 
 
-def summary(record: StoredRecord, store: Any) -> dict[str, Any] | None:
-    """Where a discharge's transition stands, for `GET /iop/discharges/{id}`: the newest delivery to the partner and
-    the referral Task as the partner last reported it."""
+def summary(record: StoredRecord, store: Any, *, overdue_days: int = 7) -> dict[str, Any] | None:
+    """Where a discharge's transition stands, for `GET /iop/discharges/{id}`: the newest delivery to the partner,
+    the referral Task as the partner last reported it, the steps of the closed loop (exchange/followup.py) and
+    whether the partner's acceptance is overdue."""
     if record.kind != "discharge" or not isinstance(record.content.get("referral"), dict):
         return None
+    from iop_fhir.exchange import followup
+
+    loop = followup.transition_state(record, store, overdue_days, now_us())
     rows, _ = store.deliveries(record_kind=record.kind, record_id=record.id, offset=0, count=1000)
     newest = rows[-1] if rows else None
     out: dict[str, Any] = {"partner": record.content["referral"].get("partner")}
@@ -201,4 +243,5 @@ def summary(record: StoredRecord, store: Any) -> dict[str, Any] | None:
             reason = (task.get("statusReason") or {}).get("text")
             if reason:
                 out["task"]["status_reason"] = reason
+    out.update(loop)
     return {"transition": out}

@@ -1,1 +1,2 @@
-"""The IOP records (/iop): marshmallow schemas, the /iop blueprints (thin views) and the record services."""
+"""The IOP records (/iop): marshmallow schemas, the /iop blueprints (thin views), the record services, and the
+discharge summary rendered for people without FHIR (HTML, PDF)."""

@@ -10,13 +10,15 @@ from flask import Response, current_app, request
 from flask_smorest import Blueprint
 
 from iop_fhir.errors import BadRequest, Conflict, NotFound
-from iop_fhir.exchange import outbox
+from iop_fhir.exchange import followup, outbox
 from iop_fhir.iop import schemas, web
 from iop_fhir.iop.web import json_response
 from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import DELIVERY_STATUSES, RETRYABLE_BY_HAND, Delivery, Outbox
 
 PARAMETERS = ("partner", "status", "record", "offset", "count")
+# Not a stored status: transitions waiting too long for the partner's acceptance (exchange/followup.py).
+OVERDUE = "overdue"
 _RECORD = re.compile(r"([a-z][a-z0-9-]{0,31})/([A-Za-z0-9\-.]{1,64})")
 
 bp = Blueprint(
@@ -28,7 +30,13 @@ bp = Blueprint(
 
 _LIST_DOC = [
     {"in": "query", "name": "partner", "schema": {"type": "string"}, "description": "a partner id"},
-    {"in": "query", "name": "status", "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)}},
+    {
+        "in": "query",
+        "name": "status",
+        "schema": {"type": "string", "enum": [*DELIVERY_STATUSES, OVERDUE]},
+        "description": "a delivery status, or overdue: the newest delivery of each transition the aftercare partner "
+        "has not accepted IOP_FHIR_TRANSITION_OVERDUE_DAYS days after it was queued",
+    },
     {"in": "query", "name": "record", "schema": {"type": "string"}, "description": "<kind>/<id>, e.g. discharge/d1"},
     {"in": "query", "name": "offset", "schema": {"type": "integer", "minimum": 0}},
     {"in": "query", "name": "count", "schema": {"type": "integer", "minimum": 0}},
@@ -50,8 +58,8 @@ def _filters() -> dict[str, Any]:
         filters["partner_id"] = partner
     status = request.args.get("status")
     if status is not None:
-        if status not in DELIVERY_STATUSES:
-            allowed = ", ".join(DELIVERY_STATUSES)
+        if status not in DELIVERY_STATUSES and status != OVERDUE:
+            allowed = ", ".join([*DELIVERY_STATUSES, OVERDUE])
             raise BadRequest(f"status must be one of {allowed}, got {status[:40]!r}", "status")
         filters["status"] = status
     record = request.args.get("record")
@@ -74,7 +82,10 @@ def _delivery(delivery_id: str) -> Delivery:
 
 def list_deliveries() -> Response:
     filters = _filters()
-    found, total = _outbox().deliveries(**filters)
+    if filters.get("status") == OVERDUE:
+        found, total = _overdue(filters)
+    else:
+        found, total = _outbox().deliveries(**filters)
     body = {
         "total": total,
         "offset": filters["offset"],
@@ -82,6 +93,30 @@ def list_deliveries() -> Response:
         "items": [outbox.to_json(d) for d in found],
     }
     return json_response(body)
+
+
+def _overdue(filters: dict[str, Any]) -> tuple[list[Delivery], int]:
+    """The newest delivery of each overdue transition (the other filters applied), oldest first, and the total."""
+    store = current_app.extensions["iop_fhir.store"]
+    days = current_app.config["IOP_FHIR"].transition_overdue_days
+    query = {k: v for k, v in filters.items() if k in ("partner_id", "record_id")}
+    kind = filters.get("record_kind", "discharge")
+    if kind != "discharge":
+        return [], 0
+    rows, _ = store.deliveries(record_kind="discharge", **query, offset=0, count=1_000_000)
+    newest: dict[str, Delivery] = {}
+    for row in rows:
+        if row.kind == "bundle" and row.record_id is not None:
+            newest[row.record_id] = row
+    now = now_us()
+    overdue = []
+    for record_id, row in newest.items():
+        record = store.record("discharge", record_id)
+        if record is not None and followup.overdue_since(record, store, days, now) is not None:
+            overdue.append(row)
+    overdue.sort(key=lambda r: (r.created, r.id))
+    start = filters["offset"]
+    return overdue[start : start + filters["count"]], len(overdue)
 
 
 def get_delivery(delivery_id: str) -> Response:

@@ -7,6 +7,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import date, timedelta
 from typing import Any
 
 import orjson
@@ -306,6 +307,9 @@ class RecordService:
                     context.update(self._care_team(tx, target.id))
                 if "expected-positives" in spec.derive:
                     context["medications"] = self._medications(target.id)
+                if kind == "discharge":
+                    # What a step-up's ServiceRequest names as supportingInfo (discharge.yaml).
+                    context["transition_support"] = self._transition_support(target.id, payload)
         if spec.during is not None and "enrollment" in context:
             issues.extend(self._outside_enrollment(tx, spec.during, payload, context["enrollment"]))
         if issues:
@@ -368,6 +372,46 @@ class RecordService:
             for record in records
             if record.status == ACTIVE
         ]
+
+    def _transition_support(self, enrollment_id: str, discharge: dict[str, Any]) -> list[dict[str, str]]:
+        """The enrollment's resources a receiving unit needs, as {reference, display}: the substance-use
+        Observations of its latest assessment that recorded substance use, the drug screens of the 30 days before
+        the discharge, and its medications (their request, else statement, else dispense)."""
+        day = str(discharge.get("discharge_date") or "")[:10]
+        since = _days_before(day, 30)
+
+        def active(kind: str) -> list[StoredRecord]:
+            records, _ = self.store.records(kind, enrollment_id=enrollment_id, offset=0, count=10_000)
+            return [r for r in records if r.status == ACTIVE]
+
+        def own(record: StoredRecord, role: str) -> list[str]:
+            return [e["reference"] for e in record.resources if e["role"] == role]
+
+        support: list[dict[str, str]] = []
+        assessments = [
+            a
+            for a in active("assessment")
+            if own(a, "substance-use") and (not day or str(a.content.get("performed_at"))[:10] <= day)
+        ]
+        if assessments:
+            latest = max(assessments, key=lambda a: str(a.content.get("performed_at")))
+            when = str(latest.content.get("performed_at"))[:10]
+            support += [
+                {"reference": ref, "display": f"Substance use (assessment of {when})"}
+                for ref in own(latest, "substance-use")
+            ]
+        for session in sorted(active("session"), key=lambda r: str(r.content.get("start"))):
+            screen = session.content.get("drug_screen")
+            when = str((screen or {}).get("collected_at") or session.content.get("start"))[:10]
+            if isinstance(screen, dict) and since <= when and (not day or when <= day):
+                support += [
+                    {"reference": ref, "display": f"Drug screen of {when}"} for ref in own(session, "drug-screen")
+                ]
+        for medication in active("medication"):
+            refs = own(medication, "request") or own(medication, "statement") or own(medication, "dispense")
+            name = medication.content.get("medication")
+            support += [{"reference": ref, "display": f"Medication: {name}"} for ref in refs[:1]]
+        return support
 
     def _members_context(self, tx: RecordTx, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         """A group session's context: each attendee's session checked and gathered as a session record of its own
@@ -709,6 +753,14 @@ class RecordService:
 def _json(content: bytes | None) -> dict[str, Any]:
     body: dict[str, Any] = orjson.loads(content or b"{}")
     return body
+
+
+def _days_before(day: str, days: int) -> str:
+    """The ISO date ``days`` days before ``day`` ("" when ``day`` is not a date)."""
+    try:
+        return (date.fromisoformat(day) - timedelta(days=days)).isoformat()
+    except ValueError:
+        return ""
 
 
 def _get(payload: Any, path: str) -> Any:

@@ -1,6 +1,7 @@
 """The /iop blueprint: per record kind, routes that parse the request (schemas.load) and call one service function.
 
-Request and response bodies are application/json; errors are OperationOutcomes (app.py renders them).
+Request and response bodies are application/json (the discharge summary: text/html or application/pdf); errors are
+OperationOutcomes (app.py renders them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from flask import Response, current_app, request, url_for
 from flask_smorest import Api, Blueprint
 
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
-from iop_fhir.iop import schemas, service, web
+from iop_fhir.iop import schemas, service, summaries, summary, web
 from iop_fhir.iop.web import OperationOutcomeSchema, json_response
 from iop_fhir.privacy import accounting
 
@@ -250,3 +251,41 @@ web.route(
     errors=(400, 403, 404),
     parameters=_LIST_QUERY_DOC[1:],
 )
+
+
+def _summary_response(body: str | bytes, mimetype: str, record_id: str, extension: str) -> Response:
+    # The filename names the discharge by its id only: a name or birth date would leak into download folders.
+    headers = {"Content-Disposition": f'inline; filename="discharge-{record_id}-summary.{extension}"'}
+    if extension == "html":
+        headers["Content-Security-Policy"] = summary.CONTENT_SECURITY_POLICY
+    return Response(body, mimetype=mimetype, headers=headers)
+
+
+def get_discharge_summary_html(record_id: str) -> Response:
+    record_id = _record_id("discharge", record_id)
+    return _summary_response(summaries.html(record_id), "text/html", record_id, "html")
+
+
+def get_discharge_summary_pdf(record_id: str) -> Response:
+    record_id = _record_id("discharge", record_id)
+    return _summary_response(summaries.pdf(record_id), "application/pdf", record_id, "pdf")
+
+
+# The discharge's transition-of-care document, readable without FHIR: the same access as reading the discharge.
+for _extension, _mimetype, _view in (
+    ("html", "text/html", get_discharge_summary_html),
+    ("pdf", "application/pdf", get_discharge_summary_pdf),
+):
+    web.route(
+        bp,
+        f"/discharges/<record_id>/summary.{_extension}",
+        "GET",
+        _view,
+        f"The discharge summary as {_extension.upper()}: the transition-of-care document of the discharge (patient, "
+        "stay, every section's narrative, the next appointment and aftercare referral, the 42 CFR Part 2 notice)",
+        endpoint=_view.__name__,
+        success_description=f"the summary ({_mimetype}, inline, never cached)",
+        success_schema={"type": "string", "format": "binary"} if _extension == "pdf" else {"type": "string"},
+        success_content_type=_mimetype,
+        errors=(403, 404),
+    )

@@ -165,9 +165,11 @@ def route(
     body: type[Schema] | None = None,
     body_required: bool = True,
     parameters: list[dict[str, Any]] | None = None,
+    success_content_type: str = JSON,
 ) -> None:
     """Register one operation with its OpenAPI documentation; the request body is documented here and parsed by
-    the view (not by webargs, whose errors are not OperationOutcomes)."""
+    the view (not by webargs, whose errors are not OperationOutcomes). ``success_content_type``: the media type of
+    a successful answer (a rendering such as text/html), JSON unless said."""
     documented: dict[str, Any] = {"summary": summary}
     if body is not None:
         documented["requestBody"] = {"required": body_required, "content": {JSON: {"schema": body}}}
@@ -175,7 +177,7 @@ def route(
         documented["parameters"] = parameters
     view = bp.doc(**documented)(view)
     view = bp.alt_response(
-        success, description=success_description, schema=success_schema, content_type=JSON, success=True
+        success, description=success_description, schema=success_schema, content_type=success_content_type, success=True
     )(view)
     for status, description in (also or {}).items():
         view = bp.alt_response(status, description=description, schema=success_schema, content_type=JSON)(view)

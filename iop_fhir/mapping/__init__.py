@@ -1,9 +1,10 @@
 """The mapping engine: IOP records to FHIR resources, driven by mappings/*.yaml; terminology lookups; deterministic ids.
 
 ``Engine.reverse`` (resources back to the record) is the mappings' test oracle: the golden tests map every case and
-read it back, which proves that nothing a record says is lost on the way to FHIR. Referral intake does not use it:
-an inbound referral's Patient and Conditions come from another system, not from these templates, and
-exchange/referrals.py reads them leniently (any identifiers, names, codings); the reverse matches what `map` wrote.
+read it back, which proves that nothing a record says is lost on the way to FHIR. Referral intake uses it too, on
+an inbound referral's Patient and Conditions read as an enrollment's: they come from another system, not from these
+templates, so the reverse recovers what matches them (demographics in the record's vocabularies, diagnoses in its
+systems) and exchange/referrals.py reads the rest leniently (any identifiers, the official name, other codings).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ when the file and the running app disagree.
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import resources
 from typing import Any
@@ -73,8 +74,13 @@ def _operation_ids(doc: dict[str, Any]) -> None:
     for path, operations in doc["paths"].items():
         for method, operation in _operations(operations):
             if "operationId" not in operation:
-                words = [w for w in path.strip("/").replace("-", "/").replace("_", "/").split("/") if w]
-                named = [w.strip("{}").capitalize() if w.startswith("{") else w.capitalize() for w in words]
+                # /iop/treatment-plans/{record_id}/retract -> postIopTreatmentPlansByRecordIdRetract
+                named = []
+                for token in re.findall(r"\{[^}]*\}|[A-Za-z0-9]+", path):
+                    if token.startswith("{"):
+                        named.append("By" + "".join(p.capitalize() for p in re.split(r"[_\-]", token[1:-1]) if p))
+                    else:
+                        named.append(token.capitalize())
                 operation["operationId"] = method + "".join(named)
 
 

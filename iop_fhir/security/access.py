@@ -60,6 +60,8 @@ _RECORD_ACTIONS = {
     "retract": "update",
     "revoke": "update",
 }
+# Renderings of a record (the discharge summary as HTML or PDF) need what reading the record needs.
+_RENDERINGS = {"get_discharge_summary_html": "get_discharge", "get_discharge_summary_pdf": "get_discharge"}
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class Access:
         if name == "disclosures":
             self.require("AuditEvent", "search-type")
             return
-        action, _, kind = name.partition("_")
+        action, _, kind = _RENDERINGS.get(name, name).partition("_")
         res_type = RECORD_TYPES.get(kind)
         interaction = _RECORD_ACTIONS.get(action)
         if res_type is None or interaction is None:

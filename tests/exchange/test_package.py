@@ -82,3 +82,28 @@ def test_practitioner_is_matched_by_npi_and_the_source_resources_are_untouched()
     bundle = package.transaction(before)
     assert bundle["entry"][2]["request"]["url"] == "Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|1234567893"
     assert before == snapshot
+
+
+def test_an_organization_named_by_its_own_id_gets_a_urn_and_references_to_it_follow() -> None:
+    organization = {
+        "resourceType": "Organization",
+        "id": "passaic-valley-recovery",
+        "identifier": [{"system": "https://iop-fhir.org/fhir/sid/partner", "value": "passaic-valley-recovery"}],
+        "name": "Passaic Valley Recovery Services",
+    }
+    task = {
+        "resourceType": "Task",
+        "id": "0b0c5c1e-1111-5000-8000-000000000009",
+        "identifier": [{"system": "https://iop-fhir.org/fhir/sid/iop-record", "value": "discharge/d1/referral-task"}],
+        "owner": {"reference": "Organization/passaic-valley-recovery"},
+    }
+    bundle = package.transaction([organization, task])
+    org_entry, task_entry = bundle["entry"]
+    assert org_entry["fullUrl"].startswith("urn:uuid:")
+    assert org_entry["fullUrl"] == package.transaction([organization])["entry"][0]["fullUrl"], "deterministic"
+    assert task_entry["resource"]["owner"]["reference"] == org_entry["fullUrl"]
+    assert "id" not in org_entry["resource"]
+    # a resource without a business identifier is sent to its own id, under that id
+    plain = {"resourceType": "Organization", "id": "no-identifier", "name": "x"}
+    [entry] = package.transaction([plain])["entry"]
+    assert (entry["fullUrl"], entry["request"]["url"]) == ("Organization/no-identifier", "Organization/no-identifier")

@@ -521,3 +521,140 @@ def test_the_updated_task_and_its_delivery_are_valid_fhir(sqlite_app: Any, sqlit
         (tmp_path / f"delivery-{n}.json").write_text(json.dumps(row.payload["body"]), encoding="utf-8")
     result = subprocess.run([str(VALIDATOR), str(tmp_path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- reverse mapping through the engine, and one Patient per person ------------------------------------------------
+
+
+def _engine() -> Any:
+    from iop_fhir.mapping import load_engine
+
+    return load_engine((Path(__file__).resolve().parents[2] / "mappings").resolve())
+
+
+def _inpatient_patient() -> dict[str, Any]:
+    """A referring unit's Patient with US Core race and ethnicity, an address and a preferred language (the shape
+    another system sends: no iop-record identifier, a mobile phone, an official name among others)."""
+    return {
+        "resourceType": "Patient",
+        "id": "patient-1",
+        "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5.99999.1", "value": "MRN-551207"}],
+        "extension": [
+            {
+                "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2054-5"},
+                    },
+                    {"url": "text", "valueString": "Black or African American"},
+                ],
+            },
+            {
+                "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": "2186-5"},
+                    },
+                    {"url": "text", "valueString": "Not Hispanic or Latino"},
+                ],
+            },
+        ],
+        "name": [
+            {"use": "nickname", "family": "B", "given": ["Marc"]},
+            {"use": "official", "family": "Bell", "given": ["Marcus"]},
+        ],
+        "telecom": [{"system": "phone", "value": "+1-973-555-0177", "use": "mobile"}],
+        "gender": "male",
+        "birthDate": "1979-09-30",
+        "address": [{"line": ["9 Lakeview Ave"], "city": "Clifton", "state": "NJ", "postalCode": "07011"}],
+        "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]}, "preferred": True}],
+    }
+
+
+def test_referral_from_reads_the_patient_and_conditions_back_through_the_enrollment_mapping() -> None:
+    found = resources(inbound_bundle())
+    patient = _inpatient_patient()
+    referral = referrals.referral_from(found["Task"], found["ServiceRequest"], patient, [found["Condition"]], _engine())
+    # what only the engine's reverse mapping reads, in the enrollment's vocabularies
+    assert referral["patient"]["race"] == ["black-or-african-american"]
+    assert referral["patient"]["ethnicity"] == "not-hispanic-or-latino"
+    assert referral["patient"]["preferred_language"] == "en"
+    assert referral["patient"]["address"] == {
+        "line": ["9 Lakeview Ave"],
+        "city": "Clifton",
+        "state": "NJ",
+        "postal_code": "07011",
+    }
+    # the rest as before: the official name, identifiers with a system, the phone
+    assert referral["patient"]["name"] == {"given": ["Marcus"], "family": "Bell"}
+    assert referral["patient"]["identifiers"] == [
+        {"system": "urn:oid:2.16.840.1.113883.19.5.99999.1", "value": "MRN-551207"}
+    ]
+    assert (referral["patient"]["gender"], referral["patient"]["birth_date"]) == ("male", "1979-09-30")
+    assert referral["diagnoses"] == [
+        {"system": "icd-10-cm", "code": "F11.20", "display": "Opioid dependence, uncomplicated"}
+    ]
+    # the patient read back is a valid enrollment patient: admission can start from it
+    from iop_fhir.iop import schemas
+
+    payload = referrals.enrollment_for(referral, ADMISSION, BASE)
+    assert schemas.load("enrollment", payload)["patient"]["race"] == ["black-or-african-american"]
+
+
+def test_a_service_request_reason_code_is_still_a_diagnosis_next_to_the_conditions_read_back() -> None:
+    found = resources(inbound_bundle())
+    service_request = copy.deepcopy(found["ServiceRequest"])
+    service_request["reasonCode"] = [{"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "F10.20"}]}]
+    referral = referrals.referral_from(
+        found["Task"], service_request, found["Patient"], [found["Condition"]], _engine()
+    )
+    assert [d["code"] for d in referral["diagnoses"]] == ["F11.20", "F10.20"]
+
+
+def test_the_intake_hook_uses_the_engine(client: Any) -> None:
+    bundle = inbound_bundle()
+    patient = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient["resource"]["extension"] = _inpatient_patient()["extension"]
+    post_bundle(client, bundle)
+    referral = client.get("/iop/referrals").get_json()["items"][0]
+    assert referral["patient"]["race"] == ["black-or-african-american"]
+
+
+def test_an_admitted_referral_enrolls_the_patient_the_referral_brought(client: Any, referral_id: str) -> None:
+    referral = client.get(f"/iop/referrals/{referral_id}").get_json()
+    task = read(client, referral["task"])
+    referred_patient = task["for"]["reference"]
+    client.post(f"/iop/referrals/{referral_id}/accept", json={"planned_admission": "2026-02-09"})
+    response = client.post(f"/iop/referrals/{referral_id}/admit", json={"enrollment": ADMISSION})
+    assert response.status_code == 200, response.get_json()
+    enrollment = client.get(f"/iop/enrollments/{response.get_json()['enrollment_id']}").get_json()
+    assert [r for r in enrollment["fhir"] if r.startswith("Patient/")] == [referred_patient]
+    patients = client.get("/fhir/Patient?identifier=urn:oid:2.16.840.1.113883.19.5.99999.1|MRN-552310").get_json()
+    assert [e["resource"]["id"] for e in patients["entry"]] == [referred_patient.split("/")[1]]
+    episode = read(client, response.get_json()["episode_of_care"])
+    assert episode["patient"]["reference"] == referred_patient
+
+
+def test_a_referral_of_a_former_patient_attaches_to_the_patient_we_already_have(client: Any) -> None:
+    earlier = json.loads((CONTRACT / "enrollment.json").read_text(encoding="utf-8"))
+    earlier["patient"]["identifiers"] = [{"system": "urn:oid:2.16.840.1.113883.19.5.99999.1", "value": "MRN-552310"}]
+    earlier["patient"]["birth_date"] = "1979-09-30"
+    first = client.post("/iop/enrollments", json=earlier)
+    assert first.status_code == 201, first.get_json()
+    [person] = [r for r in first.get_json()["fhir"] if r.startswith("Patient/")]
+
+    # the unit's Bundle creates its Patient only if none has the MRN: the referral is about the person we know
+    task_id = post_bundle(client, inbound_bundle())["Task"]
+    assert read(client, f"Task/{task_id}")["for"]["reference"] == person
+    client.post(f"/iop/referrals/{task_id}/accept", json={"planned_admission": "2026-02-09"})
+    admission = {**ADMISSION, "admission_date": "2026-02-10"}
+    response = client.post(f"/iop/referrals/{task_id}/admit", json={"enrollment": admission})
+    assert response.status_code == 200, response.get_json()
+    second = client.get(f"/iop/enrollments/{response.get_json()['enrollment_id']}").get_json()
+    assert [r for r in second["fhir"] if r.startswith("Patient/")] == [person]
+    patients = client.get("/fhir/Patient?identifier=urn:oid:2.16.840.1.113883.19.5.99999.1|MRN-552310").get_json()
+    assert len(patients["entry"]) == 1
+    episodes = client.get(f"/fhir/EpisodeOfCare?patient={person}").get_json()
+    assert len(episodes["entry"]) == 2

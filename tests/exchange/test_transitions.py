@@ -45,12 +45,17 @@ def test_discharge_with_referral_and_consent_queues_one_transition_bundle(app: A
     assert (row.partner_id, row.kind, row.status) == ("passaic-valley-recovery", "bundle", "pending")
     bundle = row.payload["body"]
     types = [e["resource"]["resourceType"] for e in bundle["entry"]]
-    assert types == ["Patient", "CarePlan", "ServiceRequest", "Task", "Consent"]
+    # the partner's Organization (the Task's owner) goes too, so the receiver resolves it
+    assert types == ["Patient", "Organization", "CarePlan", "ServiceRequest", "Task", "Consent", "Bundle"]
     assert all(e["request"]["url"].startswith(f"{t}?identifier=") for e, t in zip(bundle["entry"], types, strict=True))
+    assert bundle["entry"][6]["resource"]["type"] == "document"
     assert "RedisclosureProhibitionMark" in [s["code"] for s in bundle["meta"]["security"]]
-    task = bundle["entry"][3]["resource"]
-    assert task["focus"]["reference"] == bundle["entry"][2]["fullUrl"]
+    task = bundle["entry"][4]["resource"]
+    assert task["focus"]["reference"] == bundle["entry"][3]["fullUrl"]
     assert task["for"]["reference"] == bundle["entry"][0]["fullUrl"]
+    assert task["owner"]["reference"] == bundle["entry"][1]["fullUrl"]
+    assert bundle["entry"][1]["fullUrl"].startswith("urn:uuid:")
+    assert bundle["entry"][1]["resource"]["name"] == "Passaic Valley Recovery Services"
 
 
 def test_transition_without_consent_waits_blocked(app: Any, client: Any, enrolled: str) -> None:

@@ -163,9 +163,12 @@ def test_a_transition_waits_for_consent_goes_once_consented_and_stops_once_revok
     assert [r.status for r in rows] == ["superseded", "delivered"], [r.last_error for r in rows]
     delivered = everything_at(aftercare)
     assert {t: len(found) for t, found in delivered.items()} == dict.fromkeys(delivered, 1)
-    assert delivered["Consent"][0]["provision"]["actor"][0]["reference"]["reference"] == (
-        "Organization/passaic-valley-recovery"
-    )
+    # the recipient is the partner's Organization, sent with the package and resolved by the receiver
+    recipient = delivered["Consent"][0]["provision"]["actor"][0]["reference"]["reference"]
+    organization = requests.get(f"{aftercare}/{recipient}", timeout=10).json()
+    assert {"system": "https://iop-fhir.org/fhir/sid/partner", "value": "passaic-valley-recovery"} in organization[
+        "identifier"
+    ]
     assert len(disclosures_audited(app)) == 1
 
     # The patient revokes the consent; a later change to the discharge is not disclosed.

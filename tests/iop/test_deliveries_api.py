@@ -190,6 +190,11 @@ def test_an_unknown_delivery_is_404(client: FlaskClient, delivery_id: str) -> No
     ("query", "expression", "message"),
     [
         ("?status=lost", "status", "status must be one of pending, delivering, delivered, dead, blocked"),
+        (
+            "?status=late",
+            "status",
+            "status must be one of pending, delivering, delivered, dead, blocked, superseded, overdue",
+        ),
         ("?record=discharge", "record", "record must be <kind>/<id>"),
         ("?record=discharge/a/b", "record", "record must be <kind>/<id>"),
         ("?partner=has%20space", "partner", "partner must be a partner id"),
@@ -216,3 +221,101 @@ def test_the_openapi_document_lists_the_delivery_operations(app: Flask) -> None:
     assert "get" in paths["/iop/deliveries/{delivery_id}"]
     assert "post" in paths["/iop/deliveries/{delivery_id}/retry"]
     assert set(paths["/iop/deliveries/{delivery_id}/retry"]["post"]["responses"]) >= {"200", "404", "409"}
+
+
+# -- overdue transitions ---------------------------------------------------------------------------------------------
+
+DAY = 86_400 * SECOND
+
+
+def _contract(kind: str, enrollment_id: str = "") -> dict[str, Any]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "shared" / "contract" / f"{kind}.json"
+    payload: dict[str, Any] = json.loads(path.read_text(encoding="utf-8").replace("{{enrollment_id}}", enrollment_id))
+    return payload
+
+
+def _transition(client: FlaskClient) -> dict[str, Any]:
+    """A discharge with a referral to passaic-valley-recovery, queued for it."""
+    client.post("/iop/partners", json=_contract("partner"))
+    enrollment_id = client.post("/iop/enrollments", json=_contract("enrollment")).get_json()["id"]
+    assert client.post("/iop/treatment-plans", json=_contract("treatment-plan", enrollment_id)).status_code == 201
+    response = client.post("/iop/discharges", json=_contract("discharge", enrollment_id))
+    assert response.status_code == 201, response.get_json()
+    body: dict[str, Any] = response.get_json()
+    return body
+
+
+def _later(monkeypatch: pytest.MonkeyPatch, days: float) -> None:
+    """Today is ``days`` days from now, for the overdue rule."""
+    from iop_fhir.exchange import transitions
+    from iop_fhir.iop import deliveries
+
+    then = now_us() + int(days * DAY)
+    monkeypatch.setattr(deliveries, "now_us", lambda: then)
+    monkeypatch.setattr(transitions, "now_us", lambda: then)
+
+
+def test_a_transition_not_accepted_after_the_configured_days_is_listed_as_overdue(
+    client: FlaskClient, store: SqlStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    discharge = _transition(client)
+    assert client.get("/iop/deliveries?status=overdue").get_json()["items"] == []
+    shown = client.get(f"/iop/discharges/{discharge['id']}").get_json()["transition"]
+    assert shown["overdue"] is False
+    [row] = store.deliveries(record_id=discharge["id"])[0]
+    assert shown["accept_by"] == instant(row.created + 7 * DAY)
+
+    _later(monkeypatch, 6.9)
+    assert client.get("/iop/deliveries?status=overdue").get_json()["total"] == 0
+    _later(monkeypatch, 7.1)
+    listed = client.get("/iop/deliveries?status=overdue").get_json()
+    assert (listed["total"], [d["id"] for d in listed["items"]]) == (1, [row.id])
+    assert listed["items"][0]["record"] == {"kind": "discharge", "id": discharge["id"]}
+    assert client.get(f"/iop/discharges/{discharge['id']}").get_json()["transition"]["overdue"] is True
+    # the other filters still apply
+    assert client.get("/iop/deliveries?status=overdue&partner=someone-else").get_json()["total"] == 0
+    assert client.get(f"/iop/deliveries?status=overdue&record=discharge/{discharge['id']}").get_json()["total"] == 1
+    assert client.get("/iop/deliveries?status=overdue&record=enrollment/e1").get_json()["total"] == 0
+
+
+def test_an_accepted_or_retracted_transition_is_not_overdue(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import orjson
+
+    accepted = _transition(client)
+    task_ref = next(r for r in accepted["fhir"] if r.startswith("Task/"))
+    task = client.get(f"/fhir/{task_ref}").get_json()
+    task["status"] = "accepted"
+    repository = app.extensions["iop_fhir.repository"]
+    with repository.store.write() as tx:
+        repository.update_in(tx, "Task", task["id"], orjson.loads(orjson.dumps(task)))
+    _later(monkeypatch, 30)
+    assert client.get("/iop/deliveries?status=overdue").get_json()["total"] == 0
+    assert client.get(f"/iop/discharges/{accepted['id']}").get_json()["transition"]["overdue"] is False
+    assert client.post(f"/iop/discharges/{accepted['id']}/retract").status_code in (200, 204)
+    assert client.get("/iop/deliveries?status=overdue").get_json()["total"] == 0
+
+
+def test_the_overdue_days_are_configurable(sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from iop_fhir.app import create_app
+    from iop_fhir.config import Settings
+
+    settings = Settings.from_env(
+        {"IOP_FHIR_TRANSITION_OVERDUE_DAYS": "30"}, database_url=sqlite_url, seed_conformance=False
+    )
+    assert settings.transition_overdue_days == 30
+    app = create_app(settings)
+    try:
+        client = app.test_client()
+        discharge = _transition(client)
+        _later(monkeypatch, 8)
+        assert client.get("/iop/deliveries?status=overdue").get_json()["total"] == 0
+        assert client.get(f"/iop/discharges/{discharge['id']}").get_json()["transition"]["overdue"] is False
+        _later(monkeypatch, 31)
+        assert client.get("/iop/deliveries?status=overdue").get_json()["total"] == 1
+    finally:
+        app.extensions["iop_fhir.store"].close()

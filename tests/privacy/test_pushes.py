@@ -15,6 +15,7 @@ import pytest
 import responses
 
 from iop_fhir import runtime
+from iop_fhir.exchange.document import documents_in
 from iop_fhir.privacy import pushes
 from iop_fhir.store.base import Delivery
 from tests.auth import admin_token
@@ -104,14 +105,28 @@ def test_a_consent_recorded_later_releases_the_blocked_transition_rebuilt_with_t
     assert new.id in (old.last_error or {})["message"]
     assert old.payload == blocked.payload
     assert (new.status, new.attempts) == ("pending", 0)
-    assert types(new.payload["body"]) == ["Patient", "CarePlan", "ServiceRequest", "Task", "Consent"]
+    # the partner's Organization goes too: the Task's owner and the Consent's recipient resolve at the receiver
+    assert types(new.payload["body"]) == [
+        "Patient",
+        "Organization",
+        "CarePlan",
+        "ServiceRequest",
+        "Task",
+        "Consent",
+        "Bundle",
+    ]
     consent_ref = next(r for r in consent["fhir"] if r.startswith("Consent/"))
-    assert new.payload["body"]["entry"][4]["fullUrl"] == f"urn:uuid:{consent_ref.split('/')[1]}"
+    assert new.payload["body"]["entry"][5]["fullUrl"] == f"urn:uuid:{consent_ref.split('/')[1]}"
+    # The transition-of-care document is rebuilt too, now with the Consent that permits it.
+    [document] = documents_in(new.payload["body"])
+    assert f"https://iop-fhir.org/fhir/{consent_ref}" in [e["fullUrl"] for e in document["entry"]]
+    [held_back] = documents_in(blocked.payload["body"])
+    assert "Consent" not in types(held_back)
 
     run_worker(app)
     assert posted.call_count == 1
     sent = orjson.loads(responses.calls[0].request.body)
-    assert types(sent) == ["Patient", "CarePlan", "ServiceRequest", "Task", "Consent"]
+    assert types(sent) == types(new.payload["body"])
     assert [r.status for r in rows(app, record_id=discharge["id"])] == ["superseded", "delivered"]
 
 
@@ -259,7 +274,8 @@ def test_a_delivered_transition_writes_an_audit_event_naming_patient_recipient_a
     whats = [e["what"]["reference"] for e in event["entity"]]
     assert whats[0] == patient
     assert event["entity"][0]["role"]["code"] == "1"
-    assert [w.split("/")[0] for w in whats] == ["Patient", "CarePlan", "ServiceRequest", "Task", "Consent"]
+    kinds = ["Patient", "Organization", "CarePlan", "ServiceRequest", "Task", "Consent", "Bundle"]
+    assert [w.split("/")[0] for w in whats] == kinds
     assert whats == pushes.references(row.payload["body"])
     # Searchable like any AuditEvent, by the patient it concerns.
     assert [e["id"] for e in audit_events(app, ("entity", patient))] == [event["id"]]
