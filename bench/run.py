@@ -16,6 +16,7 @@ can) and read and search are measured again, to compare the server CPU per reque
 
     python bench/run.py                      # sync workers (gunicorn's default worker class)
     python bench/run.py --threads 1 4        # sync, then gthread with 4 threads per worker
+    python bench/run.py --server gunicorn    # `iop-fhir serve --server gunicorn` (the bare app is always on gunicorn)
     python bench/run.py profile              # cProfile of each interaction in-process (where the time goes)
 """
 
@@ -505,8 +506,12 @@ def bench(args: argparse.Namespace, threads: int) -> Run:
 
         port = _free_port()
         serve = [*_cli(), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        serve += ["--workers", str(args.workers), "--threads", str(threads)]
-        print(f"[{label}] iop-fhir serve on {env['IOP_FHIR_DATABASE_URL']}", file=sys.stderr, flush=True)
+        serve += ["--workers", str(args.workers), "--threads", str(threads), "--server", args.server]
+        print(
+            f"[{label}] iop-fhir serve --server {args.server} on {env['IOP_FHIR_DATABASE_URL']}",
+            file=sys.stderr,
+            flush=True,
+        )
         with server(serve, port, "/health", env) as process:
             check_auth(port, token)
             for n in range(PATIENTS):
@@ -690,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="threads per worker; one run for each")
+    parser.add_argument(
+        "--server", choices=["gunicorn", "waitress"], default="waitress", help="the server of `iop-fhir serve`"
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per load")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring (python generator)")
     parser.add_argument("--connections", type=int, default=8)

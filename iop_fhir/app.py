@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from iop_fhir import limits
 from iop_fhir import runtime as runtimes
 from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Issue, operation_outcome
@@ -52,6 +53,7 @@ def create_app(config: Settings | dict[str, Any] | None = None, *, runtime: Runt
     app = Flask(__name__)
     app.config["IOP_FHIR"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    limits.install(app)  # first: an oversized request is refused before anything else reads it
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["iop_fhir.runtime"] = runtime
     app.extensions["iop_fhir.store"] = runtime.store

@@ -20,6 +20,35 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     # Migrate once in the master, before workers start, so that workers never race on an empty database.
     runtime.open_store(settings).close()
+    if args.server == "waitress":
+        from iop_fhir import serving
+
+        print(
+            f"iop-fhir serving FHIR R4 at http://{args.host}:{args.port}/fhir under waitress "
+            f"({settings.database_url.split(':')[0]})",
+            file=sys.stderr,
+        )
+
+        def make_app() -> Any:
+            from iop_fhir.app import create_app
+
+            return create_app(settings)
+
+        return serving.serve(
+            make_app,
+            settings,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            threads=args.threads,
+            access_log=args.access_log,
+        )
+
+    from gunicorn import util
+
+    from iop_fhir import limits
+
+    util.write_error = limits.gunicorn_write_error  # its 400/414/431 pages are OperationOutcomes, not HTML
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -33,6 +62,9 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("access_log_format", '%(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms')
             self.cfg.set("timeout", 120)
             self.cfg.set("keepalive", 5)
+            # gunicorn's largest request line (its own 414 is an HTML page): above the app's limit on the request
+            # target (limits.MAX_TARGET_BYTES), which answers 414 with an OperationOutcome first.
+            self.cfg.set("limit_request_line", 8190)
 
         def load(self) -> Any:
             from iop_fhir.app import create_app
@@ -377,11 +409,18 @@ def _add_auth_commands(commands: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="iop-fhir", description="FHIR R4 service for Intensive Outpatient Programs")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the service under gunicorn")
+    serve = commands.add_parser("serve", help="run the service (waitress processes, or gunicorn)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=2)
-    serve.add_argument("--threads", type=int, default=1, help="threads per worker (gthread when above 1)")
+    serve.add_argument("--threads", type=int, default=1, help="threads per worker (gunicorn: gthread when above 1)")
+    serve.add_argument(
+        "--server",
+        choices=["gunicorn", "waitress"],
+        default="waitress",
+        help="waitress processes (default), which read each request whole before the app runs, so that idle and "
+        "slow clients hold no thread; or gunicorn (sync workers, gthread when --threads is above 1)",
+    )
     serve.add_argument(
         "--access-log",
         action="store_true",

@@ -28,13 +28,16 @@ def command() -> list[str]:
 
 
 @contextmanager
-def serve(env: dict[str, str], log_path: Path, *, workers: int = 2, cwd: Path | None = None) -> Iterator[str]:
-    """Runs `iop-fhir serve` with ``env`` added to the environment; yields its base URL (http://127.0.0.1:PORT) once
-    /health answers, and stops it afterwards (a server that did not exit cleanly fails the test)."""
+def serve(
+    env: dict[str, str], log_path: Path, *, workers: int = 2, cwd: Path | None = None, args: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """Runs `iop-fhir serve` (with ``args`` added) with ``env`` added to the environment; yields its base URL
+    (http://127.0.0.1:PORT) once /health answers, and stops it afterwards (a server that did not exit cleanly fails
+    the test)."""
     port = free_port()
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [*command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+        [*command(), "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), *args],
         env={**os.environ, **env},
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -29,6 +29,8 @@ _INTERACTIONS = [
     "create",
     "search-type",
 ]
+# Compartment search GET Patient/{id}/{type} (https://hl7.org/fhir/R4/compartmentdefinition-patient.html).
+PATIENT_COMPARTMENT = "http://hl7.org/fhir/CompartmentDefinition/patient"
 RELEASE_DATE = "2026-11-22"
 # Bulk Data Access IG v2 (https://hl7.org/fhir/uv/bulkdata/export.html): $export at system, Patient and Group level.
 BULK_DATA = "http://hl7.org/fhir/uv/bulkdata"
@@ -36,6 +38,12 @@ _EXPORT_OPERATIONS = {
     "Patient": f"{BULK_DATA}/OperationDefinition/patient-export",
     "Group": f"{BULK_DATA}/OperationDefinition/group-export",
 }
+EXPORT_DOCUMENTATION = (
+    "Kick-off by GET, or POST with a Parameters body (or no body: the query string's parameters). Parameters: "
+    "_outputFormat, _type, _since, _elements (top-level elements, name or Type.name; resources tagged SUBSETTED), "
+    "patient (Patient and Group level; a valueReference in a POST's Parameters, repeatable). _typeFilter is "
+    "refused (400) even with Prefer: handling=lenient; includeAssociatedData is ignored under it."
+)
 
 
 def supported_search_params(res_type: str) -> list[definitions.SearchParam]:
@@ -101,7 +109,9 @@ def _audit_event() -> dict[str, Any]:
 def _operations(res_type: str) -> list[dict[str, str]]:
     operations = [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}]
     if res_type in _EXPORT_OPERATIONS:
-        operations.append({"name": "export", "definition": _EXPORT_OPERATIONS[res_type]})
+        operations.append(
+            {"name": "export", "definition": _EXPORT_OPERATIONS[res_type], "documentation": EXPORT_DOCUMENTATION}
+        )
     return operations
 
 
@@ -149,21 +159,30 @@ def _statement_bytes(base_url: str) -> bytes:
         "implementation": {"description": "iop-fhir", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
-        "patchFormat": ["application/json-patch+json"],
+        "patchFormat": ["application/json-patch+json", "application/merge-patch+json"],
         "rest": [
             {
                 "mode": "server",
                 "security": _security(base_url),
-                "documentation": "Search result parameters: " + ", ".join(_RESULT_PARAMS) + "; chained parameters "
-                "one level deep; modifiers :exact :contains :missing :not :text.",
+                "documentation": "Search result parameters: " + ", ".join(_RESULT_PARAMS) + " (_totalMethod=count "
+                "as _total=accurate); chained parameters one level deep; modifiers :exact :contains :missing :not "
+                ":text. Every page of a multi-page search carries Bundle.total unless _total=none. POST Type?query "
+                "is a conditional create (as If-None-Exist). PATCH takes a JSON Patch (application/json-patch+json) "
+                "or a JSON Merge Patch (application/json or application/merge-patch+json), and conditionally "
+                "(PATCH Type?query: no match 404, several 412). Compartment search: Patient/{id}/{type}.",
                 "resource": [_resource(t) for t in sorted(definitions.resource_types())],
+                "compartment": [PATIENT_COMPARTMENT],
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
                 "operation": [
                     {
                         "name": "validate",
                         "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
                     },
-                    {"name": "export", "definition": f"{BULK_DATA}/OperationDefinition/export"},
+                    {
+                        "name": "export",
+                        "definition": f"{BULK_DATA}/OperationDefinition/export",
+                        "documentation": EXPORT_DOCUMENTATION,
+                    },
                 ],
             }
         ],

@@ -31,6 +31,7 @@ import orjson
 
 from iop_fhir.config import Settings
 from iop_fhir.errors import BadRequest, FhirError, Forbidden, Gone, Issue, NotFound, operation_outcome
+from iop_fhir.fhir import searchset
 from iop_fhir.privacy import audit, disclosure
 from iop_fhir.privacy.restriction import Restriction
 from iop_fhir.r4 import definitions
@@ -51,9 +52,14 @@ log = logging.getLogger(__name__)
 
 LEVELS = ("system", "patient", "group")
 OUTPUT_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
-# Kick-off parameters of the specification this server does not implement: 400, or ignored with handling=lenient.
-NOT_SUPPORTED = ("_typeFilter", "patient", "includeAssociatedData", "_elements")
-_KNOWN = frozenset({"_outputFormat", "_type", "_since", "_format", *NOT_SUPPORTED})
+# Kick-off parameters of the specification this server does not implement: 400, or ignored with handling=lenient
+# when ignoring them can only export less than asked; those that narrow the export (_typeFilter) are always 400,
+# so that an export never silently holds more than its client asked for.
+NOT_SUPPORTED = ("_typeFilter", "includeAssociatedData")
+NARROWING = frozenset({"_typeFilter", "patient"})
+_KNOWN = frozenset({"_outputFormat", "_type", "_since", "_format", "patient", "_elements", *NOT_SUPPORTED})
+MAX_PATIENTS = 1000  # patient references in one kick-off
+_ELEMENT = re.compile(r"(?:([A-Z][A-Za-z]*)\.)?([A-Za-z][A-Za-z0-9_]*)\Z")
 _INSTANT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})\Z")
 _JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PAGE = 1000  # resources read, and stored as one chunk, at a time: at most this many,
@@ -67,13 +73,17 @@ NDJSON = "application/fhir+ndjson"
 @dataclass(frozen=True)
 class ExportRequest:
     """What a kick-off asked for: level (system, patient or group), the Group, the types (None: every type the
-    client may read, of the Patient compartment below system level), changes since (µs), parameters ignored."""
+    client may read, of the Patient compartment below system level), changes since (µs), parameters ignored, the
+    patients whose compartments it holds (``patient``; None: every patient of its level), the elements to keep
+    (``_elements``, each ``name`` or ``Type.name``; None: whole resources)."""
 
     level: str
     group: str | None = None
     types: tuple[str, ...] | None = None
     since: int | None = None
     ignored: tuple[str, ...] = ()
+    patients: tuple[str, ...] | None = None
+    elements: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +97,21 @@ class ExportRequest:
             types=None if types is None else tuple(types),
             since=data.get("since"),
             ignored=tuple(data.get("ignored") or ()),
+            patients=None if data.get("patients") is None else tuple(data["patients"]),
+            elements=None if data.get("elements") is None else tuple(data["elements"]),
         )
+
+    def elements_of(self, res_type: str) -> tuple[str, ...] | None:
+        """The top-level elements ``_elements`` keeps of ``res_type`` (besides the mandatory ones, ``id`` and
+        ``meta``), or None if it was not given: an element without a type applies to every type."""
+        if self.elements is None:
+            return None
+        found = []
+        for element in self.elements:
+            type_name, _, name = element.rpartition(".")
+            if type_name in ("", res_type):
+                found.append(name)
+        return tuple(found)
 
 
 def compartment_types() -> frozenset[str]:
@@ -99,17 +123,34 @@ def _short(text: str) -> str:
 
 
 def parse(
-    level: str, params: list[tuple[str, str]], *, lenient: bool = False, group: str | None = None
+    level: str,
+    params: list[tuple[str, str]],
+    *,
+    lenient: bool = False,
+    group: str | None = None,
+    references: frozenset[int] = frozenset(),
 ) -> ExportRequest:
     """Validate the kick-off parameters (pure). Malformed or unknown values are a 400 naming the parameter (its
-    ``expression``); parameters this server does not implement too (``not-supported``), unless ``lenient``, when
-    they are listed in ``ignored`` and the job says so in an informational OperationOutcome of its error file."""
+    ``expression``); parameters this server does not implement too (``not-supported``), unless ``lenient`` and
+    ignoring them cannot export more than asked, when they are listed in ``ignored`` and the job says so in an
+    informational OperationOutcome of its error file. ``references`` holds the positions in ``params`` of the values
+    that came as a Reference (``valueReference`` of a POST's Parameters): ``patient`` is one, never a query
+    parameter."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}")
     types: list[str] | None = None
     since: int | None = None
     ignored: list[str] = []
-    for name, value in params:
+    patients: list[str] | None = None
+    elements: list[str] | None = None
+    for position, (name, value) in enumerate(params):
+        if name == "patient":
+            patients = _patient(level, value, patients or [], from_reference=position in references)
+            continue
+        if name == "_elements":
+            elements = elements or []
+            elements.extend(e for e in _elements(value) if e not in elements)
+            continue
         if name in ("_outputFormat", "_since"):
             value = value.replace(" ", "+")  # a "+" sent unencoded arrives as a space; neither value holds one
         if name == "_outputFormat":
@@ -142,13 +183,62 @@ def parse(
             since = _since(value)
         elif name == "_format":
             continue  # checked with the Accept header by the view
-        elif lenient:
+        elif lenient and name not in NARROWING:
             ignored.append(name)
         elif name in _KNOWN:
             raise BadRequest(f"{name} is not supported by this server's $export", name, code="not-supported")
         else:
             raise BadRequest(f"'{_short(name)}' is not a parameter of $export", name, code="not-supported")
-    return ExportRequest(level, group, None if types is None else tuple(types), since, tuple(ignored))
+    return ExportRequest(
+        level,
+        group,
+        None if types is None else tuple(types),
+        since,
+        tuple(ignored),
+        None if patients is None else tuple(patients),
+        None if elements is None else tuple(elements),
+    )
+
+
+def _patient(level: str, value: str, patients: list[str], *, from_reference: bool) -> list[str]:
+    """``patient``: a Reference to a Patient, in a POST's Parameters (valueReference), at Patient or Group level."""
+    if level == "system":
+        raise BadRequest(
+            "patient applies to Patient and Group level exports only (POST /fhir/Patient/$export)",
+            "patient",
+            code="not-supported",
+        )
+    if not from_reference:
+        raise BadRequest(
+            "patient is a Reference: send it as valueReference of a Parameters body in a POST kick-off "
+            '({"name": "patient", "valueReference": {"reference": "Patient/<id>"}})',
+            "patient",
+            code="not-supported",
+        )
+    patient = disclosure.patient_id(value) if value.startswith(("Patient/", "http")) else None
+    if patient is None:
+        raise BadRequest(f"patient '{_short(value)}' is not a reference to a Patient such as Patient/123", "patient")
+    if patient not in patients:
+        if len(patients) >= MAX_PATIENTS:
+            raise BadRequest(f"patient: at most {MAX_PATIENTS} patients in one export", "patient")
+        patients.append(patient)
+    return patients
+
+
+def _elements(value: str) -> list[str]:
+    """``_elements``: comma-separated top-level elements, each ``name`` or ``Type.name``."""
+    found = []
+    for element in (e.strip() for e in value.split(",")):
+        if not element:
+            continue
+        match = _ELEMENT.match(element)
+        if match is None or (match.group(1) and match.group(1) not in definitions.resource_types()):
+            raise BadRequest(
+                f"_elements: '{_short(element)}' is not a top-level element such as Patient.name or name",
+                "_elements",
+            )
+        found.append(element)
+    return found
 
 
 def _since(value: str) -> int:
@@ -163,7 +253,7 @@ def _since(value: str) -> int:
 
 def parameters(body: Any) -> list[tuple[str, str]]:
     """The kick-off parameters of a POST body: a Parameters resource, each value as the query string would give it
-    (a reference as its ``reference``)."""
+    (a reference as its ``reference``; reference_parameters tells which came as one)."""
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise BadRequest("a POST $export takes a Parameters resource", "Parameters")
     found: list[tuple[str, str]] = []
@@ -180,6 +270,16 @@ def parameters(body: Any) -> list[tuple[str, str]]:
             raise BadRequest(f"parameter {_short(parameter['name'])} needs one string value", where)
         found.append((parameter["name"], value))
     return found
+
+
+def reference_parameters(body: Any) -> frozenset[int]:
+    """The positions, among ``parameters(body)``, of the values that are a Reference (``valueReference``)."""
+    listed = body.get("parameter") if isinstance(body, dict) else None
+    return frozenset(
+        index
+        for index, p in enumerate(listed if isinstance(listed, list) else [])
+        if isinstance(p, dict) and "valueReference" in p
+    )
 
 
 def respond_async(prefer: str | None) -> bool:
@@ -308,12 +408,23 @@ def cancel(exporter: Exporter, principal: Principal, job_id: str) -> None:
     exporter.jobs.delete(owned(exporter, principal, job_id).id)
 
 
-def progress(job: ExportJob) -> str:
-    """The X-Progress of a job still running."""
+def progress(job: ExportJob, access: Access) -> str:
+    """The X-Progress of a job still waiting or running, a percentage first (clients read a leading number as
+    one): the share of its types done, the type being exported counted as half done, and never 100% before the
+    manifest is there. ``access`` is its client's, who decides the types (readable_types)."""
     if job.status == "queued":
-        return "queued"
-    current = (job.cursor or {}).get("type")
-    return f"{job.exported} resources exported" + (f", now {current}" if current else "")
+        return "0% (queued)"
+    cursor = job.cursor or {}
+    current = cursor.get("type")
+    types = readable_types(ExportRequest.from_json(job.params), access)
+    done: float = sum(
+        1 for t in types if current is not None and (t < current or (t == current and cursor.get("done")))
+    )
+    if current in types and not cursor.get("done"):
+        done += 0.5
+    percent = min(99, int(100 * done / len(types))) if types else 99
+    where = f", now {current}" if current else ""
+    return f"{percent}% ({job.exported:,} resources exported{where})"
 
 
 def manifest(exporter: Exporter, job: ExportJob, base_url: str) -> dict[str, Any]:
@@ -576,12 +687,16 @@ class _Run:
         restriction = self.access.restriction
         if restriction is not None:  # stored with this run's first chunk
             self.consented = consented(self.job.consented, restriction)
+        first = self.cursor.files == 0 and self.cursor.type is None  # the job's first run: it writes the notes
         members = self._members() if self.request.group is not None else None
-        if self.request.ignored and self.cursor.files == 0 and self.cursor.type is None:
+        notes: list[Issue] = []
+        if self.request.patients is not None:
+            members = self._asked_patients(members, notes)
+        if self.request.ignored:
             ignored = ", ".join(self.request.ignored)
-            self._error_file(
-                None, Issue("informational", f"ignored (not supported): {ignored}", severity="information")
-            )
+            notes.append(Issue("informational", f"ignored (not supported): {ignored}", severity="information"))
+        if notes and first:
+            self._error_file(None, *notes)
         for res_type in readable_types(self.request, self.access):
             current = self.cursor.type
             if current is not None and (res_type < current or (res_type == current and self.cursor.done)):
@@ -616,8 +731,28 @@ class _Run:
                     found[patient] = None
         return tuple(found)
 
+    def _asked_patients(self, members: tuple[str, ...] | None, notes: list[Issue]) -> tuple[str, ...]:
+        """The patients ``patient`` names that the client can see (and, at Group level, members of the Group). One
+        it cannot see is told exactly as one that does not exist, in ``notes`` (for the error file)."""
+        assert self.request.patients is not None
+        repository = self.exporter.repository.acting_for(self.access)
+        found: list[str] = []
+        for patient in self.request.patients:
+            try:
+                repository.read("Patient", patient)
+                known = members is None or patient in members
+            except FhirError:
+                known = False
+            if known:
+                found.append(patient)
+            else:
+                where = "" if self.request.group is None else f" among the members of Group/{self.request.group}"
+                notes.append(Issue("not-found", f"patient: there is no Patient/{patient}{where}", severity="warning"))
+        return tuple(found)
+
     def _export_type(self, res_type: str, compartment: Compartment | None, restriction: Any) -> None:
         partner = self.principal.partner is not None
+        elements = self.request.elements_of(res_type)
         lines_per_file = self.exporter.file_lines
         while True:
             if self.stop is not None and self.stop():
@@ -642,6 +777,8 @@ class _Run:
                 )
                 ids = [stored.res_id for stored in page]
                 content = [stored.content or b"{}" for stored in page]
+                if elements is not None:  # meta (the Part 2 labels among it) is always kept
+                    content = [searchset.subset(c, res_type, None, elements) for c in content]
                 lines = [disclosure.mark_disclosed(c) for c in content] if partner else content
                 patients = self.jobs.patients(res_type, ids)
                 disclosed = [(f"{res_type}/{res_id}", patients[res_id]) for res_id in ids]
@@ -676,12 +813,15 @@ class _Run:
             any_patient=compartment is not None,
         )
         lines = [orjson.dumps(audit.render(row)) for row in rows]
+        elements = self.request.elements_of(AUDIT_EVENT)
+        if elements is not None:
+            lines = [searchset.subset(line, AUDIT_EVENT, None, elements) for line in lines]
         return [row.id for row in rows], lines, [(f"{AUDIT_EVENT}/{row.id}", set()) for row in rows]
 
-    def _error_file(self, res_type: str | None, issue: Issue) -> None:
+    def _error_file(self, res_type: str | None, *issues: Issue) -> None:
         files = self.cursor.files + 1
         cursor = replace(self.cursor, files=files, done=res_type is not None)
-        content = orjson.dumps(operation_outcome([issue])) + b"\n"
+        content = orjson.dumps(operation_outcome(list(issues))) + b"\n"
         self._commit(cursor, Chunk(files, 1, "OperationOutcome", "error", 1, content), [])
 
     def _commit(self, cursor: Cursor, chunk: Chunk | None, disclosed: list[tuple[str, set[str]]]) -> None:

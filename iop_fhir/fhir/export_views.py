@@ -48,9 +48,12 @@ def _kick_off(level: str, group: str | None = None) -> Response:
     if not export.respond_async(prefer):
         raise BadRequest("$export answers asynchronously: send the header Prefer: respond-async", "Prefer")
     params = [(k, v) for k, v in request.args.items(multi=True)]
-    if request.method == "POST":
-        params += export.parameters(http.json_body(request))
-    asked = export.parse(level, params, lenient=http.lenient(prefer), group=group)
+    references: frozenset[int] = frozenset()
+    if request.method == "POST" and not _empty_body():
+        body = http.json_body(request)
+        references = frozenset(len(params) + i for i in export.reference_parameters(body))
+        params += export.parameters(body)
+    asked = export.parse(level, params, lenient=http.lenient(prefer), group=group, references=references)
     url = base_url() + request.full_path.removeprefix("/fhir").removesuffix("?")
     job_id = export.kick_off(exporter(), guard.access(), guard.repository(), asked, url)
     status_url = f"{base_url()}/$export-status/{job_id}"
@@ -58,12 +61,20 @@ def _kick_off(level: str, group: str | None = None) -> Response:
     return http.fhir_response(outcome, 202, {"Content-Location": status_url})
 
 
+def _empty_body() -> bool:
+    """Whether a POST kick-off came without a body (as Medplum's bulkExport sends it): its parameters are then
+    those of its query string, as of a GET; a body, whatever its framing, must be a Parameters resource."""
+    if request.content_length is not None:
+        return request.content_length == 0
+    return "chunked" not in request.headers.get("Transfer-Encoding", "").lower()
+
+
 @bp.get("/$export-status/<job_id>")
 def export_status(job_id: str) -> Response:
     job = export.poll(exporter(), guard.access(), job_id)
     if job.status in ("queued", "running"):
-        headers = {"X-Progress": export.progress(job), "Retry-After": str(export.RETRY_AFTER_S)}
-        return Response(status=202, headers=headers)
+        headers = {"X-Progress": export.progress(job, guard.access()), "Retry-After": str(export.RETRY_AFTER_S)}
+        return http.fhir_response(None, 202, headers)  # no body: no Content-Type
     if job.status == "failed":
         raise export.failure(job)
     body = export.manifest(exporter(), job, base_url())

@@ -5,6 +5,7 @@ https://hl7.org/fhir/R4/http.html
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from iop_fhir.store.base import StoredResource
 
 FHIR_JSON = "application/fhir+json"
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"  # RFC 7396; a PATCH with application/json is one too (fhirpy's)
 RESPONSE_TYPE = f"{FHIR_JSON}; charset=utf-8"
 _JSON_TYPES = (FHIR_JSON, "application/json", "application/json+fhir", "text/json")
 _FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir", "text/json"}
@@ -41,7 +43,7 @@ def check_format(request: Request) -> None:
 def json_body(request: Request, *, patch: bool = False) -> Any:
     """The parsed JSON body; 415 for another media type, 400 for malformed JSON."""
     mimetype = request.mimetype
-    allowed = (JSON_PATCH,) if patch else _JSON_TYPES
+    allowed = (JSON_PATCH, MERGE_PATCH, "application/json") if patch else _JSON_TYPES
     if mimetype not in allowed:
         shown = mimetype or "none"
         raise UnsupportedMediaType(
@@ -51,9 +53,75 @@ def json_body(request: Request, *, patch: bool = False) -> Any:
     if not data.strip():
         raise BadRequest("the request body is empty", "body", code="structure")
     try:
-        return orjson.loads(data)
+        parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", "body", code="structure") from exc
+    duplicated = duplicate_key(data)
+    if duplicated is not None:
+        raise BadRequest(
+            f"the key '{duplicated.rpartition('.')[2]}' appears twice in one object at {duplicated}; FHIR JSON "
+            "forbids duplicate keys",
+            duplicated,
+            code="structure",
+        )
+    return parsed
+
+
+def is_merge_patch(request: Request) -> bool:
+    """Whether a PATCH body is a JSON Merge Patch (RFC 7396) rather than a JSON Patch (RFC 6902)."""
+    return request.mimetype != JSON_PATCH
+
+
+class _Duplicated(dict):  # type: ignore[type-arg]
+    """An object of a JSON text in which ``key`` appears more than once."""
+
+    key = ""
+
+
+def duplicate_key(data: bytes) -> str | None:
+    """The path (``Patient.name[0].family``) of the first key given twice in one object of the JSON text ``data``,
+    else None (https://hl7.org/fhir/R4/json.html: no duplicate names). The C parser of the standard library
+    hands each object's pairs to the hook before they become a dict; the document is walked for the path only when
+    an object had a repeat."""
+    repeats = 0
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal repeats
+        found = dict(items)
+        if len(found) == len(items):
+            return found
+        repeats += 1
+        marked = _Duplicated(found)
+        seen: set[str] = set()
+        marked.key = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        return marked
+
+    try:
+        document = json.loads(data, object_pairs_hook=pairs)
+        if not repeats:
+            return None
+        root = document.get("resourceType") if isinstance(document, dict) else None
+        return _find_duplicate(document, root if isinstance(root, str) else "$")
+    except RecursionError:  # nested deeper than Python's stack: refused for its depth (too-costly) further on
+        return None
+
+
+def _find_duplicate(value: Any, path: str) -> str | None:
+    if isinstance(value, _Duplicated):
+        return f"{path}.{value.key}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                found = _find_duplicate(item, f"{path}.{key}")
+                if found:
+                    return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                found = _find_duplicate(item, f"{path}[{index}]")
+                if found:
+                    return found
+    return None
 
 
 def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
@@ -78,6 +146,8 @@ def fhir_response(
     response = Response(body or b"", status=status, headers=headers or {})
     if body:
         response.content_type = RESPONSE_TYPE
+    else:  # an empty answer has no media type (not Flask's default text/html)
+        del response.headers["Content-Type"]
     return response
 
 

@@ -28,7 +28,7 @@ from iop_fhir.errors import (
     Unprocessable,
 )
 from iop_fhir.privacy import visibility
-from iop_fhir.r4 import definitions, indexing, search, validation
+from iop_fhir.r4 import compartment, definitions, indexing, search, validation
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.instants import http_date, instant, now_us
 from iop_fhir.r4.profiles import ProfileRegistry
@@ -305,6 +305,30 @@ class Repository:
             raise Gone(f"version {version} of {res_type}/{res_id} is a deletion")
         return stored
 
+    def compartment_search(
+        self,
+        patient_id: str,
+        res_type: str,
+        params: list[tuple[str, str]],
+        *,
+        lenient: bool = False,
+        base_url: str | None = None,
+    ) -> tuple[search.SearchRequest, SearchResult]:
+        """The search of ``res_type`` in the compartment of ``Patient/patient_id``
+        (https://hl7.org/fhir/R4/compartmentdefinition-patient.html): the type's search, restricted to the
+        resources that one of the compartment's parameters puts there. A Patient the client may not see is
+        answered as one that never existed."""
+        check_type(res_type)
+        self.check(res_type, "search-type")
+        if res_type not in compartment.patient_compartment():
+            raise BadRequest(f"{res_type} is not in the Patient compartment", res_type, code="not-supported")
+        if not _ID.match(patient_id) or not self.knows("Patient", patient_id):
+            raise NotFound(f"Patient/{patient_id[:80]} is not known")
+        request = self.search_request(res_type, params, lenient=lenient, base_url=base_url)
+        result = self.store.search(replace(request, compartment=compartment_filters(res_type, patient_id)))
+        self.check_included(result)
+        return request, result
+
     def search(
         self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False, base_url: str | None = None
     ) -> tuple[search.SearchRequest, SearchResult]:
@@ -360,12 +384,32 @@ class Repository:
         with self.store.write() as tx:
             return self.conditional_update_in(tx, res_type, query, body, if_match=if_match)
 
-    def patch(self, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None) -> WriteResult:
+    def patch(
+        self, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None, merge: bool = False
+    ) -> WriteResult:
         check_type(res_type)
         self.check(res_type, "patch")
         check_id(res_type, res_id)
         with self.store.write() as tx:
-            return self.patch_in(tx, res_type, res_id, patch, if_match=if_match)
+            return self.patch_in(tx, res_type, res_id, patch, if_match=if_match, merge=merge)
+
+    def conditional_patch(
+        self, res_type: str, query: str, patch: Any, *, if_match: int | None = None, merge: bool = False
+    ) -> WriteResult:
+        """https://hl7.org/fhir/R4/http.html#patch: the one match of the condition is patched; none is 404 and
+        more than one 412. The matches are those the client may see: a hidden match is no match."""
+        check_type(res_type)
+        self.check(res_type, "conditional-patch")
+        with self.store.write() as tx:
+            self._authorize(res_type)
+            matches = self.matches_in(tx, res_type, query, "url")
+            if len(matches) > 1:
+                raise PreconditionFailed(
+                    f"conditional patch '{query[:100]}' matches more than one {res_type}", "url", code="duplicate"
+                )
+            if not matches:
+                raise NotFound(f"no {res_type} matches '{query[:100]}'")
+            return self.patch_in(tx, res_type, matches[0].res_id, patch, if_match=if_match, merge=merge)
 
     def delete(self, res_type: str, res_id: str) -> StoredResource | None:
         check_type(res_type)
@@ -393,7 +437,7 @@ class Repository:
         for key, _ in params:
             if key.split(":", 1)[0] in search.RESULT_PARAMETERS:
                 raise BadRequest(f"{header}: result parameter '{key}' has no place in a condition", header)
-        request = search.parse(res_type, [*params, ("_count", "2")], default_count=2, max_count=2)
+        request = search.parse(res_type, [*params, ("_count", "2"), ("_total", "none")], default_count=2, max_count=2)
         if self.restriction is not None:
             request = replace(request, restriction=self.restriction)
         if not request.filters:
@@ -501,7 +545,14 @@ class Repository:
         return self.create_in(tx, res_type, body, res_id=res_id)
 
     def patch_in(
-        self, tx: WriteTx, res_type: str, res_id: str, patch: Any, *, if_match: int | None = None
+        self,
+        tx: WriteTx,
+        res_type: str,
+        res_id: str,
+        patch: Any,
+        *,
+        if_match: int | None = None,
+        merge: bool = False,
     ) -> WriteResult:
         self._authorize(res_type)
         current = tx.current(res_type, res_id)
@@ -509,6 +560,12 @@ class Repository:
             raise NotFound(f"{res_type}/{res_id} is not known")
         if current.deleted or current.content is None:
             raise Gone(f"{res_type}/{res_id} was deleted")
+        if merge:
+            if not isinstance(patch, dict):
+                raise BadRequest("a JSON Merge Patch (RFC 7396) of a resource must be a JSON object", "body")
+            merged = merge_patch(orjson.loads(current.content), patch)
+            _validate(res_type, merged, res_id=res_id, require_id=True)
+            return self.update_in(tx, res_type, res_id, merged, if_match=if_match, method="PATCH")
         if not isinstance(patch, list):
             raise BadRequest("a JSON Patch document must be an array of operations", "body")
         try:
@@ -592,6 +649,35 @@ class Repository:
         for hook in self.write_hooks.values():
             hook(tx, resource, stored)
         return stored
+
+
+def compartment_filters(res_type: str, patient_id: str) -> tuple[search.Filter, ...]:
+    """The filters, to be OR-ed, that put a ``res_type`` in the compartment of ``Patient/patient_id``: each
+    parameter the CompartmentDefinition lists for the type (those this server indexes) = the Patient; a Patient
+    is in its own compartment too (``_id``)."""
+    wanted = [(name, f"Patient/{patient_id}") for name in compartment.patient_compartment()[res_type]]
+    if res_type == "Patient":
+        wanted.append(("_id", patient_id))
+    filters = search.parse(res_type, wanted, lenient=True).filters  # a parameter not indexed here cannot match
+    if not filters:
+        raise BadRequest(
+            f"{res_type} cannot be searched by its Patient compartment here", res_type, code="not-supported"
+        )
+    return filters
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON Merge Patch: an object's members are merged recursively, null removes a member, and any other
+    value (an array too) replaces what was there."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
 
 
 def _reference_path(resource: dict[str, Any], reference: str) -> str:

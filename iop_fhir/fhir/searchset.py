@@ -20,15 +20,16 @@ SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValu
 _ALWAYS = frozenset({"resourceType", "id", "meta"})  # kept in every subset
 
 
-def searchset_bundle(request: SearchRequest, result: SearchResult, base_url: str) -> bytes:
+def searchset_bundle(request: SearchRequest, result: SearchResult, base_url: str, *, path: str | None = None) -> bytes:
     """The Bundle (type searchset) of one page: ``total`` when counted, self/first/previous/next/last links
-    (absolute, ``{base_url}/{Type}?{canonical query}``), the matches then the included resources
-    (``search.mode`` match / include), and an outcome entry naming the parameters ignored as lenient."""
+    (absolute, ``{base_url}/{path}?{canonical query}``; ``path`` is the type unless a compartment's), the matches
+    then the included resources (``search.mode`` match / include), and an outcome entry naming the parameters
+    ignored as lenient."""
     base = base_url.rstrip("/")
     envelope: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
     if result.total is not None:
         envelope["total"] = result.total
-    envelope["link"] = _links(request, result, f"{base}/{request.res_type}?")
+    envelope["link"] = _links(request, result, f"{base}/{path or request.res_type}?")
     entries: list[bytes] = []
     if request.summary != "count":
         entries += [_entry(base, res, "match", request, match=True) for res in result.matches if res.content]

@@ -7,14 +7,14 @@ AuditEvent is read and searched in the audit log instead (auditevents.py): the r
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from flask import Blueprint, Response, current_app, request
 
 from iop_fhir.errors import BadRequest, NotFound, information, operation_outcome
 from iop_fhir.fhir import auditevents, capability, http, searchset, transaction
 from iop_fhir.fhir.history import history_bundle, history_params
-from iop_fhir.fhir.repository import Repository, check_type
+from iop_fhir.fhir.repository import Repository, check_type, parse_conditional
 from iop_fhir.privacy import trail
 from iop_fhir.r4.instants import http_date
 from iop_fhir.security import guard
@@ -97,10 +97,23 @@ def _search(res_type: str, params: list[tuple[str, str]]) -> Response:
 def create(res_type: str) -> Response:
     check_type(res_type)
     body = http.json_body(request)
-    result = repo().create(res_type, body, if_none_exist=request.headers.get("If-None-Exist"))
+    result = repo().create(res_type, body, if_none_exist=_create_condition(res_type))
     stored = result.stored
     location = f"{base_url()}/{res_type}/{stored.res_id}/_history/{stored.version_id}"
     return http.resource_response(stored, status=201 if result.created else 200, prefer=_prefer(), location=location)
+
+
+def _create_condition(res_type: str) -> str | None:
+    """The condition of a conditional create: ``If-None-Exist``, or the query string of ``POST Type?identifier=x``
+    (the form fhirpy's get_or_create and Aidbox use). Both given must agree; a query parameter that is no search
+    parameter of the type is refused by the search it becomes, so a query is never ignored."""
+    header = request.headers.get("If-None-Exist")
+    params = [(k, v) for k, v in _query_params() if k not in ("_format", "_pretty")]
+    if not params:
+        return header
+    if header is not None and sorted(parse_conditional(res_type, header, header="If-None-Exist")) != sorted(params):
+        raise BadRequest("If-None-Exist and the query string give different conditions", "If-None-Exist")
+    return urlencode(params)
 
 
 @bp.put("/<res_type>")
@@ -140,6 +153,20 @@ def read(res_type: str, res_id: str) -> Response:
     return http.resource_response(stored)
 
 
+@bp.get("/<compartment>/<patient_id>/<res_type>")
+def compartment_search(compartment: str, patient_id: str, res_type: str) -> Response:
+    """Compartment search (https://hl7.org/fhir/R4/search.html#2.21.1.2): ``Patient/{id}/{type}?params``."""
+    if compartment != "Patient":
+        check_type(compartment)
+        raise NotFound(f"only the Patient compartment can be searched, not {compartment}", code="not-supported")
+    check_type(res_type)
+    search_request, result = repo().compartment_search(
+        patient_id, res_type, _query_params(), lenient=http.lenient(_prefer()), base_url=base_url()
+    )
+    path = f"Patient/{patient_id}/{res_type}"
+    return http.fhir_response(searchset.searchset_bundle(search_request, result, base_url(), path=path))
+
+
 @bp.put("/<res_type>/<res_id>")
 def update(res_type: str, res_id: str) -> Response:
     check_type(res_type)
@@ -152,7 +179,22 @@ def update(res_type: str, res_id: str) -> Response:
 def patch(res_type: str, res_id: str) -> Response:
     check_type(res_type)
     operations = http.json_body(request, patch=True)
-    result = repo().patch(res_type, res_id, operations, if_match=http.parse_etag(request.headers.get("If-Match")))
+    if_match = http.parse_etag(request.headers.get("If-Match"))
+    result = repo().patch(res_type, res_id, operations, if_match=if_match, merge=http.is_merge_patch(request))
+    return _written(res_type, result.stored, result.created)
+
+
+@bp.patch("/<res_type>")
+def conditional_patch(res_type: str) -> Response:
+    check_type(res_type)
+    operations = http.json_body(request, patch=True)
+    result = repo().conditional_patch(
+        res_type,
+        request.query_string.decode(),
+        operations,
+        if_match=http.parse_etag(request.headers.get("If-Match")),
+        merge=http.is_merge_patch(request),
+    )
     return _written(res_type, result.stored, result.created)
 
 

@@ -35,6 +35,8 @@ MODIFIERS: dict[str, frozenset[str]] = {
 }
 SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 TOTAL_VALUES = ("none", "estimate", "accurate")
+# ``_totalMethod`` (sent by fhirpy and Aidbox clients for a count): its values as the ``_total`` they ask for.
+TOTAL_METHODS = {"count": "accurate", "accurate": "accurate", "estimate": "estimate", "none": "none"}
 # https://hl7.org/fhir/R4/search.html#return: what to return rather than what to match.
 RESULT_PARAMETERS = frozenset(
     {
@@ -44,6 +46,7 @@ RESULT_PARAMETERS = frozenset(
         "_summary",
         "_elements",
         "_total",
+        "_totalMethod",
         "_include",
         "_revinclude",
         "_contained",
@@ -63,7 +66,7 @@ _ESCAPE = re.compile(r"\\([,|$\\])")
 # What one search may ask for (https://hl7.org/fhir/R4/search.html#errors lets a server refuse costly searches):
 # beyond these, SQLite refuses the statement (an OR of ~500 values passes its expression depth of 1000, a LIKE
 # pattern of 50,000 bytes is "too complex") and PostgreSQL plans for seconds (100 chained filters: 3 s).
-MAX_FILTERS = 32  # search parameters (AND-ed filters), after those dropped as lenient
+MAX_FILTERS = 32  # search parameters (AND-ed filters), those dropped as lenient included
 MAX_VALUES = 100  # comma-separated values of one parameter (OR-ed)
 MAX_INCLUDES = 16  # _include and _revinclude parameters
 MAX_VALUE_LENGTH = 8192  # characters of one parameter's value
@@ -207,6 +210,9 @@ class SearchRequest:
     total: str | None = None  # none | estimate | accurate
     ignored: tuple[str, ...] = ()  # parameters dropped under Prefer: handling=lenient, as given
     restriction: Visibility | None = None  # set by the repository for a partner's request, never by the client
+    # A compartment search (``Patient/{id}/{type}``): the filters that put a resource in the compartment, OR-ed
+    # (https://hl7.org/fhir/R4/compartmentdefinition.html); set by the repository, never by the query string.
+    compartment: tuple[Filter, ...] = ()
 
     @property
     def wants_total(self) -> bool:
@@ -298,7 +304,7 @@ def parse(
         try:
             if base in ("_include", "_revinclude"):
                 includes.append(_parse_include(res_type, key, value))
-            elif base in ("_count", "_offset", "_sort", "_summary", "_elements", "_total"):
+            elif base in ("_count", "_offset", "_sort", "_summary", "_elements", "_total", "_totalMethod"):
                 if ":" in key:
                     raise _NotSupported(f"'{key}': result parameter {base} takes no modifier")
                 single[base] = (key, value)
@@ -308,6 +314,12 @@ def parse(
             if not lenient:
                 raise BadRequest(str(exc), key, code="not-supported") from None
             ignored.append(key)
+        if len(filters) + len(ignored) > MAX_FILTERS:  # those dropped as lenient count too
+            raise BadRequest(
+                f"a search may have at most {MAX_FILTERS} search parameters, counting those ignored; this one has more",
+                key,
+                code="too-costly",
+            )
 
     _check_size(filters, MAX_FILTERS, "search parameters")
     _check_size(includes, MAX_INCLUDES, "_include and _revinclude parameters")
@@ -322,6 +334,8 @@ def parse(
             raise BadRequest(f"{key}: '{_short(value)}' is beyond the deepest offset served, {MAX_OFFSET}", key)
     summary = _choice(*single["_summary"], SUMMARY_VALUES) if "_summary" in single else None
     total = _choice(*single["_total"], TOTAL_VALUES) if "_total" in single else None
+    if "_totalMethod" in single and total is None:  # _total, when both are given, is the standard one
+        total = TOTAL_METHODS[_choice(*single["_totalMethod"], tuple(TOTAL_METHODS))]
     elements: tuple[str, ...] = ()
     if "_elements" in single:
         key, value = single["_elements"]

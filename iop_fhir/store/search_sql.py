@@ -62,11 +62,14 @@ _SORT_COLUMNS: dict[str, tuple[str, str]] = {
 
 def run(conn: Connection, request: SearchRequest) -> SearchResult:
     """One page of matches (``_count`` from ``_offset``, one more fetched to know whether a next page exists),
-    what ``_include``/``_revinclude`` add, and the total when asked for or known for free (last page)."""
+    what ``_include``/``_revinclude`` add, and the total unless ``_total=none`` (counted when asked for or when
+    there is more than one page; known for free on a single or last page)."""
     query = _Query(conn.dialect.name == "sqlite", request.restriction)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
     where += [query.condition(request.res_type, f, r) for f in request.filters]
+    if request.compartment:
+        where.append(or_(*[query.condition(request.res_type, f, r) for f in request.compartment]))
     if request.restriction is not None:
         where.append(request.restriction.clause(r))
     result = SearchResult()
@@ -84,9 +87,11 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     rows = conn.execute(page).all()
     result.has_more = len(rows) > request.count
     result.matches = [_stored(row) for row in rows[: request.count]]
-    if result.total is None and request.total != "none" and not result.has_more:
-        if result.matches or request.offset == 0:  # the last page: the total costs nothing
+    if result.total is None and request.total != "none":
+        if not result.has_more and (result.matches or request.offset == 0):  # the last page: the total is free
             result.total = request.offset + len(result.matches)
+        else:  # every page of a multi-page search tells the total, counted as _total=accurate counts it
+            result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
     if request.includes and result.matches:
         result.included = _include(conn, request.includes, result.matches, request.restriction)
     return result

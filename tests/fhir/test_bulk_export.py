@@ -1,8 +1,10 @@
 """Bulk Data $export (https://hl7.org/fhir/uv/bulkdata/export.html) on SQLite and PostgreSQL: the async kick-off,
-status and manifest, NDJSON that holds exactly what search returns, _type, _since, the Patient compartment at
-Patient and Group level, refused parameters, jobs owned by their client, cancelling, jobs resumed by the worker
-after their process died, and 42 CFR Part 2: a partner's export holds only consented patients, carries the
-redisclosure mark and is accounted for per patient; AuditEvents are never exported to a non-administrator.
+status and manifest (X-Progress a percentage first), a POST kick-off with or without a Parameters body, NDJSON that
+holds exactly what search returns, _type, _since, _elements, the Patient compartment at Patient and Group level and of
+the patients `patient` names, refused parameters (never ignored when ignoring them would export more), jobs owned
+by their client, cancelling, jobs resumed by the worker after their process died, and 42 CFR Part 2: a partner's
+export holds only consented patients, carries the redisclosure mark and is accounted for per patient; AuditEvents
+are never exported to a non-administrator.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from sqlalchemy import func, select
 from iop_fhir import cli, runtime
 from iop_fhir.app import create_app
 from iop_fhir.config import Settings
-from iop_fhir.fhir.export import Exporter
+from iop_fhir.fhir.export import Exporter, ExportRequest, progress
 from iop_fhir.privacy.disclosure import REDISCLOSURE_NOTICE
 from iop_fhir.privacy.trail import patients_of
 from iop_fhir.r4.validation import validate
+from iop_fhir.security.access import Access, Principal
+from iop_fhir.security.scopes import Scopes
 from iop_fhir.store import schema
+from iop_fhir.store.exports import ExportJob
 from tests.auth import TokenClient, admin_token, mint
 from tests.conftest import TOOLS
 
@@ -213,8 +218,9 @@ def test_status_is_202_with_progress_while_the_job_waits_then_200_with_the_manif
     status = kick_off(client, "/fhir/$export?_type=Patient,Observation")
     waiting = client.get(status)
     assert waiting.status_code == 202
-    assert waiting.headers["X-Progress"] == "queued"
+    assert waiting.headers["X-Progress"] == "0% (queued)"
     assert int(waiting.headers["Retry-After"]) > 0
+    assert waiting.data == b"" and "Content-Type" not in waiting.headers  # no body, no media type
     manifest = finished(app, client, status)
     assert manifest["request"] == f"{BASE}/fhir/$export?_type=Patient,Observation"
     assert manifest["requiresAccessToken"] is True
@@ -399,7 +405,8 @@ def test_kick_off_without_prefer_respond_async_is_400_naming_prefer(client: Flas
         ("_typeFilter=Observation%3Fstatus%3Dfinal", "_typeFilter", "not-supported"),
         ("patient=Patient/x", "patient", "not-supported"),
         ("includeAssociatedData=LatestProvenanceResources", "includeAssociatedData", "not-supported"),
-        ("_elements=id", "_elements", "not-supported"),
+        ("_elements=Nonsense.id", "_elements", "invalid"),
+        ("_elements=Patient.name.family", "_elements", "invalid"),
         ("_count=10", "_count", "not-supported"),
     ],
 )
@@ -431,14 +438,18 @@ def test_patient_export_refuses_a_type_outside_the_patient_compartment(sqlite_cl
 def test_with_handling_lenient_unsupported_parameters_are_ignored_and_said_so_in_the_error_file(
     app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
 ) -> None:
-    status = kick_off(client, "/fhir/$export?_type=Organization&_elements=id", Prefer="respond-async, handling=lenient")
+    status = kick_off(
+        client,
+        "/fhir/$export?_type=Organization&includeAssociatedData=LatestProvenanceResources",
+        Prefer="respond-async, handling=lenient",
+    )
     manifest = finished(app, client, status)
     assert [o["type"] for o in manifest["output"]] == ["Organization"]
     [error] = manifest["error"]
     assert error["type"] == "OperationOutcome"
     [outcome] = lines(client, error["url"])
     assert outcome["issue"][0]["severity"] == "information"
-    assert "_elements" in outcome["issue"][0]["diagnostics"]
+    assert "includeAssociatedData" in outcome["issue"][0]["diagnostics"]
     assert [i for i in validate(outcome) if i.severity in ("error", "fatal")] == []
 
 
@@ -491,7 +502,7 @@ def test_a_job_cancelled_while_it_runs_stores_nothing_more(small_files: Flask, r
     job = exporter.jobs.claim(exporter.worker_id, 60)
     assert job is not None
     exporter.run(job, stop=after_one_chunk())
-    assert client.get(status).headers["X-Progress"] == "2 resources exported, now Observation"
+    assert client.get(status).headers["X-Progress"] == "50% (2 resources exported, now Observation)"
     assert client.delete(status).status_code == 202
     exporter.run(job)  # the rest of the run finds its job gone
     assert job_rows(small_files) == (0, 0)
@@ -757,9 +768,8 @@ def test_the_capability_statement_lists_export_at_system_patient_and_group_level
     statement = sqlite_client.get("/fhir/metadata").get_json()
     assert "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data" in statement["instantiates"]
     rest = statement["rest"][0]
-    assert {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"} in rest[
-        "operation"
-    ]
+    [export] = [o for o in rest["operation"] if o["name"] == "export"]
+    assert export["definition"] == "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"
     by_type = {r["type"]: [o["name"] for o in r["operation"]] for r in rest["resource"]}
     assert by_type["Patient"] == by_type["Group"] == ["validate", "export"]
     assert by_type["Observation"] == ["validate"]
@@ -786,3 +796,266 @@ def test_iop_fhir_export_writes_one_ndjson_file_per_type_into_the_folder(
     assert job_rows(sqlite_app) == (0, 0)
     assert cli.main(["export", "--out", str(tmp_path / "out")]) == 2  # not an empty folder
     assert cli.main(["export", "--since", "yesterday", "--out", str(tmp_path / "new")]) == 2
+
+
+# -- kick-off as the bulk-data clients send it ---------------------------------------------------------------
+
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+
+
+def kick_off_post(client: FlaskClient, path: str, *parameters: dict[str, Any], **headers: str) -> Any:
+    body = {"resourceType": "Parameters", "parameter": list(parameters)}
+    return client.post(path, data=orjson.dumps(body), content_type=FHIR, headers={**ASYNC, **headers})
+
+
+def patient_ref(patient: str) -> dict[str, Any]:
+    return {"name": "patient", "valueReference": {"reference": f"Patient/{patient}"}}
+
+
+def posted_export(app: Flask, client: FlaskClient, path: str, *parameters: dict[str, Any]) -> dict[str, Any]:
+    response = kick_off_post(client, path, *parameters)
+    assert response.status_code == 202, response.get_json()
+    return finished(app, client, response.headers["Content-Location"].removeprefix(BASE))
+
+
+def test_a_post_kick_off_without_a_body_takes_its_parameters_from_the_query_string(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    # What Medplum's bulkExport() sends: no body, no Content-Type.
+    response = client.post("/fhir/$export?_type=Patient", headers=ASYNC)
+    assert response.status_code == 202, response.get_json()
+    manifest = finished(app, client, response.headers["Content-Location"].removeprefix(BASE))
+    assert [(o["type"], o["count"]) for o in manifest["output"]] == [("Patient", 2)]
+    assert manifest["request"] == f"{BASE}/fhir/$export?_type=Patient"
+
+
+def test_a_post_kick_off_without_a_body_still_validates_its_query_parameters(client: FlaskClient) -> None:
+    response = client.post("/fhir/$export?_type=Foo", headers=ASYNC)
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["_type"]
+
+
+def test_a_post_kick_off_with_a_body_that_is_not_a_parameters_resource_is_still_refused(
+    client: FlaskClient,
+) -> None:
+    as_text = client.post("/fhir/$export", data=b"_type=Patient", content_type="text/plain", headers=ASYNC)
+    assert as_text.status_code == 415
+    assert issue(as_text)["expression"] == ["Content-Type"]
+    untyped = client.post("/fhir/$export", data=b'{"resourceType": "Parameters"}', headers=ASYNC)
+    assert untyped.status_code == 415
+    patient = client.post("/fhir/$export", json={"resourceType": "Patient"}, headers=ASYNC)
+    assert patient.status_code == 400
+    assert issue(patient)["expression"] == ["Parameters"]
+
+
+def test_the_patient_parameter_exports_only_the_compartment_of_the_patient_named(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    manifest = posted_export(app, client, "/fhir/Patient/$export", patient_ref(records["one"]))
+    found = exported(client, manifest)
+    assert ids(found["Patient"]) == {f"Patient/{records['one']}"}
+    assert ids(found["Observation"]) == {f"Observation/{o}" for o in records["of_one"]}
+    assert manifest["error"] == []
+
+
+def test_the_patient_parameter_may_name_several_patients_and_an_absolute_reference(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    absolute = {"name": "patient", "valueReference": {"reference": f"{BASE}/fhir/Patient/{records['two']}"}}
+    manifest = posted_export(app, client, "/fhir/Patient/$export", patient_ref(records["one"]), absolute)
+    found = exported(client, manifest)
+    assert ids(found["Patient"]) == {f"Patient/{records['one']}", f"Patient/{records['two']}"}
+    assert len(found["Observation"]) == 4
+
+
+def test_the_patient_parameter_at_group_level_keeps_only_members_of_the_group(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    # Patient two is an inactive member: named, it is still not exported, and said not found.
+    path = f"/fhir/Group/{records['group']}/$export"
+    manifest = posted_export(app, client, path, patient_ref(records["one"]), patient_ref(records["two"]))
+    found = exported(client, manifest)
+    assert ids(found["Patient"]) == {f"Patient/{records['one']}"}
+    [error] = manifest["error"]
+    [outcome] = lines(client, error["url"])
+    assert [(i["severity"], i["code"]) for i in outcome["issue"]] == [("warning", "not-found")]
+    assert records["two"] in outcome["issue"][0]["diagnostics"]
+
+
+def test_an_unknown_patient_exports_nothing_and_is_reported_not_found_in_the_error_file(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    manifest = posted_export(app, client, "/fhir/Patient/$export", patient_ref("nobody"))
+    assert manifest["output"] == []
+    [error] = manifest["error"]
+    [outcome] = lines(client, error["url"])
+    assert outcome["issue"][0]["code"] == "not-found"
+    assert "Patient/nobody" in outcome["issue"][0]["diagnostics"]
+    assert [i for i in validate(outcome) if i.severity in ("error", "fatal")] == []
+
+
+@pytest.mark.parametrize("prefer", ["respond-async", "respond-async, handling=lenient"])
+def test_the_patient_parameter_in_a_query_string_is_400_even_with_handling_lenient(
+    client: FlaskClient, records: dict[str, Any], prefer: str
+) -> None:
+    # Ignoring it would export every patient: it is refused, never ignored.
+    for method in (client.get, client.post):
+        response = method(f"/fhir/Patient/$export?patient=Patient/{records['one']}", headers={"Prefer": prefer})
+        assert response.status_code == 400
+        assert (issue(response)["code"], issue(response)["expression"]) == ("not-supported", ["patient"])
+        assert "valueReference" in issue(response)["diagnostics"]
+
+
+@pytest.mark.parametrize("prefer", ["respond-async", "respond-async, handling=lenient"])
+def test_the_patient_parameter_at_system_level_is_400_even_with_handling_lenient(
+    client: FlaskClient, records: dict[str, Any], prefer: str
+) -> None:
+    response = kick_off_post(client, "/fhir/$export", patient_ref(records["one"]), Prefer=prefer)
+    assert response.status_code == 400
+    assert (issue(response)["code"], issue(response)["expression"]) == ("not-supported", ["patient"])
+
+
+@pytest.mark.parametrize("reference", ["Observation/x", "Patient/", "nobody"])
+def test_a_patient_parameter_that_is_no_patient_reference_is_400(client: FlaskClient, reference: str) -> None:
+    parameter = {"name": "patient", "valueReference": {"reference": reference}}
+    response = kick_off_post(client, "/fhir/Patient/$export", parameter)
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["patient"]
+
+
+def test_type_filter_is_refused_even_with_handling_lenient_since_ignoring_it_would_export_more(
+    client: FlaskClient,
+) -> None:
+    lenient = "respond-async, handling=lenient"
+    response = client.get("/fhir/$export?_typeFilter=Observation%3Fstatus%3Dfinal", headers={"Prefer": lenient})
+    assert response.status_code == 400
+    assert (issue(response)["code"], issue(response)["expression"]) == ("not-supported", ["_typeFilter"])
+
+
+def test_elements_keeps_only_the_elements_named_and_the_mandatory_ones_tagged_subsetted(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    found = export_all(app, client, "/fhir/$export?_type=Patient,Observation&_elements=Patient.name,subject")
+    for patient in found["Patient"]:
+        assert set(patient) == {"resourceType", "id", "meta", "name"}
+    for obs in found["Observation"]:
+        assert set(obs) <= {"resourceType", "id", "meta", "status", "code", "subject"}  # status, code: 1..1
+        assert {"status", "code"} <= set(obs)
+    for resource in found["Patient"] + found["Observation"]:
+        assert SUBSETTED in resource["meta"]["tag"]
+        assert resource["meta"]["versionId"] and resource["meta"]["lastUpdated"]
+        assert [i for i in validate(resource) if i.severity in ("error", "fatal")] == []
+
+
+def test_elements_on_a_post_kick_off_and_with_handling_lenient_is_applied_not_ignored(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any]
+) -> None:
+    manifest = posted_export(
+        app, client, "/fhir/Patient/$export", patient_ref(records["one"]), {"name": "_elements", "valueString": "id"}
+    )
+    [patient] = exported(client, manifest)["Patient"]
+    assert set(patient) == {"resourceType", "id", "meta"}
+    assert manifest["error"] == []
+
+
+def test_progress_starts_with_a_percentage_of_the_types_done_never_above_100(
+    small_files: Flask, records: dict[str, Any]
+) -> None:
+    client = small_files.test_client()
+    exporter = exports(small_files)
+    status = kick_off(client, "/fhir/$export?_type=Observation,Patient")
+    assert client.get(status).headers["X-Progress"] == "0% (queued)"
+
+    def one_chunk() -> None:  # a run that stores one chunk and stops; the next one resumes it (lease 0)
+        job = exporter.jobs.claim(exporter.worker_id, 0)
+        assert job is not None
+        exporter.run(job, stop=after_one_chunk())
+
+    one_chunk()
+    assert client.get(status).headers["X-Progress"] == "25% (2 resources exported, now Observation)"
+    seen = []
+    while (polled := client.get(status)).status_code == 202:
+        seen.append(polled.headers["X-Progress"])
+        one_chunk()
+    percents = [int(p.split("% (", 1)[0]) for p in seen]
+    assert percents == sorted(percents) and all(0 <= p < 100 for p in percents), seen
+    assert seen[-1].endswith("% (5 resources exported, now Observation)")
+
+
+def test_a_patient_a_partner_may_not_see_is_answered_exactly_as_one_that_does_not_exist(
+    app: Flask, program: dict[str, Any]
+) -> None:
+    partner = program["partner"]
+    hidden = program["b"]["patient"].removeprefix("Patient/")  # exists, no consent to this partner
+    answers = []
+    for patient in (hidden, "00000000-0000-4000-8000-000000000000"):
+        response = kick_off_post(partner, "/fhir/Patient/$export", patient_ref(patient))
+        assert response.status_code == 202, response.get_json()
+        manifest = finished(app, partner, response.headers["Content-Location"].removeprefix(BASE))
+        assert manifest["output"] == []
+        [error] = manifest["error"]
+        [outcome] = lines(partner, error["url"])
+        answers.append(orjson.dumps(outcome).decode().replace(patient, "<id>"))
+    assert answers[0] == answers[1]
+    assert "Zyxwvut" not in answers[0]
+
+
+def test_a_partner_export_of_one_consented_patient_with_elements_keeps_the_part2_labels(
+    app: Flask, program: dict[str, Any]
+) -> None:
+    partner = program["partner"]
+    patient = program["a"]["patient"].removeprefix("Patient/")
+    manifest = posted_export(
+        app, partner, "/fhir/Patient/$export", patient_ref(patient), {"name": "_elements", "valueString": "id"}
+    )
+    found = exported(partner, manifest)
+    assert ids(found["Patient"]) == {f"Patient/{patient}"}
+    whole = exported(partner, posted_export(app, partner, "/fhir/Patient/$export", patient_ref(patient)))
+    labels = {f"{r['resourceType']}/{r['id']}": r["meta"]["security"] for rs in whole.values() for r in rs}
+    codes = set()
+    for resources in found.values():
+        for resource in resources:
+            assert SUBSETTED in resource["meta"]["tag"]
+            assert resource["meta"]["security"] == labels[f"{resource['resourceType']}/{resource['id']}"]
+            codes |= {s["code"] for s in resource["meta"]["security"]}
+            assert "RedisclosureProhibitionMark" in {s["code"] for s in resource["meta"]["security"]}
+            assert [i for i in validate(resource) if i.severity in ("error", "fatal")] == []
+    assert {"R", "42CFRPart2", "RedisclosureProhibitionMark"} <= codes
+
+
+def test_progress_counts_the_types_done_before_the_current_one() -> None:
+    job = ExportJob(
+        id="x",
+        client_id="c",
+        principal={},
+        request="",
+        params=ExportRequest("system", types=("Encounter", "Observation", "Patient", "Group")).to_json(),
+        status="running",
+        created=0,
+        cursor={"type": "Observation", "done": False},
+        exported=4026,
+    )
+    access = Access(Principal(client_id="c", scopes=Scopes.parse("system/*.rs")), None)  # type: ignore[arg-type]
+    assert progress(job, access) == "62% (4,026 resources exported, now Observation)"
+
+
+def test_the_capability_statement_documents_the_export_parameters_patient_and_elements(
+    sqlite_client: FlaskClient,
+) -> None:
+    rest = sqlite_client.get("/fhir/metadata").get_json()["rest"][0]
+    patient = next(r for r in rest["resource"] if r["type"] == "Patient")
+    for operations in (rest["operation"], patient["operation"]):
+        [export] = [o for o in operations if o["name"] == "export"]
+        assert "patient" in export["documentation"] and "_elements" in export["documentation"]
+
+
+@pytest.mark.peers
+def test_an_export_subsetted_by_elements_passes_the_independent_validator(
+    app: Flask, client: FlaskClient, queued: Exporter, records: dict[str, Any], tmp_path: Path
+) -> None:
+    manifest = finished(app, client, kick_off(client, "/fhir/Patient/$export?_elements=Patient.name,subject"))
+    for number, item in enumerate(manifest["output"]):
+        (tmp_path / f"{number}.{item['type']}.ndjson").write_bytes(client.get(item["url"].removeprefix(BASE)).data)
+    checked = subprocess.run([str(TOOLS / "fhir-validate"), str(tmp_path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout.count("OK ") == sum(item["count"] for item in manifest["output"]) > 0

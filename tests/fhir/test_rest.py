@@ -375,7 +375,7 @@ def test_metadata_states_fhir_4_0_1_and_every_type(client: FlaskClient) -> None:
 
 
 def test_method_not_allowed_is_an_operation_outcome(client: FlaskClient) -> None:
-    response = client.patch("/fhir/Patient")
+    response = client.patch("/fhir/Patient/1/_history")
     assert response.status_code == 405
     assert issue(response)["code"] == "not-supported"
 
@@ -392,3 +392,175 @@ def test_history_with_count_zero_gives_the_total_and_no_next_link(client: FlaskC
     history = client.get("/fhir/Patient/_history?_count=0").get_json()
     assert history["total"] == 1
     assert [link["relation"] for link in history["link"]] == ["self"]
+
+
+# -- what common clients send (fhirpy, Aidbox-style servers' clients) -------------------------------------------
+
+MRN_QUERY = "identifier=urn:oid:2.16.840.1.113883.19.5|MRN-Rivera"
+
+
+def test_post_with_a_query_string_is_a_conditional_create_and_never_a_duplicate(client: FlaskClient) -> None:
+    first = client.post(f"/fhir/Patient?{MRN_QUERY}", data=orjson.dumps(patient()), headers={"Content-Type": FHIR})
+    second = client.post(f"/fhir/Patient?{MRN_QUERY}", data=orjson.dumps(patient()), headers={"Content-Type": FHIR})
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.get_json()["id"] == second.get_json()["id"]
+    assert client.get("/fhir/Patient?_summary=count").get_json()["total"] == 1
+
+
+def test_post_with_a_query_string_matching_two_returns_412_and_creates_nothing(client: FlaskClient) -> None:
+    post(client, patient())
+    post(client, patient())
+    response = client.post("/fhir/Patient?family=Rivera", data=orjson.dumps(patient()), headers={"Content-Type": FHIR})
+    assert response.status_code == 412
+    assert client.get("/fhir/Patient?_summary=count").get_json()["total"] == 2
+
+
+def test_post_with_an_unknown_query_parameter_returns_400_naming_it_and_creates_nothing(client: FlaskClient) -> None:
+    response = client.post("/fhir/Patient?bogus=1", data=orjson.dumps(patient()), headers={"Content-Type": FHIR})
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["bogus"]
+    assert client.get("/fhir/Patient?_summary=count").get_json()["total"] == 0
+
+
+def test_post_with_a_query_and_a_different_if_none_exist_returns_400(client: FlaskClient) -> None:
+    response = client.post(
+        f"/fhir/Patient?{MRN_QUERY}",
+        data=orjson.dumps(patient()),
+        headers={"Content-Type": FHIR, "If-None-Exist": "family=Other"},
+    )
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["If-None-Exist"]
+    same = client.post(
+        f"/fhir/Patient?{MRN_QUERY}",
+        data=orjson.dumps(patient()),
+        headers={"Content-Type": FHIR, "If-None-Exist": MRN_QUERY},
+    )
+    assert same.status_code == 201
+
+
+def test_post_with_only_format_in_the_query_is_a_plain_create(client: FlaskClient) -> None:
+    response = client.post("/fhir/Patient?_format=json", data=orjson.dumps(patient()), headers={"Content-Type": FHIR})
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize(("method", "total"), [("count", 2), ("accurate", 2), ("estimate", 2), ("none", None)])
+def test_total_method_is_accepted_as_total(client: FlaskClient, method: str, total: int | None) -> None:
+    post(client, patient())
+    post(client, patient("Okafor"))
+    bundle = client.get(f"/fhir/Patient?_totalMethod={method}&_count=1").get_json()
+    assert bundle["resourceType"] == "Bundle", bundle
+    assert bundle.get("total") == total
+
+
+def test_total_method_with_an_unknown_value_returns_400_naming_it(client: FlaskClient) -> None:
+    response = client.get("/fhir/Patient?_totalMethod=guess")
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["_totalMethod"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/merge-patch+json"])
+def test_merge_patch_with_a_partial_resource_updates_and_versions(client: FlaskClient, content_type: str) -> None:
+    created = post(client, patient()).get_json()
+    response = client.patch(
+        f"/fhir/Patient/{created['id']}",
+        data=orjson.dumps({"gender": "female", "birthDate": None, "name": [{"family": "Okafor"}]}),
+        headers={"Content-Type": content_type, "If-Match": 'W/"1"'},
+    )
+    assert response.status_code == 200, response.get_json()
+    stored = client.get(f"/fhir/Patient/{created['id']}").get_json()
+    assert stored["meta"]["versionId"] == "2"
+    assert stored["gender"] == "female"
+    assert "birthDate" not in stored
+    assert stored["name"] == [{"family": "Okafor"}]
+    assert stored["identifier"] == created["identifier"]
+
+
+def test_merge_patch_with_a_stale_if_match_returns_412_and_changes_nothing(client: FlaskClient) -> None:
+    created = post(client, patient()).get_json()
+    response = client.patch(
+        f"/fhir/Patient/{created['id']}",
+        data=orjson.dumps({"gender": "female"}),
+        headers={"Content-Type": "application/merge-patch+json", "If-Match": 'W/"7"'},
+    )
+    assert response.status_code == 412
+    assert client.get(f"/fhir/Patient/{created['id']}").get_json()["gender"] == "other"
+
+
+def test_merge_patch_that_breaks_the_resource_is_refused_and_changes_nothing(client: FlaskClient) -> None:
+    created = post(client, patient()).get_json()
+    response = client.patch(
+        f"/fhir/Patient/{created['id']}",
+        data=orjson.dumps({"gender": "sometimes"}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code in (400, 422)
+    assert issue(response)["expression"] == ["Patient.gender"]
+    assert client.get(f"/fhir/Patient/{created['id']}").get_json()["meta"]["versionId"] == "1"
+
+
+def test_merge_patch_that_is_not_an_object_returns_400(client: FlaskClient) -> None:
+    created = post(client, patient()).get_json()
+    response = client.patch(
+        f"/fhir/Patient/{created['id']}", data=b"[1]", headers={"Content-Type": "application/merge-patch+json"}
+    )
+    assert response.status_code == 400
+    assert issue(response)["expression"] == ["body"]
+
+
+def test_conditional_patch_patches_the_single_match(client: FlaskClient) -> None:
+    created = post(client, patient()).get_json()
+    response = client.patch(
+        f"/fhir/Patient?{MRN_QUERY}",
+        data=orjson.dumps({"gender": "female"}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["id"] == created["id"]
+    assert response.headers["ETag"] == 'W/"2"'
+    json_patch = client.patch(
+        f"/fhir/Patient?{MRN_QUERY}",
+        data=orjson.dumps([{"op": "replace", "path": "/gender", "value": "male"}]),
+        headers={"Content-Type": "application/json-patch+json"},
+    )
+    assert json_patch.status_code == 200
+    assert client.get(f"/fhir/Patient/{created['id']}").get_json()["gender"] == "male"
+
+
+def test_conditional_patch_with_no_match_returns_404(client: FlaskClient) -> None:
+    response = client.patch(
+        "/fhir/Patient?identifier=MRN-nobody",
+        data=orjson.dumps({"gender": "female"}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 404
+    assert issue(response)["code"] == "not-found"
+
+
+def test_conditional_patch_with_two_matches_returns_412_and_changes_nothing(client: FlaskClient) -> None:
+    post(client, patient())
+    post(client, patient())
+    response = client.patch(
+        "/fhir/Patient?family=Rivera",
+        data=orjson.dumps({"gender": "female"}),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.status_code == 412
+    assert client.get("/fhir/Patient?gender=female&_summary=count").get_json()["total"] == 0
+
+
+def test_conditional_patch_without_a_condition_returns_400(client: FlaskClient) -> None:
+    post(client, patient())
+    response = client.patch(
+        "/fhir/Patient", data=orjson.dumps({"gender": "female"}), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+
+
+def test_empty_responses_carry_no_html_content_type(client: FlaskClient) -> None:
+    created = post(client, patient(), Prefer="return=minimal")
+    assert created.status_code == 201
+    assert created.get_data() == b""
+    assert "Content-Type" not in created.headers
+    deleted = client.delete(created.headers["Location"].split("/_history")[0].replace("http://testserver", ""))
+    assert deleted.status_code == 204
+    assert "Content-Type" not in deleted.headers

@@ -541,7 +541,7 @@ def test_a_query_string_that_is_not_utf8_is_refused_as_bad_syntax(client: FlaskC
         environ_overrides={"QUERY_STRING": "identifier=\xff\xfe"},  # raw bytes, as a WSGI server passes them
     )
     assert response.status_code == 400
-    assert outcome_issue(response) == ("invalid", "query")
+    assert outcome_issue(response) == ("invalid", "identifier")
     assert state(client) == before
 
 

@@ -165,6 +165,36 @@ def test_paging_follows_next_links_without_duplicates_or_omissions(
     assert dict(parse_qsl(urlsplit(previous).query))["_offset"] == "2"
 
 
+def test_every_page_of_a_multi_page_search_carries_the_total_and_a_last_link(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    bundle = client.get("/fhir/Observation?_count=1&_sort=date").get_json()
+    pages = 1
+    while True:
+        assert bundle["total"] == 4
+        assert dict(parse_qsl(urlsplit(link(bundle, "last")).query))["_offset"] == "3"
+        following = next((lk["url"] for lk in bundle["link"] if lk["relation"] == "next"), None)
+        if following is None:
+            break
+        url = urlsplit(following)
+        bundle = client.get(f"{url.path}?{url.query}").get_json()
+        pages += 1
+    assert pages == 4
+    beyond = client.get("/fhir/Observation?_count=1&_offset=9").get_json()
+    assert (beyond["total"], beyond.get("entry")) == (4, None)
+
+
+def test_total_none_leaves_the_total_out_of_every_page(client: FlaskClient, program: dict[str, str]) -> None:
+    bundle = client.get("/fhir/Observation?_count=1&_total=none").get_json()
+    assert "total" not in bundle
+    assert "last" not in {lk["relation"] for lk in bundle["link"]}
+
+
+def link(bundle: dict[str, Any], relation: str) -> str:
+    url: str = next(lk["url"] for lk in bundle["link"] if lk["relation"] == relation)
+    return url
+
+
 def test_summary_count_returns_only_the_total(client: FlaskClient, program: dict[str, str]) -> None:
     bundle = client.get("/fhir/Observation?code=44261-6&_summary=count").get_json()
     assert bundle["total"] == 3
@@ -217,3 +247,60 @@ def test_malformed_search_is_a_400_naming_the_parameter(client: FlaskClient, que
 def test_deleted_resources_never_match(client: FlaskClient, program: dict[str, str]) -> None:
     assert client.delete(f"/fhir/Observation/{program['gad_jan']}").status_code == 204
     assert ids_of(client, "Observation?code=70274-6") == []
+
+
+# -- compartment search: Patient/{id}/{type} (https://hl7.org/fhir/R4/compartmentdefinition-patient.html) ------
+
+
+def test_patient_compartment_search_finds_only_that_patients_resources(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    reyes = program["reyes"]
+    found = ids_of(client, f"Patient/{reyes}/Observation?_sort=date")
+    assert found == [program["phq_jan"], program["gad_jan"], program["phq_feb"]]
+    assert ids_of(client, f"Patient/{program['muller']}/Observation") == [program["phq_kai"]]
+    assert ids_of(client, f"Patient/{reyes}/Patient") == [reyes]
+
+
+def test_patient_compartment_search_applies_the_types_search_parameters(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    found = ids_of(client, f"Patient/{program['reyes']}/Observation?code=44261-6&_sort=date")
+    assert found == [program["phq_jan"], program["phq_feb"]]
+    response = client.get(f"/fhir/Patient/{program['reyes']}/Observation?bogus=1")
+    assert response.status_code == 400
+    assert response.get_json()["issue"][0]["expression"] == ["bogus"]
+
+
+def test_patient_compartment_search_pages_with_links_under_the_compartment(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    bundle = client.get(f"/fhir/Patient/{program['reyes']}/Observation?_count=2").get_json()
+    assert bundle["total"] == 3
+    following = urlsplit(link(bundle, "next"))
+    assert following.path == f"/fhir/Patient/{program['reyes']}/Observation"
+    rest = client.get(f"{following.path}?{following.query}").get_json()
+    assert len(rest["entry"]) == 1
+
+
+def test_patient_compartment_search_of_an_unknown_patient_is_404(client: FlaskClient, program: dict[str, str]) -> None:
+    response = client.get("/fhir/Patient/never-existed/Observation")
+    assert response.status_code == 404
+    assert response.get_json()["resourceType"] == "OperationOutcome"
+    assert response.get_json()["issue"][0]["code"] == "not-found"
+
+
+def test_compartment_search_of_a_type_outside_the_compartment_or_another_compartment_is_refused(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    outside = client.get(f"/fhir/Patient/{program['reyes']}/Organization")
+    assert outside.status_code == 400
+    assert outside.get_json()["issue"][0]["code"] == "not-supported"
+    other = client.get("/fhir/Encounter/x/Observation")
+    assert other.status_code == 404
+    assert other.get_json()["issue"][0]["code"] == "not-supported"
+
+
+def test_patient_compartment_is_declared_in_the_capability_statement(client: FlaskClient) -> None:
+    rest = client.get("/fhir/metadata").get_json()["rest"][0]
+    assert rest["compartment"] == ["http://hl7.org/fhir/CompartmentDefinition/patient"]

@@ -102,6 +102,26 @@ def test_a_read_takes_no_write_transaction_of_its_own_and_its_row_follows_by_gro
     assert searched.query == "/fhir/Patient?family=Groupcommit"
 
 
+def test_a_compartment_search_is_audited_as_a_search_with_its_query_and_what_it_returned(
+    app: Flask, client: FlaskClient
+) -> None:
+    patient = create(client, {"resourceType": "Patient", "name": [{"family": "Compartment"}]})
+    observation = create(
+        client,
+        {
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"text": "craving"},
+            "subject": {"reference": f"Patient/{patient['id']}"},
+        },
+    )
+    assert client.get(f"/fhir/Patient/{patient['id']}/Observation?status=final").status_code == 200
+    [searched] = [r for r in flushed_rows(app, action="search") if "/Observation" in (r.query or "")]
+    assert searched.query == f"/fhir/Patient/{patient['id']}/Observation?status=final"
+    assert searched.entities == (f"Observation/{observation['id']}",)
+    assert searched.patient == f"Patient/{patient['id']}"
+
+
 def test_a_write_and_its_audit_row_commit_in_one_transaction(app: Flask, client: FlaskClient) -> None:
     queued: list[AuditRow] = []
     writer = app.extensions["iop_fhir.audit"]

@@ -725,6 +725,45 @@ def test_a_partners_conditional_create_never_matches_a_hidden_patient(
     assert read(client, b) == before
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "application/json-patch+json"])
+def test_a_partners_conditional_patch_never_reaches_a_hidden_match(
+    attacker: FlaskClient, client: FlaskClient, program: dict[str, Any], content_type: str
+) -> None:
+    """A conditional patch matches only what the client may see: a hidden match answers as no match (404)."""
+    b = program["b"]["patient"]
+    before = read(client, b)
+    body = (
+        [{"op": "add", "path": "/gender", "value": "unknown"}]
+        if "json-patch" in content_type
+        else {"gender": "unknown"}
+    )
+
+    def patch_where(mrn: str) -> Any:
+        return attacker.open(
+            f"/fhir/Patient?identifier={quote(MRN + '|' + mrn)}",
+            method="PATCH",
+            data=orjson.dumps(body),
+            content_type=content_type,
+        )
+
+    hidden, unknown = patch_where("MRN-B-2"), patch_where("MRN-NOBODY-9")
+    assert hidden.status_code == unknown.status_code == 404, hidden.get_json()
+    assert answer(hidden, "MRN-B-2") == answer(unknown, "MRN-NOBODY-9")
+    assert read(client, b) == before
+
+
+def test_a_partners_compartment_search_of_a_hidden_patient_answers_as_for_one_that_never_existed(
+    attacker: FlaskClient, client: FlaskClient, program: dict[str, Any]
+) -> None:
+    b, a, nobody = program["b"]["patient"], program["a"]["patient"], never_existed()
+    assert total(client, f"{b}/Encounter") > 0  # the program sees B's encounters
+    hidden = attacker.get(f"/fhir/{b}/Encounter")
+    unknown = attacker.get(f"/fhir/Patient/{nobody}/Encounter")
+    assert hidden.status_code == unknown.status_code == 404, hidden.get_json()
+    assert answer(hidden, b.split("/")[1]) == answer(unknown, nobody)
+    assert total(attacker, f"{a}/Encounter") == total(attacker, f"Encounter?subject={a}") > 0
+
+
 # -- 7. labels on everything disclosed ------------------------------------------------------------------------
 
 

@@ -615,14 +615,16 @@ def test_total_accurate_and_summary_count(engine: Engine) -> None:
     _, result = search(engine, "Encounter", [("_count", "0")])
     assert (result.total, result.matches) == (n, [])
     _, result = search(engine, "Encounter", [("_count", "5")])
-    assert result.total is None  # not asked for and not free
+    assert result.total == n  # every page of a multi-page search tells the total
+    _, result = search(engine, "Encounter", [("_count", "5"), ("_total", "none")])
+    assert result.total is None  # unless _total=none asks for none
     _, result = search(engine, "Appointment", [("_count", "5"), ("_offset", "5")])
     assert (result.total, result.has_more) == (7, False)  # the last page tells the total for free
 
 
 def test_offset_beyond_the_end_gives_an_empty_page(engine: Engine) -> None:
     _, result = search(engine, "Appointment", [("_offset", "50")])
-    assert (result.matches, result.has_more, result.total) == ([], False, None)
+    assert (result.matches, result.has_more, result.total) == ([], False, 7)
 
 
 # -- _include / _revinclude ----------------------------------------------------------------------------------
