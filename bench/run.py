@@ -127,7 +127,19 @@ def _gunicorn_settings(workers: int, threads: int) -> dict[str, Any]:
     }
 
 
-def _serve_bare(port: int, workers: int, threads: int) -> None:
+def _serve_with(server_name: str, make_app: Any, port: int, workers: int, threads: int) -> bool:
+    """Serves ``make_app()`` under waitress as `iop-fhir serve --server waitress` does; False for gunicorn."""
+    if server_name != "waitress":
+        return False
+    from iop_fhir import serving
+    from iop_fhir.config import Settings
+
+    settings = Settings.from_env()
+    serving.serve(make_app, settings, host="127.0.0.1", port=port, workers=workers, threads=threads, access_log=False)
+    return True
+
+
+def _serve_bare(port: int, workers: int, threads: int, server_name: str = "gunicorn") -> None:
     from flask import Flask, Response
     from gunicorn.app.base import BaseApplication
 
@@ -137,6 +149,13 @@ def _serve_bare(port: int, workers: int, threads: int) -> None:
     @app.get("/bare")
     def bare() -> Response:
         return Response(body, content_type=f"{FHIR}; charset=utf-8")
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    if _serve_with(server_name, lambda: app, port, workers, threads):
+        return
 
     class Bare(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -150,7 +169,7 @@ def _serve_bare(port: int, workers: int, threads: int) -> None:
     Bare().run()
 
 
-def _serve_unaudited(port: int, workers: int, threads: int) -> None:
+def _serve_unaudited(port: int, workers: int, threads: int, server_name: str = "gunicorn") -> None:
     """`iop-fhir serve` (the same app on IOP_FHIR_DATABASE_URL, the same gunicorn settings) with the audit switched
     off: what a read costs without its audit row, for comparison only."""
     from flask import Flask
@@ -161,6 +180,14 @@ def _serve_unaudited(port: int, workers: int, threads: int) -> None:
 
     settings = Settings.from_env()
 
+    def unaudited_app() -> Flask:
+        app = create_app(settings)
+        app.extensions["iop_fhir.audit"] = None  # the switch: no trail, no audit row (security/guard.py)
+        return app
+
+    if _serve_with(server_name, unaudited_app, port, workers, threads):
+        return
+
     class Unaudited(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             self.cfg.set("bind", f"127.0.0.1:{port}")
@@ -168,9 +195,7 @@ def _serve_unaudited(port: int, workers: int, threads: int) -> None:
                 self.cfg.set(key, value)
 
         def load(self) -> Flask:
-            app = create_app(settings)
-            app.extensions["iop_fhir.audit"] = None  # the switch: no trail, no audit row (security/guard.py)
-            return app
+            return unaudited_app()
 
     Unaudited().run()
 
@@ -499,8 +524,10 @@ def bench(args: argparse.Namespace, threads: int) -> Run:
             str(args.workers),
             "--threads",
             str(threads),
+            "--server",
+            args.server,
         ]
-        print(f"[{label}] bare Flask app", file=sys.stderr, flush=True)
+        print(f"[{label}] bare Flask app under {args.server}", file=sys.stderr, flush=True)
         with server(bare_cmd, port, "/bare") as process:
             drive(port, Load("bare", [("GET", "/bare", None)], token), process.pid)
 
@@ -551,7 +578,7 @@ def bench(args: argparse.Namespace, threads: int) -> Run:
         # The same database and loads with the audit switched off, for the CPU a read's audit costs.
         port = _free_port()
         unaudited = [sys.executable, __file__, "unaudited", "--port", str(port)]
-        unaudited += ["--workers", str(args.workers), "--threads", str(threads)]
+        unaudited += ["--workers", str(args.workers), "--threads", str(threads), "--server", args.server]
         print(f"[{label}] the same, audit switched off", file=sys.stderr, flush=True)
         with server(unaudited, port, "/health", env) as process:
             drive(port, Load("read-noaudit", reads, token), process.pid)
@@ -707,14 +734,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transaction-size", type=int, default=1000)
     parser.add_argument("--database-url", help="instead of a fresh SQLite file (the database must be empty)")
     commands = parser.add_subparsers(dest="command")
-    bare = commands.add_parser("bare", help="(internal) serve the bare Flask app under gunicorn")
+    bare = commands.add_parser("bare", help="(internal) serve the bare Flask app under the same server")
     bare.add_argument("--port", type=int, required=True)
     bare.add_argument("--workers", type=int, default=2)
     bare.add_argument("--threads", type=int, default=1)
+    bare.add_argument("--server", choices=["gunicorn", "waitress"], default="gunicorn")
     unaudited = commands.add_parser("unaudited", help="(internal) serve the app with the audit switched off")
     unaudited.add_argument("--port", type=int, required=True)
     unaudited.add_argument("--workers", type=int, default=2)
     unaudited.add_argument("--threads", type=int, default=1)
+    unaudited.add_argument("--server", choices=["gunicorn", "waitress"], default="gunicorn")
     prof = commands.add_parser("profile", help="cProfile each interaction in-process")
     prof.add_argument("cases", nargs="*", default=["read", "create", "search", "transaction"])
     prof.add_argument("--requests", type=int, default=2000)
@@ -723,10 +752,10 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--transaction-size", type=int, default=1000)
     args = parser.parse_args(argv)
     if args.command == "bare":
-        _serve_bare(args.port, args.workers, args.threads)
+        _serve_bare(args.port, args.workers, args.threads, args.server)
         return 0
     if args.command == "unaudited":
-        _serve_unaudited(args.port, args.workers, args.threads)
+        _serve_unaudited(args.port, args.workers, args.threads, args.server)
         return 0
     if args.command == "profile":
         return profile(args)
