@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,11 @@ class _Node:
     slices: list[_Node] = field(default_factory=list)
 
     def json_names(self) -> list[str]:
+        """The element's JSON property names (one per type of a choice element, value[x]: valueQuantity, ...)."""
+        return self._json_names
+
+    @cached_property
+    def _json_names(self) -> list[str]:
         if self.name.endswith("[x]"):
             return [self.name[:-3] + _cap(t) for t in self.types]
         return [self.name]
