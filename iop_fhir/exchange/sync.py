@@ -25,7 +25,7 @@ from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Invalid, Issue, Unprocessable
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.mapping import ids
-from iop_fhir.r4 import validation
+from iop_fhir.r4 import search, validation
 from iop_fhir.r4.instants import now_us
 from iop_fhir.store.base import Store, StoredRecord, WriteTx
 
@@ -154,7 +154,7 @@ def sync_enrollment(
         report.skipped.append({"partner": partner["id"], "enrollment": enrollment.id, "error": "no patient"})
         return
     first = identifiers[0]
-    token = f"{_escape(first['system'])}|{_escape(first['value'])}"
+    token = search.token_value(first["system"], first["value"])
     try:
         found = (r for r in client.search("Patient", [("identifier", token)]) if r.get("resourceType") == "Patient")
         matches = list(islice(found, 2))
@@ -423,14 +423,6 @@ def _our_patient(enrollment: StoredRecord) -> str | None:
         if entry.get("role") == "patient" and entry.get("reference", "").startswith("Patient/"):
             return entry["reference"].split("/", 1)[1]
     return None
-
-
-def _escape(value: Any) -> str:
-    """A token part escaped for a search value (https://hl7.org/fhir/R4/search.html#escaping)."""
-    text = str(value)
-    for char in ("\\", "|", ",", "$"):
-        text = text.replace(char, "\\" + char)
-    return text
 
 
 def _unversioned(reference: Any) -> Any:

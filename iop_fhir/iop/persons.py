@@ -57,7 +57,7 @@ def person_for(tx: WriteTx, enrollment_id: str, record: dict[str, Any], existing
         system, value = identifier.get("system"), identifier.get("value")
         if not system or not value:
             continue
-        request = search.parse("Patient", [("identifier", f"{_escape(system)}|{_escape(value)}"), ("_count", "10")])
+        request = search.parse("Patient", [("identifier", search.token_value(system, value)), ("_count", "10")])
         for stored in tx.search(request).matches[:_MOST]:
             if stored.content is not None and not stored.deleted:
                 found.setdefault(stored.res_id, orjson.loads(stored.content))
@@ -136,11 +136,3 @@ def _moved(node: Any, moved: dict[str, str]) -> Any:
     if isinstance(node, list):
         return [_moved(item, moved) for item in node]
     return node
-
-
-def _escape(value: Any) -> str:
-    """A token part escaped for a search value (https://hl7.org/fhir/R4/search.html#escaping)."""
-    text = str(value)
-    for char in ("\\", "|", ",", "$"):
-        text = text.replace(char, "\\" + char)
-    return text

@@ -365,6 +365,18 @@ def parse(
     )
 
 
+def token_value(system: Any, code: Any) -> str:
+    """A token search value ``system|code`` with both parts escaped (https://hl7.org/fhir/R4/search.html#escaping)."""
+    return f"{_escape_part(system)}|{_escape_part(code)}"
+
+
+def _escape_part(value: Any) -> str:
+    text = str(value)
+    for char in ("\\", "|", ",", "$"):
+        text = text.replace(char, "\\" + char)
+    return text
+
+
 class _NotSupported(Exception):
     """An unknown or unsupported parameter or modifier: dropped when lenient, else a not-supported error."""
 
