@@ -74,6 +74,18 @@ def append(conn: Connection, rows: Sequence[AuditRow]) -> None:
         conn.execute(insert(_A), [_values(row) for row in rows])
 
 
+def dbapi_connection(engine: Engine) -> Any:
+    """A plain DBAPI connection of the engine's database in autocommit mode (each statement its own transaction),
+    for the single-statement paths that skip SQLAlchemy: the audit log's appends and reads by primary key."""
+    dialect = engine.dialect
+    cargs, cparams = dialect.create_connect_args(engine.url)
+    if dialect.name == "sqlite":
+        cparams.update(check_same_thread=False, timeout=60, isolation_level=None)
+    else:
+        cparams["autocommit"] = True
+    return dialect.loaded_dbapi.connect(*cargs, **cparams)
+
+
 class _DirectAppends:
     """Batches of rows, each one statement (a transaction of its own) on one DBAPI connection kept for them
     (reconnected after an error, and in a child process after a fork)."""
@@ -87,13 +99,7 @@ class _DirectAppends:
         self._pid = 0
 
     def _connect(self) -> Any:
-        dialect = self.engine.dialect
-        cargs, cparams = dialect.create_connect_args(self.engine.url)
-        if self.sqlite:
-            cparams.update(check_same_thread=False, timeout=60, isolation_level=None)
-        else:
-            cparams["autocommit"] = True
-        return dialect.loaded_dbapi.connect(*cargs, **cparams)
+        return dbapi_connection(self.engine)
 
     def append(self, rows: Sequence[AuditRow]) -> None:
         values = [_values(row) for row in rows]

@@ -40,7 +40,7 @@ from sqlalchemy.pool import StaticPool
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.search import Visibility
 from iop_fhir.store import schema, search_sql, writerlock
-from iop_fhir.store.audit_sql import SqlAuditLog, SqlAuditLogTx
+from iop_fhir.store.audit_sql import SqlAuditLog, SqlAuditLogTx, dbapi_connection
 from iop_fhir.store.base import (
     REFERRAL,
     RETRYABLE_BY_HAND,
@@ -523,13 +523,7 @@ class _DirectReads:
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
 
     def _connect(self) -> Any:
-        dialect = self.engine.dialect
-        cargs, cparams = dialect.create_connect_args(self.engine.url)
-        if dialect.name == "sqlite":
-            cparams.update(check_same_thread=False, timeout=60, isolation_level=None)
-        else:
-            cparams["autocommit"] = True
-        return dialect.loaded_dbapi.connect(*cargs, **cparams)
+        return dbapi_connection(self.engine)
 
     def one(self, sql: str, params: tuple[Any, ...]) -> Any:
         sql = sql.replace("?", self.placeholder)
