@@ -5,7 +5,6 @@ https://hl7.org/fhir/R4/http.html
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import orjson
@@ -13,6 +12,7 @@ from flask import Request, Response
 
 from iop_fhir.errors import BadRequest, NotAcceptable, UnsupportedMediaType, information
 from iop_fhir.fhir.repository import version_from_etag
+from iop_fhir.jsonkeys import duplicate_key
 from iop_fhir.r4.instants import http_date
 from iop_fhir.store.base import StoredResource
 
@@ -70,58 +70,6 @@ def json_body(request: Request, *, patch: bool = False) -> Any:
 def is_merge_patch(request: Request) -> bool:
     """Whether a PATCH body is a JSON Merge Patch (RFC 7396) rather than a JSON Patch (RFC 6902)."""
     return request.mimetype != JSON_PATCH
-
-
-class _Duplicated(dict):  # type: ignore[type-arg]
-    """An object of a JSON text in which ``key`` appears more than once."""
-
-    key = ""
-
-
-def duplicate_key(data: bytes) -> str | None:
-    """The path (``Patient.name[0].family``) of the first key given twice in one object of the JSON text ``data``,
-    else None (https://hl7.org/fhir/R4/json.html: no duplicate names). The C parser of the standard library
-    hands each object's pairs to the hook before they become a dict; the document is walked for the path only when
-    an object had a repeat."""
-    repeats = 0
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal repeats
-        found = dict(items)
-        if len(found) == len(items):
-            return found
-        repeats += 1
-        marked = _Duplicated(found)
-        seen: set[str] = set()
-        marked.key = next(k for k, _ in items if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        return marked
-
-    try:
-        document = json.loads(data, object_pairs_hook=pairs)
-        if not repeats:
-            return None
-        root = document.get("resourceType") if isinstance(document, dict) else None
-        return _find_duplicate(document, root if isinstance(root, str) else "$")
-    except RecursionError:  # nested deeper than Python's stack: refused for its depth (too-costly) further on
-        return None
-
-
-def _find_duplicate(value: Any, path: str) -> str | None:
-    if isinstance(value, _Duplicated):
-        return f"{path}.{value.key}"
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, (dict, list)):
-                found = _find_duplicate(item, f"{path}.{key}")
-                if found:
-                    return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if isinstance(item, (dict, list)):
-                found = _find_duplicate(item, f"{path}[{index}]")
-                if found:
-                    return found
-    return None
 
 
 def parse_etag(value: str | None, header: str = "If-Match") -> int | None:

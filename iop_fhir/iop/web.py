@@ -13,6 +13,7 @@ from flask_smorest import Blueprint
 from marshmallow import INCLUDE, Schema, fields, validate
 
 from iop_fhir.errors import BadRequest, UnsupportedMediaType
+from iop_fhir.jsonkeys import duplicate_key
 from iop_fhir.privacy import trail
 
 JSON = "application/json"
@@ -99,7 +100,8 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def json_body(*, optional: bool = False) -> Any:
-    """The parsed body: 415 unless application/json, 400 if empty (unless optional) or not JSON."""
+    """The parsed body: 415 unless application/json, 400 if empty (unless optional), not JSON, or naming a key twice
+    in one object (which value was meant is unknowable, so neither is taken)."""
     data = request.get_data(cache=False)
     if optional and not data.strip():
         return None
@@ -109,9 +111,19 @@ def json_body(*, optional: bool = False) -> Any:
     if not data.strip():
         raise BadRequest("the request body is empty; send the record as a JSON object", code="structure")
     try:
-        return orjson.loads(data)
+        parsed = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}", code="structure") from None
+    duplicated = duplicate_key(data)
+    if duplicated is not None:
+        field = duplicated.removeprefix("$.")
+        raise BadRequest(
+            f"the key '{duplicated.rpartition('.')[2]}' appears twice in one object at {field}; a record's JSON "
+            "must name each field once",
+            field,
+            code="structure",
+        )
+    return parsed
 
 
 _NUMBER = re.compile(r"[0-9]{1,18}")

@@ -518,3 +518,35 @@ def test_an_unknown_record_id_is_a_404_naming_the_id(
     )
     assert response.status_code == 404
     assert outcome(response) == [("not-found", "id")]
+
+
+@pytest.mark.parametrize(
+    ("kind", "duplicated", "expression"),
+    [
+        ("session", '"progress_note": "first", "progress_note": "second"', "progress_note"),
+        ("assessment", '"instrument": "PHQ-9", "instrument": "GAD-7"', "instrument"),
+    ],
+)
+def test_a_key_given_twice_in_a_record_is_a_400_naming_it_and_changes_nothing(
+    sqlite_client: FlaskClient, program: dict[str, str], kind: str, duplicated: str, expression: str
+) -> None:
+    payload = orjson.dumps(contract(kind, program["enrollment"]))
+    body = payload[:-1] + b", " + duplicated.encode() + b"}"
+    before = state(sqlite_client)
+    response = sqlite_client.post(f"/iop/{PLURAL[kind]}", data=body, content_type=JSON)
+    assert response.status_code == 400
+    assert outcome(response) == [("structure", expression)]
+    assert "appears twice" in response.get_json()["issue"][0]["diagnostics"]
+    assert state(sqlite_client) == before
+
+
+def test_a_key_given_twice_in_a_nested_object_of_a_record_is_named_by_its_path(
+    sqlite_client: FlaskClient, program: dict[str, str]
+) -> None:
+    body = (
+        b'{"program": "adult-sud", "level_of_care": "2.1", "admission_date": "2026-02-09",'
+        b' "patient": {"family": "A", "family": "B"}}'
+    )
+    response = sqlite_client.post("/iop/enrollments", data=body, content_type=JSON)
+    assert response.status_code == 400
+    assert outcome(response) == [("structure", "patient.family")]
