@@ -30,12 +30,28 @@ log = logging.getLogger("iop_fhir.security")
 # Open to anyone: discovery (CapabilityStatement, SMART configuration, the service's public keys), getting a token,
 # the health check and the API documentation.
 PUBLIC_PATHS = frozenset(
-    {"/fhir/metadata", "/fhir/.well-known/smart-configuration", "/auth/token", "/auth/jwks", "/health"}
+    {
+        "/fhir/metadata",
+        "/fhir/.well-known/smart-configuration",
+        "/.well-known/smart-configuration",
+        "/auth/token",
+        "/auth/jwks",
+        "/health",
+    }
 )
 PUBLIC_PREFIXES = ("/docs", "/openapi")
 # The views those paths route to; the same path with another method routes elsewhere (DELETE /fhir/metadata is a
 # FHIR delete of type "metadata") and needs a token like any other request.
-PUBLIC_ENDPOINTS = frozenset({"fhir.metadata", "auth.smart_configuration", "auth.token", "auth.jwks", "health"})
+PUBLIC_ENDPOINTS = frozenset(
+    {
+        "fhir.metadata",
+        "auth.smart_configuration",
+        "auth.smart_configuration_at_root",
+        "auth.token",
+        "auth.jwks",
+        "health",
+    }
+)
 REALM = 'Bearer realm="iop-fhir"'
 
 # Flask endpoint → the audit action of the request (audit.ACTIONS); endpoints not listed are audited by prefix.

@@ -137,6 +137,8 @@ def jwks() -> Response:
 
 
 @bp.get("/fhir/.well-known/smart-configuration")
+# Also at the host root, where some clients look first (SMART's bulk-data-client); the same document.
+@bp.get("/.well-known/smart-configuration", endpoint="smart_configuration_at_root")
 def smart_configuration() -> Response:
     base = fhir_base(current_app.config["IOP_FHIR"])
     configuration: dict[str, Any] = {

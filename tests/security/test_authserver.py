@@ -392,8 +392,11 @@ def test_the_jwks_holds_public_keys_only(sqlite_client: FlaskClient) -> None:
     assert "d" not in key
 
 
-def test_the_smart_configuration_advertises_backend_services(sqlite_client: FlaskClient) -> None:
-    response = sqlite_client.get("/fhir/.well-known/smart-configuration")
+@pytest.mark.parametrize("path", ["/fhir/.well-known/smart-configuration", "/.well-known/smart-configuration"])
+def test_the_smart_configuration_advertises_backend_services_at_the_base_and_at_the_root(
+    sqlite_client: FlaskClient, path: str
+) -> None:
+    response = sqlite_client.get(path)
     assert response.status_code == 200
     config = response.json
     assert config is not None
