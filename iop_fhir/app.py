@@ -59,6 +59,7 @@ def create_app(config: Settings | dict[str, Any] | None = None, *, runtime: Runt
     app.extensions["iop_fhir.store"] = runtime.store
     app.extensions["iop_fhir.repository"] = runtime.repository
     app.extensions["iop_fhir.records"] = runtime.records
+    app.extensions["iop_fhir.outcomes"] = runtime.outcomes
     app.extensions["iop_fhir.audit"] = runtime.audit
 
     install_auth_server(app, runtime.clients, runtime.keys)
