@@ -16,6 +16,7 @@ from iop_fhir import runtime as runtimes
 from iop_fhir.config import Settings
 from iop_fhir.errors import FhirError, Issue, operation_outcome
 from iop_fhir.fhir import export_views, http
+from iop_fhir.fhir.measures_views import bp as measures_bp
 from iop_fhir.fhir.views import bp as fhir_bp
 from iop_fhir.iop.deliveries import bp as deliveries_bp
 from iop_fhir.iop.referrals import bp as referrals_bp
@@ -64,6 +65,7 @@ def create_app(config: Settings | dict[str, Any] | None = None, *, runtime: Runt
 
     install_auth_server(app, runtime.clients, runtime.keys)
     app.register_blueprint(fhir_bp)
+    app.register_blueprint(measures_bp)
     export_views.install(app, runtime.exporter())
     app.config.setdefault("API_TITLE", "iop-fhir")
     app.config.setdefault("API_VERSION", "0.1.0")

@@ -1,4 +1,4 @@
-"""The ``iop-fhir`` command: serve, worker, sync, export, init-db, demo, validate, map, client, token."""
+"""The ``iop-fhir`` command: serve, worker, sync, export, init-db, demo, report, validate, map, client, token."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,73 @@ def _export(args: argparse.Namespace) -> int:
                 return 2
     print(json.dumps(result, indent=2))
     return 1 if result["error"] else 0
+
+
+def _report_pages(out: Path) -> Path:
+    """The folder the stays' pages of a report written to ``out`` go to: beside it, named after it."""
+    return out.with_name(f"{out.stem}-stays")
+
+
+def _report_date(name: str, raw: str) -> date:
+    try:
+        if len(raw) != 10:
+            raise ValueError
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise _CommandError(f"{name} must be a date (YYYY-MM-DD), got {raw[:40]!r}") from None
+
+
+def _report(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from sqlalchemy.exc import SQLAlchemyError
+    from tqdm import tqdm
+
+    from iop_fhir import runtime
+    from iop_fhir.outcomes import page, patient, program
+
+    settings = Settings.from_env()
+    try:
+        start, end = _report_date("--from", args.start), _report_date("--to", args.end)
+        today = _report_date("--today", args.today) if args.today else date.today()
+        if start > end:
+            raise _CommandError(f"--from ({start.isoformat()}) is after --to ({end.isoformat()})")
+        system = json.loads((settings.terminology_dir / "CodeSystem-iop-program.json").read_text(encoding="utf-8"))
+        codes = sorted(concept["code"] for concept in system.get("concept", []))
+        if args.program not in codes:
+            raise _CommandError(f"--program must be one of: {', '.join(codes)}; got {args.program[:40]!r}")
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise _CommandError(f"--out {out}: its folder {out.parent} does not exist")
+        with runtime.opened(settings) as parts:
+            reader = parts.outcomes
+            loaded = reader.stays(program=args.program)
+            period = program.Period(start, end)
+            group = program.cohort(loaded.stays, period, args.program)
+            report = program.outcomes(group, reader.rules, period, today, args.program)
+            stays = [patient.outcomes(s, reader.rules, today) for s in group]
+        folder = _report_pages(out)
+        folder.mkdir(exist_ok=True)
+        # Enrollment ids are the store's ids; quoted all the same, so that none can name a path outside the folder.
+        names = {s["enrollment_id"]: quote(s["enrollment_id"], safe="-_.~") + ".html" for s in stays}
+        for stay in tqdm(stays, desc="stay pages", unit=" pages", disable=None, file=sys.stderr):
+            (folder / names[stay["enrollment_id"]]).write_text(page.patient_page(stay), encoding="utf-8")
+
+        def href(enrollment_id: str) -> str:
+            return f"{quote(folder.name)}/{quote(names[enrollment_id])}"
+
+        out.write_text(page.program_page(report, stays, patient_href=href), encoding="utf-8")
+    except (_CommandError, runtime.StoreUnavailable) as error:
+        print(f"iop-fhir report: {error}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as error:
+        print(f"iop-fhir report: database error ({type(error).__name__})", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"iop-fhir report: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    print(f"{out}: {report['stays']} stays; their pages in {folder}/", file=sys.stderr)
+    return 0
 
 
 def _resources(source: str) -> Iterator[tuple[str, Any]]:
@@ -484,6 +552,19 @@ def main(argv: list[str] | None = None) -> int:
     seeder.add_argument("--patients", type=_positive_int, default=25, help="patients admitted (default 25)")
     seeder.add_argument("--seed", type=int, default=2026, help="the program drawn (default 2026)")
     seeder.set_defaults(run=_demo)
+    reporter = commands.add_parser(
+        "report",
+        help="write a program's outcomes for a period as an HTML page (charts inline, no network), with a page per "
+        "stay in a folder beside it (for --out q1.html: q1-stays/<enrollment id>.html), linked from the program page",
+    )
+    reporter.add_argument("--program", required=True, metavar="CODE", help="a program code (vocabulary program)")
+    reporter.add_argument("--from", dest="start", required=True, metavar="YYYY-MM-DD", help="first day of the period")
+    reporter.add_argument("--to", dest="end", required=True, metavar="YYYY-MM-DD", help="last day of the period")
+    reporter.add_argument("--out", required=True, metavar="FILE.html", help="the program page (written over)")
+    reporter.add_argument(
+        "--today", metavar="YYYY-MM-DD", help="the day the outcomes are computed as of (default: today)"
+    )
+    reporter.set_defaults(run=_report)
     check = commands.add_parser("validate", help="validate FHIR R4 JSON files (.json, .ndjson, folders, -) offline")
     check.add_argument("sources", nargs="+", metavar="FILE|DIR|-")
     check.add_argument("--quiet", action="store_true", help="print failures only")

@@ -1,5 +1,6 @@
 """The project's conformance resources (StructureDefinitions of ``profiles/``, CodeSystems, ValueSets and
-ConceptMaps of ``mappings/terminology/``) in the store, so /fhir serves them like any other resource."""
+ConceptMaps of ``mappings/terminology/``, the program's Measures of ``mappings/outcomes/`` beside it) in the store,
+so /fhir serves them like any other resource."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from iop_fhir.fhir.repository import Repository
 from iop_fhir.r4.profiles import ProfileRegistry
 
 TERMINOLOGY_TYPES = ("CodeSystem", "ValueSet", "ConceptMap")
+MEASURE_TYPES = ("Measure",)
 Signature = tuple[tuple[str, int, int], ...]
 
 
@@ -22,7 +24,12 @@ def load(profiles_dir: Path, terminology_dir: Path) -> tuple[ProfileRegistry, li
     """The profile registry and the conformance resources of the two folders. Read once per process for as
     long as the folders' files are unchanged (every app, and every test, would otherwise parse them again)."""
     profiles_dir, terminology_dir = Path(profiles_dir), Path(terminology_dir)
-    signature = _signature(profiles_dir) + _signature(profiles_dir / "us-core") + _signature(terminology_dir)
+    signature = (
+        _signature(profiles_dir)
+        + _signature(profiles_dir / "us-core")
+        + _signature(terminology_dir)
+        + _signature(measures_dir(terminology_dir))
+    )
     return _load(profiles_dir, terminology_dir, signature)
 
 
@@ -39,11 +46,21 @@ def _load(
     return ProfileRegistry.load(profiles_dir, terminology_dir), resources(profiles_dir, terminology_dir)
 
 
+def measures_dir(terminology_dir: Path) -> Path:
+    """The folder of the program's Measures: ``outcomes/`` beside the terminology, in the mappings folder."""
+    return Path(terminology_dir).parent / "outcomes"
+
+
 def resources(profiles_dir: Path, terminology_dir: Path) -> list[dict[str, Any]]:
-    """The StructureDefinitions of ``profiles_dir`` and the terminology of ``terminology_dir``, by file name;
-    a missing folder contributes nothing."""
+    """The StructureDefinitions of ``profiles_dir``, the terminology of ``terminology_dir`` and the Measures beside
+    it, by file name; a missing folder contributes nothing."""
     found: list[dict[str, Any]] = []
-    for directory, types in ((profiles_dir, ("StructureDefinition",)), (terminology_dir, TERMINOLOGY_TYPES)):
+    folders: tuple[tuple[Path, tuple[str, ...]], ...] = (
+        (Path(profiles_dir), ("StructureDefinition",)),
+        (Path(terminology_dir), TERMINOLOGY_TYPES),
+        (measures_dir(terminology_dir), MEASURE_TYPES),
+    )
+    for directory, types in folders:
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.json")):

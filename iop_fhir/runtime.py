@@ -32,7 +32,7 @@ from iop_fhir.fhir.repository import Repository
 from iop_fhir.iop import summaries
 from iop_fhir.iop.service import RecordService
 from iop_fhir.mapping import load_engine
-from iop_fhir.outcomes import rules as outcome_rules
+from iop_fhir.mapping.terminology import load as load_terminology
 from iop_fhir.outcomes.load import Reader as OutcomeReader
 from iop_fhir.privacy import trail
 from iop_fhir.privacy.auditlog import AuditWriter
@@ -122,16 +122,20 @@ class Runtime:
             self.repository,
             hooks=[transitions.on_record_saved, partial(summaries.on_record_saved, repository=self.repository)],
             extras=[partial(transitions.summary, overdue_days=self.settings.transition_overdue_days)],
+            outcomes=self.outcomes,
         )
 
     @cached_property
     def outcomes(self) -> OutcomeReader:
         """The program's outcomes: the rules of mappings/outcomes and the stays of the records, each discharge's
         aftercare linkage from its transition's steps."""
+        mappings = Path(self.settings.mappings_dir).resolve()
+        terminology = load_terminology(mappings / "terminology")
         return OutcomeReader(
             self.store,
-            outcome_rules.load((Path(self.settings.mappings_dir) / "outcomes").resolve()),
+            mappings / "outcomes",
             partial(followup.timeline, store=self.store),
+            partial(terminology.property_values, "medication", prop="explains"),
         )
 
     @cached_property

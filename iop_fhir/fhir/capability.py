@@ -38,6 +38,18 @@ _EXPORT_OPERATIONS = {
     "Patient": f"{BULK_DATA}/OperationDefinition/patient-export",
     "Group": f"{BULK_DATA}/OperationDefinition/group-export",
 }
+# The program's figures as Measures (mappings/outcomes), evaluated at GET|POST Measure/{id}/$evaluate-measure.
+EVALUATE_MEASURE = "http://hl7.org/fhir/OperationDefinition/Measure-evaluate-measure"
+EVALUATE_MEASURE_DOCUMENTATION = (
+    "The program's Measures only (iop-retention-30 and the others served at Measure). Parameters: periodStart and "
+    "periodEnd (required, dates), subject (Patient/<id> or <id>: an individual report over that patient's stays), "
+    "reportType (population, or subject when a subject is given; subject-list is not supported), and program (this "
+    "server's extension: a code of CodeSystem iop-program, to count one program's stays). Unknown parameters are a "
+    "400, ignored under Prefer: handling=lenient. Needs read access to Measure, MeasureReport, Patient, "
+    "EpisodeOfCare, Encounter, Observation, CarePlan, Goal and Task. A partner's client counts only the stays of "
+    "patients whose records it may read. The MeasureReport is returned, not stored; POST it to MeasureReport to "
+    "keep it."
+)
 EXPORT_DOCUMENTATION = (
     "Kick-off by GET, or POST with a Parameters body (or no body: the query string's parameters). Parameters: "
     "_outputFormat, _type, _since, _elements (top-level elements, name or Type.name; resources tagged SUBSETTED), "
@@ -108,6 +120,14 @@ def _audit_event() -> dict[str, Any]:
 
 def _operations(res_type: str) -> list[dict[str, str]]:
     operations = [{"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate"}]
+    if res_type == "Measure":
+        operations.append(
+            {
+                "name": "evaluate-measure",
+                "definition": EVALUATE_MEASURE,
+                "documentation": EVALUATE_MEASURE_DOCUMENTATION,
+            }
+        )
     if res_type in _EXPORT_OPERATIONS:
         operations.append(
             {"name": "export", "definition": _EXPORT_OPERATIONS[res_type], "documentation": EXPORT_DOCUMENTATION}

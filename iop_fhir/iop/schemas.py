@@ -54,6 +54,7 @@ MAX_ISSUES = 100
 FHIR_INTEGER_MIN, FHIR_INTEGER_MAX = -(2**31), 2**31 - 1  # https://hl7.org/fhir/R4/datatypes.html#integer
 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+DATE_ONLY = _DATE
 _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})?")
 _PHONE = re.compile(r"\+?[0-9][0-9 ()\-.]{5,30}[0-9]")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")

@@ -19,6 +19,8 @@ from iop_fhir.iop import persons
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS, Engine, Overlay, Produced, merge
 from iop_fhir.mapping.spec import DuringSpec
+from iop_fhir.outcomes import patient, stays
+from iop_fhir.outcomes.load import Reader as OutcomeReader
 from iop_fhir.r4 import validation
 from iop_fhir.r4.instants import instant, now_us
 from iop_fhir.store.base import RecordTx, StoredRecord, WriteTx
@@ -83,8 +85,10 @@ class RecordService:
         repository: Repository,
         hooks: Iterable[RecordHook] = (),
         extras: Iterable[RecordExtra] = (),
+        outcomes: OutcomeReader | None = None,
     ) -> None:
         self.engine = engine
+        self.outcomes = outcomes
         self.repository = repository
         self.store = repository.store
         self.hooks = list(hooks)
@@ -310,6 +314,7 @@ class RecordService:
                 if kind == "discharge":
                     # What a step-up's ServiceRequest names as supportingInfo (discharge.yaml).
                     context["transition_support"] = self._transition_support(target.id, payload)
+                    context["outcome_summary"] = self._outcome_summary(target.id, payload)
         if spec.during is not None and "enrollment" in context:
             issues.extend(self._outside_enrollment(tx, spec.during, payload, context["enrollment"]))
         if issues:
@@ -372,6 +377,18 @@ class RecordService:
             for record in records
             if record.status == ACTIVE
         ]
+
+    def _outcome_summary(self, enrollment_id: str, discharge: dict[str, Any]) -> str | None:
+        """The discharge summary computed from the stay's records as of the discharge day (iop_fhir/outcomes)."""
+        day = stays.day_of(discharge.get("discharge_date"))
+        if self.outcomes is None or day is None:
+            return None
+        found = self.outcomes.stays(enrollment_id=enrollment_id).stays
+        if not found:
+            return None
+        goals = {str(g.get("goal")): str(g.get("status")) for g in discharge.get("goal_outcomes") or []}
+        stay = replace(found[0], discharge=day, reason=discharge.get("reason"), goal_outcomes=goals)
+        return patient.summary(patient.outcomes(stay, self.outcomes.rules, day))
 
     def _transition_support(self, enrollment_id: str, discharge: dict[str, Any]) -> list[dict[str, str]]:
         """The enrollment's resources a receiving unit needs, as {reference, display}: the substance-use

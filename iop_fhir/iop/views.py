@@ -12,8 +12,9 @@ from flask import Response, current_app, request, url_for
 from flask_smorest import Api, Blueprint
 
 from iop_fhir.errors import BadRequest, Invalid, Issue, NotFound
-from iop_fhir.iop import schemas, service, summaries, summary, web
+from iop_fhir.iop import outcomes, schemas, service, summaries, summary, web
 from iop_fhir.iop.web import OperationOutcomeSchema, json_response
+from iop_fhir.outcomes import page
 from iop_fhir.privacy import accounting
 
 LIST_PARAMETERS = ("enrollment", "offset", "count")
@@ -289,3 +290,127 @@ for _extension, _mimetype, _view in (
         success_content_type=_mimetype,
         errors=(403, 404),
     )
+
+
+# -- outcomes ---------------------------------------------------------------------------------------------------------
+
+# The outcome pages hold inline SVG charts and their own styles, nothing else: no script, no request elsewhere.
+OUTCOMES_CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'"
+)
+_PROGRAM_QUERY_DOC = [
+    {
+        "name": "program",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "a program code (vocabulary program: adult-sud, adolescent-sud, adult-co-occurring); every "
+        "program when absent",
+    },
+    {
+        "name": "from",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "format": "date"},
+        "description": "first day of the period (default: 12 weeks before `to`)",
+    },
+    {
+        "name": "to",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "format": "date"},
+        "description": "last day of the period (default: today)",
+    },
+]
+
+
+def _page(body: str, name: str) -> Response:
+    headers = {"Content-Disposition": f'inline; filename="{name}.html"', "Content-Security-Policy": OUTCOMES_CSP}
+    return Response(body, mimetype="text/html", headers=headers)
+
+
+def get_enrollment_outcomes(record_id: str) -> Response:
+    web.check_parameters(())
+    return json_response(outcomes.enrollment(_record_id("enrollment", record_id)))
+
+
+def get_enrollment_outcomes_html(record_id: str) -> Response:
+    web.check_parameters(())
+    found = outcomes.enrollment(_record_id("enrollment", record_id))
+    return _page(page.patient_page(found), f"outcomes-{record_id}")
+
+
+def get_program_outcomes() -> Response:
+    query = outcomes.program_query()
+    report, _ = outcomes.program_outcomes(query)
+    if request.accept_mimetypes.best_match([web.JSON, "text/csv"], default=web.JSON) == "text/csv":
+        name = f"outcomes-{query.program or 'all'}-{query.period.start}-{query.period.end}.csv"
+        headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+        return Response(outcomes.csv_text(report), mimetype="text/csv", headers=headers)
+    return json_response(report)
+
+
+def get_program_outcomes_html() -> Response:
+    query = outcomes.program_query()
+    report, stays = outcomes.program_outcomes(query)
+
+    def href(enrollment_id: str) -> str:
+        return url_for("iop.get_enrollment_outcomes_html", record_id=enrollment_id)
+
+    return _page(page.program_page(report, stays, patient_href=href), f"outcomes-{query.program or 'all'}")
+
+
+web.route(
+    bp,
+    "/enrollments/<record_id>/outcomes",
+    "GET",
+    get_enrollment_outcomes,
+    "The outcomes of one stay: sessions scheduled and attended (by service; late and left early count as attended, "
+    "the rest are missed by reason), treatment hours per calendar week against the plan and the ASAM 2.1 minimum, "
+    "drug screens by week, PHQ-9 / GAD-7 / AUDIT-C first to latest with response and remission, craving trend, "
+    "goals, length of stay, discharge reason and aftercare linkage (mappings/outcomes/rules.yaml defines each)",
+    endpoint="get_enrollment_outcomes",
+    success_description="the stay's outcomes (JSON)",
+    errors=(400, 403, 404),
+)
+web.route(
+    bp,
+    "/enrollments/<record_id>/outcomes.html",
+    "GET",
+    get_enrollment_outcomes_html,
+    "The outcomes of one stay as an HTML page with charts (for program staff)",
+    endpoint="get_enrollment_outcomes_html",
+    success_description="the page (text/html)",
+    success_schema={"type": "string"},
+    success_content_type="text/html",
+    errors=(400, 403, 404),
+)
+web.route(
+    bp,
+    "/outcomes",
+    "GET",
+    get_program_outcomes,
+    "A program's outcomes over a period: census, admissions and discharges by week, retention at 30/60/90 days, "
+    "completion, median length of stay, attendance, the share of patient-weeks meeting the ASAM minimum, "
+    "negative drug screens by week, PHQ-9 response and remission, aftercare linkage. Each rate has its numerator "
+    "and denominator. `Accept: text/csv` answers one long-form table (metric, week, numerator, denominator, value)",
+    endpoint="get_program_outcomes",
+    success_description="the program's outcomes (JSON, or CSV with Accept: text/csv)",
+    errors=(400, 403),
+    parameters=_PROGRAM_QUERY_DOC,
+)
+web.route(
+    bp,
+    "/outcomes.html",
+    "GET",
+    get_program_outcomes_html,
+    "A program's outcomes over a period as an HTML page with charts (census and attendance by week, ASAM hours, "
+    "negative screens, PHQ-9 trajectories), each stay linked to its own page",
+    endpoint="get_program_outcomes_html",
+    success_description="the page (text/html)",
+    success_schema={"type": "string"},
+    success_content_type="text/html",
+    errors=(400, 403),
+    parameters=_PROGRAM_QUERY_DOC,
+)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from iop_fhir.outcomes import rules as rules_
 from iop_fhir.outcomes import stays as stays_
 from iop_fhir.outcomes.rules import Rules
 from iop_fhir.outcomes.stays import Stay
@@ -51,6 +53,7 @@ def load(
     enrollment_id: str | None = None,
     patients: frozenset[str] | None = None,
     program: str | None = None,
+    explains: Callable[[str], Iterable[str]] = stays_.project_explains,
 ) -> Loaded:
     """The stays of the active enrollments (one if ``enrollment_id``), of ``program`` if given, and only of the
     ``patients`` given (None: every patient; a partner's restriction otherwise)."""
@@ -110,6 +113,7 @@ def load(
             medications=[r.content for r in medications.get(eid, [])],
             discharge=discharge.content if discharge is not None else None,
             transition=timeline(discharge) if discharge is not None and discharge.content.get("referral") else (),
+            explains=explains,
         )
         if stay is not None:
             found.append(stay)
@@ -129,8 +133,13 @@ class Reader:
     transition timeline of exchange/followup.py); app.extensions["iop_fhir.outcomes"] holds it."""
 
     records: RecordStore
-    rules: Rules
+    rules_dir: Path  # mappings/outcomes: its rules are read on first use
     timeline: Timeline
+    explains: Callable[[str], Iterable[str]] = stays_.project_explains
+
+    @property
+    def rules(self) -> Rules:
+        return rules_.load(self.rules_dir)
 
     def stays(
         self,

@@ -14,10 +14,10 @@ from datetime import date, timedelta
 from statistics import median
 from typing import Any
 
+from iop_fhir.mapping import functions
+from iop_fhir.mapping.rules import DAYS
 from iop_fhir.outcomes.rules import Rules
 from iop_fhir.outcomes.stays import Session, Stay, day_of
-
-PERIOD_WEEKS = {"d": 1 / 7, "wk": 1.0, "mo": 30.4375 / 7, "a": 365.25 / 7}
 
 
 def monday(day: date) -> date:
@@ -74,19 +74,21 @@ def per_week(intervention: Mapping[str, Any]) -> float:
         period = float(intervention.get("period") or 1)
     except (TypeError, ValueError):
         return 0.0
-    span = period * PERIOD_WEEKS.get(str(intervention.get("period_unit") or "wk"), 1.0)
+    span = period * DAYS.get(str(intervention.get("period_unit") or "wk"), DAYS["wk"]) / DAYS["wk"]
     return frequency / span if span > 0 else 0.0
 
 
 def planned_hours(plan: Mapping[str, Any] | None, rules: Rules) -> float | None:
-    """The treatment hours a week the plan schedules (interventions with minutes, drug testing left out)."""
+    """The treatment hours a week the plan schedules: its weekly_treatment_hours (rule weekly-hours, stored with
+    the plan), worked out the same way for a plan stored without it."""
     if plan is None:
         return None
+    stored = plan.get("weekly_treatment_hours")
+    if isinstance(stored, (int, float)) and not isinstance(stored, bool):
+        return float(stored)
     total = 0.0
     for intervention in plan.get("interventions") or []:
-        if not isinstance(intervention, Mapping) or intervention.get("service") in rules.not_treatment_hours:
-            continue
-        minutes = intervention.get("minutes")
+        minutes = intervention.get("minutes") if isinstance(intervention, Mapping) else None
         if isinstance(minutes, (int, float)) and not isinstance(minutes, bool):
             total += per_week(intervention) * minutes / 60
     return round(total, 2)
@@ -164,13 +166,16 @@ def hours(stay: Stay, rules: Rules, today: date) -> dict[str, Any]:
 
 
 def classify(stay: Stay, rules: Rules, results: Iterable[tuple[str, str]], day: date) -> str:
-    """A screen is positive when an analyte the patient's medications do not explain is positive,
-    expected-positive when every positive one is explained, inconclusive when a result is inconclusive or invalid
-    and none positive, else negative."""
+    """A screen is positive when a positive analyte is not explained by a medication the patient takes that day
+    (rule expected-positives, mapping/functions.py), expected-positive when every positive one is, inconclusive
+    when a result is inconclusive or invalid and none positive, else negative."""
     results = list(results)
-    positive = {analyte for analyte, result in results if result == "positive"}
-    if positive - stay.taking(rules, day):
-        return "positive"
+    positive = [analyte for analyte, result in results if result == "positive"]
+    collected = day.isoformat()
+    for analyte in positive:
+        result = {"analyte": analyte, "result": "positive"}
+        if functions.explaining_medication(result, collected, stay.medications) is None:
+            return "positive"
     if positive:
         return "expected-positive"
     if any(result in ("inconclusive", "invalid") for _, result in results):
@@ -286,9 +291,10 @@ def goals(stay: Stay, rules: Rules) -> dict[str, Any]:
     return {"goals": rows, "achieved": sum(1 for r in rows if r["achieved"]), "total": len(rows)}
 
 
-def aftercare(stay: Stay, rules: Rules) -> dict[str, Any]:
+def aftercare(stay: Stay, rules: Rules, today: date | None = None) -> dict[str, Any]:
     """The referral to aftercare and how far its transition went: accepted, first visit (the date the partner
-    scheduled it for, else when it was reported) and whether it was within the window after discharge."""
+    scheduled it for, else when it was reported) and whether it was within the window after discharge (None while
+    the window is still open on ``today`` and no visit is known)."""
     referral = stay.referral
     if not referral:
         return {
@@ -310,7 +316,11 @@ def aftercare(stay: Stay, rules: Rules) -> dict[str, Any]:
             first_visit = scheduled or day_of(step.get("at"))
     window = None
     if stay.discharge is not None:
-        window = first_visit is not None and (first_visit - stay.discharge).days <= rules.first_visit_within_days
+        closes = stay.discharge + timedelta(days=rules.first_visit_within_days)
+        if first_visit is not None:
+            window = first_visit <= closes
+        elif today is None or today > closes:
+            window = False
     last = stay.transition[-1] if stay.transition else None
     return {
         "referred": True,
@@ -343,7 +353,7 @@ def outcomes(stay: Stay, rules: Rules, today: date) -> dict[str, Any]:
         "instruments": {name: scale(name, values, rules) for name, values in sorted(stay.scores.items()) if values},
         "craving": craving(stay, rules),
         "goals": goals(stay, rules),
-        "aftercare": aftercare(stay, rules),
+        "aftercare": aftercare(stay, rules, today),
     }
 
 

@@ -147,7 +147,7 @@ def outcomes(
                 "negative_screen_rate": ratio(negative, screens_total),
                 "patient_weeks": len(weekly_hours),
                 "patient_weeks_meeting_minimum": sum(1 for r in weekly_hours if r["meets_minimum"]),
-                "in_progress": week + timedelta(days=6) > horizon,
+                "in_progress": week + timedelta(days=6) >= today,
             }
         )
 
@@ -163,7 +163,8 @@ def outcomes(
     classes = Counter(c for stay in group for c in screens_in(stay, period, rules))
     phq = scale_population(group, "phq-9", rules)
     linked = referred(group, period)
-    linked_outcomes = [patient.aftercare(s, rules) for s in linked]
+    linked_outcomes = [patient.aftercare(s, rules, today) for s in linked]
+    decided = [a for a in linked_outcomes if a["first_visit_in_window"] is not None]
     stays_ = [s.last_day(horizon) for s in leaving]
     return {
         "program": program,
@@ -190,7 +191,8 @@ def outcomes(
         "phq9_response": rate(sum(1 for _, s in phq if s["response"]), len(phq)),
         "phq9_remission": rate(sum(1 for _, s in phq if s["remission"]), len(phq)),
         "aftercare_accepted": rate(sum(1 for a in linked_outcomes if a["accepted"]), len(linked)),
-        "aftercare_first_visit": rate(sum(1 for a in linked_outcomes if a["first_visit_in_window"]), len(linked)),
+        # referrals whose first-visit window has closed by today, or whose first visit is known
+        "aftercare_first_visit": rate(sum(1 for a in decided if a["first_visit_in_window"]), len(decided)),
         "weeks": by_week,
     }
 

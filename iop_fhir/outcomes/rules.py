@@ -1,4 +1,5 @@
-"""The definitions the outcomes follow, read from mappings/outcomes/rules.yaml (data, like the terminology)."""
+"""The definitions the outcomes follow, read from mappings/outcomes/rules.yaml (data, like the terminology), and the
+ASAM minimum of each program from the treatment-plan mapping and the program vocabulary."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from iop_fhir.mapping import terminology
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,6 @@ class Rules:
     not_scheduled: frozenset[str]
     asam_minimum_hours: dict[str, float]
     not_treatment_hours: frozenset[str]
-    expected_analytes: dict[str, frozenset[str]]
-    medication_taken: frozenset[str]
     instruments: dict[str, Scale]
     craving_flat_within: float
     goal_achieved: frozenset[str]
@@ -40,14 +41,14 @@ class Rules:
         return self.asam_minimum_hours.get(program or "", self.asam_minimum_hours["default"])
 
 
-def parse(data: dict[str, Any]) -> Rules:
+def parse(data: dict[str, Any], minimums: dict[str, float]) -> Rules:
+    """The rules of rules.yaml, with each program's weekly minimum (``minimums``, "default" for a program not
+    listed)."""
     return Rules(
         attended=frozenset(data["attended"]),
         not_scheduled=frozenset(data["not_scheduled"]),
-        asam_minimum_hours={str(k): float(v) for k, v in data["asam_minimum_hours"].items()},
+        asam_minimum_hours=minimums,
         not_treatment_hours=frozenset(data["not_treatment_hours"]),
-        expected_analytes={k: frozenset(v) for k, v in data["expected_analytes"].items()},
-        medication_taken=frozenset(data["medication_taken"]),
         instruments={k: Scale(**v) for k, v in data["instruments"].items()},
         craving_flat_within=float(data["craving_flat_within"]),
         goal_achieved=frozenset(data["goal_achieved"]),
@@ -58,7 +59,22 @@ def parse(data: dict[str, Any]) -> Rules:
     )
 
 
+def minimums(mappings: Path) -> dict[str, float]:
+    """Each program's ASAM level 2.1 weekly minimum: the treatment-plan mapping's intensity `min` for the program's
+    age group (CodeSystem iop-program, property age-group)."""
+    plan = yaml.safe_load((mappings / "treatment-plan.yaml").read_text(encoding="utf-8"))
+    intensity = plan["tables"]["intensity"]
+    vocabulary = terminology.load(mappings / "terminology")
+    found = {"default": float(intensity["adult"]["min"])}
+    for code in vocabulary.codes("program"):
+        concept = vocabulary.concept("program", code) or {}
+        group = (concept.get("properties") or {}).get("age-group", "adult")
+        found[code] = float(intensity[group]["min"])
+    return found
+
+
 @cache
 def load(directory: Path) -> Rules:
-    """The rules in ``directory``/rules.yaml (mappings/outcomes)."""
-    return parse(yaml.safe_load((directory / "rules.yaml").read_text(encoding="utf-8")))
+    """The rules in ``directory``/rules.yaml (mappings/outcomes), the minimums from the mappings beside it."""
+    data = yaml.safe_load((directory / "rules.yaml").read_text(encoding="utf-8"))
+    return parse(data, minimums(directory.parent))

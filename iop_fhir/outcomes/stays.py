@@ -4,12 +4,15 @@ treatment plan, medications, discharge and the discharge's transition steps."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from iop_fhir.outcomes.rules import Rules
+from iop_fhir.config import REPO
+from iop_fhir.mapping import terminology
+
+MAPPINGS = REPO / "mappings"
 
 
 @dataclass(frozen=True)
@@ -42,14 +45,6 @@ class Score:
 
 
 @dataclass(frozen=True)
-class Medication:
-    code: str
-    status: str
-    start: date | None
-    end: date | None
-
-
-@dataclass(frozen=True)
 class Stay:
     enrollment_id: str
     patient: str | None  # the Patient's id
@@ -60,7 +55,8 @@ class Stay:
     sessions: tuple[Session, ...] = ()
     scores: Mapping[str, tuple[Score, ...]] = field(default_factory=dict)
     plan: Mapping[str, Any] | None = None
-    medications: tuple[Medication, ...] = ()
+    # the medication records as rule expected-positives reads them: medication, status, start, end, explains
+    medications: tuple[Mapping[str, Any], ...] = ()
     goal_outcomes: Mapping[str, str] = field(default_factory=dict)
     referral: Mapping[str, Any] | None = None
     transition: tuple[Mapping[str, Any], ...] = ()
@@ -72,19 +68,6 @@ class Stay:
 
     def enrolled_on(self, day: date) -> bool:
         return self.admission <= day and (self.discharge is None or day <= self.discharge)
-
-    def taking(self, rules: Rules, day: date) -> frozenset[str]:
-        """The analytes the medications taken on ``day`` are expected to show."""
-        found: set[str] = set()
-        for medication in self.medications:
-            if medication.status not in rules.medication_taken:
-                continue
-            if medication.start is not None and day < medication.start:
-                continue
-            if medication.end is not None and day > medication.end:
-                continue
-            found |= rules.expected_analytes.get(medication.code, frozenset())
-        return frozenset(found)
 
 
 def day_of(value: Any) -> date | None:
@@ -161,13 +144,15 @@ def scores(assessments: Iterable[Mapping[str, Any]]) -> dict[str, tuple[Score, .
     return {name: tuple(sorted(values, key=lambda s: s.day)) for name, values in found.items()}
 
 
-def medication(content: Mapping[str, Any]) -> Medication:
-    return Medication(
-        code=str(content.get("medication") or ""),
-        status=str(content.get("status") or ""),
-        start=day_of(content.get("start")),
-        end=day_of(content.get("end")),
-    )
+def medication(content: Mapping[str, Any], explains: Callable[[str], Iterable[str]]) -> dict[str, Any]:
+    """A medication record as rule expected-positives reads it (iop/service.py gives the session mapping the same)."""
+    found = {k: content.get(k) for k in ("medication", "status", "start", "end", "source")}
+    return {**found, "explains": list(explains(str(content.get("medication") or "")))}
+
+
+def project_explains(code: str) -> list[str]:
+    """The analytes a medication explains, from the project's terminology (property explains of iop-medication)."""
+    return [str(v) for v in terminology.load(MAPPINGS / "terminology").property_values("medication", code, "explains")]
 
 
 def build(
@@ -182,6 +167,7 @@ def build(
     medications: Iterable[Mapping[str, Any]] = (),
     discharge: Mapping[str, Any] | None = None,
     transition: Iterable[Mapping[str, Any]] = (),
+    explains: Callable[[str], Iterable[str]] = project_explains,
 ) -> Stay | None:
     """The stay of an enrollment from the contents of its active records (retracted ones left out by the caller);
     None for an enrollment without a readable admission date."""
@@ -212,7 +198,7 @@ def build(
         sessions=tuple(sorted(own, key=lambda s: s.day)),
         scores=scores(assessments),
         plan=plan,
-        medications=tuple(medication(m) for m in medications),
+        medications=tuple(medication(m, explains) for m in medications),
         goal_outcomes=outcomes,
         referral=discharge.get("referral") if discharge is not None else None,
         transition=tuple(transition),

@@ -60,6 +60,12 @@ _RECORD_ACTIONS = {
     "retract": "update",
     "revoke": "update",
 }
+# The outcomes (/iop/outcomes, /iop/enrollments/{id}/outcomes, and their pages) are computed from every kind of
+# record: they need to search each type those records produce.
+OUTCOME_TYPES = ("EpisodeOfCare", "Encounter", "Observation", "CarePlan", "Goal", "Task", "MedicationRequest")
+OUTCOME_ENDPOINTS = frozenset(
+    {"get_enrollment_outcomes", "get_enrollment_outcomes_html", "get_program_outcomes", "get_program_outcomes_html"}
+)
 # Renderings of a record (the discharge summary as HTML or PDF) need what reading the record needs.
 _RENDERINGS = {"get_discharge_summary_html": "get_discharge", "get_discharge_summary_pdf": "get_discharge"}
 
@@ -167,6 +173,10 @@ class Access:
             return
         if name == "disclosures":
             self.require("AuditEvent", "search-type")
+            return
+        if name in OUTCOME_ENDPOINTS:
+            for needed in OUTCOME_TYPES:
+                self.require(needed, "search-type")
             return
         action, _, kind = _RENDERINGS.get(name, name).partition("_")
         res_type = RECORD_TYPES.get(kind)

@@ -75,8 +75,10 @@ _FHIR_ACTIONS = {
     "export.export_system": "export",
     "export.export_patients": "export",
     "export.export_group": "export",
-    # $validate, and polling or cancelling an export: operations, audited with their path as the query.
+    # $validate, $evaluate-measure, and polling or cancelling an export: operations, audited with their path as the
+    # query.
     "fhir.validate": "operation",
+    "measures.evaluate_measure": "operation",
     "export.export_status": "operation",
     "export.export_cancel": "operation",
     # A file of an export leaving the service: its job's row names every resource it exported (fhir/export.py);
@@ -84,7 +86,9 @@ _FHIR_ACTIONS = {
     "export.export_file": "export",
 }
 # Requests audited with their path and query string (no resource names them).
-_QUERIED = frozenset({"fhir.validate", "export.export_status", "export.export_cancel", "export.export_file"})
+_QUERIED = frozenset(
+    {"fhir.validate", "measures.evaluate_measure", "export.export_status", "export.export_cancel", "export.export_file"}
+)
 _NOT_AUDITED: frozenset[str] = frozenset()
 
 
