@@ -134,7 +134,7 @@ class Runtime:
         return OutcomeReader(
             self.store,
             mappings / "outcomes",
-            partial(followup.timeline, store=self.store),
+            partial(followup.timeline, store=self.store, sent=False),
             partial(terminology.property_values, "medication", prop="explains"),
         )
 

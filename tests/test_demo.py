@@ -22,7 +22,10 @@ from iop_fhir.app import create_app
 from iop_fhir.cli import main
 from iop_fhir.config import Settings
 from iop_fhir.demo import cohort, seeding
+from iop_fhir.exchange import followup
 from iop_fhir.mapping import ids
+from iop_fhir.outcomes import program
+from iop_fhir.outcomes.patient import classify
 from iop_fhir.r4.validation import validate
 from iop_fhir.security.registry import issue_for_client
 from iop_fhir.store import schema
@@ -30,6 +33,7 @@ from iop_fhir.store.base import AuditQuery, StoredRecord
 
 VALIDATOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "fhir-validate"
 ATTENDED = ("attended", "late", "left-early")
+MOUD_ANALYTES = {"buprenorphine", "methadone"}  # what the screens of patients on MOUD show as prescribed
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +272,85 @@ def test_the_summary_counts_what_the_store_holds(app: Flask, seeded: tuple[Flask
     text = str(summary)
     assert f"GET /iop/enrollments/{summary.example['enrollment']}" in text
     assert "25 enrolled" in text
+
+
+def test_every_patient_on_moud_has_an_active_medication_record_started_before_admission(app: Flask) -> None:
+    plans = {r.enrollment_id: r.content for r in records(app, "treatment-plan")}
+    on_moud = {e for e, p in plans.items() if any(i["service"] == "medication-management" for i in p["interventions"])}
+    medications = by_enrollment(app, "medication")
+    assert on_moud and set(medications) == on_moud
+    for enrollment_id in on_moud:
+        [medication] = medications[enrollment_id]
+        assert (medication["category"], medication["status"]) == ("moud", "active")
+        assert medication["medication"] in ("buprenorphine-naloxone", "methadone")
+        admission = enrollment_of(app, enrollment_id)["admission_date"]
+        assert medication["start"] < admission and "end" not in medication
+    sources = {m["medication"]: m["source"] for found in medications.values() for m in found}
+    assert sources["buprenorphine-naloxone"] == "prescribed-by-program"
+
+
+def transition(app: Flask, discharge: StoredRecord) -> list[str]:
+    return [step["event"] for step in followup.timeline(discharge, app.extensions["iop_fhir.store"])]
+
+
+def test_the_aftercare_partners_answers_are_on_our_referral_tasks_as_following_them_would_copy_them(
+    app: Flask,
+) -> None:
+    consents = by_enrollment(app, "consent")
+    events: Counter[str] = Counter()
+    for discharge in records(app, "discharge"):
+        partner = (discharge.content.get("referral") or {}).get("partner")
+        if partner is None:
+            continue
+        steps = transition(app, discharge)
+        assert steps[0] == "created"
+        if not any(c["recipient"] == partner for c in consents[discharge.enrollment_id]):
+            assert steps == ["created"]  # the partner never got the referral, so it never answered
+        events.update(steps[1:2] + steps[-1:])
+    assert events["accepted"] > 10 and events["first-visit-attended"] > 10
+    assert events["declined"] >= 1
+    task = next(
+        app.test_client().get(f"/fhir/{r['reference']}").get_json()
+        for d in records(app, "discharge")
+        for r in d.resources
+        if r["role"] == "referral-task" and transition(app, d)[-1] == "first-visit-attended"
+    )
+    assert (task["status"], task["businessStatus"]["coding"][0]) == (
+        "completed",
+        {"system": followup.BSER, "code": "5.1.4", "display": "Service Request Event Completed"},
+    )
+    assert followup.scheduled_for(task["output"]) == task["output"][0]["valueDateTime"]
+
+
+def test_the_programs_outcomes_are_plausible_some_drop_out_most_improve_a_few_relapse(
+    app: Flask, seeded: tuple[Flask, demo.DemoSummary]
+) -> None:
+    reader = app.extensions["iop_fhir.outcomes"]
+    period = program.Period(date.fromisoformat(seeded[1].first_day), date.fromisoformat(seeded[1].last_day))
+    report = program.outcomes(reader.stays().stays, reader.rules, period, date.today())
+    assert report["stays"] == 25 and report["discharge_reasons"]["against-advice"] >= 1
+    assert report["phq9_response"]["denominator"] >= 5 and report["phq9_response"]["rate"] > 0.5
+    screens = report["drug_screens"]
+    assert screens["expected_positive"] > 0  # buprenorphine and methadone as prescribed
+    assert screens["positive"] >= 1 and 0.7 <= screens["rate"] <= 0.9, screens
+    assert 0.5 < report["aftercare_accepted"]["rate"] < 1, report["aftercare_accepted"]
+    assert 0 < report["aftercare_first_visit"]["numerator"] < report["aftercare_accepted"]["numerator"]
+
+
+def test_a_positive_screen_of_a_patient_on_moud_is_one_for_something_other_than_the_medication(app: Flask) -> None:
+    reader = app.extensions["iop_fhir.outcomes"]
+    medicated = [s for s in reader.stays().stays if s.medications]
+    assert medicated
+    classes: Counter[str] = Counter()
+    for stay in medicated:
+        for session in stay.sessions:
+            if session.screen is None:
+                continue
+            found = classify(stay, reader.rules, session.screen.results, session.screen.day)
+            positive = {a for a, r in session.screen.results if r == "positive"}
+            assert (found == "expected-positive") == (bool(positive) and positive <= MOUD_ANALYTES), positive
+            classes[found] += 1
+    assert classes["expected-positive"] > classes["positive"]
 
 
 # -- every resource is valid --------------------------------------------------------------------------------------

@@ -270,6 +270,10 @@ class Story:
     enrollment: dict[str, Any] = field(default_factory=dict)  # the admission's enrollment record
     discharge_reason: str | None = None
     records: list[Record] = field(default_factory=list)
+    # What the partner the discharge refers the patient to reports on its copy of the referral Task, oldest first
+    # (status, BSeR business status, status reason, outputs, lastModified): what following it (exchange/followup.py)
+    # copies onto our Task. Empty when the partner never answers (or never got the referral: no consent).
+    aftercare_answers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -333,6 +337,11 @@ def build(*, patients: int, seed: int) -> list[Story]:
             _admit(story, profile, rng, reasons[admitted], aftercare_consent=consent)
             admitted += 1
         stories.append(story)
+    # One partner in about twenty declines the referral it got (no opening soon enough, or the patient chose
+    # another provider); the first patient's, the full example, is accepted.
+    answered = [s for s in stories[1:] if s.aftercare_answers and _referred_to(s) in (OUTPATIENT_CLINIC, PEER_PROGRAM)]
+    for story in program.sample(answered, min(len(answered), max(1, round(len(answered) * 0.05)))):
+        story.aftercare_answers = [_declined(story, program)]
     return stories
 
 
@@ -581,6 +590,9 @@ def _admit(story: Story, profile: _Profile, rng: random.Random, reason: str, *, 
             consent["revoked_on"] = (stay.admission + timedelta(days=rng.randint(14, 35))).isoformat()
         records.append(Record("consent", "consent to the hospital EHR", consent))
     records.append(Record("assessment", "intake assessment", _intake(stay)))
+    if profile.moud:
+        started = story.referred_on - timedelta(days=2)  # as the referral's note says
+        records.append(Record("medication", f"{profile.moud} maintenance", _moud(profile.moud, started)))
     plan = _plan(stay)
     records.append(Record("treatment-plan", "treatment plan", plan))
     sessions = _sessions(stay)
@@ -607,6 +619,124 @@ def _admit(story: Story, profile: _Profile, rng: random.Random, reason: str, *, 
         # Signed at the first aftercare appointment: the transition waited, blocked, until then.
         signed = discharge_day + timedelta(days=6)
         records.append(Record("consent", f"consent to {stay.partner}", _consent(str(stay.partner), signed)))
+    # The partner answers only a referral it got: one the patient consented to its receiving.
+    if any(r.kind == "consent" and r.payload["recipient"] == stay.partner for r in records):
+        late = discharge_day + timedelta(days=6) if to_aftercare and aftercare_consent == "late" else None
+        story.aftercare_answers = _answers(stay, discharge_day, late)
+
+
+def _moud(moud: str, started: date) -> dict[str, Any]:
+    """The medication record of a patient on MOUD, started during withdrawal management: buprenorphine-naloxone
+    prescribed by the program's physician, or methadone, which only an opioid treatment program may dispense for
+    opioid use disorder (42 CFR 8.12), taken there daily and known to the program from the patient and the OTP."""
+    indication = {"system": "icd-10-cm", "code": "F11.20", "display": "Opioid dependence, uncomplicated"}
+    if moud == "buprenorphine":
+        return {
+            "medication": "buprenorphine-naloxone",
+            "strength": "8 mg / 2 mg",
+            "form": "sublingual-film",
+            "dose": {"quantity": 2, "unit": "film", "frequency": 1, "period": 1, "period_unit": "d"},
+            "indication": indication,
+            "category": "moud",
+            "status": "active",
+            "start": started.isoformat(),
+            "prescriber": PHYSICIAN,
+            "source": "prescribed-by-program",
+            "note": "Induction during inpatient withdrawal management; maintenance continued by the program.",
+        }
+    return {
+        "medication": "methadone",
+        "strength": "10 mg/mL",
+        "form": "oral-solution",
+        "dose": {"quantity": 60, "unit": "mg", "frequency": 1, "period": 1, "period_unit": "d"},
+        "indication": indication,
+        "category": "moud",
+        "status": "active",
+        "start": started.isoformat(),
+        "source": "prescribed-elsewhere",
+        "note": "Dosed daily at an opioid treatment program; doses coordinated with the program's physician.",
+    }
+
+
+BSER = "http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusCS"  # exchange/followup.py
+BUSINESS_STATUSES = {  # TaskBusinessStatusCS: the answers the demo's partners give
+    "3.0": "Service Request Accepted",
+    "4.0": "Service Request Declined",
+    "5.1.1": "Service Request Event Scheduled",
+    "5.1.2": "Scheduled Service Request Event Unattended",
+    "5.1.4": "Service Request Event Completed",
+}
+DECLINE_REASONS = [
+    "No opening for a new patient within the next four weeks; placed on the waiting list",
+    "The patient chose a provider closer to home",
+]
+
+
+def _answer(status: str, code: str, moment: str, **more: Any) -> dict[str, Any]:
+    """The partner's Task as it reports a step: its status, BSeR business status, when, and what more it says."""
+    business = {"coding": [{"system": BSER, "code": code, "display": BUSINESS_STATUSES[code]}]}
+    return {"status": status, "businessStatus": business, **more, "lastModified": moment}
+
+
+def _visit(moment: str, text: str) -> dict[str, Any]:
+    return {"type": {"text": text}, "valueDateTime": moment}
+
+
+def _answers(stay: _Stay, discharge_day: date, consent_signed: date | None) -> list[dict[str, Any]]:
+    """The partner's answers to the referral: accepted one to three days after discharge, the first visit scheduled and,
+    for most, attended within the two weeks after discharge. The inpatient unit admits a transferred patient the day
+    after. A few miss the first visit: most of those come to a second one, weeks later; a few are scheduled but had
+    not come by the last report. A patient who consented only at the first appointment (``consent_signed``) is
+    accepted and seen that day."""
+    rng = stay.rng
+    hour = time(rng.choice([9, 10, 11, 14, 15]), rng.choice([0, 30]))
+    if consent_signed is not None:
+        accepted = scheduled_on = visit = consent_signed
+    elif stay.partner == INPATIENT_UNIT:
+        accepted = scheduled_on = discharge_day
+        visit = discharge_day + timedelta(days=1)
+    else:
+        accepted = discharge_day + timedelta(days=rng.choice([1, 1, 2, 3]))
+        scheduled_on = accepted + timedelta(days=rng.choice([0, 1]))
+        visit = scheduled_on + timedelta(days=rng.randint(2, 9))
+    first = _visit(eastern(visit, hour), "first visit scheduled")
+    answers = [
+        _answer("accepted", "3.0", eastern(accepted, time(9, 40))),
+        _answer("in-progress", "5.1.1", eastern(scheduled_on, time(11, 5)), output=[first]),
+    ]
+    fate = "attended" if consent_signed is not None or stay.partner == INPATIENT_UNIT else None
+    fate = fate or rng.choices(["attended", "rescheduled", "pending"], weights=[86, 9, 5])[0]
+    if fate == "pending":
+        return answers
+    if fate == "rescheduled":
+        missed = eastern(visit, _later(hour, 120))
+        answers.append(
+            _answer("in-progress", "5.1.2", missed, output=[first], statusReason={"text": "did not come; called"})
+        )
+        rescheduled = eastern(visit + timedelta(days=1), time(11, 5))
+        visit += timedelta(days=rng.randint(14, 21))
+        first = _visit(eastern(visit, hour), "first visit rescheduled")
+        answers.append(_answer("in-progress", "5.1.1", rescheduled, output=[first]))
+    attended = _visit(eastern(visit, _later(hour, 5)), "first visit attended")
+    answers.append(_answer("completed", "5.1.4", eastern(visit, _later(hour, 60)), output=[first, attended]))
+    return answers
+
+
+def _discharge_of(story: Story) -> dict[str, Any]:
+    return next(r.payload for r in story.records if r.kind == "discharge")
+
+
+def _referred_to(story: Story) -> str | None:
+    """The partner an admitted patient's discharge refers the patient to."""
+    referral: dict[str, Any] = _discharge_of(story).get("referral") or {}
+    return referral.get("partner")
+
+
+def _declined(story: Story, rng: random.Random) -> dict[str, Any]:
+    """The partner's answer declining the referral, the day after discharge."""
+    discharged = date.fromisoformat(_discharge_of(story)["discharge_date"])
+    reason = {"text": rng.choice(DECLINE_REASONS)}
+    return _answer("rejected", "4.0", eastern(discharged + timedelta(days=1), time(10, 15)), statusReason=reason)
 
 
 def _aftercare_partner(reason: str, rng: random.Random) -> str | None:

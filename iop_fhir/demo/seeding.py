@@ -1,11 +1,14 @@
 """Seeds the synthetic program (demo/cohort.py) through the service's own HTTP API, in process: the inpatient unit's
 client posts each referral to /fhir, the program's client decides on it and records the stay at /iop, so every
-record passes the same validation, mapping, Part 2 consent checks and audit trail as real traffic.
+record passes the same validation, mapping, Part 2 consent checks and audit trail as real traffic. The aftercare
+partners have no live servers: what each reports on its copy of a discharge's referral Task (accepted, first visit
+scheduled and attended, declined) is written onto our Task through /fhir as following it (exchange/followup.py)
+would write it.
 
 Seeding again is a no-op: a record sent again with the same content is answered 200 and nothing is written
-(records have natural keys), a referral already on file is not sent again, and a decision already taken is not taken
-again. Only the audit trail grows, as it does for every request. A run that stopped half-way resumes where it
-stopped.
+(records have natural keys), a referral already on file is not sent again, a decision already taken is not taken
+again, and a partner's answer already on our Task is not written again. Only the audit trail grows, as it does for
+every request. A run that stopped half-way resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from flask import Flask
 from tqdm import tqdm
 
 from iop_fhir.demo import cohort
+from iop_fhir.exchange import followup
+from iop_fhir.exchange.client import PartnerClient
 from iop_fhir.iop.schemas import PLURALS
 from iop_fhir.r4 import definitions, search
 from iop_fhir.security.registry import ClientRegistry, KeyRing, issue_for_client
@@ -201,10 +206,13 @@ def seed(app: Flask, *, patients: int = 25, seed: int = 2026, progress: bool = F
         api.call("POST", "/iop/partners", f"partner {partner['id']}", body=partner)
     api.register(partners=True)
     known = {mrn: referral for mrn, referral in _referrals(api)}
+    # The partners' servers as following a Task sees them; nothing is sent to them (the answers hold no references
+    # to resolve there).
+    servers = {p["id"]: PartnerClient(p["fhir_base_url"]) for p in cohort.partners()}
     bar = tqdm(total=len(stories), disable=None if progress else True, file=sys.stderr, unit="patient", desc="demo")
     try:
         for story in stories:
-            _seed_story(api, story, known.get(story.mrn))
+            _seed_story(api, story, known.get(story.mrn), servers)
             bar.update(1)
     finally:
         bar.close()
@@ -229,7 +237,9 @@ def _referrals(api: _Api) -> Iterator[tuple[str, dict[str, Any]]]:
             return
 
 
-def _seed_story(api: _Api, story: cohort.Story, referral: dict[str, Any] | None) -> None:
+def _seed_story(
+    api: _Api, story: cohort.Story, referral: dict[str, Any] | None, servers: dict[str, PartnerClient]
+) -> None:
     if referral is None:
         answer = api.call(
             "POST", "/fhir", f"referral of {story.name}", body=story.bundle, client=INPATIENT_CLIENT, fhir=True
@@ -263,9 +273,32 @@ def _seed_story(api: _Api, story: cohort.Story, referral: dict[str, Any] | None)
     if referral["status"] != expected:
         raise DemoError(f"referral {rid} of {story.name} is {referral['status']}; the demo expected {expected}")
     enrollment_id = referral.get("enrollment_id")
+    referral_task: str | None = None  # of the discharge, to the partner it refers the patient to
     for record in story.records:
         body = {"enrollment_id": enrollment_id, **record.payload}
-        api.call("POST", f"/iop/{PLURALS[record.kind]}", f"{record.what} of {story.name}", body=body)
+        answer = api.call("POST", f"/iop/{PLURALS[record.kind]}", f"{record.what} of {story.name}", body=body)
+        if record.kind == "discharge":
+            referral_task = next((str(r) for r in answer.get("fhir", []) if str(r).startswith("Task/")), None)
+    if story.aftercare_answers:
+        if referral_task is None:
+            raise DemoError(f"the discharge of {story.name} made no referral Task for the partner's answers")
+        _follow(api, story, referral_task, servers)
+
+
+def _follow(api: _Api, story: cohort.Story, task: str, servers: dict[str, PartnerClient]) -> None:
+    """Writes the partner's answers onto our referral Task, one version each, as followup.follow() would copy them
+    (followup.reflect). Those already on the Task are not written again: the Task is taken to be at the last answer
+    that would change nothing on it."""
+    what = f"referral Task of {story.name}"
+    ours: dict[str, Any] = api.call("GET", f"/fhir/{task}", what, fhir=True)
+    partner = servers[str(ours["owner"]["reference"]).split("/", 1)[1]]
+    answers = story.aftercare_answers
+    done = next((n for n in range(len(answers), 0, -1) if followup.reflect(ours, answers[n - 1], partner) is None), 0)
+    for theirs in answers[done:]:
+        reflected = followup.reflect(ours, theirs, partner)
+        if reflected is not None:
+            answer = f"the partner's answer on the {what}"
+            ours = api.call("PUT", f"/fhir/{task}", answer, body=reflected, fhir=True, writes=True)
 
 
 # -- the summary ---------------------------------------------------------------------------------------------------

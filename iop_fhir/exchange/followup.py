@@ -192,12 +192,13 @@ def _task_reference(record: StoredRecord) -> str | None:
 # -- the timeline and overdue transitions ----------------------------------------------------------------------------
 
 
-def timeline(record: StoredRecord, store: Any) -> list[dict[str, Any]]:
+def timeline(record: StoredRecord, store: Any, *, sent: bool = True) -> list[dict[str, Any]]:
     """The steps of a discharge's transition, oldest first: the referral created, sent (the first delivery the partner
     took), then each change the partner reported (received, accepted, scheduled with its date, first visit attended
     or missed, declined with its reason, completed), each once, as the versions of our Task hold them. Each step is
     {at, event, status, business_status, detail} (and scheduled_for when a date is known); `at` is when this service
-    recorded it."""
+    recorded it. Without ``sent`` the outbox is not read and the step "sent" is left out (the outcomes need only
+    the partner's answers, for every discharge at once)."""
     ref = _task_reference(record)
     if ref is None:
         return []
@@ -216,16 +217,16 @@ def timeline(record: StoredRecord, store: Any) -> list[dict[str, Any]]:
             continue
         seen.add(key)
         steps.append((version.last_updated, _step(task, version.last_updated)))
-    sent = _first_delivered(record, store)
-    if sent is not None and sent.delivered_at is not None:
+    first = _first_delivered(record, store) if sent else None
+    if first is not None and first.delivered_at is not None:
         step = {
-            "at": instant(sent.delivered_at),
+            "at": instant(first.delivered_at),
             "event": "sent",
             "status": "requested",
             "business_status": None,
-            "detail": f"sent to {sent.partner_id} (delivery {sent.id})",
+            "detail": f"sent to {first.partner_id} (delivery {first.id})",
         }
-        steps.append((sent.delivered_at, step))
+        steps.append((first.delivered_at, step))
     steps.sort(key=lambda s: s[0])
     return [step for _, step in steps]
 

@@ -115,22 +115,29 @@ def outcomes(
     def in_week(week: date, day: date) -> bool:
         return week <= day <= week + timedelta(days=6)
 
+    # Each stay's complete weeks, sessions and screens, worked out once and grouped by calendar week.
+    week_rows: dict[str, list[dict[str, Any]]] = {}
+    week_sessions: dict[date, list[Any]] = {}
+    week_screens: dict[date, Counter[str]] = {}
+    for stay in group:
+        for row in patient_weeks(stay, period, rules, today):
+            week_rows.setdefault(row["start"], []).append(row)
+        for s in sessions_in(stay, period, today, rules):
+            week_sessions.setdefault(monday(s.day), []).append(s)
+        for s in stay.sessions:
+            if s.screen is not None and period.holds(s.screen.day):
+                kind = patient.classify(stay, rules, s.screen.results, s.screen.day)
+                week_screens.setdefault(monday(s.screen.day), Counter())[kind] += 1
     by_week = []
     for week in weeks:
         first, last = max(week, period.start), min(week + timedelta(days=6), period.end)
         census = sum(1 for s in group if s.admission <= last and (s.discharge is None or s.discharge >= first))
-        screened: Counter[str] = Counter()
-        for stay in group:
-            for s in stay.sessions:
-                if s.screen is not None and in_week(week, s.screen.day) and period.holds(s.screen.day):
-                    screened[patient.classify(stay, rules, s.screen.results, s.screen.day)] += 1
-        sessions = [s for stay in group for s in sessions_in(stay, period, today, rules) if in_week(week, s.day)]
+        screened = week_screens.get(week, Counter())
+        sessions = week_sessions.get(week, [])
         attended = sum(1 for s in sessions if s.attendance in rules.attended)
         screens_total = sum(screened.values())
         negative = screened["negative"] + screened["expected-positive"]
-        weekly_hours = [
-            r for stay in group for r in patient_weeks(stay, period, rules, today) if r["start"] == week.isoformat()
-        ]
+        weekly_hours = week_rows.get(week.isoformat(), [])
         by_week.append(
             {
                 "week": week.isoformat(),
@@ -159,7 +166,7 @@ def outcomes(
         eligible = retention_population(group, period, days, today)
         retention[f"{days}_days"] = rate(sum(1 for s in eligible if retained(s, days, rules)), len(eligible))
     scheduled = [s for stay in group for s in sessions_in(stay, period, today, rules)]
-    weeks_all = [r for stay in group for r in patient_weeks(stay, period, rules, today)]
+    weeks_all = [r for rows in week_rows.values() for r in rows]
     classes = Counter(c for stay in group for c in screens_in(stay, period, rules))
     phq = scale_population(group, "phq-9", rules)
     linked = referred(group, period)
