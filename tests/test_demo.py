@@ -452,3 +452,41 @@ def test_demo_seeds_postgresql_and_seeding_again_changes_nothing(db_url: str) ->
         app.extensions["iop_fhir.store"].close()
     assert first.patients == 2 and first.referrals["admitted"] == 2
     assert again == first and again.writes == 0
+
+
+# Each program Measure and the figure of GET /iop/outcomes it stands for.
+MEASURE_FIGURES = {
+    "iop-retention-30": "retention.30_days",
+    "iop-retention-60": "retention.60_days",
+    "iop-retention-90": "retention.90_days",
+    "iop-completion": "completion",
+    "iop-attendance": "attendance",
+    "iop-asam-minimum": "asam_minimum",
+    "iop-negative-screens": "drug_screens",
+    "iop-phq9-response": "phq9_response",
+    "iop-phq9-remission": "phq9_remission",
+    "iop-aftercare-accepted": "aftercare_accepted",
+    "iop-aftercare-first-visit": "aftercare_first_visit",
+}
+
+
+def test_the_demo_programs_outcomes_as_json_and_as_measure_reports_agree(
+    app: Flask, seeded: tuple[Flask, demo.DemoSummary]
+) -> None:
+    client = app.test_client()
+    first, last = seeded[1].first_day, seeded[1].last_day
+    response = client.get(f"/iop/outcomes?from={first}&to={last}")
+    assert response.status_code == 200
+    report = response.get_json()
+    assert report["stays"] == 25
+    for measure, figure in MEASURE_FIGURES.items():
+        expected: Any = report
+        for part in figure.split("."):
+            expected = expected[part]
+        answer = client.get(f"/fhir/Measure/{measure}/$evaluate-measure?periodStart={first}&periodEnd={last}")
+        assert answer.status_code == 200, (measure, answer.get_json())
+        (group,) = answer.get_json()["group"]
+        counts = {p["code"]["coding"][0]["code"]: p["count"] for p in group["population"]}
+        assert (counts["numerator"], counts["denominator"]) == (expected["numerator"], expected["denominator"]), measure
+        assert group.get("measureScore", {}).get("value") == expected["rate"], measure
+        assert expected["denominator"] > 0, measure  # the demo gives every figure something to count
