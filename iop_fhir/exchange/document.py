@@ -563,6 +563,9 @@ def _plan_of_care(section: _Section, context: _Context) -> None:
         plan = context.continuing
         if plan.get("description"):
             body += _p(f"Discharge summary: {plan['description']}")
+        for note in plan.get("note") or []:
+            if isinstance(note, dict) and note.get("text"):
+                body += _p(f"Clinician's note: {note['text']}")
         groups: dict[str, list[str]] = {}
         services = []
         for activity in plan.get("activity") or []:
