@@ -208,6 +208,8 @@ def _report(args: argparse.Namespace) -> int:
         today = _report_date("--today", args.today) if args.today else date.today()
         if start > end:
             raise _CommandError(f"--from ({start.isoformat()}) is after --to ({end.isoformat()})")
+        if (end - start).days >= program.MAX_PERIOD_DAYS:
+            raise _CommandError(f"the period is longer than {program.MAX_PERIOD_DAYS} days; ask for five years or less")
         system = json.loads((settings.terminology_dir / "CodeSystem-iop-program.json").read_text(encoding="utf-8"))
         codes = sorted(concept["code"] for concept in system.get("concept", []))
         if args.program not in codes:

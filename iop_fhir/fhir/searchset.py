@@ -50,9 +50,12 @@ def _links(request: SearchRequest, result: SearchResult, prefix: str) -> list[di
     if request.summary == "count" or count == 0:
         return links
     links.append({"relation": "first", "url": prefix + request.query(offset=0)})
-    if request.offset > 0:
+    # Pages reached by cursor have no previous link (the cursor only goes forward; FHIR lets a server omit it).
+    if request.offset > 0 and request.cursor is None:
         links.append({"relation": "previous", "url": prefix + request.query(offset=max(0, request.offset - count))})
-    if result.has_more:
+    if result.next_cursor is not None:
+        links.append({"relation": "next", "url": prefix + request.query(cursor=result.next_cursor)})
+    elif result.has_more:
         links.append({"relation": "next", "url": prefix + request.query(offset=request.offset + count)})
     if result.total is not None:
         links.append(

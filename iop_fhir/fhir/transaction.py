@@ -1,6 +1,6 @@
 """Batch and transaction Bundles posted to the base URL: envelope checks, urn:uuid linking, conditional
 references, validation before the write lock, then the entries run through the Repository in one transaction
-(or one per entry for a batch).
+(a batch: in chunks of consecutive entries, one transaction each, every entry still succeeding or failing alone).
 
 https://hl7.org/fhir/R4/http.html#transaction
 """
@@ -11,11 +11,11 @@ import base64
 import binascii
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import orjson
@@ -32,9 +32,10 @@ from iop_fhir.fhir import searchset
 from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_from_etag
 from iop_fhir.r4 import definitions, validation
 from iop_fhir.r4.instants import instant
-from iop_fhir.store.base import StoredResource, WriteTx
+from iop_fhir.store.base import AuditRow, StoredResource, WriteTx
 
 DEFAULT_MAX_ENTRIES = Settings.max_bundle_entries
+BATCH_CHUNK = 250  # batch entries written in one database transaction at most (see _batch)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # https://hl7.org/fhir/R4/http.html#trules: deletes, then creates, then updates, then reads.
 _PHASE = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -81,9 +82,7 @@ def process(repo: Repository, bundle: Any, *, base_url: str, max_entries: int = 
     kind, raw_entries = _envelope(bundle, max_entries)
     base_url = base_url.rstrip("/")
     if kind == "batch":
-        return _response_bundle(
-            "batch-response", [_batch_entry(repo, i, raw, base_url) for i, raw in enumerate(raw_entries)]
-        )
+        return _response_bundle("batch-response", _batch(repo, raw_entries, base_url))
     entries = [_parse_entry(i, raw, base_url) for i, raw in enumerate(raw_entries)]
     for entry in entries:
         _authorize(repo, entry)
@@ -116,8 +115,10 @@ def _envelope(bundle: Any, max_entries: int) -> tuple[str, list[Any]]:
     if not isinstance(raw_entries, list):
         raise BadRequest("Bundle.entry must be an array", "Bundle.entry", code="structure")
     if len(raw_entries) > max_entries:
+        # The limit keeps one request within what a worker may spend on it (config.py, max_bundle_entries).
         raise PayloadTooLarge(
-            f"the Bundle has {len(raw_entries)} entries; at most {max_entries} are accepted in one {kind}",
+            f"the Bundle has {len(raw_entries)} entries; this server accepts at most {max_entries} in one {kind} "
+            f"(IOP_FHIR_MAX_BUNDLE_ENTRIES): split it into Bundles of at most {max_entries} entries",
             "Bundle.entry",
         )
     return kind, raw_entries
@@ -693,27 +694,123 @@ def _status_line(status: int) -> str:
     return f"{status} {HTTPStatus(status).phrase}"
 
 
-def _batch_entry(repo: Repository, index: int, raw: Any, base_url: str) -> bytes:
-    """One entry of a batch, on its own (https://hl7.org/fhir/R4/http.html#transaction): its failure is its
-    response."""
-    try:
-        entry = _parse_entry(index, raw, base_url)
-        if entry.method == "POST" or (entry.method == "PUT" and entry.res_id is None):
-            entry.new_id = str(uuid.uuid4())
-        if entry.resource is not None:
-            found: set[str] = set()
-            entry.resource = _rewrite_entry(entry, {}, {}, set(), found, [])
-            entry.deferred = frozenset(found)
-        _authorize(repo, entry)
-        _validate(entry)
+def _batch(repo: Repository, raw_entries: list[Any], base_url: str) -> list[bytes]:
+    """The response entries of a batch (https://hl7.org/fhir/R4/http.html#brules): each entry succeeds or fails on
+    its own, in order, as if it ran alone after the entries before it.
+
+    Parsing, authorization and validation need no database, so they come first. The writes then run in chunks of
+    up to ``BATCH_CHUNK`` consecutive entries, one database transaction each, with each entry's audit row written
+    at its end as if it had committed alone. An entry that fails abandons its chunk's transaction: the entries
+    before it run again in a chunk of their own (the failing one is now first and, failing again, is answered
+    with its outcome). So a chunk commits only entries that succeed, each having seen exactly the entries before
+    it, at the cost of running those again once per failure. A read (GET, HEAD) ends a chunk and runs outside any
+    transaction, on what the entries before it committed.
+
+    A savepoint per entry would spare the rerun, but what the write transaction keeps beside the database (its
+    cache of current versions, the locks it holds and its buffered inserts, store/sql.py; the subscriptions hook's
+    rules per transaction) would not roll back to it."""
+    responses: list[bytes] = [b""] * len(raw_entries)
+    ready: list[_Entry] = []
+    for index, raw in enumerate(raw_entries):
+        try:
+            ready.append(_prepare_batch_entry(repo, index, raw, base_url))
+        except FhirError as exc:
+            responses[index] = _failed_entry(exc)
+    position = 0
+    while position < len(ready):
+        entry = ready[position]
         if entry.method in ("GET", "HEAD"):
-            with _blame(entry):
-                return _get(repo, None, entry, base_url)
-        with repo.store.write() as tx:
-            _run(repo, tx, [entry], base_url)
-        return entry.response
-    except FhirError as exc:
-        return orjson.dumps({"response": {"status": _status_line(exc.status), "outcome": exc.outcome}})
+            try:
+                with _blame(entry):
+                    responses[entry.index] = _get(repo, None, entry, base_url)
+            except FhirError as exc:
+                responses[entry.index] = _failed_entry(exc)
+            position += 1
+            continue
+        end = position
+        while end < len(ready) and end - position < BATCH_CHUNK and ready[end].method not in ("GET", "HEAD"):
+            end += 1
+        position += _run_chunk(repo, ready[position:end], base_url, responses)
+    return responses
+
+
+def _prepare_batch_entry(repo: Repository, index: int, raw: Any, base_url: str) -> _Entry:
+    """One entry of a batch, parsed, authorized and validated; a batch does not link its entries."""
+    entry = _parse_entry(index, raw, base_url)
+    if entry.method == "POST" or (entry.method == "PUT" and entry.res_id is None):
+        entry.new_id = str(uuid.uuid4())
+    if entry.resource is not None:
+        found: set[str] = set()
+        entry.resource = _rewrite_entry(entry, {}, {}, set(), found, [])
+        entry.deferred = frozenset(found)
+    _authorize(repo, entry)
+    _validate(entry)
+    return entry
+
+
+class _Abandon(Exception):
+    """Rolls back a batch chunk's transaction after one of its entries failed."""
+
+
+class _ChunkTx:
+    """A batch chunk's transaction as its entries see it: the audit rows they add are held and appended together
+    when the chunk has run (one statement instead of one per entry), still inside the transaction."""
+
+    def __init__(self, tx: WriteTx) -> None:
+        self.tx = tx
+        self.audit_rows: list[AuditRow] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tx, name)
+
+    def append_audit(self, rows: Sequence[AuditRow]) -> None:
+        self.audit_rows.extend(rows)
+
+
+def _run_chunk(repo: Repository, chunk: list[_Entry], base_url: str, responses: list[bytes]) -> int:
+    """Run the writes of ``chunk`` in one transaction; return how many of its first entries are answered (all of
+    them when it commits, fewer after a failure: the caller goes on from the first unanswered one)."""
+    while True:
+        # _run fills in what it resolves (ids of conditional updates, matches): each attempt starts afresh.
+        attempt = [replace(entry) for entry in chunk]
+        failed: tuple[int, FhirError] | None = None
+        try:
+            with repo.store.write() as tx:
+                chunk_tx = _ChunkTx(tx)
+                for position, entry in enumerate(attempt):
+                    try:
+                        _run(repo, cast(WriteTx, chunk_tx), [entry], base_url)
+                    except FhirError as exc:
+                        failed = (position, exc)
+                        raise _Abandon from exc
+                    # The entry's audit row (privacy/trail.py), made as when the entry committed alone.
+                    while tx.before_commit:
+                        tx.before_commit.pop(0)()
+                tx.append_audit(chunk_tx.audit_rows)
+        except _Abandon:
+            pass
+        except Exception:
+            if len(chunk) == 1:
+                raise
+            # Not an entry's refusal (a PostgreSQL deadlock with another writer, the database gone): every entry
+            # alone, as a batch ran before chunks; what fails again alone is the server's error.
+            for position in range(len(chunk)):
+                _run_chunk(repo, chunk[position : position + 1], base_url, responses)
+            return len(chunk)
+        if failed is None:
+            for entry in attempt:
+                responses[entry.index] = entry.response
+            return len(chunk)
+        position, refusal = failed
+        if position == 0:
+            # It failed first in its transaction, as it would have alone: that is its answer.
+            responses[chunk[0].index] = _failed_entry(refusal)
+            return 1
+        chunk = chunk[:position]
+
+
+def _failed_entry(exc: FhirError) -> bytes:
+    return orjson.dumps({"response": {"status": _status_line(exc.status), "outcome": exc.outcome}})
 
 
 # -- errors --------------------------------------------------------------------------------------------------

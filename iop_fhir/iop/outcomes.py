@@ -87,6 +87,12 @@ def program_query() -> Query:
     start = _date("from") or end - timedelta(weeks=DEFAULT_WEEKS) + timedelta(days=1)
     if start > end:
         raise BadRequest(f"from ({start.isoformat()}) is after to ({end.isoformat()})", "from")
+    if (end - start).days >= figures.MAX_PERIOD_DAYS:
+        raise BadRequest(
+            f"the period {start.isoformat()} to {end.isoformat()} is longer than {figures.MAX_PERIOD_DAYS} days; "
+            "ask for five years or less",
+            "from",
+        )
     return Query(code, Period(start, end))
 
 

@@ -17,6 +17,9 @@ from iop_fhir.outcomes.patient import monday, ratio
 from iop_fhir.outcomes.rules import Rules
 from iop_fhir.outcomes.stays import Stay
 
+# The longest period a program's outcomes cover (five years of weeks): a longer one is refused, not drawn.
+MAX_PERIOD_DAYS = 5 * 366
+
 
 @dataclass(frozen=True)
 class Period:

@@ -895,3 +895,44 @@ def path_counts() -> dict[str, int]:
             else:
                 fast += 1
     return {"fast": fast, "fhirpathpy": slow}
+
+
+def _reference_sort_value(row: Row) -> Any:
+    target = row.get("target_id")
+    return row.get("url") if target is None else target
+
+
+# The columns of each kind's row that ``_sort`` orders by (ascending, descending): store/schema.py SORT_VALUES.
+_SORT_KEYS: dict[str, tuple[Callable[[Row], Any], Callable[[Row], Any]]] = {
+    "token": (lambda row: row.get("code"), lambda row: row.get("code")),
+    "string": (lambda row: row.get("norm"), lambda row: row.get("norm")),
+    "date": (lambda row: row.get("low"), lambda row: row.get("high")),
+    "number": (lambda row: row.get("value"), lambda row: row.get("value")),
+    "quantity": (lambda row: row.get("value"), lambda row: row.get("value")),
+    "reference": (_reference_sort_value, _reference_sort_value),
+    "uri": (lambda row: row.get("value"), lambda row: row.get("value")),
+}
+
+
+def mark_sort_rows(kind: str, rows: list[Row]) -> list[Row]:
+    """``rows`` (of one resource, of index kind ``kind``) with ``sort_asc`` and ``sort_desc`` set: per param, on the
+    row holding the lowest ascending sort value and on the row holding the highest descending one, and on no other;
+    reference rows also get their ``sort_value`` (the target id, or the URL when there is none).
+    A param none of whose rows has a value (a token without a code) has no flagged row: it sorts as missing.
+    Values compare as Python compares them, which is the order of SQLite's BINARY collation and of PostgreSQL's C
+    collation."""
+    if kind == "reference":
+        rows = [{**row, "sort_value": _reference_sort_value(row)} for row in rows]
+    ascending, descending = _SORT_KEYS[kind]
+    lowest: dict[str, tuple[Any, int]] = {}
+    highest: dict[str, tuple[Any, int]] = {}
+    for i, row in enumerate(rows):
+        param = row["param"]
+        low, high = ascending(row), descending(row)
+        if low is not None and (param not in lowest or low < lowest[param][0]):
+            lowest[param] = (low, i)
+        if high is not None and (param not in highest or high > highest[param][0]):
+            highest[param] = (high, i)
+    first = {i for _, i in lowest.values()}
+    last = {i for _, i in highest.values()}
+    return [{**row, "sort_asc": i in first, "sort_desc": i in last} for i, row in enumerate(rows)]

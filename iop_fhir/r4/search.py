@@ -6,12 +6,16 @@ the searchset Bundle; ``SearchRequest.query()`` renders the canonical query stri
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
 from urllib.parse import quote
+
+import orjson
 
 from iop_fhir.errors import BadRequest, NotFound
 from iop_fhir.r4 import definitions, indexing
@@ -42,6 +46,7 @@ RESULT_PARAMETERS = frozenset(
     {
         "_count",
         "_offset",
+        "_cursor",
         "_sort",
         "_summary",
         "_elements",
@@ -196,6 +201,40 @@ class Visibility(Protocol):
 
 
 @dataclass(frozen=True)
+class Cursor:
+    """Where the next page of a paged search starts (the ``_cursor`` of a next link; opaque to clients): the time the
+    first page was read (``snapshot``), and the sort keys and id of the last entry served, ``missing`` when the
+    entries with a value of the first ``_sort`` key were all served and the last one had none
+    (store/search_sql.py explains the rule)."""
+
+    snapshot: int
+    missing: bool
+    keys: tuple[str | int | float | None, ...]
+    res_id: str
+
+    def encode(self) -> str:
+        data = orjson.dumps([self.snapshot, self.missing, list(self.keys), self.res_id])
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, key: str, text: str) -> Cursor:
+        """The cursor ``text`` encodes; ``BadRequest`` when it is not one this server wrote."""
+        try:
+            snapshot, missing, keys, res_id = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+            if not (
+                type(snapshot) is int
+                and type(missing) is bool
+                and isinstance(keys, list)
+                and all(k is None or type(k) in (str, int, float) for k in keys)
+                and isinstance(res_id, str)
+            ):
+                raise ValueError(text)
+        except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+            raise BadRequest(f"{key}: not a page cursor of this server", key) from None
+        return cls(snapshot, missing, tuple(keys), res_id)
+
+
+@dataclass(frozen=True)
 class SearchRequest:
     """A validated search on one resource type (https://hl7.org/fhir/R4/search.html)."""
 
@@ -204,6 +243,7 @@ class SearchRequest:
     sort: tuple[SortKey, ...] = ()
     count: int = 20  # page size, already capped; 0 asks for the total only
     offset: int = 0
+    cursor: Cursor | None = None  # a next page, from a next link; _offset is then 0
     includes: tuple[Include, ...] = ()  # every _include and _revinclude, in the order given
     summary: str | None = None  # true | text | data | count | false
     elements: tuple[str, ...] = ()
@@ -223,10 +263,13 @@ class SearchRequest:
             return self.count == 0
         return self.total != "none"
 
-    def query(self, *, offset: int | None = None, count: int | None = None) -> str:
+    def query(self, *, offset: int | None = None, count: int | None = None, cursor: Cursor | None = None) -> str:
         """The canonical query string: the filters as given (less those ignored), then the result parameters,
-        then ``_count`` and (when not 0) ``_offset``. Without arguments: this page's own (the self link)."""
-        offset = self.offset if offset is None else offset
+        then ``_count`` and (when not 0) ``_offset``, or the ``_cursor`` of a next page. Without arguments: this page's
+        own (the self link)."""
+        if offset is None and cursor is None:
+            offset, cursor = self.offset, self.cursor
+        offset = offset or 0
         count = self.count if count is None else count
         pairs = [(f.name, f.raw) for f in self.filters]
         if self.sort:
@@ -239,7 +282,9 @@ class SearchRequest:
         if self.total is not None:
             pairs.append(("_total", self.total))
         pairs.append(("_count", str(count)))
-        if offset:
+        if cursor is not None:
+            pairs.append(("_cursor", cursor.encode()))
+        elif offset:
             pairs.append(("_offset", str(offset)))
         return "&".join(f"{_quote(k)}={_quote(v)}" for k, v in pairs)
 
@@ -304,7 +349,7 @@ def parse(
         try:
             if base in ("_include", "_revinclude"):
                 includes.append(_parse_include(res_type, key, value))
-            elif base in ("_count", "_offset", "_sort", "_summary", "_elements", "_total", "_totalMethod"):
+            elif base in ("_count", "_offset", "_cursor", "_sort", "_summary", "_elements", "_total", "_totalMethod"):
                 if ":" in key:
                     raise _NotSupported(f"'{key}': result parameter {base} takes no modifier")
                 single[base] = (key, value)
@@ -332,6 +377,9 @@ def parse(
         offset = non_negative(key, value)
         if offset > MAX_OFFSET:
             raise BadRequest(f"{key}: '{_short(value)}' is beyond the deepest offset served, {MAX_OFFSET}", key)
+    cursor = Cursor.decode(*single["_cursor"]) if "_cursor" in single else None
+    if cursor is not None:
+        offset = 0  # a next link's cursor says where the page starts
     summary = _choice(*single["_summary"], SUMMARY_VALUES) if "_summary" in single else None
     total = _choice(*single["_total"], TOTAL_VALUES) if "_total" in single else None
     if "_totalMethod" in single and total is None:  # _total, when both are given, is the standard one
@@ -357,6 +405,7 @@ def parse(
         sort=sort,
         count=count,
         offset=offset,
+        cursor=cursor,
         includes=tuple(includes),
         summary=summary,
         elements=elements,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from iop_fhir.r4.indexing import IndexRows
+from iop_fhir.r4.search import Cursor
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class SearchResult:
     included: list[StoredResource] = field(default_factory=list)
     total: int | None = None
     has_more: bool = False
+    next_cursor: Cursor | None = None  # where the next page starts, when the store pages by cursor
 
 
 @dataclass(frozen=True)

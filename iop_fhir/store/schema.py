@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    true,
 )
 
 metadata = MetaData()
@@ -73,19 +74,53 @@ version_patients = Table(
 )
 
 
-def _index_table(name: str, *columns: Column[object], value_index: tuple[str, ...], **index_options: Any) -> Table:
-    return Table(
+def _index_table(
+    name: str,
+    *columns: Column[object],
+    value_index: tuple[str, ...],
+    sort: tuple[str, str],
+    **index_options: Any,
+) -> Table:
+    """An index table. ``sort`` names the columns ``_sort`` orders by (ascending, descending); see SORT_VALUES."""
+    table = Table(
         name,
         metadata,
         Column("res_type", String(TYPE), nullable=False),
         Column("res_id", String(ID), nullable=False),
         Column("param", String(100), nullable=False),
         *columns,
+        # Set on one row per resource and param: the one holding the sort value (r4/indexing.py mark_sort_rows).
+        Column("sort_asc", Boolean, nullable=False, server_default=false()),
+        Column("sort_desc", Boolean, nullable=False, server_default=false()),
         Index(f"ix_{name}_resource", "res_type", "res_id"),
         # Covering: a filter's subquery (type, param, value -> res_id) is answered from the index alone.
         Index(f"ix_{name}_value", "res_type", "param", *value_index, "res_id", **index_options),
     )
+    SORT_VALUES[name] = sort
+    ascending, descending = (table.c[c] for c in sort)
+    # Partial, one row per resource: a sort walks it in order (then res_id, ascending in both directions) and stops
+    # after a page; the descending one is declared descending so that ties still come in ascending res_id.
+    # "= true" (SQLite: "= 1"), the very term search_sql.py writes: SQLite uses a partial index only when the query
+    # repeats its condition.
+    for direction, value, flag in (
+        ("asc", ascending, table.c.sort_asc == true()),
+        ("desc", descending.desc(), table.c.sort_desc == true()),
+    ):
+        Index(
+            f"ix_{name}_sort_{direction}",
+            table.c.res_type,
+            table.c.param,
+            value,
+            table.c.res_id,
+            postgresql_where=flag,
+            sqlite_where=flag,
+        )
+    return table
 
+
+# What ``_sort`` orders each index table's resources by (ascending, descending): the lowest ascending value of the
+# resource's rows for the param, or the highest descending one; the row holding it is flagged sort_asc / sort_desc.
+SORT_VALUES: dict[str, tuple[str, str]] = {}
 
 idx_token = _index_table(
     "idx_token",
@@ -93,12 +128,14 @@ idx_token = _index_table(
     Column("code", Text, nullable=True),
     Column("text", Text, nullable=True),  # display / CodeableConcept.text, lower-cased, for :text
     value_index=("code", "system"),
+    sort=("code", "code"),
 )
 idx_string = _index_table(
     "idx_string",
     Column("norm", Text, nullable=False),  # lower-cased, accents removed: default and :contains matching
     Column("exact", Text, nullable=False),
     value_index=("norm",),
+    sort=("norm", "norm"),
     # On PostgreSQL, LIKE 'prefix%' can use a b-tree index only with pattern operators (unless the collation is C).
     postgresql_ops={"norm": "text_pattern_ops"},
 )
@@ -107,6 +144,7 @@ idx_date = _index_table(
     Column("low", BigInteger, nullable=False),  # first microsecond of the value's range
     Column("high", BigInteger, nullable=False),  # last microsecond of the value's range
     value_index=("low", "high"),
+    sort=("low", "high"),
 )
 idx_number = _index_table(
     "idx_number",
@@ -114,6 +152,7 @@ idx_number = _index_table(
     Column("low", Float, nullable=False),
     Column("high", Float, nullable=False),
     value_index=("value",),
+    sort=("value", "value"),
 )
 idx_quantity = _index_table(
     "idx_quantity",
@@ -124,18 +163,22 @@ idx_quantity = _index_table(
     Column("code", Text, nullable=True),
     Column("unit", Text, nullable=True),
     value_index=("value",),
+    sort=("value", "value"),
 )
 idx_reference = _index_table(
     "idx_reference",
     Column("target_type", String(TYPE), nullable=True),
     Column("target_id", String(ID), nullable=True),
     Column("url", Text, nullable=True),  # absolute or canonical references, kept as written
+    Column("sort_value", Text, nullable=True),  # what _sort orders by: target_id, or url when there is none
     value_index=("target_id", "target_type"),
+    sort=("sort_value", "sort_value"),
 )
 idx_uri = _index_table(
     "idx_uri",
     Column("value", Text, nullable=False),
     value_index=("value",),
+    sort=("value", "value"),
 )
 
 INDEX_TABLES: dict[str, Table] = {

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -21,12 +23,17 @@ from sqlalchemy import (
     exists,
     false,
     func,
+    null,
     or_,
     select,
     true,
 )
 
+from iop_fhir.errors import BadRequest
+from iop_fhir.r4 import indexing
+from iop_fhir.r4.instants import now_us
 from iop_fhir.r4.search import (
+    Cursor,
     DateValue,
     Filter,
     Include,
@@ -47,23 +54,14 @@ MAX_INCLUDE_ROUNDS = 4  # the first round plus three rounds of :iterate
 MAX_INCLUDED = 1000
 
 _R = schema.resources
+_H = schema.history
 _REF = schema.idx_reference
-# The column each index kind sorts on: (ascending, descending); min of the first / max of the second.
-_SORT_COLUMNS: dict[str, tuple[str, str]] = {
-    "token": ("code", "code"),
-    "string": ("norm", "norm"),
-    "date": ("low", "high"),
-    "number": ("value", "value"),
-    "quantity": ("value", "value"),
-    "reference": ("target_id", "target_id"),
-    "uri": ("value", "value"),
-}
 
 
 def run(conn: Connection, request: SearchRequest) -> SearchResult:
-    """One page of matches (``_count`` from ``_offset``, one more fetched to know whether a next page exists),
-    what ``_include``/``_revinclude`` add, and the total unless ``_total=none`` (counted when asked for or when
-    there is more than one page; known for free on a single or last page)."""
+    """One page of matches (``_count`` from ``_offset`` or from a next link's ``_cursor``, one more fetched to know
+    whether a next page exists), what ``_include``/``_revinclude`` add, and the total unless ``_total=none`` (counted
+    when asked for or when there is more than one page; known for free on a single or last ``_offset`` page)."""
     query = _Query(conn.dialect.name == "sqlite", request.restriction)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
@@ -77,19 +75,13 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
         result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
     if request.summary == "count" or request.count == 0:
         return result
-    page = (
-        select(r.c.res_type, r.c.res_id, r.c.version_id, r.c.last_updated, r.c.content)
-        .where(*where)
-        .order_by(*_order(request, r, query.sqlite))
-        .limit(request.count + 1)
-        .offset(request.offset)
-    )
-    rows = conn.execute(page).all()
-    result.has_more = len(rows) > request.count
-    result.matches = [_stored(row) for row in rows[: request.count]]
+    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite).page()
+    result.has_more = result.next_cursor is not None
+    result.matches = [_stored(row) for row in rows]
     if result.total is None and request.total != "none":
-        if not result.has_more and (result.matches or request.offset == 0):  # the last page: the total is free
-            result.total = request.offset + len(result.matches)
+        first_or_offset = request.cursor is None
+        if first_or_offset and not result.has_more and (result.matches or request.offset == 0):
+            result.total = request.offset + len(result.matches)  # the last page: the total is free
         else:  # every page of a multi-page search tells the total, counted as _total=accurate counts it
             result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
     if request.includes and result.matches:
@@ -274,41 +266,309 @@ def _uri_ancestors(uri: str) -> list[str]:
     return [*prefixes, uri]
 
 
-# -- order ---------------------------------------------------------------------------------------------------
+# -- order and paging ----------------------------------------------------------------------------------------
 
 
-def _order(request: SearchRequest, r: FromClause, sqlite: bool) -> list[Any]:
-    """``_sort`` keys (missing values last) then res_id so that pages are stable; by default oldest first."""
-    if not request.sort:
-        if sqlite and request.filters:
+@dataclass(frozen=True)
+class _SortKey:
+    """One ORDER BY key: its value expression, its direction, and whether it can be missing (then it sorts last)."""
+
+    value: Any
+    descending: bool
+    nullable: bool
+
+    def order(self) -> Any:
+        if not self.nullable:
+            return self.value.desc() if self.descending else self.value.asc()
+        return self.value.desc().nulls_last() if self.descending else self.value.asc().nulls_last()
+
+    def python(self, value: Any) -> tuple[Any, ...]:
+        """The Python sort key of ``value`` under this key's order (missing last; descending by negation or, for
+        text, by the reversed order of its code points)."""
+        if value is None:
+            return (1,)
+        if not self.descending:
+            return (0, value)
+        if isinstance(value, str):
+            return (0, tuple(-ord(c) for c in value) + (1,))
+        return (0, -value)
+
+
+class _Pager:
+    """Reads one page of a search in its order, from an ``_offset`` or from a next link's cursor.
+
+    The order is the ``_sort`` keys, each from the one index row flagged as holding the resource's sort value
+    (store/schema.py SORT_VALUES), missing values last, then res_id; by default last_updated then res_id (oldest
+    first). A sort by a param reads first the resources that have a value, walking the param's partial sort index in
+    order (a bounded top-N), then those that have none, by their other keys and res_id.
+
+    Paging by cursor is stable under writes: the first page's time is the paging's snapshot, and every later page
+    holds the entries of the search as it stood at that time, in that order. A resource written since the snapshot
+    keeps the place its version current at the snapshot had (its last_updated, or the sort values that version's
+    index rows would have), so it is served exactly once, as it is now; one created since, or deleted or no longer
+    matching, is not served. Each page continues strictly after the keys and id of the last entry served. ``_offset``
+    pages count from the start of the current results and promise nothing under writes.
+    """
+
+    def __init__(self, conn: Connection, request: SearchRequest, where: list[Any], sqlite: bool) -> None:
+        self.conn = conn
+        self.request = request
+        self.where = where
+        self.sqlite = sqlite
+        self.cursor = request.cursor
+        self.snapshot = self.cursor.snapshot if self.cursor is not None else now_us()
+        self.wanted = request.count + 1  # one more than a page: whether a next page exists
+        if self.cursor is not None and not _fits(self.cursor, request.sort):
+            raise BadRequest("_cursor: not a page cursor of this search", "_cursor")
+
+    def page(self) -> tuple[list[Any], Cursor | None]:
+        """The rows of the page (res_type, res_id, version_id, last_updated, content, then the keys k0, k1...)
+        and the cursor of the next page (None on the last)."""
+        sort = self.request.sort
+        if not sort or sort[0].param in ("_id", "_lastUpdated"):
+            keys = self._keys(_R, sort) if sort else [_SortKey(_R.c.last_updated, False, False)]
+            found = self._unchanged(select(*_COLUMNS, *_labels(keys)).where(*self.where), keys, missing=False)
+            found = self._merge(found, self._changed(keys, missing=False), keys)
+            return self._finish(found, keys, lambda row: False)
+        first = sort[0]
+        table = schema.INDEX_TABLES[first.kind]
+        s = table.alias("s0")
+        value = s.c[schema.SORT_VALUES[table.name][1 if first.descending else 0]]
+        flag = (s.c.sort_desc if first.descending else s.c.sort_asc) == true()  # the partial index's own term
+        rest = self._keys(_R, sort[1:])
+        keys = [_SortKey(value, first.descending, False), *rest]
+        rows: list[Any] = []
+        valued = (
+            select(*_COLUMNS, *_labels(keys))
+            .select_from(s.join(_R, and_(_R.c.res_type == s.c.res_type, _R.c.res_id == s.c.res_id)))
+            .where(s.c.res_type == self.request.res_type, s.c.param == first.param, flag, *self.where)
+        )
+        if self.cursor is None or not self.cursor.missing:
+            # s0.res_id rather than resources.res_id: the same value, and the index's own last column.
+            rows = self._unchanged(valued, keys, missing=False, res_id=s.c.res_id)
+            rows = self._merge(rows, self._changed(keys, missing=False), keys)
+        if len(rows) < self.wanted:
+            missing_offset = 0
+            if self.request.offset:  # where the missing ones start, for an _offset page
+                valued_total = self.request.offset + len(rows)
+                if not rows:
+                    valued_total = self.conn.execute(
+                        valued.with_only_columns(func.count()).order_by(None).where(_R.c.last_updated <= self.snapshot)
+                    ).scalar_one()
+                missing_offset = max(0, self.request.offset - valued_total)
+            marked = select(s.c.res_id).where(
+                s.c.res_type == _R.c.res_type, s.c.res_id == _R.c.res_id, s.c.param == first.param, flag
+            )
+            none_keys = [_SortKey(null(), first.descending, True), *rest]
+            missing = select(*_COLUMNS, *_labels(none_keys)).where(*self.where, ~exists(marked))
+            more = self._unchanged(missing, rest, missing=True, limit=self.wanted - len(rows), offset=missing_offset)
+            more = self._merge(more, self._changed(none_keys, missing=True), none_keys)
+            rows = [*rows, *more][: self.wanted]
+        return self._finish(rows, keys, lambda row: row.k0 is None)
+
+    def _keys(self, r: FromClause, sort: Sequence[SortKey]) -> list[_SortKey]:
+        keys = []
+        for key in sort:
+            if key.param in ("_id", "_lastUpdated"):
+                column = r.c.res_id if key.param == "_id" else r.c.last_updated
+                keys.append(_SortKey(column, key.descending, False))
+                continue
+            table = schema.INDEX_TABLES[key.kind]
+            value_name = schema.SORT_VALUES[table.name][1 if key.descending else 0]
+            flag_name = "sort_desc" if key.descending else "sort_asc"
+            value = (
+                select(table.c[value_name])
+                .where(
+                    table.c.res_type == r.c.res_type,
+                    table.c.res_id == r.c.res_id,
+                    table.c.param == key.param,
+                    table.c[flag_name] == true(),
+                )
+                .scalar_subquery()
+            )
+            keys.append(_SortKey(value, key.descending, True))
+        return keys
+
+    def _unchanged(
+        self,
+        statement: Select[Any],
+        keys: list[_SortKey],
+        *,
+        missing: bool,
+        res_id: Any = None,
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> list[Any]:
+        """The rows of ``statement`` last written at or before the snapshot, after the cursor, in order."""
+        res_id = _R.c.res_id if res_id is None else res_id
+        written: Any = _R.c.last_updated
+        if self.sqlite and self.request.sort:
+            # Unindexable: else SQLite's planner walks the resources by last_updated rather than the sort index.
+            written = written + 0
+        statement = statement.where(written <= self.snapshot)
+        if self.cursor is not None and self.cursor.missing == missing:
+            statement = statement.where(
+                *_after(keys, self.cursor.keys[len(self.cursor.keys) - len(keys) :], res_id, self.cursor.res_id)
+            )
+        order = [key.order() for key in keys]
+        if not self.request.sort and self.sqlite and self.request.filters:
             # SQLite's planner, without statistics, prefers walking ix_resources_type_updated in order over
             # looking the filters up in their index tables: a scan of the whole type. "+ 0" makes the sort key
             # unindexable, so the filters drive the query and only their matches are sorted.
-            return [r.c.last_updated + 0, r.c.res_id]
-        return [r.c.last_updated, r.c.res_id]
-    keys: list[Any] = []
-    for key in request.sort:
-        column = _sort_column(request.res_type, key, r)
-        keys.append(column.desc().nulls_last() if key.descending else column.asc().nulls_last())
-    return [*keys, r.c.res_id]
+            order = [(_R.c.last_updated + 0).asc()]
+        statement = statement.order_by(*order, res_id.asc()).limit(self.wanted if limit is None else limit)
+        if offset is None:
+            offset = self.request.offset
+        if offset:
+            statement = statement.offset(offset)
+        return list(self.conn.execute(statement).all())
+
+    def _changed(self, keys: list[_SortKey], *, missing: bool) -> list[Any]:
+        """The matches written since the snapshot that existed then, with the keys of their version current at the
+        snapshot, after the cursor (none on a first page, whose snapshot is now)."""
+        if self.cursor is None:
+            return []
+        since = select(_R.c.res_id, _R.c.version_id).where(*self.where, _R.c.last_updated > self.snapshot)
+        changed = {row.res_id: row.version_id for row in self.conn.execute(since)}
+        if not changed:
+            return []
+        then = (
+            select(_H.c.res_id, _H.c.version_id, _H.c.last_updated, _H.c.content)
+            .where(_H.c.res_type == self.request.res_type, _H.c.res_id.in_(list(changed)))
+            .where(_H.c.last_updated <= self.snapshot)
+            .order_by(_H.c.res_id, _H.c.version_id)
+        )
+        at_snapshot: dict[str, Any] = {}
+        for row in self.conn.execute(then):
+            at_snapshot[row.res_id] = row  # the last one at or before the snapshot
+        found = []
+        current = {
+            row.res_id: row
+            for row in self.conn.execute(
+                select(*_COLUMNS).where(_R.c.res_type == self.request.res_type, _R.c.res_id.in_(list(at_snapshot)))
+            )
+        }
+        for res_id, old in at_snapshot.items():
+            if old.content is None or res_id not in current:
+                continue  # deleted at the snapshot
+            values = self._snapshot_keys(old)
+            if (values[0] is None) != missing:
+                continue
+            found.append(_Row(*current[res_id], *values))
+        position = self.cursor.keys if self.cursor.missing == missing else None
+        chosen = [
+            row
+            for row in found
+            if position is None
+            or _py_key(keys, row) > _py_key(keys, _Row("", self.cursor.res_id, 0, 0, b"", *position))
+        ]
+        return sorted(chosen, key=lambda row: _py_key(keys, row))
+
+    def _snapshot_keys(self, old: Any) -> list[Any]:
+        """The sort keys of a version as it was stored: its last_updated, or its sort values."""
+        sort = self.request.sort
+        if not sort:
+            return [old.last_updated]
+        resource = orjson.loads(bytes(old.content))
+        rows = indexing.extract(resource)
+        values: list[Any] = []
+        for key in sort:
+            if key.param == "_id":
+                values.append(resource.get("id"))
+                continue
+            if key.param == "_lastUpdated":
+                values.append(old.last_updated)
+                continue
+            flag = "sort_desc" if key.descending else "sort_asc"
+            column = schema.SORT_VALUES[schema.INDEX_TABLES[key.kind].name][1 if key.descending else 0]
+            marked = [
+                row[column]
+                for row in indexing.mark_sort_rows(key.kind, rows.get(key.kind, []))
+                if row["param"] == key.param and row[flag]
+            ]
+            values.append(marked[0] if marked else None)
+        return values
+
+    def _merge(self, unchanged: list[Any], changed: list[Any], keys: list[_SortKey]) -> list[Any]:
+        if not changed:
+            return unchanged
+        return sorted([*unchanged, *changed], key=lambda row: _py_key(keys, row))[: self.wanted]
+
+    def _finish(
+        self, rows: list[Any], keys: list[_SortKey], is_missing: Callable[[Any], bool]
+    ) -> tuple[list[Any], Cursor | None]:
+        if len(rows) <= self.request.count:
+            return rows, None
+        rows = rows[: self.request.count]
+        last = rows[-1]
+        values = tuple(getattr(last, f"k{i}") for i in range(len(keys)))
+        return rows, Cursor(self.snapshot, is_missing(last), values, last.res_id)
 
 
-def _sort_column(res_type: str, key: SortKey, r: FromClause) -> Any:
-    if key.param == "_id":
-        return r.c.res_id
-    if key.param == "_lastUpdated":
-        return r.c.last_updated
-    table = schema.INDEX_TABLES[key.kind]
-    ascending, descending = _SORT_COLUMNS[key.kind]
-    column: Any = table.c[descending if key.descending else ascending]
-    if key.kind == "reference":
-        column = func.coalesce(table.c.target_id, table.c.url)
-    aggregate = func.max(column) if key.descending else func.min(column)
-    return (
-        select(aggregate)
-        .where(table.c.res_type == res_type, table.c.res_id == r.c.res_id, table.c.param == key.param)
-        .scalar_subquery()
-    )
+# The Python type of each kind's sort value in a cursor (JSON gives an integral float back as an int).
+_CURSOR_TYPES: dict[str, tuple[type, ...]] = {
+    "token": (str,),
+    "string": (str,),
+    "reference": (str,),
+    "uri": (str,),
+    "date": (int,),
+    "number": (int, float),
+    "quantity": (int, float),
+}
+
+
+def _fits(cursor: Cursor, sort: Sequence[SortKey]) -> bool:
+    """Whether ``cursor`` has the keys of a search sorted by ``sort`` (by default: last_updated, an int)."""
+    if not sort:
+        return len(cursor.keys) == 1 and type(cursor.keys[0]) is int
+    if len(cursor.keys) != len(sort) or (cursor.missing and cursor.keys[0] is not None):
+        return False
+    for key, value in zip(sort, cursor.keys, strict=True):
+        wanted = (str,) if key.param == "_id" else (int,) if key.param == "_lastUpdated" else _CURSOR_TYPES[key.kind]
+        if not (isinstance(value, wanted) or (value is None and key.param not in ("_id", "_lastUpdated"))):
+            return False
+    return True
+
+
+def _labels(keys: list[_SortKey]) -> list[Any]:
+    return [key.value.label(f"k{i}") for i, key in enumerate(keys)]
+
+
+class _Row:
+    """A page row built in Python (a resource written since the snapshot, with its keys at the snapshot)."""
+
+    def __init__(self, res_type: str, res_id: str, version_id: int, last_updated: int, content: Any, *keys: Any):
+        self.res_type, self.res_id, self.version_id, self.last_updated, self.content = (
+            res_type,
+            res_id,
+            version_id,
+            last_updated,
+            content,
+        )
+        for i, value in enumerate(keys):
+            setattr(self, f"k{i}", value)
+
+
+def _py_key(keys: list[_SortKey], row: Any) -> tuple[Any, ...]:
+    return (*(key.python(getattr(row, f"k{i}")) for i, key in enumerate(keys)), row.res_id)
+
+
+def _after(keys: list[_SortKey], values: Sequence[Any], res_id: Any, last_id: str) -> list[Any]:
+    """The keyset condition: the row comes after (``values``, ``last_id``) in the order of ``keys`` then res_id
+    (missing values last). A bound on the first key, implied, lets an index range start at the cursor."""
+    later: Any = res_id > last_id
+    for key, value in reversed(list(zip(keys, values, strict=True))):
+        if value is None:  # only missing values come after a missing one: they tie
+            later = and_(key.value.is_(None), later)
+            continue
+        beyond = key.value < value if key.descending else key.value > value
+        if key.nullable:
+            beyond = or_(beyond, key.value.is_(None))
+        later = or_(beyond, and_(key.value == value, later))
+    conditions = [later]
+    if keys and values and values[0] is not None and not keys[0].nullable:
+        conditions.append(keys[0].value <= values[0] if keys[0].descending else keys[0].value >= values[0])
+    return conditions
 
 
 # -- _include / _revinclude ----------------------------------------------------------------------------------

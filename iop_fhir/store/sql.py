@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
+from iop_fhir.r4 import indexing
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.search import Visibility
 from iop_fhir.store import schema, search_sql, writerlock
@@ -353,7 +354,7 @@ class SqlWriteTx(SqlAuditLogTx):
             self._queue("version_patients", {**base, "version_id": version.version_id, "patient_id": patient})
         for kind, rows in index.items():
             table = schema.INDEX_TABLES[kind].name
-            for row in rows:
+            for row in indexing.mark_sort_rows(kind, rows):
                 self._queue(table, {**base, **row})
         self._known[key] = version
 

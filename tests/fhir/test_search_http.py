@@ -161,6 +161,10 @@ def test_paging_follows_next_links_without_duplicates_or_omissions(
         bundle = client.get(f"{url.path}?{url.query}").get_json()
         seen += [e["resource"]["id"] for e in bundle["entry"]]
     assert seen == [program["phq_jan"], program["gad_jan"], program["phq_kai"], program["phq_feb"]]
+    # A page reached by cursor has no previous link; one asked for by _offset keeps it.
+    assert "previous" not in [link["relation"] for link in bundle["link"]]
+    bundle = client.get("/fhir/Observation?_count=1&_sort=date&_offset=3").get_json()
+    assert [e["resource"]["id"] for e in bundle["entry"]] == [program["phq_feb"]]
     previous = next(link["url"] for link in bundle["link"] if link["relation"] == "previous")
     assert dict(parse_qsl(urlsplit(previous).query))["_offset"] == "2"
 

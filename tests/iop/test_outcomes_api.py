@@ -133,6 +133,7 @@ def test_program_outcomes_as_csv_are_one_long_table(client: FlaskClient, stay: d
         ("from=2026-03-01&to=2026-02-01", "from"),
         ("since=2026-01-01", "since"),
         ("program=adult-sud&program=adult-sud", "program"),
+        ("from=0727-02-06&to=2026-03-30", "from"),
     ],
 )
 def test_a_bad_outcomes_parameter_is_a_400_naming_it(client: FlaskClient, query: str, expression: str) -> None:

@@ -154,13 +154,15 @@ def _load(engine: Engine) -> None:
         res_type, res_id = resource["resourceType"], resource["id"]
         resources.append(_row(res_type, res_id, len(resources), orjson.dumps(resource), False))
         for kind, rows in indexing.extract(resource).items():
-            index[kind] += [{**row, "res_type": res_type, "res_id": res_id} for row in rows]
+            marked = indexing.mark_sort_rows(kind, rows)  # as the store writes them
+            index[kind] += [{**row, "res_type": res_type, "res_id": res_id} for row in marked]
     for res_type, res_id, rows_by_kind, deleted in HAND:
         content = None if deleted else orjson.dumps({"resourceType": res_type, "id": res_id})
         resources.append(_row(res_type, res_id, len(resources), content, deleted))
         for kind, rows in rows_by_kind.items():
             # A deleted resource keeps stale index rows here: search must still never return it.
-            index[kind] += [{**row, "res_type": res_type, "res_id": res_id} for row in rows]
+            marked = indexing.mark_sort_rows(kind, rows)
+            index[kind] += [{**row, "res_type": res_type, "res_id": res_id} for row in marked]
     with engine.begin() as conn:
         conn.execute(insert(schema.resources), resources)
         for kind, rows in index.items():
@@ -740,9 +742,10 @@ def test_bundle_splices_the_stored_bytes_with_full_urls_modes_total_and_links(en
     assert bundle["link"] == [
         {"relation": "self", "url": f"{BASE}/DiagnosticReport?{q}"},
         {"relation": "first", "url": f"{BASE}/DiagnosticReport?{q}"},
-        {"relation": "next", "url": f"{BASE}/DiagnosticReport?{q}&_offset=1"},
+        {"relation": "next", "url": f"{BASE}/DiagnosticReport?{q}&_cursor={result.next_cursor.encode()}"},
         {"relation": "last", "url": f"{BASE}/DiagnosticReport?{q}&_offset=1"},
     ]
+    assert result.next_cursor is not None and result.next_cursor.res_id == result.matches[0].res_id
     modes = [(e["search"]["mode"], e["fullUrl"]) for e in bundle["entry"]]
     assert modes[0] == ("match", f"{BASE}/DiagnosticReport/{result.matches[0].res_id}")
     assert {m for m, _ in modes[1:]} == {"include"}

@@ -1,0 +1,182 @@
+"""The query shapes that once scanned a whole resource type are planned to use an index, on SQLite and PostgreSQL:
+a sorted page walks the partial sort index of the first ``_sort`` key in order (no sort of the type's rows), alone,
+under a partner's restriction and when continued by a cursor. Asserted on the databases' own EXPLAIN of the statement
+store/search_sql.py runs, after ANALYZE, on a database migrated by migrations/, not by timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import Engine, create_engine, event, insert, text
+
+from iop_fhir.privacy.restriction import Restriction
+from iop_fhir.r4 import indexing
+from iop_fhir.r4.search import SearchRequest, parse
+from iop_fhir.store import migrate, schema
+from iop_fhir.store.search_sql import run
+from tests.conftest import POSTGRES_URL
+
+OBSERVATIONS = 3000
+PATIENTS = 3000
+T0 = 1_700_000_000_000_000
+CODES = [f"{1000 + n}-{n % 10}" for n in range(40)]
+
+
+def _patient(n: int) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": f"p{n}", "name": [{"family": f"Family{(n * 7919) % 997:04d}"}]}
+
+
+def _observation(n: int) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": f"o{n}",
+        "status": "final" if n % 4 else "amended",
+        "code": {"coding": [{"system": "http://loinc.org", "code": CODES[(n * 31) % len(CODES)]}]},
+        "subject": {"reference": f"Patient/p{(n * 13) % PATIENTS}"},
+        "effectiveDateTime": f"20{10 + n % 15}-{1 + n % 12:02d}-{1 + n % 28:02d}",
+        "valueQuantity": {"value": (n * 37) % 500, "unit": "{score}"},
+    }
+
+
+def _load(engine: Engine) -> None:
+    resources: list[dict[str, Any]] = []
+    index: dict[str, list[dict[str, Any]]] = {kind: [] for kind in schema.INDEX_TABLES}
+    everything = [_patient(n) for n in range(PATIENTS)] + [_observation(n) for n in range(OBSERVATIONS)]
+    for n, resource in enumerate(everything):
+        key = {"res_type": resource["resourceType"], "res_id": resource["id"]}
+        resources.append({**key, "version_id": 1, "last_updated": T0 + n, "deleted": False})
+        resources[-1]["content"] = orjson.dumps(resource)
+        for kind, rows in indexing.extract(resource).items():
+            index[kind] += [{**key, **row} for row in indexing.mark_sort_rows(kind, rows)]
+    with engine.begin() as conn:
+        conn.execute(insert(schema.resources), resources)
+        for kind, rows in index.items():
+            if rows:
+                conn.execute(insert(schema.INDEX_TABLES[kind]), rows)
+        for table in (schema.resources, *schema.INDEX_TABLES.values()):  # only this schema's: others are in use
+            conn.execute(text(f"ANALYZE {table.name}"))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A migrated database per backend holding 3,000 Observations and 3,000 Patients, analyzed (read-only in tests)."""
+    if request.param == "sqlite":
+        eng = create_engine(f"sqlite:///{tmp_path_factory.mktemp('plans') / 'plans.db'}")
+        migrate.upgrade(eng)
+        _load(eng)
+        yield eng
+        eng.dispose()
+        return
+    name = f"plans_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{name}"'))
+    eng = create_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={name}"})
+    try:
+        migrate.upgrade(eng)
+        _load(eng)
+        yield eng
+    finally:
+        eng.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+        admin.dispose()
+
+
+def _page_plan(engine: Engine, request: SearchRequest) -> tuple[list[str], str]:
+    """The ids of the page, and the plan of the statement that read it (the one with a LIMIT), as text."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with engine.connect() as conn:
+            result = run(conn, request)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    pages = [(s, p) for s, p in statements if "LIMIT" in s and "count(" not in s]
+    assert len(pages) == 1, [s for s, _ in statements]
+    statement, parameters = pages[0]
+    explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql(explain + statement, parameters).all()
+    return [m.res_id for m in result.matches], "\n".join(str(row[-1]) for row in plan)
+
+
+def _request(res_type: str, query: str, **changes: Any) -> SearchRequest:
+    params = [(k, v) for k, _, v in (pair.partition("=") for pair in query.split("&"))]
+    return dataclasses.replace(parse(res_type, params), total="none", **changes)
+
+
+SORTS = [
+    ("Observation", "code", "ix_idx_token_sort_asc", lambda r: r["code"]["coding"][0]["code"], False),
+    ("Observation", "-code", "ix_idx_token_sort_desc", lambda r: r["code"]["coding"][0]["code"], True),
+    ("Observation", "-date", "ix_idx_date_sort_desc", lambda r: indexing.date_range(r["effectiveDateTime"])[1], True),
+    ("Observation", "subject", "ix_idx_reference_sort_asc", lambda r: r["subject"]["reference"][8:], False),
+    ("Observation", "-value-quantity", "ix_idx_quantity_sort_desc", lambda r: r["valueQuantity"]["value"], True),
+    ("Patient", "family", "ix_idx_string_sort_asc", lambda r: r["name"][0]["family"].lower(), False),
+]
+
+
+def _assert_walks_index(plan: str, index: str, sqlite: bool) -> None:
+    assert index in plan, plan
+    if sqlite:
+        assert "TEMP B-TREE FOR ORDER BY" not in plan, plan
+    else:
+        assert "Sort Key" not in plan and "Seq Scan" not in plan, plan
+
+
+def _all(res_type: str) -> list[dict[str, Any]]:
+    if res_type == "Patient":
+        return [_patient(n) for n in range(PATIENTS)]
+    return [_observation(n) for n in range(OBSERVATIONS)]
+
+
+def _in_order(res_type: str, key: Any, descending: bool, only: Any = None) -> list[str]:
+    """The ids in sort order, ties by ascending id in both directions."""
+    resources = [r for r in _all(res_type) if only is None or only(r)]
+    resources.sort(key=lambda r: r["id"])
+    if descending:  # a stable sort by the rank of the reversed value keeps ascending ids within a tie
+        rank = {value: -i for i, value in enumerate(sorted({key(r) for r in resources}))}
+        resources.sort(key=lambda r: rank[key(r)])
+    else:
+        resources.sort(key=key)
+    return [r["id"] for r in resources]
+
+
+@pytest.mark.parametrize(("res_type", "sort", "index", "key", "descending"), SORTS)
+def test_a_sorted_page_walks_the_sort_index_in_order(
+    engine: Engine, res_type: str, sort: str, index: str, key: Any, descending: bool
+) -> None:
+    found, plan = _page_plan(engine, _request(res_type, f"_sort={sort}&_count=10"))
+    assert found == _in_order(res_type, key, descending)[:10]
+    _assert_walks_index(plan, index, engine.dialect.name == "sqlite")
+
+
+@pytest.mark.parametrize(("res_type", "sort", "index", "key", "descending"), SORTS)
+def test_the_next_page_by_cursor_walks_the_sort_index_from_the_cursor(
+    engine: Engine, res_type: str, sort: str, index: str, key: Any, descending: bool
+) -> None:
+    with engine.connect() as conn:
+        first = run(conn, _request(res_type, f"_sort={sort}&_count=25"))
+    assert first.next_cursor is not None
+    found, plan = _page_plan(engine, _request(res_type, f"_sort={sort}&_count=10", cursor=first.next_cursor))
+    assert found == _in_order(res_type, key, descending)[25:35]
+    _assert_walks_index(plan, index, engine.dialect.name == "sqlite")
+
+
+def test_a_sorted_page_under_a_partner_restriction_walks_the_sort_index(engine: Engine) -> None:
+    allowed = frozenset(f"p{n}" for n in range(0, PATIENTS, 3))
+    request = _request("Observation", "_sort=-date&_count=10", restriction=Restriction(allowed))
+    found, plan = _page_plan(engine, request)
+    date_key = SORTS[2][3]
+    visible = _in_order("Observation", date_key, True, only=lambda r: r["subject"]["reference"][8:] in allowed)
+    assert found == visible[:10]
+    _assert_walks_index(plan, "ix_idx_date_sort_desc", engine.dialect.name == "sqlite")
