@@ -62,6 +62,7 @@ def open_store(settings: Settings) -> SqlStore:
     try:
         if not migrate.is_current(store.engine):
             migrate.upgrade(store.engine)
+        store.refresh_statistics(if_missing=True)
     except SQLAlchemyError as error:
         store.close()
         # The URL may hold a password: name the failure only.

@@ -12,6 +12,7 @@ import hashlib
 import json
 import queue
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
@@ -96,10 +98,23 @@ _CLAIM_POSTGRES = text(
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url, echo)
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # JIT compilation pays off for long analytical queries; for this service's short ones PostgreSQL's cost estimate
+    # of a restricted search over a million resources starts it, and compiling took longer than the query itself.
+    # Options the URL gives (a search_path, say) come after, so they win over this default.
+    given = make_url(url).query.get("options", "")
+    options = " ".join(["-c jit=off", *([given] if isinstance(given, str) else given)]).strip()
+    return create_engine(
+        url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args={"options": options}
+    )
 
 
 SQLITE_BUSY_S = 60  # how long a SQLite connection waits for another's lock
+# SQLite keeps no statistics unless told to, and without them its planner walks the wrong index of a restricted or
+# sorted search over a large database. The store refreshes them (an ANALYZE sampling at most this many rows of each
+# index, a few milliseconds at any size) when it opens a file that has none, and after every STATISTICS_EVERY
+# resources this process writes. PostgreSQL analyses on its own (autovacuum).
+SQLITE_ANALYSIS_LIMIT = 1000
+STATISTICS_EVERY = 20_000
 
 
 def _use_wal(cursor: Any, wait_s: float) -> None:
@@ -289,6 +304,7 @@ class SqlWriteTx(SqlAuditLogTx):
         self._known: dict[tuple[str, str], StoredResource | None] = {}
         self._locked: set[str] = set()
         self._pending: dict[str, list[dict[str, Any]]] = {}
+        self.saved = 0  # resource versions saved (for SqlStore's statistics)
         # Run once the transaction's body has succeeded, just before it commits, and in it (the audit trail).
         self.before_commit: list[Callable[[], None]] = []
 
@@ -324,6 +340,7 @@ class SqlWriteTx(SqlAuditLogTx):
         if key not in self._known:
             raise RuntimeError("save() needs current() first")  # programming error, never user input
         previous = self._known[key]
+        self.saved += 1
         values = {
             "version_id": version.version_id,
             "last_updated": version.last_updated,
@@ -574,6 +591,33 @@ class SqlStore(SqlAuditLog):
         # What the DBAPI raises for a key it cannot even compare, such as an id with NUL in it on PostgreSQL: no
         # stored resource has such an id (the FHIR layer refuses them on writes), so a read finds nothing.
         self._unreadable_key: tuple[type[Exception], ...] = (self.engine.dialect.loaded_dbapi.DataError, DataError)
+        self._saved_since_statistics = 0
+        self._statistics_lock = threading.Lock()
+
+    def refresh_statistics(self, *, if_missing: bool = False) -> bool:
+        """Refresh SQLite's planner statistics (sampled: PRAGMA analysis_limit); with ``if_missing`` only for a file
+        that has none yet. PostgreSQL keeps its own. Whether statistics were taken."""
+        if self.postgres or self.url in ("sqlite://", "sqlite:///:memory:"):
+            return False
+        if if_missing:
+            with self.reading() as conn:
+                if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").first():
+                    return False
+        with self.writing() as conn:
+            conn.exec_driver_sql(f"PRAGMA analysis_limit={SQLITE_ANALYSIS_LIMIT}")
+            conn.exec_driver_sql("ANALYZE")
+        return True
+
+    def _count_saves(self, saved: int) -> None:
+        if self.postgres or not saved:
+            return
+        with self._statistics_lock:
+            self._saved_since_statistics += saved
+            due = self._saved_since_statistics >= STATISTICS_EVERY
+            if due:
+                self._saved_since_statistics = 0
+        if due:
+            self.refresh_statistics()
 
     def close(self) -> None:
         self.closing()  # first, the audit log's writer commits what it holds
@@ -593,6 +637,7 @@ class SqlStore(SqlAuditLog):
             while tx.before_commit:
                 tx.before_commit.pop(0)()
             tx.flush()
+        self._count_saves(tx.saved)
 
     @contextmanager
     def writing(self) -> Iterator[Connection]:

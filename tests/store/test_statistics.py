@@ -1,0 +1,77 @@
+"""SQLite's planner statistics: the store takes them when it opens a file that has none, and again after every
+STATISTICS_EVERY resources the process writes; PostgreSQL keeps its own (the store never runs ANALYZE there)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from iop_fhir.config import Settings
+from iop_fhir.runtime import open_store
+from iop_fhir.store import sql
+from iop_fhir.store.base import StoredResource, VersionFacts
+
+
+def stat_rows(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as conn:
+        found = conn.execute("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchall()
+        return conn.execute("SELECT tbl, idx FROM sqlite_stat1").fetchall() if found else []
+
+
+def save_patients(store: sql.SqlStore, count: int, start: int = 0) -> None:
+    with store.write() as tx:
+        for n in range(start, start + count):
+            res_id = f"p{n}"
+            assert tx.current("Patient", res_id) is None
+            body = b'{"resourceType":"Patient","id":"%s"}' % res_id.encode()
+            tx.save(StoredResource("Patient", res_id, 1, 1_000_000 + n, False, body, "PUT"), {}, VersionFacts())
+
+
+def test_a_new_sqlite_file_gets_statistics_when_the_store_opens_it(tmp_path: Path) -> None:
+    path = tmp_path / "iop_fhir.db"
+    store = open_store(Settings(database_url=f"sqlite:///{path}"))
+    try:
+        assert stat_rows(path), "ANALYZE left no sqlite_stat1 rows"
+    finally:
+        store.close()
+
+
+def test_statistics_are_refreshed_after_every_so_many_resources_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "iop_fhir.db"
+    store = open_store(Settings(database_url=f"sqlite:///{path}"))
+    monkeypatch.setattr(sql, "STATISTICS_EVERY", 5)
+    try:
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM sqlite_stat1")
+        save_patients(store, 4)
+        assert stat_rows(path) == []  # 4 written: not yet
+        save_patients(store, 1, start=4)
+        assert ("resources", "ix_resources_type_updated") in stat_rows(path)
+    finally:
+        store.close()
+
+
+def test_existing_statistics_are_kept_when_the_store_opens_again(tmp_path: Path) -> None:
+    path = tmp_path / "iop_fhir.db"
+    open_store(Settings(database_url=f"sqlite:///{path}")).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM sqlite_stat1")
+        conn.execute("INSERT INTO sqlite_stat1 VALUES ('resources', 'ix_resources_type_updated', '7 7')")
+    open_store(Settings(database_url=f"sqlite:///{path}")).close()
+    assert stat_rows(path) == [("resources", "ix_resources_type_updated")]
+
+
+def test_postgresql_connections_run_without_jit_and_keep_the_urls_own_options(postgres_url: str) -> None:
+    store = sql.SqlStore(postgres_url)
+    try:
+        with store.reading() as conn:
+            assert conn.exec_driver_sql("SHOW jit").scalar_one() == "off"
+            # the URL's options (the test schema as search_path) still apply
+            assert conn.exec_driver_sql("SHOW search_path").scalar_one() in postgres_url
+        assert store.refresh_statistics() is False  # PostgreSQL analyses on its own
+    finally:
+        store.close()
