@@ -11,7 +11,7 @@ table let the planner know how many rows a filter matches. The downgrade drops t
 
 Revision ID: 0011
 Revises: 0010
-Create Date: 2027-02-19
+Create Date: 2026-12-05
 """
 
 import sqlalchemy as sa
