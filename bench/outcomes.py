@@ -32,6 +32,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from inprocess import token  # bench/inprocess.py: the scripts run with bench/ on sys.path
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BASE = "http://bench/fhir"
 BENCH_CLIENT = "bench-outcomes"
@@ -74,23 +76,6 @@ def seeded(patients: int, seed: int, fresh: bool) -> Path:
     partial.replace(path)
     Path(f"{partial}-writer").unlink(missing_ok=True)
     return path
-
-
-def token(app: Any, client_id: str, **registration: Any) -> str:
-    """A token of ``client_id``, registered in-process first if it is not (the private key is never used: the token
-    is issued directly, as `iop-fhir token` does)."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from iop_fhir.security.registry import issue_for_client
-    from iop_fhir.security.tokens import jwk_thumbprint, public_jwk
-
-    registry = app.extensions["iop_fhir.clients"]
-    if registry.get(client_id) is None:
-        key = ec.generate_private_key(ec.SECP384R1())
-        jwks = {"keys": [{**public_jwk(key), "kid": jwk_thumbprint(key), "alg": "ES384", "use": "sig"}]}
-        registry.add(client_id, jwks=jwks, **registration)
-    issued: str = issue_for_client(registry, app.extensions["iop_fhir.keys"], client_id, None)[0]
-    return issued
 
 
 def timed(run: Callable[[], Any], rounds: int) -> tuple[list[float], Any]:

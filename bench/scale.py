@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from inprocess import token  # bench/inprocess.py: the scripts run with bench/ on sys.path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "fhir-examples" / "synthea-10-patients"
@@ -103,23 +104,6 @@ def settings(database_url: str) -> Any:
     from iop_fhir.config import Settings
 
     return Settings.from_env(database_url=database_url, base_url=BASE, token_lifetime=3600)
-
-
-def token(app: Any, client_id: str, **registration: Any) -> str:
-    """A token of ``client_id``, registered in-process first if it is not (the private key is never used: the token
-    is issued directly, as `iop-fhir token` does)."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from iop_fhir.security.registry import issue_for_client
-    from iop_fhir.security.tokens import jwk_thumbprint, public_jwk
-
-    registry = app.extensions["iop_fhir.clients"]
-    if registry.get(client_id) is None:
-        key = ec.generate_private_key(ec.SECP384R1())
-        jwks = {"keys": [{**public_jwk(key), "kid": jwk_thumbprint(key), "alg": "ES384", "use": "sig"}]}
-        registry.add(client_id, jwks=jwks, **registration)
-    issued: str = issue_for_client(registry, app.extensions["iop_fhir.keys"], client_id, None)[0]
-    return issued
 
 
 def log(message: str) -> None:

@@ -201,6 +201,7 @@ def _report(args: argparse.Namespace) -> int:
 
     from iop_fhir import runtime
     from iop_fhir.outcomes import page, patient, program
+    from iop_fhir.outcomes import rules as outcome_rules
 
     settings = Settings.from_env()
     try:
@@ -210,8 +211,7 @@ def _report(args: argparse.Namespace) -> int:
             raise _CommandError(f"--from ({start.isoformat()}) is after --to ({end.isoformat()})")
         if (end - start).days >= program.MAX_PERIOD_DAYS:
             raise _CommandError(f"the period is longer than {program.MAX_PERIOD_DAYS} days; ask for five years or less")
-        system = json.loads((settings.terminology_dir / "CodeSystem-iop-program.json").read_text(encoding="utf-8"))
-        codes = sorted(concept["code"] for concept in system.get("concept", []))
+        codes = sorted(outcome_rules.programs(Path(settings.mappings_dir)))
         if args.program not in codes:
             raise _CommandError(f"--program must be one of: {', '.join(codes)}; got {args.program[:40]!r}")
         out = Path(args.out)

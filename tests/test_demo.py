@@ -30,6 +30,7 @@ from iop_fhir.r4.validation import validate
 from iop_fhir.security.registry import issue_for_client
 from iop_fhir.store import schema
 from iop_fhir.store.base import AuditQuery, StoredRecord
+from tests.outcomes.test_measures import FIGURES
 
 VALIDATOR = Path(__file__).resolve().parents[2] / "shared" / "tools" / "fhir-validate"
 ATTENDED = ("attended", "late", "left-early")
@@ -454,22 +455,6 @@ def test_demo_seeds_postgresql_and_seeding_again_changes_nothing(db_url: str) ->
     assert again == first and again.writes == 0
 
 
-# Each program Measure and the figure of GET /iop/outcomes it stands for.
-MEASURE_FIGURES = {
-    "iop-retention-30": "retention.30_days",
-    "iop-retention-60": "retention.60_days",
-    "iop-retention-90": "retention.90_days",
-    "iop-completion": "completion",
-    "iop-attendance": "attendance",
-    "iop-asam-minimum": "asam_minimum",
-    "iop-negative-screens": "drug_screens",
-    "iop-phq9-response": "phq9_response",
-    "iop-phq9-remission": "phq9_remission",
-    "iop-aftercare-accepted": "aftercare_accepted",
-    "iop-aftercare-first-visit": "aftercare_first_visit",
-}
-
-
 def test_the_demo_programs_outcomes_as_json_and_as_measure_reports_agree(
     app: Flask, seeded: tuple[Flask, demo.DemoSummary]
 ) -> None:
@@ -479,7 +464,7 @@ def test_the_demo_programs_outcomes_as_json_and_as_measure_reports_agree(
     assert response.status_code == 200
     report = response.get_json()
     assert report["stays"] == 25
-    for measure, figure in MEASURE_FIGURES.items():
+    for measure, figure in FIGURES.items():
         expected: Any = report
         for part in figure.split("."):
             expected = expected[part]

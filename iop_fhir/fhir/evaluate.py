@@ -6,15 +6,13 @@ as one that does not exist, and every patient whose stay was counted is noted in
 from __future__ import annotations
 
 import calendar
-import json
 import re
 from dataclasses import dataclass
 from datetime import date
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from iop_fhir.errors import BadRequest, NotFound
+from iop_fhir.fhir.operation import short
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.outcomes import measures
 from iop_fhir.outcomes.load import Reader
@@ -44,10 +42,6 @@ class EvaluateRequest:
     ignored: tuple[str, ...] = ()  # parameters dropped under Prefer: handling=lenient
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def parse(params: list[tuple[str, str]], *, programs: frozenset[str], lenient: bool = False) -> EvaluateRequest:
     """The operation's parameters (the query string's, then a POST's Parameters). Each is given at most once;
     periodStart and periodEnd are required (a FHIR date: YYYY, YYYY-MM or YYYY-MM-DD, the start its first day and
@@ -66,7 +60,7 @@ def parse(params: list[tuple[str, str]], *, programs: frozenset[str], lenient: b
                 raise BadRequest(
                     f"{name} is not supported by this server's $evaluate-measure", name, code="not-supported"
                 )
-            raise BadRequest(f"'{_short(name)}' is not a parameter of $evaluate-measure", name, code="not-supported")
+            raise BadRequest(f"'{short(name)}' is not a parameter of $evaluate-measure", name, code="not-supported")
         if name in given:
             raise BadRequest(f"{name} is given more than once", name)
         given[name] = value
@@ -79,7 +73,7 @@ def parse(params: list[tuple[str, str]], *, programs: frozenset[str], lenient: b
     subject = _subject(given["subject"]) if "subject" in given else None
     report_type = given.get("reportType") or ("subject" if subject is not None else "population")
     if report_type not in REPORT_TYPES:
-        raise BadRequest(f"reportType '{_short(report_type)}' is not one of {', '.join(REPORT_TYPES)}", "reportType")
+        raise BadRequest(f"reportType '{short(report_type)}' is not one of {', '.join(REPORT_TYPES)}", "reportType")
     if report_type == "subject-list":
         raise BadRequest(
             "reportType subject-list is not supported; ask for population", "reportType", code="not-supported"
@@ -90,13 +84,13 @@ def parse(params: list[tuple[str, str]], *, programs: frozenset[str], lenient: b
         raise BadRequest("a report of one subject is reportType subject, not population", "reportType")
     program = given.get("program") or None
     if program is not None and program not in programs:
-        raise BadRequest(f"program '{_short(program)}' is not one of {', '.join(sorted(programs))}", "program")
+        raise BadRequest(f"program '{short(program)}' is not one of {', '.join(sorted(programs))}", "program")
     return EvaluateRequest(period, subject, report_type, program, tuple(ignored))
 
 
 def _date(value: str, name: str) -> date:
     match = _DATE.fullmatch(value.strip())
-    error = BadRequest(f"{name} '{_short(value)}' is not a date such as 2026-01-01", name)
+    error = BadRequest(f"{name} '{short(value)}' is not a date such as 2026-01-01", name)
     if match is None:
         raise error
     year, month, day = match.group(1), match.group(2), match.group(3)
@@ -116,36 +110,8 @@ def _subject(value: str) -> str:
     """``Patient/x`` or ``x``: the Patient's id."""
     found = disclosure.patient_id(value) if "/" in value else (value if is_id(value) else None)
     if found is None or ("/" in value and not value.startswith("Patient/")):
-        raise BadRequest(f"subject '{_short(value)}' is not a Patient such as Patient/123", "subject")
+        raise BadRequest(f"subject '{short(value)}' is not a Patient such as Patient/123", "subject")
     return found
-
-
-def parameters(body: Any) -> list[tuple[str, str]]:
-    """The parameters of a POST's Parameters body, each value as the query string would give it (a reference as its
-    ``reference``)."""
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise BadRequest("a POST $evaluate-measure takes a Parameters resource", "Parameters")
-    found: list[tuple[str, str]] = []
-    listed = body.get("parameter") or []
-    for index, parameter in enumerate(listed if isinstance(listed, list) else [None]):
-        where = f"Parameters.parameter[{index}]"
-        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str):
-            raise BadRequest("each parameter needs a name", where)
-        values = [v for k, v in parameter.items() if k.startswith("value")]
-        value = values[0] if len(values) == 1 else None
-        if isinstance(value, dict):
-            value = value.get("reference")
-        if not isinstance(value, str):
-            raise BadRequest(f"parameter {_short(parameter['name'])} needs one string value", where)
-        found.append((parameter["name"], value))
-    return found
-
-
-@lru_cache(maxsize=4)
-def program_codes(terminology_dir: Path) -> frozenset[str]:
-    """The program codes of CodeSystem iop-program (mappings/terminology)."""
-    code_system = json.loads((Path(terminology_dir) / "CodeSystem-iop-program.json").read_text(encoding="utf-8"))
-    return frozenset(str(c["code"]) for c in code_system.get("concept") or [])
 
 
 def evaluate(
@@ -164,7 +130,7 @@ def evaluate(
         access.require(res_type, "read")
     measure = definitions.get(measure_id)
     if measure is None:
-        raise NotFound(f"Measure/{_short(measure_id)} is not known")
+        raise NotFound(f"Measure/{short(measure_id)} is not known")
     restriction = access.restriction
     patients = restriction.patients if restriction is not None else None
     if asked.subject is not None:

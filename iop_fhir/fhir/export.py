@@ -32,6 +32,7 @@ import orjson
 from iop_fhir.config import Settings
 from iop_fhir.errors import BadRequest, FhirError, Forbidden, Gone, Issue, NotFound, operation_outcome
 from iop_fhir.fhir import searchset
+from iop_fhir.fhir.operation import short
 from iop_fhir.privacy import audit, disclosure
 from iop_fhir.privacy.restriction import Restriction
 from iop_fhir.r4 import definitions
@@ -118,10 +119,6 @@ def compartment_types() -> frozenset[str]:
     return frozenset(patient_compartment())
 
 
-def _short(text: str) -> str:
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def parse(
     level: str,
     params: list[tuple[str, str]],
@@ -156,7 +153,7 @@ def parse(
         if name == "_outputFormat":
             if value not in OUTPUT_FORMATS:
                 raise BadRequest(
-                    f"_outputFormat '{_short(value)}' is not supported; use application/fhir+ndjson",
+                    f"_outputFormat '{short(value)}' is not supported; use application/fhir+ndjson",
                     "_outputFormat",
                     code="not-supported",
                 )
@@ -166,7 +163,7 @@ def parse(
                 if not res_type:
                     continue
                 if res_type not in definitions.resource_types():
-                    raise BadRequest(f"_type: '{_short(res_type)}' is not an R4 resource type", "_type")
+                    raise BadRequest(f"_type: '{short(res_type)}' is not an R4 resource type", "_type")
                 if level != "system" and res_type not in compartment_types():
                     if lenient:
                         ignored.append(f"_type={res_type}")
@@ -188,7 +185,7 @@ def parse(
         elif name in _KNOWN:
             raise BadRequest(f"{name} is not supported by this server's $export", name, code="not-supported")
         else:
-            raise BadRequest(f"'{_short(name)}' is not a parameter of $export", name, code="not-supported")
+            raise BadRequest(f"'{short(name)}' is not a parameter of $export", name, code="not-supported")
     return ExportRequest(
         level,
         group,
@@ -217,7 +214,7 @@ def _patient(level: str, value: str, patients: list[str], *, from_reference: boo
         )
     patient = disclosure.patient_id(value) if value.startswith(("Patient/", "http")) else None
     if patient is None:
-        raise BadRequest(f"patient '{_short(value)}' is not a reference to a Patient such as Patient/123", "patient")
+        raise BadRequest(f"patient '{short(value)}' is not a reference to a Patient such as Patient/123", "patient")
     if patient not in patients:
         if len(patients) >= MAX_PATIENTS:
             raise BadRequest(f"patient: at most {MAX_PATIENTS} patients in one export", "patient")
@@ -234,7 +231,7 @@ def _elements(value: str) -> list[str]:
         match = _ELEMENT.match(element)
         if match is None or (match.group(1) and match.group(1) not in definitions.resource_types()):
             raise BadRequest(
-                f"_elements: '{_short(element)}' is not a top-level element such as Patient.name or name",
+                f"_elements: '{short(element)}' is not a top-level element such as Patient.name or name",
                 "_elements",
             )
         found.append(element)
@@ -242,7 +239,7 @@ def _elements(value: str) -> list[str]:
 
 
 def _since(value: str) -> int:
-    error = BadRequest(f"_since '{_short(value)}' is not a FHIR instant such as 2026-01-01T00:00:00Z", "_since")
+    error = BadRequest(f"_since '{short(value)}' is not a FHIR instant such as 2026-01-01T00:00:00Z", "_since")
     if not _INSTANT.match(value):
         raise error
     try:
@@ -251,29 +248,8 @@ def _since(value: str) -> int:
         raise error from None
 
 
-def parameters(body: Any) -> list[tuple[str, str]]:
-    """The kick-off parameters of a POST body: a Parameters resource, each value as the query string would give it
-    (a reference as its ``reference``; reference_parameters tells which came as one)."""
-    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
-        raise BadRequest("a POST $export takes a Parameters resource", "Parameters")
-    found: list[tuple[str, str]] = []
-    listed = body.get("parameter") or []
-    for index, parameter in enumerate(listed if isinstance(listed, list) else [None]):
-        where = f"Parameters.parameter[{index}]"
-        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str):
-            raise BadRequest("each parameter needs a name", where)
-        values = [v for k, v in parameter.items() if k.startswith("value")]
-        value = values[0] if len(values) == 1 else None
-        if isinstance(value, dict):
-            value = value.get("reference")
-        if not isinstance(value, str):
-            raise BadRequest(f"parameter {_short(parameter['name'])} needs one string value", where)
-        found.append((parameter["name"], value))
-    return found
-
-
 def reference_parameters(body: Any) -> frozenset[int]:
-    """The positions, among ``parameters(body)``, of the values that are a Reference (``valueReference``)."""
+    """The positions, among ``operation.parameters(body)``, of the values that are a Reference (``valueReference``)."""
     listed = body.get("parameter") if isinstance(body, dict) else None
     return frozenset(
         index
@@ -366,7 +342,7 @@ def owned(exporter: Exporter, principal: Principal, job_id: str) -> ExportJob:
         exporter.jobs.delete(job.id)
         job = None
     if job is None or job.client_id != principal.client_id:
-        raise NotFound(f"there is no export job '{_short(job_id)}'")
+        raise NotFound(f"there is no export job '{short(job_id)}'")
     return job
 
 

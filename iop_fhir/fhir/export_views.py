@@ -8,7 +8,7 @@ import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 
 from iop_fhir.errors import BadRequest, information
-from iop_fhir.fhir import export, http
+from iop_fhir.fhir import export, http, operation
 from iop_fhir.fhir.views import base_url
 from iop_fhir.r4.instants import http_date
 from iop_fhir.security import guard
@@ -52,7 +52,7 @@ def _kick_off(level: str, group: str | None = None) -> Response:
     if request.method == "POST" and not _empty_body():
         body = http.json_body(request)
         references = frozenset(len(params) + i for i in export.reference_parameters(body))
-        params += export.parameters(body)
+        params += operation.parameters(body, "$export")
     asked = export.parse(level, params, lenient=http.lenient(prefer), group=group, references=references)
     url = base_url() + request.full_path.removeprefix("/fhir").removesuffix("?")
     job_id = export.kick_off(exporter(), guard.access(), guard.repository(), asked, url)

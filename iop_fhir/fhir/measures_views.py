@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flask import Blueprint, Response, current_app, request
 
-from iop_fhir.fhir import evaluate, http
+from iop_fhir.fhir import evaluate, http, operation
 from iop_fhir.outcomes import measures
 from iop_fhir.security import guard
 
@@ -21,10 +21,10 @@ def evaluate_measure(res_id: str) -> Response:
     settings = current_app.config["IOP_FHIR"]
     params = [(k, v) for k, v in request.args.items(multi=True)]
     if request.method == "POST":
-        params += evaluate.parameters(http.json_body(request))
+        params += operation.parameters(http.json_body(request), "$evaluate-measure")
     asked = evaluate.parse(
         params,
-        programs=evaluate.program_codes(Path(settings.terminology_dir)),
+        programs=current_app.extensions["iop_fhir.outcomes"].programs,
         lenient=http.lenient(request.headers.get("Prefer")),
     )
     report = evaluate.evaluate(

@@ -749,7 +749,13 @@ def _prepare_batch_entry(repo: Repository, index: int, raw: Any, base_url: str) 
 
 
 class _Abandon(Exception):
-    """Rolls back a batch chunk's transaction after one of its entries failed."""
+    """Rolls back a batch chunk's transaction after one of its entries failed: the entry's position in the chunk
+    and its refusal."""
+
+    def __init__(self, position: int, refusal: FhirError) -> None:
+        super().__init__(position)
+        self.position = position
+        self.refusal = refusal
 
 
 class _ChunkTx:
@@ -773,7 +779,6 @@ def _run_chunk(repo: Repository, chunk: list[_Entry], base_url: str, responses: 
     while True:
         # _run fills in what it resolves (ids of conditional updates, matches): each attempt starts afresh.
         attempt = [replace(entry) for entry in chunk]
-        failed: tuple[int, FhirError] | None = None
         try:
             with repo.store.write() as tx:
                 chunk_tx = _ChunkTx(tx)
@@ -781,14 +786,18 @@ def _run_chunk(repo: Repository, chunk: list[_Entry], base_url: str, responses: 
                     try:
                         _run(repo, cast(WriteTx, chunk_tx), [entry], base_url)
                     except FhirError as exc:
-                        failed = (position, exc)
-                        raise _Abandon from exc
+                        raise _Abandon(position, exc) from exc
                     # The entry's audit row (privacy/trail.py), made as when the entry committed alone.
                     while tx.before_commit:
                         tx.before_commit.pop(0)()
                 tx.append_audit(chunk_tx.audit_rows)
-        except _Abandon:
-            pass
+        except _Abandon as abandoned:
+            if abandoned.position == 0:
+                # It failed first in its transaction, as it would have alone: that is its answer.
+                responses[chunk[0].index] = _failed_entry(abandoned.refusal)
+                return 1
+            chunk = chunk[: abandoned.position]  # the entries before it, again, without it
+            continue
         except Exception:
             if len(chunk) == 1:
                 raise
@@ -797,16 +806,9 @@ def _run_chunk(repo: Repository, chunk: list[_Entry], base_url: str, responses: 
             for position in range(len(chunk)):
                 _run_chunk(repo, chunk[position : position + 1], base_url, responses)
             return len(chunk)
-        if failed is None:
-            for entry in attempt:
-                responses[entry.index] = entry.response
-            return len(chunk)
-        position, refusal = failed
-        if position == 0:
-            # It failed first in its transaction, as it would have alone: that is its answer.
-            responses[chunk[0].index] = _failed_entry(refusal)
-            return 1
-        chunk = chunk[:position]
+        for entry in attempt:
+            responses[entry.index] = entry.response
+        return len(chunk)
 
 
 def _failed_entry(exc: FhirError) -> bytes:

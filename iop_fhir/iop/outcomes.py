@@ -32,11 +32,6 @@ def _reader() -> Reader:
     return found
 
 
-def _programs() -> frozenset[str]:
-    engine = current_app.extensions["iop_fhir.records"].engine
-    return frozenset(engine.terminology.codes("program"))
-
-
 def today() -> date:
     return date.today()
 
@@ -81,8 +76,9 @@ def program_query() -> Query:
     before to)."""
     web.check_parameters(PROGRAM_PARAMETERS)
     code = request.args.get("program")
-    if code is not None and code not in _programs():
-        raise BadRequest(f"program must be one of: {', '.join(sorted(_programs()))}; got {code[:40]!r}", "program")
+    programs = _reader().programs
+    if code is not None and code not in programs:
+        raise BadRequest(f"program must be one of: {', '.join(sorted(programs))}; got {code[:40]!r}", "program")
     end = _date("to") or today()
     start = _date("from") or end - timedelta(weeks=DEFAULT_WEEKS) + timedelta(days=1)
     if start > end:

@@ -141,6 +141,10 @@ class Reader:
     def rules(self) -> Rules:
         return rules_.load(self.rules_dir)
 
+    @property
+    def programs(self) -> frozenset[str]:
+        return rules_.programs(self.rules_dir.parent)
+
     def stays(
         self,
         *,

@@ -62,8 +62,7 @@ def _discharged(ctx: Context, cohort: list[Stay]) -> list[tuple[Stay, Any]]:
 
 
 def _completed(ctx: Context, cohort: list[Stay]) -> list[tuple[Stay, Any]]:
-    # program.outcomes counts completion as the discharges of reason "completed" (its discharge_reasons key).
-    return _stays(s for s in program.discharged(cohort, ctx.period) if s.reason == "completed")
+    return _stays(program.completed(cohort, ctx.period))
 
 
 def _sessions(*, attended: bool) -> Population:
@@ -90,16 +89,13 @@ def _weeks(*, meeting: bool) -> Population:
     return members
 
 
-NEGATIVE_SCREENS = frozenset({"negative", "expected-positive"})
-
-
 def _screens(*, negative: bool) -> Population:
     def members(ctx: Context, cohort: list[Stay]) -> list[tuple[Stay, Any]]:
         return [
             (stay, kind)
             for stay in cohort
             for kind in program.screens_in(stay, ctx.period, ctx.rules)
-            if not negative or kind in NEGATIVE_SCREENS
+            if not negative or kind in program.NEGATIVE_SCREENS
         ]
 
     return members
@@ -113,10 +109,14 @@ def _phq9(outcome: str | None) -> Population:
     return members
 
 
-def _aftercare(outcome: str | None) -> Population:
+def _aftercare(outcome: str | None, *, due: bool = False) -> Population:
     def members(ctx: Context, cohort: list[Stay]) -> list[tuple[Stay, Any]]:
-        linked = [(stay, patient.aftercare(stay, ctx.rules)) for stay in program.referred(cohort, ctx.period)]
-        return [(stay, linkage) for stay, linkage in linked if outcome is None or linkage[outcome]]
+        linked = program.linkage(cohort, ctx.period, ctx.rules, ctx.today)
+        return [
+            (stay, found)
+            for stay, found in linked
+            if (outcome is None or found[outcome]) and (not due or program.first_visit_due(found))
+        ]
 
     return members
 
@@ -140,6 +140,7 @@ POPULATIONS: dict[str, Population] = {
     "phq9-remission": _phq9("remission"),
     "stays-referred": _aftercare(None),
     "aftercare-accepted": _aftercare("accepted"),
+    "stays-referred-first-visit-due": _aftercare(None, due=True),
     "aftercare-first-visit": _aftercare("first_visit_in_window"),
 }
 
@@ -195,22 +196,6 @@ def _code(population: Mapping[str, Any]) -> str:
     raise ValueError("a population without a measure-population code")
 
 
-def evaluate(
-    measure: Mapping[str, Any],
-    stays: Iterable[Stay],
-    rules: Rules,
-    period: Period,
-    today: date,
-    *,
-    subject: str | None = None,
-    program: str | None = None,
-    now: datetime | None = None,
-) -> dict[str, Any]:
-    """The MeasureReport of ``measure`` over ``stays`` for ``period``: a summary, or, for ``subject`` (a Patient
-    id), an individual report over that patient's stays only."""
-    return evaluation(measure, stays, rules, period, today, subject=subject, program=program, now=now).report
-
-
 def evaluation(
     measure: Mapping[str, Any],
     stays: Iterable[Stay],
@@ -222,7 +207,9 @@ def evaluation(
     program: str | None = None,
     now: datetime | None = None,
 ) -> Evaluation:
-    """As ``evaluate``, with the stays the report was computed from (for the audit trail)."""
+    """The MeasureReport of ``measure`` over ``stays`` for ``period`` (a summary, or, for ``subject``, a Patient id,
+    an individual report over that patient's stays only), with the stays it was computed from (for the audit
+    trail)."""
     chosen = [s for s in stays if subject is None or s.patient == subject]
     cohort = _cohort(chosen, period, program)
     ctx = Context(rules, period, today)

@@ -100,6 +100,27 @@ def referred(stays: Iterable[Stay], period: Period) -> list[Stay]:
     return [s for s in discharged(stays, period) if s.referral]
 
 
+# The discharge reason of a completed stay (vocabulary discharge-reason).
+COMPLETED = "completed"
+# The classes of a drug screen counted as negative: no positive result that a medication taken does not explain.
+NEGATIVE_SCREENS = frozenset({"negative", "expected-positive"})
+
+
+def completed(stays: Iterable[Stay], period: Period) -> list[Stay]:
+    """Discharges in the period that completed the program."""
+    return [s for s in discharged(stays, period) if s.reason == COMPLETED]
+
+
+def linkage(stays: Iterable[Stay], period: Period, rules: Rules, today: date) -> list[tuple[Stay, dict[str, Any]]]:
+    """The referred discharges of the period, each with its aftercare linkage as of ``today``."""
+    return [(s, patient.aftercare(s, rules, today)) for s in referred(stays, period)]
+
+
+def first_visit_due(found: dict[str, Any]) -> bool:
+    """Whether a linkage's first-visit window is decided: a visit is known, or the window has closed."""
+    return found["first_visit_in_window"] is not None
+
+
 # -- the report -----------------------------------------------------------------------------------------------------
 
 
@@ -139,7 +160,7 @@ def outcomes(
         sessions = week_sessions.get(week, [])
         attended = sum(1 for s in sessions if s.attendance in rules.attended)
         screens_total = sum(screened.values())
-        negative = screened["negative"] + screened["expected-positive"]
+        negative = sum(screened[kind] for kind in NEGATIVE_SCREENS)
         weekly_hours = week_rows.get(week.isoformat(), [])
         by_week.append(
             {
@@ -172,9 +193,8 @@ def outcomes(
     weeks_all = [r for rows in week_rows.values() for r in rows]
     classes = Counter(c for stay in group for c in screens_in(stay, period, rules))
     phq = scale_population(group, "phq-9", rules)
-    linked = referred(group, period)
-    linked_outcomes = [patient.aftercare(s, rules, today) for s in linked]
-    decided = [a for a in linked_outcomes if a["first_visit_in_window"] is not None]
+    linked = [found for _, found in linkage(group, period, rules, today)]
+    decided = [found for found in linked if first_visit_due(found)]
     stays_ = [s.last_day(horizon) for s in leaving]
     return {
         "program": program,
@@ -185,14 +205,14 @@ def outcomes(
         "discharges": len(leaving),
         "discharge_reasons": dict(sorted(reasons.items())),
         "retention": retention,
-        "completion": rate(reasons.get("completed", 0), len(leaving)),
+        "completion": rate(len(completed(group, period)), len(leaving)),
         "median_length_of_stay_days": median((s.discharge - s.admission).days for s in leaving if s.discharge)
         if stays_
         else None,
         "attendance": rate(sum(1 for s in scheduled if s.attendance in rules.attended), len(scheduled)),
         "asam_minimum": rate(sum(1 for r in weeks_all if r["meets_minimum"]), len(weeks_all)),
         "drug_screens": {
-            **rate(classes["negative"] + classes["expected-positive"], sum(classes.values())),
+            **rate(sum(classes[kind] for kind in NEGATIVE_SCREENS), sum(classes.values())),
             "negative": classes["negative"],
             "expected_positive": classes["expected-positive"],
             "positive": classes["positive"],
@@ -200,9 +220,9 @@ def outcomes(
         },
         "phq9_response": rate(sum(1 for _, s in phq if s["response"]), len(phq)),
         "phq9_remission": rate(sum(1 for _, s in phq if s["remission"]), len(phq)),
-        "aftercare_accepted": rate(sum(1 for a in linked_outcomes if a["accepted"]), len(linked)),
+        "aftercare_accepted": rate(sum(1 for found in linked if found["accepted"]), len(linked)),
         # referrals whose first-visit window has closed by today, or whose first visit is known
-        "aftercare_first_visit": rate(sum(1 for a in decided if a["first_visit_in_window"]), len(decided)),
+        "aftercare_first_visit": rate(sum(1 for found in decided if found["first_visit_in_window"]), len(decided)),
         "weeks": by_week,
     }
 

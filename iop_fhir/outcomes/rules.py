@@ -73,6 +73,11 @@ def minimums(mappings: Path) -> dict[str, float]:
     return found
 
 
+def programs(mappings: Path) -> frozenset[str]:
+    """The program codes outcomes may be asked for (CodeSystem iop-program of ``mappings``/terminology)."""
+    return frozenset(terminology.load(mappings / "terminology").codes("program"))
+
+
 @cache
 def load(directory: Path) -> Rules:
     """The rules in ``directory``/rules.yaml (mappings/outcomes), the minimums from the mappings beside it."""

@@ -166,7 +166,7 @@ def test_a_measure_naming_an_unknown_population_is_refused_when_loaded(tmp_path:
 
 @pytest.mark.parametrize("measure_id", sorted(EXPECTED))
 def test_summary_report_counts_the_populations_of_the_period(measure_id: str) -> None:
-    report = measures.evaluate(DEFINITIONS[measure_id], STAYS, RULES, PERIOD, TODAY)
+    report = measures.evaluation(DEFINITIONS[measure_id], STAYS, RULES, PERIOD, TODAY).report
 
     assert counts(report) == EXPECTED[measure_id]
     assert (report["type"], report["status"]) == ("summary", "complete")
@@ -184,7 +184,7 @@ def test_summary_report_counts_the_populations_of_the_period(measure_id: str) ->
 @pytest.mark.parametrize("measure_id", sorted(FIGURES))
 def test_each_measure_agrees_with_the_json_report(measure_id: str) -> None:
     for program_code in (None, "adult-sud", "adolescent-sud"):
-        report = measures.evaluate(DEFINITIONS[measure_id], STAYS, RULES, PERIOD, TODAY, program=program_code)
+        report = measures.evaluation(DEFINITIONS[measure_id], STAYS, RULES, PERIOD, TODAY, program=program_code).report
         json_report = program.outcomes(STAYS, RULES, PERIOD, TODAY, program_code)
         found = figure(json_report, FIGURES[measure_id])
         _, denominator, numerator = counts(report)
@@ -192,9 +192,22 @@ def test_each_measure_agrees_with_the_json_report(measure_id: str) -> None:
         assert report["group"][0].get("measureScore", {}).get("value") == found["rate"]
 
 
+@pytest.mark.parametrize(("today", "due"), [(date(2026, 4, 5), 0), (date(2026, 4, 11), 1)])
+def test_a_referral_whose_first_visit_window_is_open_is_not_yet_counted_by_either(today: date, due: int) -> None:
+    # discharged 2026-03-27, accepted, no visit known: the window closes on 2026-04-10
+    waiting = replace(A, enrollment_id="enr-w", transition=({"event": "accepted", "at": "2026-03-28"},))
+    report = measures.evaluation(DEFINITIONS["iop-aftercare-first-visit"], [waiting], RULES, PERIOD, today).report
+    json_report = program.outcomes([waiting], RULES, PERIOD, today)
+    assert counts(report)[1:] == (due, 0)
+    assert (json_report["aftercare_first_visit"]["denominator"], json_report["aftercare_first_visit"]["numerator"]) == (
+        due,
+        0,
+    )
+
+
 def test_individual_report_counts_only_the_subjects_stays() -> None:
-    attendance = measures.evaluate(DEFINITIONS["iop-attendance"], STAYS, RULES, PERIOD, TODAY, subject="pb")
-    retention = measures.evaluate(DEFINITIONS["iop-retention-30"], STAYS, RULES, PERIOD, TODAY, subject="pa")
+    attendance = measures.evaluation(DEFINITIONS["iop-attendance"], STAYS, RULES, PERIOD, TODAY, subject="pb").report
+    retention = measures.evaluation(DEFINITIONS["iop-retention-30"], STAYS, RULES, PERIOD, TODAY, subject="pa").report
 
     assert (attendance["type"], attendance["subject"]) == ("individual", {"reference": "Patient/pb"})
     assert counts(attendance) == (1, 1, 1)
@@ -203,7 +216,9 @@ def test_individual_report_counts_only_the_subjects_stays() -> None:
 
 
 def test_program_parameter_counts_one_programs_stays() -> None:
-    report = measures.evaluate(DEFINITIONS["iop-completion"], STAYS, RULES, PERIOD, TODAY, program="adolescent-sud")
+    report = measures.evaluation(
+        DEFINITIONS["iop-completion"], STAYS, RULES, PERIOD, TODAY, program="adolescent-sud"
+    ).report
     assert counts(report) == (1, 1, 0)
 
 
@@ -464,7 +479,7 @@ def test_every_emitted_measure_report_and_measure_is_valid_r4(
         subject = program["a"]["patient"]
         emitted[f"individual-{measure_id}"] = evaluate(client, measure_id, f"{Q1}&subject={subject}").get_json()
     emitted["partner"] = evaluate(program["partner"], "iop-retention-30").get_json()
-    emitted["empty"] = measures.evaluate(DEFINITIONS["iop-retention-90"], [], RULES, PERIOD, TODAY)
+    emitted["empty"] = measures.evaluation(DEFINITIONS["iop-retention-90"], [], RULES, PERIOD, TODAY).report
     for name, body in emitted.items():
         assert body["resourceType"] == "MeasureReport", body
         (tmp_path / f"{name}.json").write_text(json.dumps(body))

@@ -6,20 +6,20 @@ store/search_sql.py runs, after ANALYZE, on a database migrated by migrations/, 
 from __future__ import annotations
 
 import dataclasses
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import Engine, create_engine, event, insert, text
+from sqlalchemy import Engine, event, insert, text
 
 from iop_fhir.privacy.restriction import Restriction
 from iop_fhir.r4 import indexing
 from iop_fhir.r4.search import SearchRequest, parse
 from iop_fhir.store import migrate, schema
+from iop_fhir.store.base import SearchResult
 from iop_fhir.store.search_sql import run
-from tests.conftest import POSTGRES_URL
+from tests.store.scratch import scratch_engine
 
 OBSERVATIONS = 3000
 PATIENTS = 3000
@@ -65,31 +65,18 @@ def _load(engine: Engine) -> None:
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A migrated database per backend holding 3,000 Observations and 3,000 Patients, analyzed (read-only in tests)."""
-    if request.param == "sqlite":
-        eng = create_engine(f"sqlite:///{tmp_path_factory.mktemp('plans') / 'plans.db'}")
-        migrate.upgrade(eng)
-        _load(eng)
-        yield eng
-        eng.dispose()
-        return
-    name = f"plans_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{name}"'))
-    eng = create_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={name}"})
-    try:
-        migrate.upgrade(eng)
-        _load(eng)
-        yield eng
-    finally:
-        eng.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
-        admin.dispose()
+
+    def prepare(engine: Engine) -> None:
+        migrate.upgrade(engine)
+        _load(engine)
+
+    with scratch_engine(request.param, tmp_path_factory, "plans", prepare) as engine:
+        yield engine
 
 
-def _page_plan(engine: Engine, request: SearchRequest) -> tuple[list[str], str]:
-    """The ids of the page, and the plan of the statement that read it (the one with a LIMIT), as text."""
+def _planned(engine: Engine, request: SearchRequest, counting: bool = False) -> tuple[SearchResult, str]:
+    """What the search found, and the plan of the statement that read its page (the one with a LIMIT) or, when
+    ``counting``, that counted its total, as text."""
     statements: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
@@ -101,13 +88,30 @@ def _page_plan(engine: Engine, request: SearchRequest) -> tuple[list[str], str]:
             result = run(conn, request)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
-    pages = [(s, p) for s, p in statements if "LIMIT" in s and "count(" not in s]
-    assert len(pages) == 1, [s for s, _ in statements]
-    statement, parameters = pages[0]
+    if counting:
+        chosen = [(s, p) for s, p in statements if "count(" in s]
+    else:
+        chosen = [(s, p) for s, p in statements if "LIMIT" in s and "count(" not in s]
+    assert len(chosen) == 1, [s for s, _ in statements]
+    statement, parameters = chosen[0]
     explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    if counting and engine.dialect.name != "sqlite":
+        # An index-only scan needs the table's visibility map, which VACUUM (autovacuum in production) keeps.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE resources")
     with engine.connect() as conn:
+        if counting and engine.dialect.name != "sqlite":
+            # 6,000 rows fit in a few pages, where reading the table is cheaper than any index; at scale (a wide
+            # table of content) it is not. What is asserted is that the count CAN be answered from an index alone.
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
         plan = conn.exec_driver_sql(explain + statement, parameters).all()
-    return [m.res_id for m in result.matches], "\n".join(str(row[-1]) for row in plan)
+    return result, "\n".join(str(row[-1]) for row in plan)
+
+
+def _page_plan(engine: Engine, request: SearchRequest) -> tuple[list[str], str]:
+    """The ids of the page, and the plan of the statement that read it."""
+    result, plan = _planned(engine, request)
+    return [m.res_id for m in result.matches], plan
 
 
 def _request(res_type: str, query: str, **changes: Any) -> SearchRequest:
@@ -182,40 +186,10 @@ def test_a_sorted_page_under_a_partner_restriction_walks_the_sort_index(engine: 
     _assert_walks_index(plan, "ix_idx_date_sort_desc", engine.dialect.name == "sqlite")
 
 
-def _count_plan(engine: Engine, request: SearchRequest) -> tuple[int | None, str]:
-    """The total of the search, and the plan of the statement that counted it."""
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        statements.append((statement, parameters))
-
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with engine.connect() as conn:
-            result = run(conn, request)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
-    counts = [(s, p) for s, p in statements if "count(" in s]
-    assert len(counts) == 1, [s for s, _ in statements]
-    statement, parameters = counts[0]
-    explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
-    if engine.dialect.name != "sqlite":
-        # An index-only scan needs the table's visibility map, which VACUUM (autovacuum in production) keeps.
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql("VACUUM ANALYZE resources")
-    with engine.connect() as conn:
-        if engine.dialect.name != "sqlite":
-            # 6,000 rows fit in a few pages, where reading the table is cheaper than any index; at scale (a wide
-            # table of content) it is not. What is asserted is that the count CAN be answered from an index alone.
-            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-        plan = conn.exec_driver_sql(explain + statement, parameters).all()
-    return result.total, "\n".join(str(row[-1]) for row in plan)
-
-
 def test_the_total_of_a_whole_type_is_counted_from_the_live_resources_index(engine: Engine) -> None:
     request = dataclasses.replace(parse("Observation", [("_summary", "count")]), total="accurate")
-    total, plan = _count_plan(engine, request)
-    assert total == OBSERVATIONS
+    result, plan = _planned(engine, request, counting=True)
+    assert result.total == OBSERVATIONS
     assert "ix_resources_live" in plan, plan
     if engine.dialect.name == "sqlite":
         assert "COVERING INDEX" in plan, plan

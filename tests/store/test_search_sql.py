@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 import pytest
-from sqlalchemy import Engine, create_engine, insert, text
+from sqlalchemy import Engine, insert, text
 
 from iop_fhir.fhir.searchset import SUBSETTED, searchset_bundle
 from iop_fhir.r4 import indexing
@@ -27,8 +26,8 @@ from iop_fhir.r4.search import SearchRequest, parse
 from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
 from iop_fhir.store.search_sql import run
+from tests.store.scratch import scratch_engine
 
-POSTGRES_URL = os.environ.get("IOP_FHIR_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "fhir-examples"
 if not EXAMPLES.exists():
     EXAMPLES = Path(os.environ.get("IOP_FHIR_EXAMPLES", "../shared/fhir-examples")).resolve()
@@ -186,27 +185,13 @@ def _row(res_type: str, res_id: str, n: int, content: bytes | None, deleted: boo
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """A database per backend with the tables of store/schema.py and both data sets (read-only in tests)."""
-    if request.param == "sqlite":
-        eng = create_engine(f"sqlite:///{tmp_path_factory.mktemp('search') / 'search.db'}")
-        schema.metadata.create_all(eng)
-        _load(eng)
-        yield eng
-        eng.dispose()
-        return
-    name = f"search_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{name}"'))
-    eng = create_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={name}"})
-    try:
-        schema.metadata.create_all(eng)
-        _load(eng)
-        yield eng
-    finally:
-        eng.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
-        admin.dispose()
+
+    def prepare(engine: Engine) -> None:
+        schema.metadata.create_all(engine)
+        _load(engine)
+
+    with scratch_engine(request.param, tmp_path_factory, "search", prepare) as engine:
+        yield engine
 
 
 def search(engine: Engine, res_type: str, params: list[tuple[str, str]]) -> tuple[SearchRequest, SearchResult]:
