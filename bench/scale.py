@@ -388,6 +388,25 @@ def _copy_pending(tx: Any) -> None:
     cursor.close()
 
 
+def _stay_days(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The record rows with the days the store keeps on them as save_record would (each one's record_day; an
+    enrollment's stay_end, from its latest active discharge among ``rows``), and the rows of group_attendees."""
+    from iop_fhir.store.base import attendees, record_day
+
+    contents = [orjson.loads(r["content"]) for r in rows]
+    pairs = list(zip(rows, contents, strict=True))
+    dated = [{**r, "record_day": record_day(r["kind"], c), "stay_end": None} for r, c in pairs]
+    latest: dict[str, dict[str, Any]] = {}
+    for row in sorted(dated, key=lambda r: (-r["updated"], r["created"], r["id"])):
+        if row["kind"] == "discharge" and row["status"] == "active" and row["enrollment_id"] is not None:
+            latest.setdefault(row["enrollment_id"], row)
+    for row in dated:
+        if row["kind"] == "enrollment" and row["id"] in latest:
+            row["stay_end"] = latest[row["id"]]["record_day"]
+    members = [{"group_id": r["id"], "enrollment_id": e} for r, c in pairs for e in attendees(r["kind"], c)]
+    return dated, members
+
+
 def generate(app: Any, tmpl: Template, copies: int, *, chunk: int = 2000) -> dict[str, Any]:
     """Writes ``copies`` copies of the template (the shared resources and records once) into the app's store: the
     versions are prepared by one process per CPU, and saved by this one in write transactions of ``chunk``."""
@@ -453,7 +472,10 @@ def generate(app: Any, tmpl: Template, copies: int, *, chunk: int = 2000) -> dic
                 else:
                     rows = []
                 if rows:
+                    rows, attendees = _stay_days(rows)
                     tx.conn.execute(insert(schema.iop_records), rows)
+                    if attendees:
+                        tx.conn.execute(insert(schema.group_attendees), attendees)
             if time.perf_counter() - last_report > 30:
                 last_report = time.perf_counter()
                 rate = written / (last_report - started)
@@ -549,6 +571,7 @@ class Data:
     counts: dict[str, int]
     period: tuple[str, str]
     valuesets: list[str] = field(default_factory=list)
+    history_deep: str = ""  # the _cursor of the next link that leads half way into the Observations' history
 
 
 def draw(app: Any) -> Data:
@@ -588,13 +611,26 @@ def draw(app: Any) -> Data:
         low, high = conn.execute(
             text("SELECT min(low), max(low) FROM idx_date WHERE res_type = 'EpisodeOfCare' AND param = 'date'")
         ).one()
-    from iop_fhir.r4.instants import instant
+        deep = max(1, counts.get("Observation", 0) // 2)
+        half_way = conn.execute(
+            text(
+                "SELECT last_updated, version_id, res_type, res_id FROM resource_history"
+                " WHERE res_type = 'Observation' ORDER BY last_updated DESC, version_id DESC, res_type, res_id"
+                " LIMIT 1 OFFSET :deep"
+            ),
+            {"deep": deep - 1},
+        ).one()
+    from iop_fhir.fhir.history import encode_cursor
+    from iop_fhir.r4.instants import instant, now_us
+    from iop_fhir.store.base import HistoryCursor
+
+    history_deep = encode_cursor(HistoryCursor(now_us(), deep, *half_way))
 
     begin = date.fromisoformat(instant(int(low))[:10])
     end = date.fromisoformat(instant(int(high))[:10])
     middle = begin + (end - begin) / 2
     period = (middle.isoformat(), (middle + timedelta(days=91)).isoformat())  # a quarter
-    return Data(patients, families, observations, codes, consented, counts, period, valuesets)
+    return Data(patients, families, observations, codes, consented, counts, period, valuesets, history_deep)
 
 
 @dataclass
@@ -620,8 +656,6 @@ def mix(data: Data) -> list[Query]:
         start = date.fromisoformat(data.period[0])
         return (start + timedelta(days=rng.randrange(-365, 90))).isoformat()
 
-    observations = data.counts.get("Observation", 0)
-    deep = max(0, observations // 2)
     queries = [
         Query("read", lambda r: f"/fhir/Patient/{patient(r)}"),
         Query("read-observation", lambda r: f"/fhir/Observation/{r.choice(data.observations)}"),
@@ -645,7 +679,8 @@ def mix(data: Data) -> list[Query]:
         Query("chain", lambda r: f"/fhir/Observation?patient.family={family(r)}"),
         Query("count", lambda r: "/fhir/Observation?_summary=count"),
         Query("history-type", lambda r: "/fhir/Observation/_history?_count=50"),
-        Query("history-type-deep", lambda r: f"/fhir/Observation/_history?_count=50&_offset={deep}"),
+        # half way into the history, by the next link a client paging there follows (a _cursor, not an _offset)
+        Query("history-type-deep", lambda r: f"/fhir/Observation/_history?_count=50&_cursor={data.history_deep}"),
         Query("history-system", lambda r: "/fhir/_history?_count=50"),
         Query("search-deep", lambda r: "/fhir/Encounter?_count=50&_offset=1000"),
         Query("outcomes", lambda r: f"/iop/outcomes?from={data.period[0]}&to={data.period[1]}"),
@@ -831,11 +866,42 @@ def size_of(backend: str, url: str, app: Any) -> int:
         return int(conn.exec_driver_sql("SELECT pg_database_size(current_database())").scalar_one())
 
 
+def upgraded(create_app: Callable[..., Any], url: str, backend: str) -> Any:
+    """The app on a cached database; when opening it migrated the schema (the app upgrades on start), how long that
+    took is logged and the tables are analyzed again (vacuumed too on PostgreSQL, whose autovacuum is off here), as
+    production's autovacuum would after a migration that rewrites rows."""
+    from sqlalchemy import create_engine, text
+
+    def revision() -> str | None:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        finally:
+            engine.dispose()
+
+    before = revision()
+    began = time.perf_counter()
+    app = create_app(settings(url))
+    if revision() != before:
+        log(f"{backend}: migrated {before} -> {revision()} on open in {time.perf_counter() - began:.0f} s")
+        began = time.perf_counter()
+        store = app.extensions["iop_fhir.store"]
+        if backend == "sqlite":
+            with store.engine.connect() as conn:
+                conn.exec_driver_sql("ANALYZE")
+        else:
+            with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("VACUUM ANALYZE")
+        log(f"{backend}: {'ANALYZE' if backend == 'sqlite' else 'VACUUM ANALYZE'} {time.perf_counter() - began:.0f} s")
+    return app
+
+
 def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     from iop_fhir.app import create_app
 
     url, generated = prepared(backend, args.resources, args.seed, args.template, args.fresh)
-    app = create_app(settings(url))
+    app = upgraded(create_app, url, backend)
     try:
         data = draw(app)
         total = sum(data.counts.values())

@@ -219,8 +219,8 @@ def _report(args: argparse.Namespace) -> int:
             raise _CommandError(f"--out {out}: its folder {out.parent} does not exist")
         with runtime.opened(settings) as parts:
             reader = parts.outcomes
-            loaded = reader.stays(program=args.program)
             period = program.Period(start, end)
+            loaded = reader.stays(program=args.program, period=period)
             group = program.cohort(loaded.stays, period, args.program)
             report = program.outcomes(group, reader.rules, period, today, args.program)
             stays = [patient.outcomes(s, reader.rules, today) for s in group]

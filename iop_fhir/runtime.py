@@ -135,7 +135,7 @@ class Runtime:
         return OutcomeReader(
             self.store,
             mappings / "outcomes",
-            partial(followup.timeline, store=self.store, sent=False),
+            partial(followup.timelines, store=self.store),
             partial(terminology.property_values, "medication", prop="explains"),
         )
 

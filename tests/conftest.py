@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -57,17 +58,34 @@ def postgres_schema_url() -> Iterator[str]:
     migrate.upgrade(engine)
     engine.dispose()
     yield url
+    resetting = _RESET_ENGINES.pop(url, None)
+    if resetting is not None:
+        resetting.dispose()
     with admin.begin() as conn:
         conn.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
     admin.dispose()
 
 
+_RESET_ENGINES: dict[str, Any] = {}
+_RESETS = [0]
+# A test leaves a few rows: deleting them takes milliseconds where TRUNCATE of every table takes tens (it rewrites
+# each table's files). Every so many resets a TRUNCATE still clears the dead rows the deletes leave behind.
+_TRUNCATE_EVERY = 250
+
+
 def _empty_postgres(url: str) -> None:
-    engine = create_engine(url)
+    engine = _RESET_ENGINES.get(url)
+    if engine is None:
+        engine = _RESET_ENGINES[url] = create_engine(url, pool_size=1)
+    _RESETS[0] += 1
+    tables = schema.metadata.sorted_tables
     with engine.begin() as conn:
-        names = ", ".join(f'"{t.name}"' for t in schema.metadata.sorted_tables)
-        conn.execute(text(f"TRUNCATE {names}"))
-    engine.dispose()
+        if _RESETS[0] % _TRUNCATE_EVERY == 0:
+            names = ", ".join(f'"{t.name}"' for t in tables)
+            conn.execute(text(f"TRUNCATE {names}"))
+        else:
+            for table in reversed(tables):  # children before the tables they refer to
+                conn.execute(table.delete())
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

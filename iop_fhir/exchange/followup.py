@@ -12,7 +12,8 @@ TaskBusinessStatusCS (http://hl7.org/fhir/us/bser/CodeSystem/TaskBusinessStatusC
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from iop_fhir.exchange.client import DeliveryError, PartnerClient
 from iop_fhir.fhir.repository import Repository
 from iop_fhir.mapping import ids
 from iop_fhir.r4.instants import instant
-from iop_fhir.store.base import Delivery, Outbox, RecordStore, ResourceStore, StoredRecord
+from iop_fhir.store.base import Delivery, Outbox, RecordStore, ResourceStore, StoredRecord, StoredResource
 
 log = logging.getLogger("iop_fhir.exchange.followup")
 
@@ -64,6 +65,8 @@ STATUS_EVENTS = {
     "completed": "completed",
 }
 APPOINTMENT_PREFIX = "Appointment on "
+# The versions of a Task a timeline is built from, newest first: far more than a transition ever has.
+VERSIONS_READ = 1000
 
 
 def follow(
@@ -203,7 +206,33 @@ def timeline(record: StoredRecord, store: Any, *, sent: bool = True) -> list[dic
     if ref is None:
         return []
     res_type, res_id = ref.split("/", 1)
-    versions, _ = store.history(res_type, res_id, since=None, at=None, count=1000, offset=0)
+    versions, _ = store.history(res_type, res_id, since=None, at=None, count=VERSIONS_READ, offset=0)
+    return _timeline(versions, _first_delivered(record, store) if sent else None)
+
+
+def timelines(records: Sequence[StoredRecord], store: ResourceStore) -> dict[str, list[dict[str, Any]]]:
+    """The timelines of many discharges by their ids, each as ``timeline(record, store, sent=False)`` gives it (the
+    partner's answers only), from the versions of all their Tasks read at once (the outcomes of a period build one
+    per discharge)."""
+    tasks = {record.id: _task_reference(record) for record in records}
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for ref in tasks.values():
+        if ref is not None:
+            res_type, res_id = ref.split("/", 1)
+            wanted[res_type].add(res_id)
+    versions = {
+        f"{res_type}/{res_id}": found
+        for res_type, res_ids in wanted.items()
+        for res_id, found in store.histories(res_type, sorted(res_ids)).items()
+    }
+    return {
+        discharge: [] if ref is None else _timeline(versions.get(ref, [])[:VERSIONS_READ], None)
+        for discharge, ref in tasks.items()
+    }
+
+
+def _timeline(versions: list[StoredResource], first: Delivery | None) -> list[dict[str, Any]]:
+    """The steps of a Task's versions (newest first, as history gives them) and of its first delivery."""
     steps: list[tuple[int, dict[str, Any]]] = []
     seen: set[bytes] = set()
     for version in sorted(versions, key=lambda v: v.version_id):
@@ -217,7 +246,6 @@ def timeline(record: StoredRecord, store: Any, *, sent: bool = True) -> list[dic
             continue
         seen.add(key)
         steps.append((version.last_updated, _step(task, version.last_updated)))
-    first = _first_delivered(record, store) if sent else None
     if first is not None and first.delivered_at is not None:
         step = {
             "at": instant(first.delivered_at),

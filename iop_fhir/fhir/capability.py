@@ -11,7 +11,7 @@ import orjson
 from iop_fhir import __version__
 from iop_fhir.config import auth_url
 from iop_fhir.fhir import auditevents
-from iop_fhir.r4 import definitions
+from iop_fhir.r4 import definitions, search
 from iop_fhir.r4.indexing import indexed_params
 
 # Parameter kinds the search engine implements; composite and special parameters are not offered.
@@ -186,7 +186,9 @@ def _statement_bytes(base_url: str) -> bytes:
                 "security": _security(base_url),
                 "documentation": "Search result parameters: " + ", ".join(_RESULT_PARAMS) + " (_totalMethod=count "
                 "as _total=accurate); chained parameters one level deep; modifiers :exact :contains :missing :not "
-                ":text. Every page of a multi-page search carries Bundle.total unless _total=none. POST Type?query "
+                ":text. Every page of a multi-page search carries Bundle.total unless _total=none, counted up to "
+                f"{search.COUNT_LIMIT} matches (left out above that unless _total=accurate). Next links of "
+                "searches and histories carry an opaque _cursor. POST Type?query "
                 "is a conditional create (as If-None-Exist). PATCH takes a JSON Patch (application/json-patch+json) "
                 "or a JSON Merge Patch (application/json or application/merge-patch+json), and conditionally "
                 "(PATCH Type?query: no match 404, several 412). Compartment search: Patient/{id}/{type}.",

@@ -137,7 +137,7 @@ def evaluate(
         if not _visible_patient(repository, asked.subject):
             raise NotFound(f"subject Patient/{asked.subject} is not known", "subject")
         patients = frozenset({asked.subject}) if patients is None else patients & {asked.subject}
-    loaded = reader.stays(patients=patients, program=asked.program)
+    loaded = reader.stays(patients=patients, program=asked.program, period=asked.period)
     found = measures.evaluation(
         measure, loaded.stays, reader.rules, asked.period, today, subject=asked.subject, program=asked.program
     )

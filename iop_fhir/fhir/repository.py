@@ -32,7 +32,7 @@ from iop_fhir.r4 import compartment, definitions, indexing, search, validation
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.instants import http_date, instant, now_us
 from iop_fhir.r4.profiles import ProfileRegistry
-from iop_fhir.store.base import SearchResult, Store, StoredResource, VersionFacts, WriteTx
+from iop_fhir.store.base import HistoryCursor, SearchResult, Store, StoredResource, VersionFacts, WriteTx
 
 MAX_DEPTH = 254  # orjson's nesting limit when it serialises a resource
 MAX_VERSION = 2**31 - 1  # resources.version_id is a 32-bit integer
@@ -210,7 +210,7 @@ class Repository:
         total = self.store.history(
             res_type, res_id, since=None, at=None, count=0, offset=0, restriction=self.restriction
         )[1]
-        return total > 0
+        return total is None or total > 0  # None: more versions than are counted
 
     def search_request(
         self, res_type: str, params: list[tuple[str, str]], *, lenient: bool = False, base_url: str | None = None
@@ -349,7 +349,8 @@ class Repository:
         at: int | None,
         count: int,
         offset: int,
-    ) -> tuple[list[StoredResource], int]:
+        after: HistoryCursor | None = None,
+    ) -> tuple[list[StoredResource], int | None]:
         if res_type is not None:
             check_type(res_type)
             self.check(res_type, "history-instance" if res_id is not None else "history-type")
@@ -357,7 +358,15 @@ class Repository:
         if res_id is not None and res_type is not None and not self.knows(res_type, res_id):
             raise NotFound(f"{res_type}/{res_id} is not known")
         return self.store.history(
-            res_type, res_id, since=since, at=at, count=count, offset=offset, types=types, restriction=self.restriction
+            res_type,
+            res_id,
+            since=since,
+            at=at,
+            count=count,
+            offset=offset,
+            types=types,
+            restriction=self.restriction,
+            after=after,
         )
 
     # -- writes, each in its own transaction -----------------------------------------------------------------

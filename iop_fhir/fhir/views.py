@@ -13,10 +13,10 @@ from flask import Blueprint, Response, current_app, request
 
 from iop_fhir.errors import BadRequest, NotFound, information, operation_outcome
 from iop_fhir.fhir import auditevents, capability, http, searchset, transaction
-from iop_fhir.fhir.history import history_bundle, history_params
+from iop_fhir.fhir.history import HistoryQuery, history_bundle, history_params
 from iop_fhir.fhir.repository import Repository, check_type, parse_conditional
 from iop_fhir.privacy import trail
-from iop_fhir.r4.instants import http_date
+from iop_fhir.r4.instants import http_date, now_us
 from iop_fhir.security import guard
 from iop_fhir.store.base import StoredResource
 
@@ -209,7 +209,12 @@ def instance_history(res_type: str, res_id: str) -> Response:
         stored = _audit_event(res_id)
         return http.fhir_response(
             history_bundle(
-                [stored], 1, base_url=base_url(), path=f"{res_type}/{res_id}/_history", params=[], count=1, offset=0
+                [stored],
+                1,
+                base_url=base_url(),
+                path=f"{res_type}/{res_id}/_history",
+                query=HistoryQuery([], 1),
+                snapshot=now_us(),
             )
         )
     return _history(res_type, res_id, f"{res_type}/{res_id}/_history")
@@ -299,12 +304,17 @@ def _deleted(deleted: Any) -> Response:
 
 
 def _history(res_type: str | None, res_id: str | None, path: str) -> Response:
-    params, count, offset, since, at = history_params(
+    query = history_params(
         _query_params(),
         default_count=current_app.config["IOP_FHIR"].default_page_size,
         max_count=current_app.config["IOP_FHIR"].max_page_size,
     )
-    versions, total = repo().history(res_type, res_id, since=since, at=at, count=count, offset=offset)
+    # Every page of a paging holds the versions written by its first page's time: the total stays what it was.
+    snapshot = query.cursor.snapshot if query.cursor is not None else now_us()
+    at = snapshot if query.at is None else min(query.at, snapshot)
+    versions, total = repo().history(
+        res_type, res_id, since=query.since, at=at, count=query.count, offset=query.offset, after=query.cursor
+    )
     return http.fhir_response(
-        history_bundle(versions, total, base_url=base_url(), path=path, params=params, count=count, offset=offset)
+        history_bundle(versions, total, base_url=base_url(), path=path, query=query, snapshot=snapshot)
     )

@@ -92,15 +92,16 @@ def program_query() -> Query:
     return Query(code, Period(start, end))
 
 
-def program_outcomes(query: Query) -> tuple[dict[str, Any], list[Mapping[str, Any]]]:
-    """The program's outcomes for the period, and the outcomes of each stay it counts."""
+def program_outcomes(query: Query, *, each: bool = True) -> tuple[dict[str, Any], list[Mapping[str, Any]]]:
+    """The program's outcomes for the period, and (``each``: the pages want them) the outcomes of each stay it
+    counts. Only the stays that can overlap the period are read."""
     reader = _reader()
-    loaded = reader.stays(program=query.program)
+    loaded = reader.stays(program=query.program, period=query.period)
     group = figures.cohort(loaded.stays, query.period, query.program)
     _noted(loaded, [s.enrollment_id for s in group])
     now = today()
     report = figures.outcomes(group, reader.rules, query.period, now, query.program)
-    return report, [patient.outcomes(s, reader.rules, now) for s in group]
+    return report, [patient.outcomes(s, reader.rules, now) for s in group] if each else []
 
 
 def csv_text(report: dict[str, Any]) -> str:

@@ -343,7 +343,7 @@ def get_enrollment_outcomes_html(record_id: str) -> Response:
 
 def get_program_outcomes() -> Response:
     query = outcomes.program_query()
-    report, _ = outcomes.program_outcomes(query)
+    report, _ = outcomes.program_outcomes(query, each=False)
     if request.accept_mimetypes.best_match([web.JSON, "text/csv"], default=web.JSON) == "text/csv":
         name = f"outcomes-{query.program or 'all'}-{query.period.start}-{query.period.end}.csv"
         headers = {"Content-Disposition": f'attachment; filename="{name}"'}

@@ -1,28 +1,39 @@
 """The stays the outcomes are computed over, read from the IOP records (the one part of this package that reads the
-store): every active enrollment with its active sessions, group-session attendances, assessments, current
-treatment plan, medications and discharge, and the steps of the discharge's transition. Which stays a client may
-count is decided here from its Part 2 restriction: a partner's client counts only the stays of patients whose
-records it may read."""
+store): the active enrollments (of a period: those whose stay can overlap it, found by the days the store keeps on
+their rows) with their active sessions, group-session attendances, assessments, current treatment plan, medications
+and discharge, and the steps of the discharge's transition; only the records of the enrollments chosen are read.
+Which stays a client may count is decided here from its Part 2 restriction: a partner's client counts only the
+stays of patients whose records it may read. A Reader keeps the stays it built (StayCache) and uses one again only
+while the key of what it was built from, read from the database on every request, is unchanged."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from iop_fhir.outcomes import rules as rules_
 from iop_fhir.outcomes import stays as stays_
+from iop_fhir.outcomes.program import Period
 from iop_fhir.outcomes.rules import Rules
 from iop_fhir.outcomes.stays import Stay
 from iop_fhir.store.base import RecordStore, StoredRecord
 
 ACTIVE = "active"
-# Every record of a kind at once: the outcomes read a program's records whole (a few tens of thousands of rows).
+# Every enrollment at once, when no period is given: the whole program's stays.
 _ALL = 10**9
+# The kinds of an enrollment's own records a stay is built from.
+KINDS = ("session", "assessment", "treatment-plan", "medication", "discharge")
+# The role of the Task a discharge's transition timeline is read from (exchange/followup.py).
+TRANSITION_TASK = "referral-task"
+# The stays a process keeps built (StayCache): a few big programs' periods.
+STAYS_KEPT = 20_000
 
-Timeline = Callable[[StoredRecord], list[dict[str, Any]]]
+# The transition steps of many discharges by their ids (exchange/followup.py timelines), all read at once.
+Timelines = Callable[[list[StoredRecord]], Mapping[str, list[dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -46,20 +57,20 @@ def _active(records: RecordStore, kind: str, enrollment_id: str | None) -> list[
     return [r for r in found if r.status == ACTIVE]
 
 
-def load(
+def _chosen(
     records: RecordStore,
     *,
-    timeline: Timeline,
-    enrollment_id: str | None = None,
-    patients: frozenset[str] | None = None,
-    program: str | None = None,
-    explains: Callable[[str], Iterable[str]] = stays_.project_explains,
-) -> Loaded:
-    """The stays of the active enrollments (one if ``enrollment_id``), of ``program`` if given, and only of the
-    ``patients`` given (None: every patient; a partner's restriction otherwise)."""
+    enrollment_id: str | None,
+    patients: frozenset[str] | None,
+    program: str | None,
+    period: Period | None,
+) -> dict[str, tuple[StoredRecord, str | None]]:
+    """The enrollments whose stays are asked for, by id, each with its Patient's id."""
     if enrollment_id is not None:
         one = records.record("enrollment", enrollment_id)
         enrollments = [one] if one is not None and one.status == ACTIVE else []
+    elif period is not None:
+        enrollments = records.enrollments_during(period.start, period.end)
     else:
         enrollments = _active(records, "enrollment", None)
     chosen = {}
@@ -70,33 +81,50 @@ def load(
         if program is not None and enrollment.content.get("program") != program:
             continue
         chosen[enrollment.id] = (enrollment, patient)
+    return chosen
+
+
+def transition_task(discharge: StoredRecord) -> str | None:
+    """The Task (Type/id) a discharge's transition timeline is read from, if it asks for a referral."""
+    if not discharge.content.get("referral"):
+        return None
+    return next((str(r["reference"]) for r in discharge.resources if r.get("role") == TRANSITION_TASK), None)
+
+
+def _built(
+    records: RecordStore,
+    chosen: Mapping[str, tuple[StoredRecord, str | None]],
+    *,
+    timelines: Timelines,
+    explains: Callable[[str], Iterable[str]],
+    before_transitions: Callable[[list[StoredRecord]], None] | None = None,
+) -> dict[str, tuple[Stay | None, StoredRecord | None]]:
+    """Each chosen enrollment's stay (None without a readable admission) and its latest discharge, from its records
+    read now. ``before_transitions`` is told the discharges whose transitions are about to be read."""
     if not chosen:
-        return Loaded([], {})
-    scope = enrollment_id  # one enrollment: read only its records; else every record of each kind once
-
-    def by_enrollment(kind: str) -> dict[str, list[StoredRecord]]:
-        grouped: dict[str, list[StoredRecord]] = defaultdict(list)
-        for record in _active(records, kind, scope):
-            if record.enrollment_id in chosen:
-                grouped[str(record.enrollment_id)].append(record)
-        return grouped
-
-    sessions, assessments = by_enrollment("session"), by_enrollment("assessment")
-    plans, medications, discharges = (
-        by_enrollment("treatment-plan"),
-        by_enrollment("medication"),
-        by_enrollment("discharge"),
-    )
-    groups = _active(records, "group-session", None)
+        return {}
+    # kind -> enrollment id -> its active records of that kind, oldest first
+    grouped: dict[str, dict[str, list[StoredRecord]]] = {kind: defaultdict(list) for kind in KINDS}
+    for record in records.records_of(KINDS, list(chosen)):
+        if record.status == ACTIVE and record.enrollment_id in chosen:
+            grouped[record.kind][str(record.enrollment_id)].append(record)
+    sessions, assessments = grouped["session"], grouped["assessment"]
+    plans, medications, discharges = grouped["treatment-plan"], grouped["medication"], grouped["discharge"]
+    groups = [g for g in records.group_sessions_of(list(chosen)) if g.status == ACTIVE]
     attended: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for group in groups:
         for attendee in group.content.get("attendees") or []:
             if isinstance(attendee, dict) and attendee.get("enrollment_id") in chosen:
                 attended[str(attendee["enrollment_id"])].append({**group.content, "group_id": group.id})
-    found: list[Stay] = []
-    references: dict[str, list[str]] = {}
+    # each enrollment's latest discharge, and the steps of the transitions of those with a referral
+    latest = {eid: max(discharges[eid], key=lambda r: r.updated) for eid in chosen if discharges.get(eid)}
+    referred = [d for d in latest.values() if d.content.get("referral")]
+    if before_transitions is not None:
+        before_transitions(referred)
+    transitions = timelines(referred)
+    found: dict[str, tuple[Stay | None, StoredRecord | None]] = {}
     for eid, (enrollment, patient) in chosen.items():
-        discharge = max(discharges.get(eid, []), key=lambda r: r.updated, default=None)
+        discharge = latest.get(eid)
         plan = max(
             plans.get(eid, []),
             key=lambda p: (str((p.content.get("period") or {}).get("start", "")), p.created),
@@ -112,14 +140,131 @@ def load(
             plan=plan.content if plan is not None else None,
             medications=[r.content for r in medications.get(eid, [])],
             discharge=discharge.content if discharge is not None else None,
-            transition=timeline(discharge) if discharge is not None and discharge.content.get("referral") else (),
+            transition=transitions.get(discharge.id, ()) if discharge is not None else (),
             explains=explains,
         )
+        found[eid] = (stay, discharge)
+    return found
+
+
+def _loaded(chosen: Mapping[str, tuple[StoredRecord, str | None]], stays: Mapping[str, Stay | None]) -> Loaded:
+    found: list[Stay] = []
+    references: dict[str, list[str]] = {}
+    for eid, (enrollment, _) in chosen.items():
+        stay = stays.get(eid)
         if stay is not None:
             found.append(stay)
             references[eid] = [str(r["reference"]) for r in enrollment.resources if r.get("reference")]
     found.sort(key=lambda s: (s.admission, s.enrollment_id))
     return Loaded(found, references)
+
+
+def load(
+    records: RecordStore,
+    *,
+    timelines: Timelines,
+    enrollment_id: str | None = None,
+    patients: frozenset[str] | None = None,
+    program: str | None = None,
+    period: Period | None = None,
+    explains: Callable[[str], Iterable[str]] = stays_.project_explains,
+) -> Loaded:
+    """The stays of the active enrollments (one if ``enrollment_id``), of ``program`` if given, and only of the
+    ``patients`` given (None: every patient; a partner's restriction otherwise). With ``period``, the stays that can
+    overlap it (at least every one program.cohort counts for it, maybe a few more), not the program's every stay."""
+    chosen = _chosen(records, enrollment_id=enrollment_id, patients=patients, program=program, period=period)
+    built = _built(records, chosen, timelines=timelines, explains=explains)
+    return _loaded(chosen, {eid: stay for eid, (stay, _) in built.items()})
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A stay as built, and what it was built from: the key of its enrollment and records when they were read
+    (before the records themselves), and the Tasks its transition was read from with their versions then."""
+
+    key: tuple[Any, ...]
+    tasks: tuple[tuple[str, int | None], ...]
+    stay: Stay | None
+
+
+class StayCache:
+    """The stays one process has built, by enrollment id, the least recently used dropped beyond ``size``. Several
+    processes write the records, so an entry is used only when the key read from the database for the request
+    matches the one it was built under: never trusted for a while, never told of a change."""
+
+    def __init__(self, size: int = STAYS_KEPT) -> None:
+        self.size = size
+        self._kept: OrderedDict[str, Kept] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, enrollment_id: str) -> Kept | None:
+        with self._lock:
+            kept = self._kept.get(enrollment_id)
+            if kept is not None:
+                self._kept.move_to_end(enrollment_id)
+            return kept
+
+    def put(self, enrollment_id: str, kept: Kept) -> None:
+        with self._lock:
+            self._kept[enrollment_id] = kept
+            self._kept.move_to_end(enrollment_id)
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+
+
+def cached(
+    records: RecordStore,
+    cache: StayCache,
+    chosen: Mapping[str, tuple[StoredRecord, str | None]],
+    *,
+    timelines: Timelines,
+    explains: Callable[[str], Iterable[str]],
+) -> dict[str, Stay | None]:
+    """The stays of the chosen enrollments as ``load`` builds them, taken from ``cache`` for each one whose key read
+    now (its enrollment's version, the key of its records and group sessions, its transition Task's current
+    version) is the one it was built under, built from its records for the others (and kept).
+
+    Every key is read before the records a stay is built from, so an entry is never older than its key: a write
+    that lands in between leaves the entry under the older key, rebuilt on the next request. What else a stay is
+    built from cannot change while the process runs: ``explains`` is the terminology loaded when the process
+    started (the rules apply to the stays afterwards, on every request)."""
+    if not chosen:
+        return {}
+    keys = records.stay_keys(KINDS, list(chosen))
+    wanted = {
+        eid: (enrollment.status, enrollment.version, enrollment.updated, keys.get(eid))
+        for eid, (enrollment, _) in chosen.items()
+    }
+    candidates: dict[str, Kept] = {}
+    for eid, key in wanted.items():
+        kept = cache.get(eid)
+        if kept is not None and kept.key == key:
+            candidates[eid] = kept
+    found: dict[str, Stay | None] = {}
+    if candidates:
+        current = records.current_versions(ref for kept in candidates.values() for ref, _ in kept.tasks)
+        for eid, kept in candidates.items():
+            if all(current.get(ref) == version for ref, version in kept.tasks):
+                found[eid] = kept.stay
+    missing = {eid: chosen[eid] for eid in chosen if eid not in found}
+    if not missing:
+        return found
+    tasks: dict[str, int] = {}
+
+    def read_tasks(discharges: list[StoredRecord]) -> None:
+        tasks.update(records.current_versions(t for d in discharges if (t := transition_task(d)) is not None))
+
+    for eid, (stay, discharge) in _built(
+        records, missing, timelines=timelines, explains=explains, before_transitions=read_tasks
+    ).items():
+        task = transition_task(discharge) if discharge is not None else None
+        read = ((task, tasks.get(task)),) if task is not None else ()
+        cache.put(eid, Kept(wanted[eid], read, stay))
+        found[eid] = stay
+    return found
 
 
 def stays_of(loaded: Loaded, ids: Iterable[str]) -> list[Stay]:
@@ -130,12 +275,14 @@ def stays_of(loaded: Loaded, ids: Iterable[str]) -> list[Stay]:
 @dataclass(frozen=True)
 class Reader:
     """The outcomes' view of one store: its rules, and the stays a client may count. runtime.py builds it (with the
-    transition timeline of exchange/followup.py); app.extensions["iop_fhir.outcomes"] holds it."""
+    transition timelines of exchange/followup.py); app.extensions["iop_fhir.outcomes"] holds it."""
 
     records: RecordStore
     rules_dir: Path  # mappings/outcomes: its rules are read on first use
-    timeline: Timeline
+    timelines: Timelines
     explains: Callable[[str], Iterable[str]] = stays_.project_explains
+    # the stays this process built, used again while their records are unchanged (StayCache)
+    cache: StayCache = field(default_factory=StayCache, compare=False, repr=False)
 
     @property
     def rules(self) -> Rules:
@@ -151,7 +298,8 @@ class Reader:
         enrollment_id: str | None = None,
         patients: frozenset[str] | None = None,
         program: str | None = None,
+        period: Period | None = None,
     ) -> Loaded:
-        return load(
-            self.records, timeline=self.timeline, enrollment_id=enrollment_id, patients=patients, program=program
-        )
+        chosen = _chosen(self.records, enrollment_id=enrollment_id, patients=patients, program=program, period=period)
+        stays = cached(self.records, self.cache, chosen, timelines=self.timelines, explains=self.explains)
+        return _loaded(chosen, stays)

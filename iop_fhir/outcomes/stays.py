@@ -11,6 +11,7 @@ from typing import Any
 
 from iop_fhir.config import REPO
 from iop_fhir.mapping import terminology
+from iop_fhir.store.base import day_of as day_of  # the day the store keeps on a record's row, read alike
 
 MAPPINGS = REPO / "mappings"
 
@@ -68,16 +69,6 @@ class Stay:
 
     def enrolled_on(self, day: date) -> bool:
         return self.admission <= day and (self.discharge is None or day <= self.discharge)
-
-
-def day_of(value: Any) -> date | None:
-    """The date a record writes (``2026-01-07`` or the local date of ``2026-01-07T18:00:00-05:00``), else None."""
-    if not isinstance(value, str) or len(value) < 10:
-        return None
-    try:
-        return date.fromisoformat(value[:10])
-    except ValueError:
-        return None
 
 
 def _hours(start: Any, end: Any) -> float:

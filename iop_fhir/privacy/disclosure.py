@@ -3,10 +3,12 @@ stored FHIR Consents (decided by consent.decide, the same rule the exchange appl
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from datetime import date
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import orjson
 
@@ -40,13 +42,41 @@ NOTE_LABELS: tuple[Mapping[str, Any], ...] = (
 DEFAULT_PURPOSE = "TREAT"
 
 
+# The restrictions decided, per store, with the state of its Consents they were decided on
+# (ResourceStore.type_versions): a partner's every request needs one, and deciding it reads and weighs every Consent
+# of its patients.
+_DECIDED: WeakKeyDictionary[ResourceStore, dict[tuple[str, str, date], tuple[tuple[int, int], Restriction]]] = (
+    WeakKeyDictionary()
+)
+_DECIDED_LOCK = threading.Lock()
+_KEPT = 256  # (recipient, purpose, day) entries kept per store
+
+
 def restriction_for(store: ResourceStore, recipient: str, purpose: str | None, on: date) -> Restriction:
     """The patients whose records ``recipient`` ("Organization/<id>") may see on day ``on`` for ``purpose`` (a
     v3-ActReason code, TREAT when the token names none), and those whose SUD counseling notes too.
 
     Only patients with an active Consent naming the recipient can qualify; every active Consent of each such patient
-    is then weighed (a later deny, an opt-out without actors, a revocation), as consent.decide does."""
+    is then weighed (a later deny, an opt-out without actors, a revocation), as consent.decide does. The answer is
+    kept and given again while no Consent has been written since (checked on the database on every call, so a
+    Consent written by any process counts at once); the Consents are its only input besides the arguments."""
     purpose = purpose or DEFAULT_PURPOSE
+    state = store.type_versions("Consent")  # read before the Consents: a write in between only makes the next call redo
+    key = (recipient, purpose, on)
+    with _DECIDED_LOCK:
+        known = _DECIDED.get(store, {}).get(key)
+    if known is not None and known[0] == state:
+        return known[1]
+    decided = _decide(store, recipient, purpose, on)
+    with _DECIDED_LOCK:
+        entries = _DECIDED.setdefault(store, {})
+        if len(entries) >= _KEPT:
+            entries.clear()
+        entries[key] = (state, decided)
+    return decided
+
+
+def _decide(store: ResourceStore, recipient: str, purpose: str, on: date) -> Restriction:
     candidates = {
         patient
         for resource in _consents(store, [("actor", recipient), ("status", "active")])

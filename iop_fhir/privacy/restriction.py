@@ -1,7 +1,8 @@
 """The restriction a partner's client carries (42 CFR Part 2): which patients' records it may see, and the SQL
-condition that decides it inside the store, for the current version of a resource (through its search index) and
-for any one version (through the facts kept with it, store/base.py VersionFacts). The store applies the condition
-the request carries at every stage of a query and knows nothing of Part 2 itself.
+condition that decides it inside the store, for the current version of a resource and for any one version, both
+through the facts the store keeps with every version it saves (store/base.py VersionFacts, computed from the
+version's search index by privacy/visibility.py). The store applies the condition the request carries at every
+stage of a query and knows nothing of Part 2 itself.
 
 A resource belongs to every Patient it refers to through an indexed reference (a superset of the Patient
 compartment), and a Patient to itself. It is visible only if every Patient it belongs to is permitted, and, when it
@@ -14,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BindParameter, ColumnElement, FromClause, and_, bindparam, exists, or_, select
+from sqlalchemy import BindParameter, ColumnElement, FromClause, and_, bindparam, exists, false, func, or_, select
 
 from iop_fhir.r4.search import is_id
 from iop_fhir.store import schema
+from iop_fhir.store.base import MANY_OWNERS
 
 _ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 _CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
@@ -38,8 +40,6 @@ PROTECTED_LABELS = frozenset(
 # Labels whose disclosure needs a consent that names them (SUD counseling notes, 42 CFR Part 2 as of 2024).
 NOTE_LABELS = frozenset({(_ACT_CODE, "PSYTHPN")})
 
-_REF = schema.idx_reference
-_TOK = schema.idx_token
 _VP = schema.version_patients
 
 
@@ -52,41 +52,32 @@ class Restriction:
     note_patients: frozenset[str] = frozenset()
 
     def clause(self, row: FromClause) -> ColumnElement[bool]:
-        """Whether the current resource of ``row`` (a table with res_type and res_id) may be seen."""
+        """Whether the current resource of ``row`` (the resources table, or an alias of it) may be seen, decided on
+        the visibility its current version was saved with (resources.owner, .protected, .note; store/schema.py): a
+        resource of one Patient by that Patient's permission, one of no Patient if it carries no protected label,
+        and one of several Patients on the patients its version names (version_patients)."""
         patients, notes = sorted(self.patients), sorted(self.note_patients)
-        own = row.c.res_type == "Patient"
-        refs = select(_REF.c.res_id).where(
-            _REF.c.res_type == row.c.res_type, _REF.c.res_id == row.c.res_id, _REF.c.target_type == "Patient"
+        owner = row.c.owner
+        mine = select(func.count()).where(
+            _VP.c.res_type == row.c.res_type, _VP.c.res_id == row.c.res_id, _VP.c.version_id == row.c.version_id
         )
 
-        def labels(pairs: frozenset[tuple[str, str]]) -> ColumnElement[bool]:
-            return exists(
-                select(_TOK.c.res_id).where(
-                    _TOK.c.res_type == row.c.res_type,
-                    _TOK.c.res_id == row.c.res_id,
-                    _TOK.c.param == "_security",
-                    or_(*[and_(_TOK.c.system == system, _TOK.c.code == code) for system, code in sorted(pairs)]),
-                )
-            )
+        def outside(allowed: list[str]) -> ColumnElement[Any]:
+            # A count, not EXISTS: PostgreSQL would turn a NOT EXISTS into a hash of every version's patients.
+            return mine.where(_VP.c.patient_id.is_(None) | _VP.c.patient_id.not_in(_ids(allowed))).scalar_subquery()
 
-        def all_within(allowed: list[str]) -> ColumnElement[bool]:
-            itself = or_(~own, row.c.res_id.in_(_ids(allowed)))
-            outside = refs.where(_REF.c.target_id.is_(None) | _REF.c.target_id.not_in(_ids(allowed)))
-            return and_(itself, ~exists(outside))
-
-        belongs = or_(
-            and_(own, row.c.res_id.in_(_ids(patients))), exists(refs.where(_REF.c.target_id.in_(_ids(patients))))
-        )
-        return and_(
-            all_within(patients),
-            or_(~labels(NOTE_LABELS), all_within(notes)),
-            or_(belongs, ~labels(PROTECTED_LABELS)),
+        return or_(
+            and_(owner.in_(_ids(patients)), or_(row.c.note == false(), owner.in_(_ids(notes)))),
+            and_(owner.is_(None), row.c.protected == false()),
+            # Several Patients (at least one, so it belongs to the permitted ones when all of them are permitted).
+            and_(owner == MANY_OWNERS, outside(patients) == 0, or_(row.c.note == false(), outside(notes) == 0)),
         )
 
     def version_clause(self, row: FromClause) -> ColumnElement[bool]:
-        """Whether the version of ``row`` (resource_history: res_type, res_id, version_id, protected, note) may be
-        seen: the same rule on the patients and labels that version had, so that a version is shown only if the
-        patients it belonged to at that version permit it (a deletion: those of the version it deleted)."""
+        """Whether the version of ``row`` (resource_history, or resources for the current version: res_type, res_id,
+        version_id, protected, note) may be seen: the same rule on the patients and labels that version had, so that
+        a version is shown only if the patients it belonged to at that version permit it (a deletion: those of the
+        version it deleted)."""
         patients, notes = sorted(self.patients), sorted(self.note_patients)
         refs = select(_VP.c.patient_id).where(
             _VP.c.res_type == row.c.res_type, _VP.c.res_id == row.c.res_id, _VP.c.version_id == row.c.version_id

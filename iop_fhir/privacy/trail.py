@@ -34,7 +34,7 @@ from iop_fhir.fhir.repository import Repository, WriteResult
 from iop_fhir.privacy import audit, disclosure
 from iop_fhir.r4.instants import now_us
 from iop_fhir.security.access import Principal
-from iop_fhir.store.base import AuditRow, SearchResult, StoredResource, WriteTx
+from iop_fhir.store.base import AuditRow, HistoryCursor, SearchResult, StoredResource, WriteTx
 
 _current: ContextVar[Trail | None] = ContextVar("iop_fhir_audit_trail", default=None)
 _TYPE_ID = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}")
@@ -201,8 +201,9 @@ class ObservedRepository(Repository):
         at: int | None,
         count: int,
         offset: int,
-    ) -> tuple[list[StoredResource], int]:
-        versions, total = super().history(res_type, res_id, since=since, at=at, count=count, offset=offset)
+        after: HistoryCursor | None = None,
+    ) -> tuple[list[StoredResource], int | None]:
+        versions, total = super().history(res_type, res_id, since=since, at=at, count=count, offset=offset, after=after)
         self.trail.saw(versions)
         return versions, total
 

@@ -38,6 +38,9 @@ MODIFIERS: dict[str, frozenset[str]] = {
     "uri": frozenset({"missing", "below", "above"}),
 }
 SUMMARY_VALUES = ("true", "text", "data", "count", "false")
+# A total the client did not ask for is counted up to this many matches; above it Bundle.total (optional in R4) and
+# the last link are left out, so that a broad search costs what its page costs. _total=accurate counts them all.
+COUNT_LIMIT = 10_000
 TOTAL_VALUES = ("none", "estimate", "accurate")
 # ``_totalMethod`` (sent by fhirpy and Aidbox clients for a count): its values as the ``_total`` they ask for.
 TOTAL_METHODS = {"count": "accurate", "accurate": "accurate", "estimate": "estimate", "none": "none"}

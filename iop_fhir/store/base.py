@@ -8,13 +8,17 @@ for the Repository, whose transaction every write hook and record hook receives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Protocol
 
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.search import Cursor
+
+# resources.owner of a resource that belongs to several Patients: never a FHIR id (letters, digits, '-', '.').
+MANY_OWNERS = "*"
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,20 @@ class StoredResource:
 
 
 @dataclass(frozen=True)
+class HistoryCursor:
+    """Where the next page of a history starts (the ``_cursor`` of its next link): the time its first page was read
+    (``snapshot``: later pages count and hold only versions written by then), how many entries were served before,
+    and the order keys of the last one (newest first: last_updated, version_id descending, then type and id)."""
+
+    snapshot: int
+    served: int
+    last_updated: int
+    version_id: int
+    res_type: str
+    res_id: str
+
+
+@dataclass(frozen=True)
 class VersionFacts:
     """What Part 2 visibility needs of one version, kept beside it (privacy/visibility.py computes them): the
     Patients it belongs to (None: a Patient reference that names no local id), and whether it carries a protected
@@ -39,6 +57,16 @@ class VersionFacts:
     patients: tuple[str | None, ...] = ()
     protected: bool = False
     note: bool = False
+
+    @property
+    def owner(self) -> str | None:
+        """The one Patient the version belongs to; None when it belongs to none, ``MANY_OWNERS`` when to several or
+        to a Patient reference that names no local id (then version_patients decides)."""
+        if not self.patients:
+            return None
+        if len(self.patients) == 1 and self.patients[0] is not None:
+            return self.patients[0]
+        return MANY_OWNERS
 
 
 @dataclass(frozen=True)
@@ -58,6 +86,37 @@ class StoredRecord:
 
 # The kind of an inbound referral read as a StoredRecord (Referrals): outbox rows name it as their record_kind.
 REFERRAL = "referral"
+
+# The field each kind a stay is found by is dated by (RecordStore.enrollments_during): an enrollment's admission, a
+# discharge's day; the store keeps that day on the record's row.
+DATED_BY = {"enrollment": "admission_date", "discharge": "discharge_date"}
+GROUP_SESSION = "group-session"
+
+
+def day_of(value: Any) -> date | None:
+    """The date a record writes (``2026-01-07`` or the local date of ``2026-01-07T18:00:00-05:00``), else None."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def record_day(kind: str, content: dict[str, Any]) -> str | None:
+    """The day (ISO) a record of a kind in DATED_BY is dated on, as the outcomes read it; None for other kinds or a
+    date that cannot be read."""
+    field_name = DATED_BY.get(kind)
+    day = day_of(content.get(field_name)) if field_name is not None else None
+    return day.isoformat() if day is not None else None
+
+
+def attendees(kind: str, content: dict[str, Any]) -> list[str]:
+    """The enrollments a group session record names as attendees (each once); none for other kinds."""
+    if kind != GROUP_SESSION:
+        return []
+    found = (a.get("enrollment_id") for a in content.get("attendees") or () if isinstance(a, dict))
+    return list(dict.fromkeys(e for e in found if isinstance(e, str)))
 
 
 # Outbox statuses: pending (due at next_attempt_at) -> delivering (claimed by a worker until its lease ends) ->
@@ -174,7 +233,16 @@ class ResourceStore(Protocol):
         offset: int,
         types: frozenset[str] | None = None,
         restriction: Any = None,
-    ) -> tuple[list[StoredResource], int]: ...
+        after: HistoryCursor | None = None,
+    ) -> tuple[list[StoredResource], int | None]: ...
+
+    def histories(self, res_type: str, res_ids: Iterable[str]) -> dict[str, list[StoredResource]]:
+        """Every version of each resource of ``res_type`` named, by id, newest first as ``history`` orders them
+        (an id with no version is left out): the histories of many resources in a few statements."""
+
+    def type_versions(self, res_type: str) -> tuple[int, int]:
+        """The number of resources of a type (live and deleted) and the sum of their current version ids: it
+        changes with every create, update and delete of the type, by any process."""
 
     def search(self, request: Any) -> SearchResult: ...
 
@@ -205,6 +273,28 @@ class RecordStore(Protocol):
         self, kind: str, *, enrollment_id: str | None = None, offset: int = 0, count: int = 20
     ) -> tuple[list[StoredRecord], int]:
         """A page of records of one kind (of one enrollment if given), oldest first, and the total."""
+
+    def enrollments_during(self, start: date, end: date) -> list[StoredRecord]:
+        """The active enrollments whose stay may overlap ``start``..``end``: admitted by ``end`` and not discharged
+        (by their latest active discharge, on a readable day) before ``start``. At least those: which stays a
+        period counts is decided on the stays (outcomes/program.py cohort)."""
+
+    def records_of(self, kinds: Iterable[str], enrollment_ids: Iterable[str]) -> list[StoredRecord]:
+        """The records of ``kinds`` (of every status) that belong to the enrollments given, oldest first."""
+
+    def group_sessions_of(self, enrollment_ids: Iterable[str]) -> list[StoredRecord]:
+        """The group session records (of every status) naming any of the enrollments as an attendee, each once,
+        oldest first."""
+
+    def stay_keys(self, kinds: Iterable[str], enrollment_ids: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        """For each enrollment given, a key of its records of ``kinds`` and of the group sessions naming it (every
+        status), read without their content: it changes whenever one of them is written (a write raises a record's
+        version and stamps its update), is added, or leaves the set (an attendee removed from a group). The outcomes
+        keep the stays they built under it (outcomes/load.py)."""
+
+    def current_versions(self, references: Iterable[str]) -> dict[str, int]:
+        """The current version id of each resource named (``Type/id``), deleted ones included; those never written
+        are absent."""
 
 
 # -- inbound referrals -----------------------------------------------------------------------------------------------

@@ -42,7 +42,15 @@ resources = Table(
     Column("last_updated", BigInteger, nullable=False),
     Column("deleted", Boolean, nullable=False, default=False),
     Column("content", LargeBinary, nullable=True),  # the stored JSON bytes; null once deleted
+    # Part 2 visibility of the current version (store/base.py VersionFacts), as resource_history keeps it for every
+    # version: the one Patient it belongs to (null: none; base.MANY_OWNERS: several, see version_patients), a
+    # protected label, the counseling-note label. A partner's search decides on these columns, not on the index.
+    Column("owner", String(ID), nullable=True),
+    Column("protected", Boolean, nullable=False, server_default=false()),
+    Column("note", Boolean, nullable=False, server_default=false()),
     Index("ix_resources_type_updated", "res_type", "last_updated"),
+    # A partner's resources of a type: the rows of its permitted Patients, and those that belong to nobody.
+    Index("ix_resources_owner", "res_type", "deleted", "owner", "protected", "note", "version_id"),
     # The resources of a type, live ones apart, in their default order: a search's count (Bundle.total) and an
     # unfiltered page are read from this index alone, not from the table's rows with their content.
     Index("ix_resources_live", "res_type", "deleted", "last_updated", "res_id"),
@@ -196,6 +204,9 @@ INDEX_TABLES: dict[str, Table] = {
 
 # One row per IOP record (/iop): the record as loaded (orjson bytes) and the FHIR resources it produced, written in
 # the same transaction as those resources. Partners are records of kind "partner" whose id the client chooses.
+# record_day is the day an enrollment (its admission) or a discharge is dated on (base.record_day); stay_end, on an
+# enrollment's row, the day of its latest active discharge (null while the stay is open, or the day is unreadable):
+# the outcomes of a period read the enrollments whose stay can overlap it by ix_iop_records_stays, not every stay.
 iop_records = Table(
     "iop_records",
     metadata,
@@ -208,8 +219,23 @@ iop_records = Table(
     Column("resources", LargeBinary, nullable=False),  # orjson of [{"role": ..., "reference": "Type/id"}, ...]
     Column("created", BigInteger, nullable=False),
     Column("updated", BigInteger, nullable=False),
+    Column("record_day", String(10), nullable=True),
+    Column("stay_end", String(10), nullable=True),
     Index("ix_iop_records_enrollment", "kind", "enrollment_id", "created", "id"),
     Index("ix_iop_records_created", "kind", "created", "id"),
+    Index("ix_iop_records_stays", "kind", "status", "stay_end", "record_day"),
+    # The key of each enrollment's records (sql.py stay_keys) read from the index alone, never from the rows.
+    Index("ix_iop_records_stay_key", "enrollment_id", "kind", "version", "updated"),
+)
+
+# The enrollments each group session record names as attendees (base.attendees), whatever its status, replaced
+# whenever the record is saved: a stay's group sessions are read by its enrollment, not by reading every group.
+group_attendees = Table(
+    "group_attendees",
+    metadata,
+    Column("group_id", String(ID), primary_key=True),
+    Column("enrollment_id", String(ID), primary_key=True),
+    Index("ix_group_attendees_enrollment", "enrollment_id", "group_id"),
 )
 
 # Inbound referrals (exchange/referrals.py): one row per referral Task received, written in the Task's transaction

@@ -31,6 +31,7 @@ from sqlalchemy import (
 
 from iop_fhir.errors import BadRequest
 from iop_fhir.r4 import indexing
+from iop_fhir.r4 import search as search_rules
 from iop_fhir.r4.instants import now_us
 from iop_fhir.r4.search import (
     Cursor,
@@ -60,8 +61,10 @@ _REF = schema.idx_reference
 
 def run(conn: Connection, request: SearchRequest) -> SearchResult:
     """One page of matches (``_count`` from ``_offset`` or from a next link's ``_cursor``, one more fetched to know
-    whether a next page exists), what ``_include``/``_revinclude`` add, and the total unless ``_total=none`` (counted
-    when asked for or when there is more than one page; known for free on a single or last ``_offset`` page)."""
+    whether a next page exists), what ``_include``/``_revinclude`` add, and the total unless ``_total=none``: known
+    for free on a single or last ``_offset`` page, counted exactly when asked for (``_total=accurate``,
+    ``_summary=count``, ``_count=0``), else counted up to ``r4.search.COUNT_LIMIT`` matches and left out above
+    that."""
     query = _Query(conn.dialect.name == "sqlite", request.restriction)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
@@ -71,22 +74,36 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     if request.restriction is not None:
         where.append(request.restriction.clause(r))
     result = SearchResult()
-    if request.wants_total:
-        result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
+    exact = request.total == "accurate" or request.summary == "count" or request.count == 0
+    counted = request.wants_total
+    if counted:
+        result.total = count_matches(
+            conn, select(r.c.res_id).where(*where), None if exact else search_rules.COUNT_LIMIT
+        )
     if request.summary == "count" or request.count == 0:
         return result
     rows, result.next_cursor = _Pager(conn, request, where, query.sqlite).page()
     result.has_more = result.next_cursor is not None
     result.matches = [_stored(row) for row in rows]
-    if result.total is None and request.total != "none":
+    if not counted and request.total != "none":
         first_or_offset = request.cursor is None
         if first_or_offset and not result.has_more and (result.matches or request.offset == 0):
             result.total = request.offset + len(result.matches)  # the last page: the total is free
-        else:  # every page of a multi-page search tells the total, counted as _total=accurate counts it
-            result.total = conn.execute(select(func.count()).select_from(r).where(*where)).scalar_one()
+        else:  # every page of a multi-page search tells the total, up to COUNT_LIMIT matches
+            result.total = count_matches(conn, select(r.c.res_id).where(*where), search_rules.COUNT_LIMIT)
     if request.includes and result.matches:
         result.included = _include(conn, request.includes, result.matches, request.restriction)
     return result
+
+
+def count_matches(conn: Connection, matching: Select[Any], limit: int | None) -> int | None:
+    """How many rows ``matching`` selects; with a ``limit``, None when there are more than that (the count stops
+    there, so it costs at most ``limit`` rows however many match)."""
+    if limit is None:
+        return int(conn.execute(select(func.count()).select_from(matching.order_by(None).subquery())).scalar_one())
+    capped = matching.order_by(None).limit(limit + 1).subquery()
+    found = int(conn.execute(select(func.count()).select_from(capped)).scalar_one())
+    return found if found <= limit else None
 
 
 # -- Part 2 visibility: the condition comes from the request's restriction (privacy/restriction.py) ---------------

@@ -8,20 +8,28 @@ sequences such as conditional create or If-Match updates are race-free on both d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import orjson
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
+    Select,
+    Table,
+    and_,
     bindparam,
     create_engine,
     delete,
@@ -30,29 +38,35 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from iop_fhir.r4 import indexing
+from iop_fhir.r4 import search as search_rules
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.search import Visibility
 from iop_fhir.store import schema, search_sql, writerlock
 from iop_fhir.store.audit_sql import SqlAuditLog, SqlAuditLogTx, dbapi_connection
 from iop_fhir.store.base import (
+    GROUP_SESSION,
     REFERRAL,
     RETRYABLE_BY_HAND,
     Delivery,
+    HistoryCursor,
     SearchResult,
     StoredClient,
     StoredRecord,
     StoredResource,
     VersionFacts,
+    attendees,
+    record_day,
 )
 
 _R = schema.resources
@@ -69,6 +83,9 @@ _REC_COLUMNS = (
     _REC.c.created,
     _REC.c.updated,
 )
+# The ids of the enrollments whose records are read in one query (an IN list).
+RECORDS_BATCH = 500
+_GA = schema.group_attendees
 _IR = schema.inbound_referrals
 _IR_COLUMNS = tuple(_IR.c)
 _O = schema.outbox
@@ -202,7 +219,33 @@ def _record_values(record: StoredRecord) -> dict[str, Any]:
         "resources": orjson.dumps(record.resources),
         "created": record.created,
         "updated": record.updated,
+        "record_day": record_day(record.kind, record.content),
     }
+
+
+def _batches(ids: Iterable[str]) -> Iterator[list[str]]:
+    distinct = list(dict.fromkeys(ids))
+    for start in range(0, len(distinct), RECORDS_BATCH):
+        yield distinct[start : start + RECORDS_BATCH]
+
+
+# A set of record rows changes its (count, sum of versions, latest update, sum of updates modulo a prime) whenever a
+# record of it is written (each write raises the version and stamps the update), joins it or leaves it.
+_KEY_MODULUS = 2_147_483_647
+_NO_ROWS = (0, 0, 0, 0)
+
+
+def _key_fields(table: Table) -> tuple[ColumnElement[Any], ...]:
+    return (
+        func.count(),
+        func.coalesce(func.sum(table.c.version), 0),
+        func.coalesce(func.max(table.c.updated), 0),
+        func.coalesce(func.sum(table.c.updated % _KEY_MODULUS), 0),
+    )
+
+
+def _oldest_first(rows: Iterable[Any]) -> list[StoredRecord]:
+    return [_row_to_record(r) for r in sorted(rows, key=lambda r: (r.created, r.id))]
 
 
 def _row_to_referral(row: Any) -> StoredRecord:
@@ -295,6 +338,63 @@ def _delivery_values(delivery: Delivery) -> dict[str, Any]:
     }
 
 
+# The tables a write transaction buffers rows for, in the order they are sent: parents first (resources, then
+# history, then the version's patients and index rows), then the outbox.
+_FLUSH_ORDER = (
+    _R,
+    _H,
+    schema.version_patients,
+    *schema.INDEX_TABLES.values(),
+    _O,
+)
+COPY_ROWS = 32  # a buffered batch this large goes to PostgreSQL as COPY (fewer: an executemany)
+
+
+@dataclass(frozen=True)
+class _InsertPlan:
+    """How rows with one set of keys are inserted into one table on the DBAPI: the columns, the values of omitted
+    columns that have a Python-side default, and the statements."""
+
+    columns: tuple[str, ...]
+    defaults: tuple[Any, ...]
+    insert: str
+    copy: str
+
+    def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        picked: tuple[Any, ...] = self._pick(row) if len(self.columns) > 1 else (row[self.columns[0]],)
+        return picked + self.defaults if self.defaults else picked
+
+    @functools.cached_property
+    def _pick(self) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+        return operator.itemgetter(*self.columns)
+
+
+@functools.cache
+def _insert_plan(table: Table, keys: tuple[str, ...], postgres: bool) -> _InsertPlan | None:
+    """None when a column the rows omit has a default only SQLAlchemy can compute (a callable): those rows go
+    through SQLAlchemy's insert."""
+    columns = tuple(k for k in keys if k in table.c)
+    defaults: list[tuple[str, Any]] = []
+    for column in table.c:
+        if column.name in columns or column.default is None:
+            continue
+        if not column.default.is_scalar:
+            return None
+        defaults.append((column.name, column.default.arg))  # type: ignore[attr-defined]
+    dialect = postgresql.dialect() if postgres else sqlite.dialect()
+    quote = dialect.identifier_preparer.quote
+    names = ", ".join(quote(name) for name in (*columns, *(name for name, _ in defaults)))
+    marker = "%s" if postgres else "?"
+    placeholders = ", ".join([marker] * (len(columns) + len(defaults)))
+    target = quote(table.name)
+    return _InsertPlan(
+        columns=columns,
+        defaults=tuple(value for _, value in defaults),
+        insert=f"INSERT INTO {target} ({names}) VALUES ({placeholders})",
+        copy=f"COPY {target} ({names}) FROM STDIN",
+    )
+
+
 class SqlWriteTx(SqlAuditLogTx):
     """One write transaction. Inserts are buffered and sent in batches before any read and at commit."""
 
@@ -347,12 +447,15 @@ class SqlWriteTx(SqlAuditLogTx):
             "deleted": False,
             "content": version.content,
         }
+        visibility = {"owner": facts.owner, "protected": facts.protected, "note": facts.note}
         if previous is None:
-            self._queue("resources", {"res_type": version.res_type, "res_id": version.res_id, **values})
+            self._queue("resources", {"res_type": version.res_type, "res_id": version.res_id, **values, **visibility})
         else:
             self.flush()
             self.conn.execute(
-                update(_R).where(_R.c.res_type == version.res_type, _R.c.res_id == version.res_id).values(**values)
+                update(_R)
+                .where(_R.c.res_type == version.res_type, _R.c.res_id == version.res_id)
+                .values(**values, **visibility)
             )
             self._drop_index(version.res_type, version.res_id)
         self._queue(
@@ -361,9 +464,9 @@ class SqlWriteTx(SqlAuditLogTx):
                 "res_type": version.res_type,
                 "res_id": version.res_id,
                 "method": version.method or "PUT",
+                **values,
                 "protected": facts.protected,
                 "note": facts.note,
-                **values,
             },
         )
         base = {"res_type": version.res_type, "res_id": version.res_id}
@@ -444,6 +547,28 @@ class SqlWriteTx(SqlAuditLogTx):
         )
         if updated.rowcount == 0:
             self.conn.execute(insert(_REC).values(kind=record.kind, id=record.id, **values))
+        if record.kind == "enrollment":
+            self._stay_end(record.id)
+        elif record.kind == "discharge" and record.enrollment_id is not None:
+            self._stay_end(record.enrollment_id)
+        elif record.kind == GROUP_SESSION:
+            self.conn.execute(delete(_GA).where(_GA.c.group_id == record.id))
+            rows = [{"group_id": record.id, "enrollment_id": e} for e in attendees(record.kind, record.content)]
+            if rows:
+                self.conn.execute(insert(_GA), rows)
+
+    def _stay_end(self, enrollment_id: str) -> None:
+        """The enrollment's row takes the day of its latest active discharge (the one its stay ends with)."""
+        latest = (
+            select(_REC.c.record_day)
+            .where(_REC.c.kind == "discharge", _REC.c.enrollment_id == enrollment_id, _REC.c.status == "active")
+            .order_by(_REC.c.updated.desc(), _REC.c.created, _REC.c.id)
+            .limit(1)
+        )
+        day = self.conn.execute(latest).scalar_one_or_none()
+        self.conn.execute(
+            update(_REC).where(_REC.c.kind == "enrollment", _REC.c.id == enrollment_id).values(stay_end=day)
+        )
 
     def referral(self, id: str, *, lock: bool = True) -> StoredRecord | None:
         if lock:
@@ -516,14 +641,110 @@ class SqlWriteTx(SqlAuditLogTx):
 
     def flush(self) -> None:
         # Parents first: resources, then history, then index rows.
-        tables = ("resources", "resource_history", "version_patients", *(t.name for t in schema.INDEX_TABLES.values()))
-        for name in (*tables, "outbox"):
-            rows = self._pending.pop(name, None)
+        for table in _FLUSH_ORDER:
+            rows = self._pending.pop(table.name, None)
             if rows:
-                table = schema.metadata.tables[name]
-                if name == "resource_history":
-                    rows = [{k: v for k, v in r.items() if k != "deleted"} for r in rows]
-                self.conn.execute(insert(table), rows)
+                self._insert(table, rows)
+
+    def _insert(self, table: Table, rows: list[dict[str, Any]]) -> None:
+        """Insert buffered rows, in order, one statement per run of rows with the same keys. Keys that name no
+        column of the table are left out (a history row is queued with the current row's ``deleted``)."""
+        start = 0
+        while start < len(rows):
+            keys = rows[start].keys()
+            end = start + 1
+            while end < len(rows) and rows[end].keys() == keys:
+                end += 1
+            run = rows[start:end] if start or end < len(rows) else rows
+            plan = _insert_plan(table, tuple(keys), self.postgres)
+            raw: Any = self.conn.connection.driver_connection
+            # SQLite's module runs in autocommit mode (the engine issues BEGIN): rows go past SQLAlchemy only
+            # inside the transaction it began.
+            if plan is None or not (self.postgres or raw.in_transaction):
+                self.conn.execute(insert(table), [{k: r[k] for k in r if k in table.c} for r in run])
+            else:
+                self._send(raw, plan, run)
+            start = end
+
+    def _send(self, raw: Any, plan: _InsertPlan, rows: list[dict[str, Any]]) -> None:
+        """Rows straight to the DBAPI connection of this transaction: SQLAlchemy's parameter processing, and
+        psycopg's pipelined executemany, cost more per row than the database's insert itself. On PostgreSQL a
+        batch of at least ``COPY_ROWS`` is one COPY. Errors are raised as SQLAlchemy's, as statements sent
+        through the connection raise them."""
+        values = [plan.values(row) for row in rows]
+        statement = plan.insert
+        try:
+            if self.postgres and len(values) >= COPY_ROWS:
+                statement = plan.copy
+                with raw.cursor() as cursor, cursor.copy(plan.copy) as copy:
+                    for row in values:
+                        copy.write_row(row)
+            else:
+                cursor = raw.cursor()
+                try:
+                    if len(values) == 1:
+                        cursor.execute(plan.insert, values[0])
+                    else:
+                        cursor.executemany(plan.insert, values)
+                finally:
+                    cursor.close()
+        except self.conn.dialect.loaded_dbapi.Error as error:
+            raise DBAPIError.instance(statement, None, error, self.conn.dialect.loaded_dbapi.Error) from error
+
+
+def history_statements(
+    res_type: str | None,
+    res_id: str | None,
+    *,
+    since: int | None,
+    at: int | None,
+    count: int,
+    offset: int,
+    types: frozenset[str] | None = None,
+    restriction: Visibility | None = None,
+    after: HistoryCursor | None = None,
+) -> tuple[Select[Any], Select[Any]]:
+    """The statements of a history page (SqlStore.history): the versions the total counts, and the page's."""
+    conditions: list[Any] = []
+    if res_type is not None:
+        conditions.append(_H.c.res_type == res_type)
+    if types is not None:
+        conditions.append(_H.c.res_type.in_(sorted(types)))
+    if restriction is not None:
+        conditions.append(restriction.version_clause(_H))
+    if res_id is not None:
+        conditions.append(_H.c.res_id == res_id)
+    if since is not None:
+        conditions.append(_H.c.last_updated >= since)
+    if at is not None:
+        conditions.append(_H.c.last_updated <= at)
+    if after is not None:
+        conditions.append(_H.c.last_updated <= after.snapshot)
+    query = (
+        select(_H.c.res_type, _H.c.res_id, _H.c.version_id, _H.c.last_updated, _H.c.method, _H.c.content)
+        .where(*conditions, *([_history_after(after)] if after is not None else []))
+        .order_by(_H.c.last_updated.desc(), _H.c.version_id.desc(), _H.c.res_type, _H.c.res_id)
+        .limit(count)
+        .offset(offset if after is None else 0)
+    )
+    return select(_H.c.last_updated).where(*conditions), query
+
+
+def _history_after(cursor: HistoryCursor) -> ColumnElement[bool]:
+    """The versions after ``cursor``'s in history order (last_updated and version_id descending, then type and id
+    ascending); the bound on last_updated alone lets the database walk an index from the cursor's place."""
+    c = _H.c
+    tie = or_(
+        c.version_id < cursor.version_id,
+        and_(
+            c.version_id == cursor.version_id,
+            or_(c.res_type > cursor.res_type, and_(c.res_type == cursor.res_type, c.res_id > cursor.res_id)),
+        ),
+    )
+    return and_(
+        c.last_updated <= cursor.last_updated,
+        or_(c.last_updated < cursor.last_updated, and_(c.last_updated == cursor.last_updated, tie)),
+    )
 
 
 class _DirectReads:
@@ -691,34 +912,49 @@ class SqlStore(SqlAuditLog):
         offset: int,
         types: frozenset[str] | None = None,
         restriction: Visibility | None = None,
-    ) -> tuple[list[StoredResource], int]:
+        after: HistoryCursor | None = None,
+    ) -> tuple[list[StoredResource], int | None]:
         """Versions newest first (https://hl7.org/fhir/R4/http.html#history); ``types`` limits a system history to
         the types a client may search, ``restriction`` to the versions it may see, each decided on the patients and
-        labels of that version (a deletion on those of the version it deleted)."""
-        conditions: list[Any] = []
-        if res_type is not None:
-            conditions.append(_H.c.res_type == res_type)
-        if types is not None:
-            conditions.append(_H.c.res_type.in_(sorted(types)))
-        if restriction is not None:
-            conditions.append(restriction.version_clause(_H))
-        if res_id is not None:
-            conditions.append(_H.c.res_id == res_id)
-        if since is not None:
-            conditions.append(_H.c.last_updated >= since)
-        if at is not None:
-            conditions.append(_H.c.last_updated <= at)
-        query = (
-            select(_H.c.res_type, _H.c.res_id, _H.c.version_id, _H.c.last_updated, _H.c.method, _H.c.content)
-            .where(*conditions)
-            .order_by(_H.c.last_updated.desc(), _H.c.version_id.desc(), _H.c.res_type, _H.c.res_id)
-            .limit(count)
-            .offset(offset)
+        labels of that version (a deletion on those of the version it deleted). After a cursor: the page that
+        follows its entry (keyset, so as fast at any depth), and the total as it stood at the cursor's snapshot;
+        versions are never changed once written, so the pages of one paging neither skip nor repeat an entry. The
+        total is counted up to r4.search.COUNT_LIMIT versions, None above that."""
+        matching, query = history_statements(
+            res_type,
+            res_id,
+            since=since,
+            at=at,
+            count=count,
+            offset=offset,
+            types=types,
+            restriction=restriction,
+            after=after,
         )
         with self.reading() as conn:
-            total = conn.execute(select(func.count()).select_from(_H).where(*conditions)).scalar_one()
+            total = search_sql.count_matches(conn, matching, search_rules.COUNT_LIMIT)
             rows = conn.execute(query).all() if count else []
         return [_row_to_stored(r.res_type, r.res_id, r, r.method) for r in rows], total
+
+    def histories(self, res_type: str, res_ids: Iterable[str]) -> dict[str, list[StoredResource]]:
+        # One statement per batch of ids, each walking the primary key (res_type, res_id, version_id).
+        found: dict[str, list[StoredResource]] = {}
+        with self.reading() as conn:
+            for batch in _batches(res_ids):
+                query = (
+                    select(_H.c.res_id, _H.c.version_id, _H.c.last_updated, _H.c.method, _H.c.content)
+                    .where(_H.c.res_type == res_type, _H.c.res_id.in_(batch))
+                    .order_by(_H.c.res_id, _H.c.last_updated.desc(), _H.c.version_id.desc())
+                )
+                for row in conn.execute(query):
+                    found.setdefault(row.res_id, []).append(_row_to_stored(res_type, row.res_id, row, row.method))
+        return found
+
+    def type_versions(self, res_type: str) -> tuple[int, int]:
+        query = select(func.count(), func.coalesce(func.sum(_R.c.version_id), 0)).where(_R.c.res_type == res_type)
+        with self.reading() as conn:
+            rows, versions = conn.execute(query).one()
+        return int(rows), int(versions)
 
     def search(self, request: Any) -> SearchResult:
         with self.reading() as conn:
@@ -756,6 +992,74 @@ class SqlStore(SqlAuditLog):
         except self._unreadable_key:
             return [], 0
         return [_row_to_record(r) for r in rows], total
+
+    def enrollments_during(self, start: date, end: date) -> list[StoredRecord]:
+        # Open stays (no readable discharge day) and those that ended on or after start: two ranges of one index.
+        query = select(*_REC_COLUMNS).where(
+            _REC.c.kind == "enrollment",
+            _REC.c.status == "active",
+            (_REC.c.stay_end.is_(None)) | (_REC.c.stay_end >= start.isoformat()),
+            _REC.c.record_day <= end.isoformat(),
+        )
+        with self.reading() as conn:
+            return _oldest_first(conn.execute(query).all())
+
+    def records_of(self, kinds: Iterable[str], enrollment_ids: Iterable[str]) -> list[StoredRecord]:
+        wanted = list(kinds)
+        rows: list[Any] = []
+        with self.reading() as conn:
+            for batch in _batches(enrollment_ids):
+                query = select(*_REC_COLUMNS).where(_REC.c.kind.in_(wanted), _REC.c.enrollment_id.in_(batch))
+                rows += conn.execute(query).all()
+        return _oldest_first(rows)
+
+    def group_sessions_of(self, enrollment_ids: Iterable[str]) -> list[StoredRecord]:
+        rows: dict[str, Any] = {}
+        with self.reading() as conn:
+            for batch in _batches(enrollment_ids):
+                attended = select(_GA.c.group_id).where(_GA.c.enrollment_id.in_(batch))
+                query = select(*_REC_COLUMNS).where(_REC.c.kind == GROUP_SESSION, _REC.c.id.in_(attended))
+                rows.update((r.id, r) for r in conn.execute(query).all())
+        return _oldest_first(rows.values())
+
+    def stay_keys(self, kinds: Iterable[str], enrollment_ids: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        # Two aggregates per batch, read from the rows' version and updated columns, never their content.
+        wanted = list(kinds)
+        own_fields = _key_fields(_REC)
+        found: dict[str, tuple[int, ...]] = {}
+        with self.reading() as conn:
+            for batch in _batches(enrollment_ids):
+                own = (
+                    select(_REC.c.enrollment_id, *own_fields)
+                    .where(_REC.c.kind.in_(wanted), _REC.c.enrollment_id.in_(batch))
+                    .group_by(_REC.c.enrollment_id)
+                )
+                groups = (
+                    select(_GA.c.enrollment_id, *own_fields)
+                    .select_from(_GA.join(_REC, and_(_REC.c.kind == GROUP_SESSION, _REC.c.id == _GA.c.group_id)))
+                    .where(_GA.c.enrollment_id.in_(batch))
+                    .group_by(_GA.c.enrollment_id)
+                )
+                of_own = {row[0]: tuple(int(v) for v in row[1:]) for row in conn.execute(own)}
+                of_groups = {row[0]: tuple(int(v) for v in row[1:]) for row in conn.execute(groups)}
+                for eid in batch:
+                    found[eid] = of_own.get(eid, _NO_ROWS) + of_groups.get(eid, _NO_ROWS)
+        return found
+
+    def current_versions(self, references: Iterable[str]) -> dict[str, int]:
+        wanted: dict[str, list[str]] = {}
+        for reference in dict.fromkeys(references):
+            res_type, _, res_id = reference.partition("/")
+            wanted.setdefault(res_type, []).append(res_id)
+        found: dict[str, int] = {}
+        with self.reading() as conn:
+            for res_type, res_ids in wanted.items():
+                for batch in _batches(res_ids):
+                    query = select(_R.c.res_id, _R.c.version_id).where(
+                        _R.c.res_type == res_type, _R.c.res_id.in_(batch)
+                    )
+                    found.update((f"{res_type}/{row.res_id}", int(row.version_id)) for row in conn.execute(query))
+        return found
 
     # -- inbound referrals
 

@@ -240,3 +240,76 @@ def test_a_corrected_discharge_after_acceptance_is_not_overdue_and_keeps_one_acc
     assert follow(app, partner) == 1  # the partner's state comes back onto the re-mapped Task
     events = [s["event"] for s in timeline(client, discharge)]
     assert events.count("accepted") == 1
+
+
+# -- the timelines of many discharges at once (the outcomes of a period) ---------------------------------------------
+
+
+def discharged(client: Any, mrn: str, *, referral: bool = True) -> dict[str, Any]:
+    """A discharge of a patient of its own (``mrn``), with a referral to the partner unless not ``referral``."""
+    enrollment = contract("enrollment")
+    enrollment["patient"]["identifiers"][0]["value"] = mrn
+    enrollment_id = client.post("/iop/enrollments", json=enrollment).get_json()["id"]
+    assert client.post("/iop/treatment-plans", json=contract("treatment-plan", enrollment_id)).status_code == 201
+    consent = contract("consent", enrollment_id)
+    del consent["expires_on"]
+    assert client.post("/iop/consents", json=consent).status_code == 201
+    payload = contract("discharge", enrollment_id)
+    if not referral:
+        del payload["referral"]
+    response = client.post("/iop/discharges", json=payload)
+    assert response.status_code == 201
+    body: dict[str, Any] = response.get_json()
+    return body
+
+
+def answer(app: Any, discharge: dict[str, Any], status: str, code: str, display: str, **more: Any) -> None:
+    """A new version of our Task with what the partner reported, as following its Task writes it."""
+    store, repository = app.extensions["iop_fhir.store"], app.extensions["iop_fhir.repository"]
+    res_type, res_id = next(r for r in discharge["fhir"] if r.startswith("Task/")).split("/", 1)
+    with store.write() as tx:
+        current = tx.current(res_type, res_id)
+        task = orjson.loads(current.content)
+        task.update(status=status, businessStatus={"coding": [{"system": BSER, "code": code, "display": display}]})
+        task.update(more)
+        repository.update_in(tx, res_type, res_id, task)
+
+
+def test_the_timelines_of_many_discharges_read_at_once_equal_each_ones_timeline(
+    app: Any, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert client.post("/iop/partners", json=contract("partner")).status_code == 201
+    sent, accepted, rejected, completed, unsent = (discharged(client, f"MRN-{n}") for n in range(5))
+    without_referral = discharged(client, "MRN-5", referral=False)
+    store = app.extensions["iop_fhir.store"]
+    for row in store.claim("test-worker", now_us(), 60, 50):
+        if row.record_id != unsent["id"]:
+            assert store.delivered(row.id, "test-worker", now_us(), {"entries": []})
+    answer(app, accepted, "accepted", "3.0", "Service Request Accepted")
+    scheduled = [{"type": {"text": "first visit"}, "valueDateTime": "2026-04-02T10:00:00Z"}]
+    answer(app, accepted, "in-progress", "5.1.1", "Appointment Scheduled", output=scheduled)
+    answer(app, accepted, "in-progress", "5.1.1", "Appointment Scheduled", output=scheduled)  # nothing new
+    answer(app, rejected, "rejected", "4.0", "Service Request Declined", statusReason={"text": "no capacity"})
+    answer(app, completed, "accepted", "3.0", "Service Request Accepted")
+    answer(app, completed, "completed", "7.0", "Service Request Fulfilled")
+    records = [store.record("discharge", d["id"]) for d in (sent, accepted, rejected, completed, unsent)]
+    records.append(store.record("discharge", without_referral["id"]))
+    each = {r.id: followup.timeline(r, store, sent=False) for r in records}
+
+    def one_by_one(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a Task's history was read on its own")
+
+    monkeypatch.setattr(store, "history", one_by_one)
+    batched = followup.timelines(records, store)
+    assert batched == each
+    events = {d: [s["event"] for s in steps] for d, steps in batched.items()}
+    assert events == {
+        sent["id"]: ["created"],
+        accepted["id"]: ["created", "accepted", "scheduled"],
+        rejected["id"]: ["created", "declined"],
+        completed["id"]: ["created", "accepted", "completed"],
+        unsent["id"]: ["created"],
+        without_referral["id"]: [],
+    }
+    assert batched[rejected["id"]][-1]["detail"] == "declined by the partner: no capacity"
+    assert batched[accepted["id"]][-1]["scheduled_for"] == "2026-04-02T10:00:00Z"

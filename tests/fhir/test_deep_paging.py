@@ -3,6 +3,8 @@ every resource that matched when the first page was read comes exactly once, on 
 
 from __future__ import annotations
 
+import base64
+import json
 from collections import Counter
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -124,3 +126,93 @@ def test_offset_pages_still_serve_and_link_by_offset(client: FlaskClient) -> Non
     assert "_cursor" in relations["next"]
     following = client.get(next_url(bundle) or "").get_json()
     assert [e["resource"]["id"] for e in following["entry"]] == [ids[2]]
+
+
+# -- history: newest first, continued by a cursor after the last entry served
+
+
+def encoded(data: list[Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def history_ids(client: FlaskClient, first: str) -> tuple[list[tuple[str, str]], list[int], list[str]]:
+    """Every (id, version) a client pages through from ``first``, the total of each page, and each next link."""
+    seen: list[tuple[str, str]] = []
+    totals: list[int] = []
+    links: list[str] = []
+    url: str | None = first
+    while url is not None:
+        response = client.get(url)
+        assert response.status_code == 200, response.get_json()
+        bundle = response.get_json()
+        seen += [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in bundle.get("entry", [])]
+        totals.append(bundle["total"])
+        url = next_url(bundle)
+        if url is not None:
+            links.append(url)
+    return seen, totals, links
+
+
+def test_history_paged_by_next_links_under_writes_serves_every_version_of_the_start_exactly_once(
+    client: FlaskClient,
+) -> None:
+    ids = [create(client, observation("44261-0", day)) for day in range(1, 8)]
+    for res_id in ids[:4]:
+        update(client, res_id, observation("44261-0", 20))
+    expected = [
+        (e["resource"]["id"], e["resource"]["meta"]["versionId"])
+        for e in client.get("/fhir/Observation/_history?_count=100").get_json()["entry"]
+    ]
+    assert len(expected) == 11
+    first = client.get(f"/fhir/Observation/_history?_count={PAGE}").get_json()
+    seen = [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in first["entry"]]
+    totals = [first["total"]]
+    url = next_url(first)
+    while url is not None:  # between pages: new versions and new resources, newer than every entry of the paging
+        assert "_cursor=" in url and "_offset=" not in url
+        update(client, ids[len(seen) % len(ids)], observation("44261-0", 21))
+        create(client, observation("44261-0", 22))
+        bundle = client.get(url).get_json()
+        seen += [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in bundle["entry"]]
+        totals.append(bundle["total"])
+        url = next_url(bundle)
+    assert seen == expected
+    assert set(totals) == {11}
+
+
+def test_a_deep_history_page_reached_by_offset_continues_by_cursor_and_links_back_by_offset(
+    client: FlaskClient,
+) -> None:
+    for day in range(1, 10):
+        create(client, observation("44261-0", day))
+    everything, _, _ = history_ids(client, "/fhir/_history?_count=100")
+    bundle = client.get("/fhir/_history?_count=3&_offset=3").get_json()
+    relations = {link["relation"]: dict(parse_qsl(urlsplit(link["url"]).query)) for link in bundle["link"]}
+    assert relations["previous"]["_offset"] == "0"
+    assert "_cursor" in relations["next"] and "_offset" not in relations["next"]
+    rest, totals, links = history_ids(client, next_url(bundle) or "")
+    assert [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in bundle["entry"]] + rest == everything[3:]
+    assert all("previous" not in link for link in links)
+    assert set(totals) == {len(everything)}
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("_cursor=bm90LWEtY3Vyc29y", "not a history page cursor"),
+        ("_cursor=WzEsMiwzXQ", "not a history page cursor"),  # [1,2,3]
+        ("_cursor=WzEsLTEsMSwxLCJPYnNlcnZhdGlvbiIsIngiXQ", "not a history page cursor"),  # a negative count served
+        ("_offset=2&_cursor=WzEsMiwzLDQsIk9ic2VydmF0aW9uIiwieCJd", "cannot be used together"),
+        (f"_cursor={encoded([1, 2, 3, 2**31, 'Observation', 'x'])}", "not a history page cursor"),  # version_id
+        ("_cursor=" + encoded([1, 2, 3, 4, "Observation", "x" + chr(0)]), "not a history page cursor"),
+        (f"_cursor={encoded([2**64, 2, 3, 4, 'Observation', 'x'])}", "not a history page cursor"),
+    ],
+)
+def test_a_history_cursor_that_is_not_one_of_this_server_is_refused_naming_it(
+    client: FlaskClient, query: str, why: str
+) -> None:
+    response = client.get(f"/fhir/Observation/_history?{query}")
+    assert response.status_code == 400
+    issue = response.get_json()["issue"][0]
+    assert (issue["code"], issue["expression"]) == ("invalid", ["_cursor"])
+    assert why in issue["diagnostics"]

@@ -9,6 +9,8 @@ import orjson
 import pytest
 from flask.testing import FlaskClient
 
+from iop_fhir.r4 import search
+
 FHIR = "application/fhir+json"
 LOINC = "http://loinc.org"
 MRN = "urn:oid:2.16.840.1.113883.19.5"
@@ -186,6 +188,37 @@ def test_every_page_of_a_multi_page_search_carries_the_total_and_a_last_link(
     assert pages == 4
     beyond = client.get("/fhir/Observation?_count=1&_offset=9").get_json()
     assert (beyond["total"], beyond.get("entry")) == (4, None)
+
+
+def test_a_total_nobody_asked_for_is_left_out_above_the_count_limit_and_counted_when_asked(
+    client: FlaskClient, program: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "COUNT_LIMIT", 3)  # 4 Observations match
+    for query in ("_count=1", "_count=1&_total=estimate"):
+        bundle = client.get(f"/fhir/Observation?{query}").get_json()
+        assert "total" not in bundle
+        assert {lk["relation"] for lk in bundle["link"]} == {"self", "first", "next"}
+        seen = len(bundle["entry"])
+        while (following := next((lk["url"] for lk in bundle["link"] if lk["relation"] == "next"), None)) is not None:
+            bundle = client.get(following[following.index("/fhir/") :]).get_json()
+            seen += len(bundle.get("entry", []))
+        assert seen == 4  # every match is still served, page by page
+    for query in ("_count=1&_total=accurate", "_count=1&_totalMethod=count", "_summary=count", "_count=0"):
+        assert client.get(f"/fhir/Observation?{query}").get_json()["total"] == 4, query
+    assert client.get("/fhir/Observation?code=44261-6&_count=1").get_json()["total"] == 3  # within the limit
+
+
+def test_a_history_with_more_versions_than_are_counted_has_no_total_and_pages_to_the_end(
+    client: FlaskClient, program: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "COUNT_LIMIT", 3)
+    bundle = client.get("/fhir/Observation/_history?_count=1").get_json()
+    assert "total" not in bundle
+    seen = [e["resource"]["id"] for e in bundle["entry"]]
+    while (following := next((lk["url"] for lk in bundle["link"] if lk["relation"] == "next"), None)) is not None:
+        bundle = client.get(following[following.index("/fhir/") :]).get_json()
+        seen += [e["resource"]["id"] for e in bundle.get("entry", [])]
+    assert sorted(seen) == sorted(program[k] for k in ("phq_jan", "phq_feb", "gad_jan", "phq_kai"))
 
 
 def test_total_none_leaves_the_total_out_of_every_page(client: FlaskClient, program: dict[str, str]) -> None:

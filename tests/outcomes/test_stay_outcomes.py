@@ -14,7 +14,7 @@ import pytest
 
 from iop_fhir.outcomes import load, patient, rules, stays
 from iop_fhir.outcomes.stays import Stay
-from iop_fhir.store.base import StoredRecord
+from iop_fhir.store.base import StoredRecord, attendees
 
 RULES = rules.load((Path(__file__).resolve().parents[2] / "mappings" / "outcomes").resolve())
 
@@ -759,6 +759,17 @@ class Records:
         found = [r for r in self.held if r.kind == kind and (enrollment_id is None or r.enrollment_id == enrollment_id)]
         return found[offset : offset + count], len(found)
 
+    def enrollments_during(self, start: date, end: date) -> list[StoredRecord]:
+        return [r for r in self.held if r.kind == "enrollment" and r.status == "active"]  # more is allowed
+
+    def records_of(self, kinds: Iterable[str], enrollment_ids: Iterable[str]) -> list[StoredRecord]:
+        wanted, ids = set(kinds), set(enrollment_ids)
+        return [r for r in self.held if r.kind in wanted and r.enrollment_id in ids]
+
+    def group_sessions_of(self, enrollment_ids: Iterable[str]) -> list[StoredRecord]:
+        ids = set(enrollment_ids)
+        return [r for r in self.held if r.kind == "group-session" and set(attendees(r.kind, r.content)) & ids]
+
 
 def held() -> Records:
     group = {**GROUP, "attendees": [{"enrollment_id": "E1", "attendance": "attended"}]}
@@ -781,13 +792,13 @@ def held() -> Records:
     )
 
 
-def transition_of(discharge_record: StoredRecord) -> list[dict[str, Any]]:
-    assert discharge_record.id == "D1"
-    return steps(None)
+def transitions_of(discharges: list[StoredRecord]) -> dict[str, list[dict[str, Any]]]:
+    assert [d.id for d in discharges] == ["D1"]
+    return {"D1": steps(None)}
 
 
 def test_the_loader_leaves_out_retracted_records() -> None:
-    loaded = load.load(held(), timeline=transition_of)
+    loaded = load.load(held(), timelines=transitions_of)
     # E9 is retracted: one stay; S2 (a no-show), G2, A2, T2 (a later plan) and D2 (a later discharge) retracted:
     # 1 session + 1 group, PHQ-9 12 only, plan T1, discharged 23 January
     assert [s.enrollment_id for s in loaded.stays] == ["E1"]
@@ -807,4 +818,4 @@ def test_the_loader_leaves_out_retracted_records() -> None:
 
 
 def test_the_loader_finds_no_stay_for_a_retracted_enrollment() -> None:
-    assert load.load(held(), timeline=transition_of, enrollment_id="E9").stays == []
+    assert load.load(held(), timelines=transitions_of, enrollment_id="E9").stays == []

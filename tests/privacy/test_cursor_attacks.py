@@ -76,3 +76,41 @@ def test_after_a_consent_is_revoked_the_next_page_of_a_partner_shows_nothing_of_
     after = partner.get(link)
     assert after.status_code == 200
     assert after.get_json().get("entry", []) == []
+
+
+def _history_cursor(snapshot: int, served: int, last_updated: int) -> str:
+    data = [snapshot, served, last_updated, 2**31 - 1, "Observation", "zzz"]
+    return base64.urlsafe_b64encode(orjson.dumps(data)).decode().rstrip("=")
+
+
+def test_a_forged_history_cursor_shows_a_partner_no_version_of_a_hidden_patient(
+    client: FlaskClient, program: dict[str, Any]
+) -> None:
+    hidden = program["b"]["patient"]
+    everything = client.get("/fhir/Observation/_history?_count=100").get_json()
+    assert hidden in {e["resource"]["subject"]["reference"] for e in everything["entry"]}  # there is one to hide
+    for snapshot, served, last_updated in ((2**62, 0, 2**62), (2**62, 10**6, 2**62), (0, 0, 2**62), (2**62, 0, 0)):
+        cursor = _history_cursor(snapshot, served, last_updated)
+        for path in ("/fhir/Observation/_history", "/fhir/_history"):
+            response = program["partner"].get(f"{path}?_count=50&_cursor={cursor}")
+            assert response.status_code == 200, response.get_json()
+            bundle = response.get_json()
+            found = {
+                e["resource"].get("subject", {}).get("reference") for e in bundle.get("entry", []) if "resource" in e
+            }
+            assert hidden not in found
+            assert not any(e["fullUrl"].endswith(hidden) for e in bundle.get("entry", []))
+
+
+def test_a_partner_paging_history_by_next_links_sees_only_its_patients_versions(
+    client: FlaskClient, program: dict[str, Any]
+) -> None:
+    seen: list[str] = []
+    url: str | None = "/fhir/Observation/_history?_count=1"
+    while url:
+        response = program["partner"].get(url)
+        assert response.status_code == 200, response.get_json()
+        bundle = response.get_json()
+        seen += [e["resource"]["subject"]["reference"] for e in bundle.get("entry", [])]
+        url = next_link(bundle)
+    assert seen and set(seen) == {program["a"]["patient"]}

@@ -74,3 +74,35 @@ def test_an_id_that_is_not_a_fhir_id_is_bound_as_a_parameter_never_rendered(repo
     odd = Restriction(frozenset({"a", "x'); DROP TABLE resources; --"}))
     assert visible(repository, "Patient", odd) == {"a"}
     assert visible(repository, "Patient", Restriction(frozenset({"a", "b"}))) == {"a", "b"}
+
+
+def test_a_resource_moved_to_another_patient_is_decided_on_the_patient_it_now_belongs_to(
+    repository: Repository,
+) -> None:
+    store = repository.store
+    moved = {"resourceType": "Observation", "id": "of-a", "status": "final", "code": {"text": "x"}}
+    with store.write() as tx:
+        repository.update_in(tx, "Observation", "of-a", {**moved, "subject": {"reference": "Patient/b"}})
+    assert "of-a" not in visible(repository, "Observation", Restriction(frozenset({"a"})))
+    assert "of-a" in visible(repository, "Observation", Restriction(frozenset({"b"})))
+    with store.write() as tx:
+        repository.update_in(tx, "Observation", "of-a", labelled({**moved, "subject": {"reference": "Patient/b"}}))
+    with store.write() as tx:  # the labels it lost no longer count, the patient it gained does
+        repository.update_in(tx, "Observation", "of-a", {**moved, "performer": [{"reference": "Patient/a"}]})
+    assert "of-a" in visible(repository, "Observation", Restriction(frozenset({"a"})))
+
+
+def test_a_resource_of_two_patients_or_of_a_patient_named_only_elsewhere_needs_every_one_permitted(
+    repository: Repository,
+) -> None:
+    body = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    elsewhere = {"reference": "Patient?identifier=urn:oid:2.16.840.1.113883.4.1|000-00-0000"}  # names no local id
+    with repository.store.write() as tx:
+        repository.update_in(tx, "Observation", "of-nowhere", {**body, "id": "of-nowhere", "subject": elsewhere})
+        group = {"resourceType": "Group", "id": "pair", "type": "person", "actual": True}
+        members = [{"entity": {"reference": "Patient/a"}}, {"entity": {"reference": "Patient/b"}}]
+        repository.update_in(tx, "Group", "pair", {**group, "member": members})
+    every = Restriction(frozenset({"a", "b"}))
+    assert "of-nowhere" not in visible(repository, "Observation", every)
+    assert visible(repository, "Group", Restriction(frozenset({"a"}))) == set()
+    assert visible(repository, "Group", every) == {"pair"}

@@ -81,6 +81,14 @@ ENROLLMENT_ROW = {
 }
 
 
+# iop_records before 0014 added the days a stay is found by
+_RECORDS_0013 = Table(
+    "iop_records",
+    MetaData(),
+    *(Column(c.name, c.type) for c in schema.iop_records.columns if c.name not in ("record_day", "stay_end")),
+)
+
+
 def _rows(engine: Engine, table: Table, *order: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         rows = conn.execute(select(table).order_by(*(table.c[name] for name in order))).mappings().all()
@@ -94,11 +102,11 @@ def test_0008_moves_referrals_and_event_counters_into_their_tables_and_the_downg
     try:
         migrate_to(engine, "0007")
         with engine.begin() as conn:
-            conn.execute(insert(schema.iop_records), [*REFERRAL_ROWS, COUNTER_ROW, ENROLLMENT_ROW])
+            conn.execute(insert(_RECORDS_0013), [*REFERRAL_ROWS, COUNTER_ROW, ENROLLMENT_ROW])
 
         migrate_to(engine, "0008")
 
-        assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW]
+        assert _rows(engine, _RECORDS_0013, "kind", "id") == [ENROLLMENT_ROW]
         assert _rows(engine, schema.inbound_referrals, "id") == [
             {
                 "id": row["id"],
@@ -118,7 +126,7 @@ def test_0008_moves_referrals_and_event_counters_into_their_tables_and_the_downg
 
         migrate_to(engine, "0007", down=True)
 
-        assert _rows(engine, schema.iop_records, "kind", "id") == [ENROLLMENT_ROW, *REFERRAL_ROWS, COUNTER_ROW]
+        assert _rows(engine, _RECORDS_0013, "kind", "id") == [ENROLLMENT_ROW, *REFERRAL_ROWS, COUNTER_ROW]
         tables = inspect(engine).get_table_names()
         assert "inbound_referrals" not in tables and "subscription_events" not in tables
     finally:
@@ -188,5 +196,165 @@ def test_0009_fills_in_the_patients_and_labels_of_every_stored_version_and_a_del
             ("moved", 1, True, False),
             ("moved", 2, True, False),
         ]
+    finally:
+        engine.dispose()
+
+
+# -- 0013: the visibility of the current version on the resource's row
+
+_RESOURCES_0012 = Table(
+    "resources",
+    MetaData(),
+    *(Column(c.name, c.type) for c in schema.resources.columns if c.name not in ("owner", "protected", "note")),
+)
+
+
+def test_0013_gives_each_row_the_owner_and_labels_of_its_current_version_not_of_an_earlier_one(
+    unmigrated_url: str,
+) -> None:
+    # (res_id, current version, deleted, {version: (patients, protected, note)})
+    stored: list[tuple[str, int, bool, dict[int, tuple[list[str | None], bool, bool]]]] = [
+        ("moved", 2, False, {1: (["b"], False, False), 2: (["a"], True, False)}),
+        ("unlabelled-now", 2, False, {1: (["a"], True, True), 2: (["a"], False, False)}),
+        ("two", 1, False, {1: (["a", "b"], True, False)}),
+        ("unnamed", 1, False, {1: ([None], False, False)}),
+        ("nobody", 1, False, {1: ([], True, False)}),
+        ("free", 1, False, {1: ([], False, False)}),
+        ("note", 1, False, {1: (["a"], True, True)}),
+        ("gone", 2, True, {1: (["c"], True, False), 2: (["c"], True, False)}),
+    ]
+    engine = create_engine(unmigrated_url)
+    try:
+        migrate_to(engine, "0012")
+        with engine.begin() as conn:
+            for res_id, current, deleted, versions in stored:
+                conn.execute(
+                    insert(_RESOURCES_0012).values(
+                        res_type="Observation",
+                        res_id=res_id,
+                        version_id=current,
+                        last_updated=current * 1_000,
+                        deleted=deleted,
+                        content=None if deleted else b"{}",
+                    )
+                )
+                for version, (patients, protected, note) in versions.items():
+                    conn.execute(
+                        insert(schema.history).values(
+                            **_version(res_id, version, None if deleted and version == current else {}),
+                            protected=protected,
+                            note=note,
+                        )
+                    )
+                    for patient in patients:
+                        conn.execute(
+                            insert(schema.version_patients).values(
+                                res_type="Observation", res_id=res_id, version_id=version, patient_id=patient
+                            )
+                        )
+
+        migrate_to(engine, "0013")
+
+        rows = {r["res_id"]: (r["owner"], r["protected"], r["note"]) for r in _rows(engine, schema.resources, "res_id")}
+        assert rows == {
+            "moved": ("a", True, False),
+            "unlabelled-now": ("a", False, False),
+            "two": ("*", True, False),
+            "unnamed": ("*", False, False),
+            "nobody": (None, True, False),
+            "free": (None, False, False),
+            "note": ("a", True, True),
+            "gone": ("c", True, False),
+        }
+        indexes = {i["name"] for i in inspect(engine).get_indexes("resources")}
+        assert "ix_resources_owner" in indexes
+
+        migrate_to(engine, "0012", down=True)
+
+        assert {c["name"] for c in inspect(engine).get_columns("resources")} == {c.name for c in _RESOURCES_0012.c}
+    finally:
+        engine.dispose()
+
+
+# -- 0014: the days a stay is found by, and the attendees of each group session
+
+
+def _record_row(kind: str, id: str, enrollment_id: str | None, content: dict[str, Any], **more: Any) -> dict[str, Any]:
+    row = {
+        "kind": kind,
+        "id": id,
+        "enrollment_id": enrollment_id,
+        "status": "active",
+        "version": 1,
+        "content": orjson.dumps(content),
+        "resources": orjson.dumps([]),
+        "created": 1_000,
+        "updated": 1_000,
+    }
+    return {**row, **more}
+
+
+def test_0014_dates_enrollments_and_discharges_ends_each_stay_with_its_latest_active_discharge_and_lists_attendees(
+    unmigrated_url: str,
+) -> None:
+    engine = create_engine(unmigrated_url)
+    try:
+        migrate_to(engine, "0013")
+        with engine.begin() as conn:
+            conn.execute(
+                insert(_RECORDS_0013),
+                [
+                    _record_row("enrollment", "open", "open", {"admission_date": "2026-01-05"}),
+                    _record_row("enrollment", "ended", "ended", {"admission_date": "2026-01-06"}),
+                    _record_row("enrollment", "unreadable", "unreadable", {"admission_date": "soon"}),
+                    # of "ended": the latest updated active discharge ends it, not a retracted or an older one
+                    _record_row("discharge", "d-old", "ended", {"discharge_date": "2026-02-01"}, updated=2_000),
+                    _record_row("discharge", "d-new", "ended", {"discharge_date": "2026-02-20"}, updated=3_000),
+                    _record_row(
+                        "discharge", "d-retracted", "ended", {"discharge_date": "2026-03-01"}, status="entered-in-error"
+                    ),
+                    _record_row("discharge", "d-retracted-only", "open", {"discharge_date": "2026-01-09"}),
+                    _record_row(
+                        "group-session",
+                        "g1",
+                        None,
+                        {
+                            "attendees": [
+                                {"enrollment_id": "open"},
+                                {"enrollment_id": "ended"},
+                                {"enrollment_id": "open"},
+                            ]
+                        },
+                    ),
+                    _record_row("session", "s1", "open", {"start": "2026-01-07T18:00:00-05:00"}),
+                ],
+            )
+            conn.execute(
+                _RECORDS_0013.update().where(_RECORDS_0013.c.id == "d-retracted-only").values(status="entered-in-error")
+            )
+
+        migrate_to(engine, "0014")
+
+        rows = {(r["kind"], r["id"]): (r["record_day"], r["stay_end"]) for r in _rows(engine, schema.iop_records, "id")}
+        assert rows == {
+            ("enrollment", "open"): ("2026-01-05", None),
+            ("enrollment", "ended"): ("2026-01-06", "2026-02-20"),
+            ("enrollment", "unreadable"): (None, None),
+            ("discharge", "d-old"): ("2026-02-01", None),
+            ("discharge", "d-new"): ("2026-02-20", None),
+            ("discharge", "d-retracted"): ("2026-03-01", None),
+            ("discharge", "d-retracted-only"): ("2026-01-09", None),
+            ("group-session", "g1"): (None, None),
+            ("session", "s1"): (None, None),
+        }
+        attendees = [
+            (r["group_id"], r["enrollment_id"]) for r in _rows(engine, schema.group_attendees, "enrollment_id")
+        ]
+        assert attendees == [("g1", "ended"), ("g1", "open")]
+
+        migrate_to(engine, "0013", down=True)
+
+        assert {c["name"] for c in inspect(engine).get_columns("iop_records")} == {c.name for c in _RECORDS_0013.c}
+        assert "group_attendees" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()
