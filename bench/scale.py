@@ -652,6 +652,11 @@ def mix(data: Data) -> list[Query]:
     def family(rng: random.Random) -> str:
         return rng.choice(data.families)
 
+    def window(rng: random.Random) -> tuple[str, str]:
+        """A range a client asks for: from a day, one to thirteen weeks."""
+        start = date.fromisoformat(day(rng))
+        return start.isoformat(), (start + timedelta(weeks=rng.randrange(1, 14))).isoformat()
+
     def day(rng: random.Random) -> str:
         start = date.fromisoformat(data.period[0])
         return (start + timedelta(days=rng.randrange(-365, 90))).isoformat()
@@ -663,7 +668,7 @@ def mix(data: Data) -> list[Query]:
         Query("token+patient", lambda r: f"/fhir/Observation?code={code(r)}&patient=Patient/{patient(r)}"),
         Query("string", lambda r: f"/fhir/Patient?family={family(r)}"),
         Query("date", lambda r: f"/fhir/Observation?date=ge{day(r)}"),
-        Query("date-range", lambda r: f"/fhir/Encounter?date=ge{day(r)}&date=lt{day(r)}"),
+        Query("date-range", lambda r: "/fhir/Encounter?date=ge{}&date=lt{}".format(*window(r))),
         Query("reference", lambda r: f"/fhir/Observation?subject=Patient/{patient(r)}"),
         Query("quantity", lambda r: f"/fhir/Observation?value-quantity=gt{r.randrange(100, 200)}"),
         Query(
@@ -880,9 +885,11 @@ def upgraded(create_app: Callable[..., Any], url: str, backend: str) -> Any:
         finally:
             engine.dispose()
 
+    from iop_fhir.serving import settled
+
     before = revision()
     began = time.perf_counter()
-    app = create_app(settings(url))
+    app = settled(create_app(settings(url)))  # as `iop-fhir serve` runs each worker
     if revision() != before:
         log(f"{backend}: migrated {before} -> {revision()} on open in {time.perf_counter() - began:.0f} s")
         began = time.perf_counter()

@@ -33,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         def make_app() -> Any:
             from iop_fhir.app import create_app
 
-            return create_app(settings)
+            return serving.settled(create_app(settings))
 
         return serving.serve(
             make_app,
@@ -68,9 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
             self.cfg.set("limit_request_line", 8190)
 
         def load(self) -> Any:
+            from iop_fhir import serving
             from iop_fhir.app import create_app
 
-            return create_app(settings)
+            return serving.settled(create_app(settings))
 
     print(
         f"iop-fhir serving FHIR R4 at http://{args.host}:{args.port}/fhir ({settings.database_url.split(':')[0]})",

@@ -1,7 +1,8 @@
 """The /iop outcomes: one stay's (GET /iop/enrollments/{id}/outcomes) and a program's over a period (GET
 /iop/outcomes), as JSON, CSV or HTML pages. The figures come from iop_fhir/outcomes; this module reads the request's
 parameters, loads the stays through the app's outcome reader, and notes the resources each answer was computed from
-in the request's audit trail."""
+in the request's audit trail. A program's report is computed again only when what it depends on changed: it is kept
+(the reader's ReportCache) under the keys of the stays it was computed from, the query, the patients and the day."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flask import current_app, request
 
 from iop_fhir.errors import BadRequest, NotFound
 from iop_fhir.iop import schemas, web
-from iop_fhir.outcomes import patient
+from iop_fhir.outcomes import load, patient
 from iop_fhir.outcomes import program as figures
 from iop_fhir.outcomes.load import Loaded, Reader
 from iop_fhir.outcomes.program import Period
@@ -92,16 +93,44 @@ def program_query() -> Query:
     return Query(code, Period(start, end))
 
 
-def program_outcomes(query: Query, *, each: bool = True) -> tuple[dict[str, Any], list[Mapping[str, Any]]]:
+@dataclass
+class _Computed:
+    """A program's report as computed, the enrollments of the stays it counts, and (once a page asked) the outcomes
+    of each of those stays. Shared by the requests that take it from the cache: read only."""
+
+    report: dict[str, Any]
+    counted: list[str]
+    each: list[Mapping[str, Any]] | None = None
+
+
+def program_outcomes(
+    query: Query, *, each: bool = True, patients: frozenset[str] | None = None
+) -> tuple[dict[str, Any], list[Mapping[str, Any]]]:
     """The program's outcomes for the period, and (``each``: the pages want them) the outcomes of each stay it
-    counts. Only the stays that can overlap the period are read."""
+    counts, over the stays of ``patients`` (a partner's restriction; None: every patient). Only the stays that can
+    overlap the period are read.
+
+    The answer is the one kept from an earlier request when every stay read now was taken as kept under the same key
+    (outcomes/load.py Loaded.built_from: the same enrollments, each unchanged) for the same query, patients and day,
+    computed with the process's rules; computed (and kept) otherwise."""
     reader = _reader()
-    loaded = reader.stays(program=query.program, period=query.period)
-    group = figures.cohort(loaded.stays, query.period, query.program)
-    _noted(loaded, [s.enrollment_id for s in group])
-    now = today()
-    report = figures.outcomes(group, reader.rules, query.period, now, query.program)
-    return report, [patient.outcomes(s, reader.rules, now) for s in group] if each else []
+    loaded = reader.stays(patients=patients, program=query.program, period=query.period)
+    now, rules = today(), reader.rules
+    key = (loaded.built_from, query.program, query.period, patients, now)
+    computed = reader.reports.get(key, rules) if loaded.all_kept and loaded.built_from is not None else None
+    if not isinstance(computed, _Computed):
+        group = figures.cohort(loaded.stays, query.period, query.program)
+        report = figures.outcomes(group, rules, query.period, now, query.program)
+        computed = _Computed(report, [s.enrollment_id for s in group])
+        if loaded.built_from is not None:
+            reader.reports.put(key, rules, computed)
+    _noted(loaded, computed.counted)
+    if not each:
+        return computed.report, []
+    if computed.each is None:
+        counted = load.stays_of(loaded, computed.counted)
+        computed.each = [patient.outcomes(s, rules, now) for s in counted]
+    return computed.report, computed.each
 
 
 def csv_text(report: dict[str, Any]) -> str:

@@ -4,13 +4,14 @@ their rows) with their active sessions, group-session attendances, assessments, 
 and discharge, and the steps of the discharge's transition; only the records of the enrollments chosen are read.
 Which stays a client may count is decided here from its Part 2 restriction: a partner's client counts only the
 stays of patients whose records it may read. A Reader keeps the stays it built (StayCache) and uses one again only
-while the key of what it was built from, read from the database on every request, is unchanged."""
+while the key of what it was built from, read from the database on every request, is unchanged; it also keeps the
+reports computed over them (ReportCache), used again only for the same stays under the same keys."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ KINDS = ("session", "assessment", "treatment-plan", "medication", "discharge")
 TRANSITION_TASK = "referral-task"
 # The stays a process keeps built (StayCache): a few big programs' periods.
 STAYS_KEPT = 20_000
+# The reports a process keeps computed (ReportCache): a few periods of each program, and of each partner.
+REPORTS_KEPT = 64
 
 # The transition steps of many discharges by their ids (exchange/followup.py timelines), all read at once.
 Timelines = Callable[[list[StoredRecord]], Mapping[str, list[dict[str, Any]]]]
@@ -42,6 +45,11 @@ class Loaded:
 
     stays: list[Stay]
     references: dict[str, list[str]]  # enrollment id -> the Type/id of its enrollment's resources
+    # What the stays were built from, read for this request: each chosen enrollment's (id, key, transition Task
+    # versions) in id order (a Reader's stays; None from ``load``, which keeps nothing), and whether every stay was
+    # taken as kept, none built by this request.
+    built_from: tuple[tuple[str, tuple[Any, ...], tuple[tuple[str, int | None], ...]], ...] | None = None
+    all_kept: bool = False
 
 
 def patient_of(enrollment: StoredRecord) -> str | None:
@@ -147,7 +155,12 @@ def _built(
     return found
 
 
-def _loaded(chosen: Mapping[str, tuple[StoredRecord, str | None]], stays: Mapping[str, Stay | None]) -> Loaded:
+def _loaded(
+    chosen: Mapping[str, tuple[StoredRecord, str | None]],
+    stays: Mapping[str, Stay | None],
+    kept: Mapping[str, Kept] | None = None,
+    all_kept: bool = False,
+) -> Loaded:
     found: list[Stay] = []
     references: dict[str, list[str]] = {}
     for eid, (enrollment, _) in chosen.items():
@@ -156,7 +169,10 @@ def _loaded(chosen: Mapping[str, tuple[StoredRecord, str | None]], stays: Mappin
             found.append(stay)
             references[eid] = [str(r["reference"]) for r in enrollment.resources if r.get("reference")]
     found.sort(key=lambda s: (s.admission, s.enrollment_id))
-    return Loaded(found, references)
+    if kept is None:
+        return Loaded(found, references)
+    built_from = tuple((eid, kept[eid].key, kept[eid].tasks) for eid in sorted(chosen))
+    return Loaded(found, references, built_from, all_kept)
 
 
 def load(
@@ -222,17 +238,18 @@ def cached(
     *,
     timelines: Timelines,
     explains: Callable[[str], Iterable[str]],
-) -> dict[str, Stay | None]:
-    """The stays of the chosen enrollments as ``load`` builds them, taken from ``cache`` for each one whose key read
-    now (its enrollment's version, the key of its records and group sessions, its transition Task's current
-    version) is the one it was built under, built from its records for the others (and kept).
+) -> tuple[dict[str, Kept], bool]:
+    """The stays of the chosen enrollments as ``load`` builds them, each with the key it was built under, taken from
+    ``cache`` for each one whose key read now (its enrollment's version, the key of its records and group sessions,
+    its transition Task's current version) is the one it was built under, built from its records for the others
+    (and kept); and whether every one was taken from ``cache``.
 
     Every key is read before the records a stay is built from, so an entry is never older than its key: a write
     that lands in between leaves the entry under the older key, rebuilt on the next request. What else a stay is
     built from cannot change while the process runs: ``explains`` is the terminology loaded when the process
     started (the rules apply to the stays afterwards, on every request)."""
     if not chosen:
-        return {}
+        return {}, True
     keys = records.stay_keys(KINDS, list(chosen))
     wanted = {
         eid: (enrollment.status, enrollment.version, enrollment.updated, keys.get(eid))
@@ -243,15 +260,15 @@ def cached(
         kept = cache.get(eid)
         if kept is not None and kept.key == key:
             candidates[eid] = kept
-    found: dict[str, Stay | None] = {}
+    found: dict[str, Kept] = {}
     if candidates:
         current = records.current_versions(ref for kept in candidates.values() for ref, _ in kept.tasks)
         for eid, kept in candidates.items():
             if all(current.get(ref) == version for ref, version in kept.tasks):
-                found[eid] = kept.stay
+                found[eid] = kept
     missing = {eid: chosen[eid] for eid in chosen if eid not in found}
     if not missing:
-        return found
+        return found, True
     tasks: dict[str, int] = {}
 
     def read_tasks(discharges: list[StoredRecord]) -> None:
@@ -262,9 +279,41 @@ def cached(
     ).items():
         task = transition_task(discharge) if discharge is not None else None
         read = ((task, tasks.get(task)),) if task is not None else ()
-        cache.put(eid, Kept(wanted[eid], read, stay))
-        found[eid] = stay
-    return found
+        found[eid] = Kept(wanted[eid], read, stay)
+        cache.put(eid, found[eid])
+    return found, False
+
+
+class ReportCache:
+    """The reports one process has computed, by the key of everything each depends on (``Loaded.built_from``, the
+    query, the client's patients, the day), the least recently used dropped beyond ``size``. A report is taken only
+    by a request whose stays were all taken as kept under the same keys (``Loaded.all_kept``), with the same rules
+    object it was computed with: the rules are read from their files once per process (rules.load), so a report is
+    never computed under other rules than the process's. Never trusted for a while, never told of a change: the keys
+    are read from the database on every request."""
+
+    def __init__(self, size: int = REPORTS_KEPT) -> None:
+        self.size = size
+        self._kept: OrderedDict[Hashable, tuple[Rules, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, key: Hashable, rules: Rules) -> Any | None:
+        with self._lock:
+            kept = self._kept.get(key)
+            if kept is None or kept[0] is not rules:
+                return None
+            self._kept.move_to_end(key)
+            return kept[1]
+
+    def put(self, key: Hashable, rules: Rules, report: Any) -> None:
+        with self._lock:
+            self._kept[key] = (rules, report)
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
 
 
 def stays_of(loaded: Loaded, ids: Iterable[str]) -> list[Stay]:
@@ -283,6 +332,8 @@ class Reader:
     explains: Callable[[str], Iterable[str]] = stays_.project_explains
     # the stays this process built, used again while their records are unchanged (StayCache)
     cache: StayCache = field(default_factory=StayCache, compare=False, repr=False)
+    # the reports this process computed over them, used again for the same stays under the same keys (ReportCache)
+    reports: ReportCache = field(default_factory=ReportCache, compare=False, repr=False)
 
     @property
     def rules(self) -> Rules:
@@ -301,5 +352,5 @@ class Reader:
         period: Period | None = None,
     ) -> Loaded:
         chosen = _chosen(self.records, enrollment_id=enrollment_id, patients=patients, program=program, period=period)
-        stays = cached(self.records, self.cache, chosen, timelines=self.timelines, explains=self.explains)
-        return _loaded(chosen, stays)
+        kept, all_kept = cached(self.records, self.cache, chosen, timelines=self.timelines, explains=self.explains)
+        return _loaded(chosen, {eid: k.stay for eid, k in kept.items()}, kept, all_kept)

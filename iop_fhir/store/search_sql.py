@@ -61,10 +61,9 @@ _REF = schema.idx_reference
 
 def run(conn: Connection, request: SearchRequest) -> SearchResult:
     """One page of matches (``_count`` from ``_offset`` or from a next link's ``_cursor``, one more fetched to know
-    whether a next page exists), what ``_include``/``_revinclude`` add, and the total unless ``_total=none``: known
-    for free on a single or last ``_offset`` page, counted exactly when asked for (``_total=accurate``,
-    ``_summary=count``, ``_count=0``), else counted up to ``r4.search.COUNT_LIMIT`` matches and left out above
-    that."""
+    whether a next page exists), what ``_include``/``_revinclude`` add, and the total unless ``_total=none``:
+    counted exactly when asked for (``_total=accurate``, ``_summary=count``, ``_count=0``), else counted up to
+    ``r4.search.COUNT_LIMIT`` matches and left out above that."""
     query = _Query(conn.dialect.name == "sqlite", request.restriction)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
@@ -75,25 +74,29 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
         where.append(request.restriction.clause(r))
     result = SearchResult()
     exact = request.total == "accurate" or request.summary == "count" or request.count == 0
-    counted = request.wants_total
-    if counted:
-        result.total = count_matches(
-            conn, select(r.c.res_id).where(*where), None if exact else search_rules.COUNT_LIMIT
-        )
+    if request.wants_total or request.total != "none":
+        # Counted before the page: how many match decides how the page is best read (_Pager, ``few``).
+        result.total = count_matches(conn, _matches(query, request, where), None if exact else search_rules.COUNT_LIMIT)
     if request.summary == "count" or request.count == 0:
         return result
-    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite).page()
+    few = result.total is not None and result.total <= search_rules.COUNT_LIMIT
+    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite, few=few).page()
     result.has_more = result.next_cursor is not None
     result.matches = [_stored(row) for row in rows]
-    if not counted and request.total != "none":
-        first_or_offset = request.cursor is None
-        if first_or_offset and not result.has_more and (result.matches or request.offset == 0):
-            result.total = request.offset + len(result.matches)  # the last page: the total is free
-        else:  # every page of a multi-page search tells the total, up to COUNT_LIMIT matches
-            result.total = count_matches(conn, select(r.c.res_id).where(*where), search_rules.COUNT_LIMIT)
     if request.includes and result.matches:
         result.included = _include(conn, request.includes, result.matches, request.restriction)
     return result
+
+
+def _matches(query: _Query, request: SearchRequest, where: list[ColumnElement[bool]]) -> Select[Any]:
+    """The ids a search's total counts, once each: from the one index its only filter reads when nothing else
+    narrows it (no restriction, no compartment), so that counting reads one index and not every matching row;
+    otherwise the matching rows of resources."""
+    if len(request.filters) == 1 and request.restriction is None and not request.compartment:
+        found = query.matching(request.res_type, request.filters[0])
+        if found is not None:
+            return found.distinct()
+    return select(_R.c.res_id).where(*where)
 
 
 def count_matches(conn: Connection, matching: Select[Any], limit: int | None) -> int | None:
@@ -153,18 +156,30 @@ class _Query:
                 return false() if f.missing else true()
             column = r.c.last_updated
             return or_(*[_date(v, column, column) for v in f.values if isinstance(v, DateValue)])
+        found = self.matching(res_type, f)
+        if found is not None:
+            return r.c.res_id.in_(found)
         table = schema.INDEX_TABLES[f.kind]
         scope = select(table.c.res_id).where(table.c.res_type == res_type, table.c.param == f.param)
-        if f.missing is not None:
-            if f.missing:
-                return ~exists(scope.where(table.c.res_id == r.c.res_id))
-            return r.c.res_id.in_(scope)
+        if f.missing:
+            return ~exists(scope.where(table.c.res_id == r.c.res_id))
+        matching = scope.where(or_(*[self._value(f, table, v) for v in f.values]))  # :not
+        return ~exists(matching.where(table.c.res_id == r.c.res_id))
+
+    def matching(self, res_type: str, f: Filter) -> Select[Any] | None:
+        """The ids of the live resources satisfying ``f``, read from the index alone, when ``f`` is such a filter
+        (a value, a chain, ``:missing=false``; None for ``_id``, ``_lastUpdated``, ``:missing=true`` and ``:not``).
+        An id may come more than once. Index rows are kept for current, live versions only (store/sql.py drops a
+        resource's rows when it is updated or deleted)."""
+        if f.param in ("_id", "_lastUpdated") or f.missing is True or f.modifier == "not":
+            return None
+        table = schema.INDEX_TABLES[f.kind]
+        scope = select(table.c.res_id).where(table.c.res_type == res_type, table.c.param == f.param)
+        if f.missing is False:
+            return scope
         if f.chain is not None:
-            return r.c.res_id.in_(self._chain(res_type, f))
-        matching = scope.where(or_(*[self._value(f, table, v) for v in f.values]))
-        if f.modifier == "not":
-            return ~exists(matching.where(table.c.res_id == r.c.res_id))
-        return r.c.res_id.in_(matching)
+            return self._chain(res_type, f)
+        return scope.where(or_(*[self._value(f, table, v) for v in f.values]))
 
     def _chain(self, res_type: str, f: Filter) -> Select[Any]:
         """Resources whose reference ``f.param`` points to a live ``f.target_type`` satisfying ``f.chain``
@@ -327,8 +342,13 @@ class _Pager:
     pages count from the start of the current results and promise nothing under writes.
     """
 
-    def __init__(self, conn: Connection, request: SearchRequest, where: list[Any], sqlite: bool) -> None:
+    def __init__(
+        self, conn: Connection, request: SearchRequest, where: list[Any], sqlite: bool, *, few: bool = False
+    ) -> None:
         self.conn = conn
+        # Known to match at most COUNT_LIMIT resources: then reading the matches and sorting them is bounded, where
+        # walking the whole type in order and testing each could read every row before finding a page of rare ones.
+        self.few = few
         self.request = request
         self.where = where
         self.sqlite = sqlite
@@ -428,10 +448,13 @@ class _Pager:
                 *_after(keys, self.cursor.keys[len(self.cursor.keys) - len(keys) :], res_id, self.cursor.res_id)
             )
         order = [key.order() for key in keys]
-        if not self.request.sort and self.sqlite and self.request.filters:
-            # SQLite's planner, without statistics, prefers walking ix_resources_type_updated in order over
-            # looking the filters up in their index tables: a scan of the whole type. "+ 0" makes the sort key
-            # unindexable, so the filters drive the query and only their matches are sorted.
+        narrowed = bool(self.request.filters or self.request.compartment or self.request.restriction)
+        if not self.request.sort and narrowed and (self.few or (self.sqlite and self.request.filters)):
+            # Walking the type's resources by last_updated and testing each reads the whole type when the matches
+            # are rare: PostgreSQL chooses it when it misjudges how many match (filters on several index tables),
+            # SQLite without statistics always. "+ 0" makes the sort key unindexable, so the filters drive the query
+            # and only their matches are sorted: on PostgreSQL when they are known to be few (counted first), on
+            # SQLite whenever there are filters.
             order = [(_R.c.last_updated + 0).asc()]
         statement = statement.order_by(*order, res_id.asc()).limit(self.wanted if limit is None else limit)
         if offset is None:

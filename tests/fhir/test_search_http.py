@@ -341,3 +341,36 @@ def test_compartment_search_of_a_type_outside_the_compartment_or_another_compart
 def test_patient_compartment_is_declared_in_the_capability_statement(client: FlaskClient) -> None:
     rest = client.get("/fhir/metadata").get_json()["rest"][0]
     assert rest["compartment"] == ["http://hl7.org/fhir/CompartmentDefinition/patient"]
+
+
+def test_a_total_counted_from_one_index_counts_each_live_match_once(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    both = observation(program["muller"], "44261-6", 3, "2026-03-01T09:00:00-05:00")
+    both["code"]["coding"].append({"system": LOINC, "code": "70274-6"})
+    both_id = create(client, both)
+    gone = create(client, observation(program["muller"], "44261-6", 4, "2026-03-02T09:00:00-05:00"))
+    assert client.delete(f"/fhir/Observation/{gone}").status_code == 204
+    moved = program["phq_kai"]
+    changed = observation(program["muller"], "70274-6", 15, "2026-01-20T09:00:00-05:00")
+    assert (
+        client.put(
+            f"/fhir/Observation/{moved}", data=orjson.dumps({**changed, "id": moved}), headers={"Content-Type": FHIR}
+        ).status_code
+        == 200
+    )
+    queries = {
+        "code=44261-6,70274-6": 5,  # phq_jan, phq_feb, gad_jan, phq_kai, both: each once, the deleted one not
+        "code=44261-6": 3,  # phq_jan, phq_feb, both; no longer phq_kai
+        f"patient=Patient/{program['muller']}": 2,
+        "patient.family=Müller": 2,  # a chain
+        "value-quantity=ge9": 3,
+        "date=ge2026-02": 2,  # phq_feb, both; not the deleted one
+        "subject:missing=false": 5,
+    }
+    for query, expected in queries.items():
+        for total in ("accurate", "estimate"):
+            bundle = client.get(f"/fhir/Observation?{query}&_total={total}&_count=1").get_json()
+            assert bundle["total"] == expected, (query, total)
+        assert client.get(f"/fhir/Observation?{query}&_summary=count").get_json()["total"] == expected
+    assert both_id in ids_of(client, "Observation?code=44261-6,70274-6&_count=100")
