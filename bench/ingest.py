@@ -32,23 +32,15 @@ from typing import Any
 
 import orjson
 from inprocess import token  # bench/inprocess.py: the scripts run with bench/ on sys.path
+from run import patient_body
+from scale import LABS, VITALS
+from scale import _observation as scale_observation
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 DATABASE = "bench_ingest"
 BASE = "http://bench/fhir"
 FHIR = "application/fhir+json"
-LOINC = "http://loinc.org"
-UCUM = "http://unitsofmeasure.org"
 TARGET = 1500.0  # resources/s, PostgreSQL
-# (code, display, UCUM unit, low, high, category)
-KINDS = [
-    ("8867-4", "Heart rate", "/min", 50, 110, "vital-signs"),
-    ("29463-7", "Body weight", "kg", 45, 130, "vital-signs"),
-    ("8310-5", "Body temperature", "Cel", 36.0, 38.5, "vital-signs"),
-    ("2345-7", "Glucose [Mass/volume] in Serum or Plasma", "mg/dL", 65, 220, "laboratory"),
-    ("2160-0", "Creatinine [Mass/volume] in Serum or Plasma", "mg/dL", 0.5, 1.8, "laboratory"),
-    ("718-7", "Hemoglobin [Mass/volume] in Blood", "g/dL", 10, 17.5, "laboratory"),
-]
 
 
 def _postgres_admin(statement: str) -> list[Any]:
@@ -81,42 +73,19 @@ def database(backend: str, directory: Path) -> str:
 
 
 def patient(n: int) -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "id": f"ingest-p{n}",
-        "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5", "value": f"MRN-{n:05d}"}],
-        "name": [{"family": f"Ingest{n}", "given": ["Pat"]}],
-        "gender": ["female", "male", "other"][n % 3],
-        "birthDate": f"19{50 + n % 50:02d}-0{1 + n % 9}-1{n % 10}",
-    }
+    return {**patient_body(n), "id": f"ingest-p{n}"}
 
 
 def observation(rng: random.Random, patients: int) -> dict[str, Any]:
-    code, display, unit, low, high, category = rng.choice(KINDS)
-    return {
-        "resourceType": "Observation",
-        "status": "final",
-        "category": [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                        "code": category,
-                        "display": "Vital Signs" if category == "vital-signs" else "Laboratory",
-                    }
-                ]
-            }
-        ],
-        "code": {"coding": [{"system": LOINC, "code": code, "display": display}], "text": display},
-        "subject": {"reference": f"Patient/ingest-p{rng.randrange(patients)}"},
-        "effectiveDateTime": f"2026-{1 + rng.randrange(12):02d}-{1 + rng.randrange(28):02d}T08:30:00Z",
-        "valueQuantity": {
-            "value": round(rng.uniform(low, high), 1 if high < 50 else 0),
-            "unit": unit,
-            "system": UCUM,
-            "code": unit,
-        },
-    }
+    """A vital sign or lab of one of the Patients, as bench/scale.py's hospital data has them."""
+    spec = rng.choice(VITALS + LABS)
+    category = "vital-signs" if spec in VITALS else "laboratory"
+    day = f"2026-{1 + rng.randrange(12):02d}-{1 + rng.randrange(28):02d}T08:30:00Z"
+    found: dict[str, Any] = scale_observation(
+        rng, spec, category, f"ingest-p{rng.randrange(patients)}", {"id": "-", "period": {"start": day}}
+    )
+    del found["id"], found["encounter"]
+    return found
 
 
 def bundle(rng: random.Random, patients: int, size: int) -> bytes:

@@ -532,15 +532,7 @@ def prepared(backend: str, resources: int, seed: int, template_patients: int, fr
     app = create_app(settings(partial_url))
     try:
         figures = generate(app, tmpl, copies)
-        began = time.perf_counter()
-        store = app.extensions["iop_fhir.store"]
-        if backend == "sqlite":
-            with store.engine.connect() as conn:
-                conn.exec_driver_sql("ANALYZE")
-        else:
-            with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.exec_driver_sql("VACUUM ANALYZE")
-        figures["analyze_s"] = time.perf_counter() - began
+        figures["analyze_s"] = analyzed(app, backend)
     finally:
         app.extensions["iop_fhir.store"].close()
     if backend == "sqlite":
@@ -892,16 +884,22 @@ def upgraded(create_app: Callable[..., Any], url: str, backend: str) -> Any:
     app = settled(create_app(settings(url)))  # as `iop-fhir serve` runs each worker
     if revision() != before:
         log(f"{backend}: migrated {before} -> {revision()} on open in {time.perf_counter() - began:.0f} s")
-        began = time.perf_counter()
-        store = app.extensions["iop_fhir.store"]
-        if backend == "sqlite":
-            with store.engine.connect() as conn:
-                conn.exec_driver_sql("ANALYZE")
-        else:
-            with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.exec_driver_sql("VACUUM ANALYZE")
-        log(f"{backend}: {'ANALYZE' if backend == 'sqlite' else 'VACUUM ANALYZE'} {time.perf_counter() - began:.0f} s")
+        took = analyzed(app, backend)
+        log(f"{backend}: {'ANALYZE' if backend == 'sqlite' else 'VACUUM ANALYZE'} {took:.0f} s")
     return app
+
+
+def analyzed(app: Any, backend: str) -> float:
+    """The planner's statistics taken again (and, on PostgreSQL, dead rows vacuumed); the seconds it took."""
+    began = time.perf_counter()
+    store = app.extensions["iop_fhir.store"]
+    if backend == "sqlite":
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE")
+    else:
+        with store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE")
+    return time.perf_counter() - began
 
 
 def run(backend: str, args: argparse.Namespace) -> dict[str, Any]:
