@@ -1,6 +1,7 @@
 """/fhir/AuditEvent: the audit log read as AuditEvent resources, each rendered on demand from its row (privacy/audit.py
 ``render``, IHE BALP-shaped): read by id, and search (https://hl7.org/fhir/R4/auditevent.html#search) by the
-parameters of SEARCH_PARAMS with paging links, ``_sort=date|-date`` (newest first by default), ``_total``,
+parameters of SEARCH_PARAMS with paging links (a next link continues after the page's last event, so paging
+neither repeats nor skips one while events are written), ``_sort=date|-date`` (newest first by default), ``_total``,
 ``_summary``, ``_elements`` and ``Prefer: handling=lenient``. For administrators only (security/access.py
 ADMIN_ONLY). AuditEvents are written by the service alone (SERVICE_WRITTEN), so the other interactions stay the
 generic ones, which refuse them.
@@ -22,6 +23,7 @@ from iop_fhir.fhir import searchset
 from iop_fhir.privacy import audit
 from iop_fhir.privacy.auditlog import AuditWriter
 from iop_fhir.r4 import search
+from iop_fhir.r4.instants import now_us
 from iop_fhir.r4.search import DateValue, Filter, ReferenceValue, SearchRequest, TokenValue
 from iop_fhir.security.access import Access
 from iop_fhir.store.base import AuditLog, AuditQuery, AuditRow, RecordedRange, SearchResult, StoredResource
@@ -89,6 +91,8 @@ def search_bundle(
         StoredResource(AUDIT_EVENT, row.id, 1, row.recorded, False, orjson.dumps(audit.render(row))) for row in rows
     ]
     result = SearchResult(matches=matches, total=total, has_more=has_more)
+    if has_more and rows:  # the next page continues after this one's last row (searchset.py links to it)
+        result.next_cursor = search.Cursor(now_us(), False, (rows[-1].recorded,), rows[-1].id)
     return searchset.searchset_bundle(request, result, base_url), rows
 
 
@@ -121,6 +125,17 @@ def _query(request: SearchRequest, lenient: bool) -> tuple[SearchRequest, AuditQ
     if dropped:
         request = replace(request, filters=tuple(kept), ignored=request.ignored + tuple(dropped))
     count = 0 if request.summary == "count" else request.count
+    after = None
+    if request.cursor is not None:
+        keys = request.cursor.keys
+        if (
+            request.cursor.missing
+            or len(keys) != 1
+            or type(keys[0]) is not int
+            or not search.is_id(request.cursor.res_id)
+        ):
+            raise BadRequest("_cursor: not a page cursor of this search", "_cursor")
+        after = (keys[0], request.cursor.res_id)
     query = AuditQuery(
         where=tuple(where),
         recorded=tuple(recorded),
@@ -128,6 +143,7 @@ def _query(request: SearchRequest, lenient: bool) -> tuple[SearchRequest, AuditQ
         offset=request.offset,
         count=count,
         total=request.wants_total,
+        after=after,
     )
     return request, query
 

@@ -158,7 +158,14 @@ def search(conn: Connection, query: AuditQuery) -> tuple[list[AuditRow], int | N
     order = (_A.c.recorded, _A.c.id) if query.oldest_first else (_A.c.recorded.desc(), _A.c.id.desc())
     rows: list[AuditRow] = []
     if query.count > 0:
-        statement = select(*_COLUMNS).where(*conditions).order_by(*order).limit(query.count).offset(query.offset)
+        page = list(conditions)
+        if query.after is not None:  # keyset: rows are never changed once written, so no page repeats or skips one
+            recorded, id = query.after
+            if query.oldest_first:
+                page += [_A.c.recorded >= recorded, or_(_A.c.recorded > recorded, _A.c.id > id)]
+            else:
+                page += [_A.c.recorded <= recorded, or_(_A.c.recorded < recorded, _A.c.id < id)]
+        statement = select(*_COLUMNS).where(*page).order_by(*order).limit(query.count).offset(query.offset)
         rows = [_row(found) for found in conn.execute(statement)]
     total = None
     if query.total:

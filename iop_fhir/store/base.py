@@ -480,6 +480,7 @@ class AuditQuery:
     offset: int = 0
     count: int = 20
     total: bool = False
+    after: tuple[int, str] | None = None  # (recorded, id) of the last row of the previous page: the page follows it
 
 
 class AuditLogTx(Protocol):

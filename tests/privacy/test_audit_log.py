@@ -576,3 +576,29 @@ def test_row_ids_are_version_7_uuids_that_sort_as_the_events_happened() -> None:
     assert ids == sorted(ids)
     assert all(uuid.UUID(i).version == 7 and str(uuid.UUID(i)) == i for i in ids)
     assert len({audit.time_ordered_id(T0) for _ in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize("order", ["", "&_sort=date", "&_sort=-date"])
+def test_paging_audit_events_while_events_are_written_serves_each_event_of_the_start_once(
+    admin: FlaskClient, logged: list[AuditRow], order: str
+) -> None:
+    start = [e["resource"]["id"] for e in admin.get(f"/fhir/AuditEvent?_count=1000{order}").get_json()["entry"]]
+    assert {"ev-1", "ev-6"} <= set(start)
+    seen: list[str] = []
+    url: str | None = f"/fhir/AuditEvent?_count=2{order}"
+    while url is not None:  # every page read is itself audited: events are written between the pages
+        bundle = admin.get(url).get_json()
+        seen += [e["resource"]["id"] for e in bundle.get("entry", [])]
+        following = next((lk["url"] for lk in bundle["link"] if lk["relation"] == "next"), None)
+        assert following is None or "_cursor=" in following
+        url = None if following is None else following.removeprefix("http://testserver")
+    assert len(seen) == len(set(seen))  # nothing repeated
+    assert [i for i in seen if i in start] == start  # nothing skipped, in order
+
+
+def test_an_audit_event_cursor_of_another_search_is_refused(admin: FlaskClient, logged: list[AuditRow]) -> None:
+    forged = base64.urlsafe_b64encode(orjson.dumps([1, False, ["text"], "ev-1"])).decode().rstrip("=")
+    response = admin.get(f"/fhir/AuditEvent?_cursor={forged}")
+    assert response.status_code == 400
+    issue = response.get_json()["issue"][0]
+    assert (issue["code"], issue["expression"]) == ("invalid", ["_cursor"])
