@@ -60,9 +60,13 @@ def open_store(settings: Settings) -> SqlStore:
     """The store of ``settings.database_url``, migrated to the newest schema revision when behind."""
     store = SqlStore(settings.database_url, echo=settings.sql_echo)
     try:
-        if not migrate.is_current(store.engine):
+        if migrate.is_current(store.engine):
+            store.refresh_statistics(if_missing=True)
+        else:
             migrate.upgrade(store.engine)
-        store.refresh_statistics(if_missing=True)
+            # SQLite's statistics know nothing of the indexes a migration added: without them its planner takes any
+            # new index for a selective one (a sorted page of a million rows then reads them all).
+            store.refresh_statistics()
     except SQLAlchemyError as error:
         store.close()
         # The URL may hold a password: name the failure only.

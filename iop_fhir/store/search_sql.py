@@ -94,6 +94,11 @@ def _matches(query: _Query, request: SearchRequest, where: list[ColumnElement[bo
     otherwise the matching rows of resources."""
     if len(request.filters) == 1 and request.restriction is None and not request.compartment:
         found = query.matching(request.res_type, request.filters[0])
+        if found is not None and query.sqlite:
+            # Distinct ids as an expression: else SQLite reads them in the order of the index on res_id, which is
+            # every index row of the type, rather than the filter's rows by its value index.
+            column = found.selected_columns[0]
+            return found.with_only_columns((column + "").label("res_id")).distinct()
         if found is not None:
             return found.distinct()
     return select(_R.c.res_id).where(*where)

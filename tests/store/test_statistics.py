@@ -75,3 +75,22 @@ def test_postgresql_connections_run_without_jit_and_keep_the_urls_own_options(po
         assert store.refresh_statistics() is False  # PostgreSQL analyses on its own
     finally:
         store.close()
+
+
+def test_statistics_are_taken_again_when_opening_migrates_the_file(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine
+
+    from tests.store.migrating import migrate_to
+
+    path = tmp_path / "iop_fhir.db"
+    engine = create_engine(f"sqlite:///{path}")
+    migrate_to(engine, "0012")  # before ix_resources_owner
+    engine.dispose()
+    with sqlite3.connect(path) as conn:
+        rows = [("Patient", f"p{n}", 1, 1_000_000 + n, 0, b"{}") for n in range(3)]
+        conn.executemany("INSERT INTO resources VALUES (?, ?, ?, ?, ?, ?)", rows)
+        conn.execute("ANALYZE")
+    assert ("resources", "ix_resources_live") in stat_rows(path)
+    assert ("resources", "ix_resources_owner") not in stat_rows(path)
+    open_store(Settings(database_url=f"sqlite:///{path}")).close()  # migrates to the newest revision
+    assert ("resources", "ix_resources_owner") in stat_rows(path)
