@@ -23,6 +23,7 @@ from sqlalchemy import (
     exists,
     false,
     func,
+    intersect,
     null,
     or_,
     select,
@@ -51,6 +52,9 @@ from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
 
 # _include/_revinclude bounds (https://hl7.org/fhir/R4/search.html#revinclude: servers may limit iteration).
+# A search known (by its count) to match at most this many resources reads its page from its matches, sorted; a
+# broader one leaves the plan to the database (walking the type in order finds a page of common matches at once).
+FEW_MATCHES = 1000
 MAX_INCLUDE_ROUNDS = 4  # the first round plus three rounds of :iterate
 MAX_INCLUDED = 1000
 
@@ -67,7 +71,12 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     query = _Query(conn.dialect.name == "sqlite", request.restriction)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
-    where += [query.condition(request.res_type, f, r) for f in request.filters]
+    sets = _filter_sets(query, request)
+    # Several filters read from the index alone meet in one intersection of their ids, computed from the indexes
+    # before any resource row is read (a date range: the rows of each bound, tens of thousands, meet in a few).
+    if len(sets) > 1:
+        where.append(r.c.res_id.in_(intersect(*sets)))
+    where += [query.condition(request.res_type, f, r) for f in request.filters if len(sets) < 2 or not _in_set(f)]
     if request.compartment:
         where.append(or_(*[query.condition(request.res_type, f, r) for f in request.compartment]))
     if request.restriction is not None:
@@ -79,7 +88,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
         result.total = count_matches(conn, _matches(query, request, where), None if exact else search_rules.COUNT_LIMIT)
     if request.summary == "count" or request.count == 0:
         return result
-    few = result.total is not None and result.total <= search_rules.COUNT_LIMIT
+    few = result.total is not None and result.total <= FEW_MATCHES
     rows, result.next_cursor = _Pager(conn, request, where, query.sqlite, few=few).page()
     result.has_more = result.next_cursor is not None
     result.matches = [_stored(row) for row in rows]
@@ -88,10 +97,30 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     return result
 
 
+def _in_set(f: Filter) -> bool:
+    """Whether ``f`` is answered by a set of ids from the index alone (_Query.matching)."""
+    return f.param not in ("_id", "_lastUpdated") and f.missing is not True and f.modifier != "not"
+
+
+def _filter_sets(query: _Query, request: SearchRequest) -> list[Select[Any]]:
+    """The id sets of the filters answered from the index alone."""
+    found = (query.matching(request.res_type, f) for f in request.filters if _in_set(f))
+    return [m for m in found if m is not None]
+
+
 def _matches(query: _Query, request: SearchRequest, where: list[ColumnElement[bool]]) -> Select[Any]:
-    """The ids a search's total counts, once each: from the one index its only filter reads when nothing else
-    narrows it (no restriction, no compartment), so that counting reads one index and not every matching row;
-    otherwise the matching rows of resources."""
+    """The ids a search's total counts, once each: from the one index its only filter reads (or the intersection of
+    several filters' ids) when nothing else narrows it (no restriction, no compartment), so that counting reads
+    indexes and not every matching row; otherwise the matching rows of resources."""
+    if (
+        len(request.filters) > 1
+        and all(_in_set(f) for f in request.filters)
+        and request.restriction is None
+        and not request.compartment
+    ):
+        sets = _filter_sets(query, request)
+        if len(sets) == len(request.filters):
+            return select(intersect(*sets).subquery().c.res_id)
     if len(request.filters) == 1 and request.restriction is None and not request.compartment:
         found = query.matching(request.res_type, request.filters[0])
         if found is not None and query.sqlite:
@@ -351,7 +380,7 @@ class _Pager:
         self, conn: Connection, request: SearchRequest, where: list[Any], sqlite: bool, *, few: bool = False
     ) -> None:
         self.conn = conn
-        # Known to match at most COUNT_LIMIT resources: then reading the matches and sorting them is bounded, where
+        # Known to match at most FEW_MATCHES resources: then reading the matches and sorting them is cheap, where
         # walking the whole type in order and testing each could read every row before finding a page of rare ones.
         self.few = few
         self.request = request

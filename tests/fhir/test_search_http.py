@@ -374,3 +374,22 @@ def test_a_total_counted_from_one_index_counts_each_live_match_once(
             assert bundle["total"] == expected, (query, total)
         assert client.get(f"/fhir/Observation?{query}&_summary=count").get_json()["total"] == expected
     assert both_id in ids_of(client, "Observation?code=44261-6,70274-6&_count=100")
+
+
+def test_filters_meet_as_each_one_says_when_read_as_one_intersection(
+    client: FlaskClient, program: dict[str, str]
+) -> None:
+    both = observation(program["muller"], "44261-6", 3, "2026-03-01T09:00:00-05:00")
+    both["code"]["coding"].append({"system": LOINC, "code": "70274-6"})
+    both_id = create(client, both)
+    queries = {
+        "code=44261-6&code=70274-6": [both_id],  # two codings of one resource, each matching one filter
+        f"code=44261-6&patient=Patient/{program['muller']}": sorted([program["phq_kai"], both_id]),
+        "date=ge2026-01-10&date=lt2026-02-10": sorted([program["phq_feb"], program["phq_kai"]]),
+        "date=ge2026-01-10&date=lt2026-02-10&value-quantity=gt10": [program["phq_kai"]],
+        "code=44261-6&subject:missing=false&value-quantity=lt10": sorted([program["phq_feb"], both_id]),
+    }
+    for query, expected in queries.items():
+        assert sorted(ids_of(client, f"Observation?{query}&_count=100")) == expected, query
+        counted = client.get(f"/fhir/Observation?{query}&_summary=count").get_json()
+        assert counted["total"] == len(expected), query

@@ -65,11 +65,14 @@ def test_existing_statistics_are_kept_when_the_store_opens_again(tmp_path: Path)
     assert stat_rows(path) == [("resources", "ix_resources_type_updated")]
 
 
-def test_postgresql_connections_run_without_jit_and_keep_the_urls_own_options(postgres_url: str) -> None:
+def test_postgresql_connections_plan_each_query_for_its_values_without_jit_keeping_the_urls_options(
+    postgres_url: str,
+) -> None:
     store = sql.SqlStore(postgres_url)
     try:
         with store.reading() as conn:
             assert conn.exec_driver_sql("SHOW jit").scalar_one() == "off"
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_custom_plan"
             # the URL's options (the test schema as search_path) still apply
             assert conn.exec_driver_sql("SHOW search_path").scalar_one() in postgres_url
         assert store.refresh_statistics() is False  # PostgreSQL analyses on its own
