@@ -54,6 +54,9 @@ resources = Table(
     # The resources of a type, live ones apart, in their default order: a search's count (Bundle.total) and an
     # unfiltered page are read from this index alone, not from the table's rows with their content.
     Index("ix_resources_live", "res_type", "deleted", "last_updated", "res_id"),
+    # A resource's place in the default order by its id: a page is chosen among a search's matches from this index
+    # alone (store/search_sql.py _Pager), and only the page's rows are read whole.
+    Index("ix_resources_page", "res_type", "res_id", "deleted", "last_updated"),
 )
 
 history = Table(

@@ -55,6 +55,8 @@ from iop_fhir.store.base import SearchResult, StoredResource
 # A search known (by its count) to match at most this many resources reads its page from its matches, sorted; a
 # broader one leaves the plan to the database (walking the type in order finds a page of common matches at once).
 FEW_MATCHES = 1000
+# A chain whose inner search finds at most this many targets names them in the statement (_Query._chain).
+CHAIN_TARGETS = 1000
 MAX_INCLUDE_ROUNDS = 4  # the first round plus three rounds of :iterate
 MAX_INCLUDED = 1000
 
@@ -68,7 +70,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     whether a next page exists), what ``_include``/``_revinclude`` add, and the total unless ``_total=none``:
     counted exactly when asked for (``_total=accurate``, ``_summary=count``, ``_count=0``), else counted up to
     ``r4.search.COUNT_LIMIT`` matches and left out above that."""
-    query = _Query(conn.dialect.name == "sqlite", request.restriction)
+    query = _Query(conn.dialect.name == "sqlite", request.restriction, conn)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
     sets = _filter_sets(query, request)
@@ -89,7 +91,8 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     if request.summary == "count" or request.count == 0:
         return result
     few = result.total is not None and result.total <= FEW_MATCHES
-    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite, few=few).page()
+    broad = result.total is None and request.total != "none"  # counted, and more than COUNT_LIMIT match
+    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite, few=few, broad=broad).page()
     result.has_more = result.next_cursor is not None
     result.matches = [_stored(row) for row in rows]
     if request.includes and result.matches:
@@ -173,10 +176,11 @@ class _Query:
     """Builds the WHERE clause of each filter; knows the dialect only to add an index-friendly range to
     string prefix matches on SQLite (where LIKE cannot use a BINARY index)."""
 
-    def __init__(self, sqlite: bool, restriction: Visibility | None = None) -> None:
+    def __init__(self, sqlite: bool, restriction: Visibility | None = None, conn: Connection | None = None) -> None:
         self.sqlite = sqlite
         # A chain's inner search sees what the request may see, at every hop.
         self.restriction = restriction
+        self.conn = conn
 
     def condition(self, res_type: str, f: Filter, r: FromClause) -> ColumnElement[bool]:
         """Whether the resource row ``r`` (of type ``res_type``) satisfies ``f``."""
@@ -226,11 +230,19 @@ class _Query:
             self.condition(f.target_type, f.chain, target),
             *([self.restriction.clause(target)] if self.restriction is not None else []),
         )
+        found: Any = targets
+        if self.conn is not None:
+            # The targets found first, named in the statement: the planner then knows how many resources refer to
+            # them (per-value statistics of idx_reference), where for a subquery it guesses one row, and takes the
+            # plan of a rare match for a chain that matches a quarter of the type.
+            ids = [row[0] for row in self.conn.execute(targets.limit(CHAIN_TARGETS + 1))]
+            if len(ids) <= CHAIN_TARGETS:
+                found = ids
         return select(_REF.c.res_id).where(
             _REF.c.res_type == res_type,
             _REF.c.param == f.param,
             _REF.c.target_type == f.target_type,
-            _REF.c.target_id.in_(targets),
+            _REF.c.target_id.in_(found),
         )
 
     def _value(self, f: Filter, table: Table, v: Any) -> ColumnElement[bool]:
@@ -377,9 +389,19 @@ class _Pager:
     """
 
     def __init__(
-        self, conn: Connection, request: SearchRequest, where: list[Any], sqlite: bool, *, few: bool = False
+        self,
+        conn: Connection,
+        request: SearchRequest,
+        where: list[Any],
+        sqlite: bool,
+        *,
+        few: bool = False,
+        broad: bool = False,
     ) -> None:
         self.conn = conn
+        # Known to match more than COUNT_LIMIT: a page in the default order is found at once by walking the type in
+        # that order, whatever the planner guesses of how many match (a chain's guess can be off a hundredfold).
+        self.broad = broad
         # Known to match at most FEW_MATCHES resources: then reading the matches and sorting them is cheap, where
         # walking the whole type in order and testing each could read every row before finding a page of rare ones.
         self.few = few
@@ -398,7 +420,8 @@ class _Pager:
         sort = self.request.sort
         if not sort or sort[0].param in ("_id", "_lastUpdated"):
             keys = self._keys(_R, sort) if sort else [_SortKey(_R.c.last_updated, False, False)]
-            found = self._unchanged(select(*_COLUMNS, *_labels(keys)).where(*self.where), keys, missing=False)
+            statement = select(*_COLUMNS, *_labels(keys)).where(*self.where)
+            found = self._unchanged(statement, keys, missing=False, light=True)
             found = self._merge(found, self._changed(keys, missing=False), keys)
             return self._finish(found, keys, lambda row: False)
         first = sort[0]
@@ -469,8 +492,12 @@ class _Pager:
         res_id: Any = None,
         limit: int | None = None,
         offset: int | None = None,
+        light: bool = False,
     ) -> list[Any]:
-        """The rows of ``statement`` last written at or before the snapshot, after the cursor, in order."""
+        """The rows of ``statement`` last written at or before the snapshot, after the cursor, in order. ``light``
+        (keys of resources' own columns only): the page is chosen on ids and keys alone, which
+        ix_resources_page holds, and only its rows are read whole; choosing it among thousands of matches then
+        reads no resource's row but theirs."""
         res_id = _R.c.res_id if res_id is None else res_id
         written: Any = _R.c.last_updated
         if self.sqlite and self.request.sort:
@@ -495,6 +522,26 @@ class _Pager:
             offset = self.request.offset
         if offset:
             statement = statement.offset(offset)
+        if light:
+            names = [f"k{i}" for i in range(len(keys))]
+            chosen = [c for c in statement.selected_columns if c.name in names]
+            top = statement.with_only_columns(res_id.label("top_id"), *chosen).subquery("top")
+            ordered = [
+                _SortKey(top.c[name], key.descending, key.nullable).order()
+                for name, key in zip(names, keys, strict=True)
+            ]
+            statement = (
+                select(*_COLUMNS, *[top.c[name] for name in names])
+                .select_from(top.join(_R, and_(_R.c.res_type == self.request.res_type, _R.c.res_id == top.c.top_id)))
+                .order_by(*ordered, top.c.top_id.asc())
+            )
+            if self.broad and not self.sqlite and not self.request.sort:
+                # PostgreSQL has no hints: a sort made dear for this one statement leaves it the ordered walk.
+                self.conn.exec_driver_sql("SET LOCAL enable_sort = off")
+                try:
+                    return list(self.conn.execute(statement).all())
+                finally:
+                    self.conn.exec_driver_sql("SET LOCAL enable_sort = on")
         return list(self.conn.execute(statement).all())
 
     def _changed(self, keys: list[_SortKey], *, missing: bool) -> list[Any]:
