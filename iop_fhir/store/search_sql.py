@@ -52,9 +52,10 @@ from iop_fhir.store import schema
 from iop_fhir.store.base import SearchResult, StoredResource
 
 # _include/_revinclude bounds (https://hl7.org/fhir/R4/search.html#revinclude: servers may limit iteration).
-# A search known (by its count) to match at most this many resources reads its page from its matches, sorted; a
-# broader one leaves the plan to the database (walking the type in order finds a page of common matches at once).
-FEW_MATCHES = 1000
+# A search known (by its count) to match at most this many resources reads its page from its matches (their ids and
+# places from ix_resources_page alone), sorted; a broader one leaves the plan to the database (walking the type in
+# order finds a page of common matches at once, but reads the whole type when the matches are its newest rows).
+FEW_MATCHES = 10_000
 # A chain whose inner search finds at most this many targets names them in the statement (_Query._chain).
 CHAIN_TARGETS = 1000
 MAX_INCLUDE_ROUNDS = 4  # the first round plus three rounds of :iterate
@@ -91,8 +92,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     if request.summary == "count" or request.count == 0:
         return result
     few = result.total is not None and result.total <= FEW_MATCHES
-    broad = result.total is None and request.total != "none"  # counted, and more than COUNT_LIMIT match
-    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite, few=few, broad=broad).page()
+    rows, result.next_cursor = _Pager(conn, request, where, query.sqlite, few=few).page()
     result.has_more = result.next_cursor is not None
     result.matches = [_stored(row) for row in rows]
     if request.includes and result.matches:
@@ -396,12 +396,9 @@ class _Pager:
         sqlite: bool,
         *,
         few: bool = False,
-        broad: bool = False,
     ) -> None:
         self.conn = conn
-        # Known to match more than COUNT_LIMIT: a page in the default order is found at once by walking the type in
-        # that order, whatever the planner guesses of how many match (a chain's guess can be off a hundredfold).
-        self.broad = broad
+
         # Known to match at most FEW_MATCHES resources: then reading the matches and sorting them is cheap, where
         # walking the whole type in order and testing each could read every row before finding a page of rare ones.
         self.few = few
@@ -535,13 +532,6 @@ class _Pager:
                 .select_from(top.join(_R, and_(_R.c.res_type == self.request.res_type, _R.c.res_id == top.c.top_id)))
                 .order_by(*ordered, top.c.top_id.asc())
             )
-            if self.broad and not self.sqlite and not self.request.sort:
-                # PostgreSQL has no hints: a sort made dear for this one statement leaves it the ordered walk.
-                self.conn.exec_driver_sql("SET LOCAL enable_sort = off")
-                try:
-                    return list(self.conn.execute(statement).all())
-                finally:
-                    self.conn.exec_driver_sql("SET LOCAL enable_sort = on")
         return list(self.conn.execute(statement).all())
 
     def _changed(self, keys: list[_SortKey], *, missing: bool) -> list[Any]:

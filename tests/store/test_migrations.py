@@ -358,3 +358,16 @@ def test_0014_dates_enrollments_and_discharges_ends_each_stay_with_its_latest_ac
         assert "group_attendees" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_0017_keeps_per_value_counts_for_a_thousand_reference_targets_on_postgresql(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql(
+                "SELECT attstattarget FROM pg_attribute"
+                " WHERE attrelid = 'idx_reference'::regclass AND attname = 'target_id'"
+            ).scalar_one()
+        assert found == 1000
+    finally:
+        engine.dispose()
