@@ -227,6 +227,20 @@ def test_system_history_leaves_out_types_the_token_cannot_search(
     assert history["total"] == 0
 
 
+def test_system_history_of_a_token_for_all_but_one_type_leaves_that_type_out(app: Flask, client: FlaskClient) -> None:
+    from iop_fhir.r4 import definitions
+
+    scope = " ".join(f"system/{t}.rs" for t in sorted(definitions.resource_types()) if t != "Patient")
+    reader = as_client(app, mint(app, scope))
+    patient = {"resourceType": "Patient", "name": [{"family": "Hidden"}]}
+    assert client.post("/fhir/Patient", data=orjson.dumps(patient), content_type=FHIR).status_code == 201
+    group = {"resourceType": "Group", "type": "person", "actual": False}
+    assert client.post("/fhir/Group", data=orjson.dumps(group), content_type=FHIR).status_code == 201
+    history = reader.get("/fhir/_history?_count=50").get_json()
+    assert [e["request"]["url"] for e in history["entry"]] == ["Group"]
+    assert history["total"] == 1
+
+
 def test_iop_routes_need_the_scope_of_the_resources_they_produce(observation_reader: FlaskClient) -> None:
     response = observation_reader.post("/iop/enrollments", json=contract("enrollment"))
     assert response.status_code == 403
