@@ -114,7 +114,7 @@ def _check_query(query: str) -> None:
                 raise BadRequest(
                     f"the query parameter '{shown}' is not UTF-8 once percent-decoded (percent-encode the UTF-8 "
                     "bytes of the value)",
-                    shown,
+                    shown or "query",  # a parameter with no name: the query string is what is named
                 ) from None
 
 

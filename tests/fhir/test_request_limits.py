@@ -128,6 +128,16 @@ def test_query_name_that_is_not_utf8_is_400(sqlite_client: FlaskClient) -> None:
     assert outcome_issue(response)[0] == "invalid"
 
 
+@pytest.mark.parametrize("path", ["/fhir/Patient", "/iop/partners"])
+def test_a_value_that_is_not_utf8_with_no_parameter_name_is_400_naming_the_query(
+    sqlite_client: FlaskClient, path: str
+) -> None:
+    response = sqlite_client.get(f"{path}?=%FF")
+    assert response.status_code == 400
+    issue = response.get_json()["issue"][0]
+    assert (issue["code"], issue["expression"]) == ("invalid", ["query"])
+
+
 def test_query_with_utf8_percent_encoding_is_searched(sqlite_client: FlaskClient) -> None:
     created = sqlite_client.post("/fhir/Patient", data=orjson.dumps(patient("Müller")), content_type=FHIR)
     assert created.status_code == 201
