@@ -74,12 +74,17 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     query = _Query(conn.dialect.name == "sqlite", request.restriction, conn)
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
-    sets = _filter_sets(query, request)
-    # Several filters read from the index alone meet in one intersection of their ids, computed from the indexes
-    # before any resource row is read (a date range: the rows of each bound, tens of thousands, meet in a few).
-    if len(sets) > 1:
-        where.append(r.c.res_id.in_(intersect(*sets)))
-    where += [query.condition(request.res_type, f, r) for f in request.filters if len(sets) < 2 or not _in_set(f)]
+    # Each filter's ids from the index alone, when it has them (read once: a chain runs its inner search to build
+    # them); the others are conditions on the resource row.
+    sets = [query.matching(request.res_type, f) for f in request.filters]
+    found = [m for m in sets if m is not None]
+    # Several such filters meet in one intersection of their ids, computed from the indexes before any resource row
+    # is read (a date range: the rows of each bound, tens of thousands, meet in a few).
+    if len(found) > 1:
+        where.append(r.c.res_id.in_(intersect(*found)))
+    else:
+        where += [r.c.res_id.in_(m) for m in found]
+    where += [query.condition(request.res_type, f, r) for f, m in zip(request.filters, sets, strict=True) if m is None]
     if request.compartment:
         where.append(or_(*[query.condition(request.res_type, f, r) for f in request.compartment]))
     if request.restriction is not None:
@@ -88,7 +93,8 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     exact = request.total == "accurate" or request.summary == "count" or request.count == 0
     if request.wants_total or request.total != "none":
         # Counted before the page: how many match decides how the page is best read (_Pager, ``few``).
-        result.total = count_matches(conn, _matches(query, request, where), None if exact else search_rules.COUNT_LIMIT)
+        counted = _matches(request, where, sets, query.sqlite)
+        result.total = count_matches(conn, counted, None if exact else search_rules.COUNT_LIMIT)
     if request.summary == "count" or request.count == 0:
         return result
     few = result.total is not None and result.total <= FEW_MATCHES
@@ -100,40 +106,24 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     return result
 
 
-def _in_set(f: Filter) -> bool:
-    """Whether ``f`` is answered by a set of ids from the index alone (_Query.matching)."""
-    return f.param not in ("_id", "_lastUpdated") and f.missing is not True and f.modifier != "not"
-
-
-def _filter_sets(query: _Query, request: SearchRequest) -> list[Select[Any]]:
-    """The id sets of the filters answered from the index alone."""
-    found = (query.matching(request.res_type, f) for f in request.filters if _in_set(f))
-    return [m for m in found if m is not None]
-
-
-def _matches(query: _Query, request: SearchRequest, where: list[ColumnElement[bool]]) -> Select[Any]:
-    """The ids a search's total counts, once each: from the one index its only filter reads (or the intersection of
-    several filters' ids) when nothing else narrows it (no restriction, no compartment), so that counting reads
-    indexes and not every matching row; otherwise the matching rows of resources."""
-    if (
-        len(request.filters) > 1
-        and all(_in_set(f) for f in request.filters)
-        and request.restriction is None
-        and not request.compartment
-    ):
-        sets = _filter_sets(query, request)
-        if len(sets) == len(request.filters):
-            return select(intersect(*sets).subquery().c.res_id)
-    if len(request.filters) == 1 and request.restriction is None and not request.compartment:
-        found = query.matching(request.res_type, request.filters[0])
-        if found is not None and query.sqlite:
-            # Distinct ids as an expression: else SQLite reads them in the order of the index on res_id, which is
-            # every index row of the type, rather than the filter's rows by its value index.
-            column = found.selected_columns[0]
-            return found.with_only_columns((column + "").label("res_id")).distinct()
-        if found is not None:
-            return found.distinct()
-    return select(_R.c.res_id).where(*where)
+def _matches(
+    request: SearchRequest, where: list[ColumnElement[bool]], sets: list[Select[Any] | None], sqlite: bool
+) -> Select[Any]:
+    """The ids a search's total counts, once each: when every filter has its ids from the index (``sets``) and
+    nothing else narrows it (no restriction, no compartment), from the one index its filter reads or the
+    intersection of several, so that counting reads indexes and not every matching row; otherwise the matching
+    rows of resources."""
+    found = [m for m in sets if m is not None]
+    if not found or len(found) < len(sets) or request.restriction is not None or request.compartment:
+        return select(_R.c.res_id).where(*where)
+    if len(found) > 1:
+        return select(intersect(*found).subquery().c.res_id)
+    if sqlite:
+        # Distinct ids as an expression: else SQLite reads them in the order of the index on res_id, which is
+        # every index row of the type, rather than the filter's rows by its value index.
+        column = found[0].selected_columns[0]
+        return found[0].with_only_columns((column + "").label("res_id")).distinct()
+    return found[0].distinct()
 
 
 def count_matches(conn: Connection, matching: Select[Any], limit: int | None) -> int | None:
