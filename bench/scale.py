@@ -362,7 +362,7 @@ def _prepare(task: tuple[int | None, int, int]) -> list[tuple[str, str, list[tup
             resource = _stamp(body, new_id, version_id, last_updated)
             stored = StoredResource(res_type, new_id, version_id, last_updated, False, orjson.dumps(resource), method)
             index = indexing.extract(resource)
-            saved.append((stored, index, visibility.facts_of(res_type, new_id, index)))
+            saved.append((stored, index, visibility.facts_of(resource, index)))
         prepared.append((res_type, new_id, saved))
     return prepared
 

@@ -649,7 +649,7 @@ class Repository:
             ) from None
         stored = StoredResource(res_type, res_id, version_id, last_updated, False, content, method)
         index = _index(resource)
-        facts = visibility.facts_of(res_type, res_id, index)
+        facts = visibility.facts_of(resource, index)
         if self.restriction is not None:
             self._check_patients(tx, resource, facts)
         tx.save(stored, index, facts)

@@ -421,7 +421,13 @@ def _reference(value: Any, param: str, out: list[Row]) -> None:
         return
     ref = value.get("reference")
     if not isinstance(ref, str):
-        return  # identifier- or display-only references name no resource to search by
+        # An identifier-only (logical) reference names no resource to search by, but it is there: it is kept with its
+        # type, if any, and no target, so that :missing sees it and Part 2 visibility counts the Patient it may be.
+        if value.get("identifier") is not None or isinstance(value.get("type"), str):
+            typ = value.get("type")
+            target = typ if isinstance(typ, str) and typ in definitions.resource_types() else None
+            out.append({"param": param, "target_type": target, "target_id": None, "url": None})
+        return
     target, rid, url = split_reference(ref)
     if target is None:
         # Reference.type is a uri, only extensibly bound to the resource types: keep it only when it names one

@@ -67,7 +67,7 @@ def _backfill(conn: Any) -> None:
     for row in conn.execute(query).all():
         key = (row.res_type, row.res_id)
         if row.content is not None:
-            facts = version_facts(row.res_type, row.res_id, orjson.loads(row.content))
+            facts = version_facts({**orjson.loads(row.content), "resourceType": row.res_type, "id": row.res_id})
         elif previous != key:
             facts = None  # a deletion with no earlier version kept: nothing to disclose
         previous = key

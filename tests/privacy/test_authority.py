@@ -68,8 +68,8 @@ def test_a_version_belongs_to_every_patient_it_refers_to_and_a_patient_to_itself
         "performer": [{"reference": "Patient/b"}, {"reference": "https://elsewhere.example/Patient/c"}],
         "meta": {"security": [{"system": ACT, "code": "PSYTHPN"}]},
     }
-    facts = visibility.facts_of("Observation", "o1", indexing.extract(observation))
+    facts = visibility.facts_of({**observation, "id": "o1"}, indexing.extract(observation))
     assert facts.patients == ("a", "b", "c")  # an absolute reference counts as the id it ends with: stricter
     assert (facts.protected, facts.note) == (True, True)
-    patient = visibility.version_facts("Patient", "p1", {"resourceType": "Patient", "id": "p1"})
+    patient = visibility.version_facts({"resourceType": "Patient", "id": "p1"})
     assert (patient.patients, patient.protected, patient.note) == (("p1",), False, False)

@@ -896,3 +896,36 @@ def test_a_hidden_patients_record_is_exactly_like_one_that_never_existed(
     assert all(found == 0 for found in _totals(hidden.get_json()))
     # The probe is not empty because there is nothing to find: the program's own client finds the record.
     assert _read_path(client, "search-identifier", res_type, hidden_id, hidden_identifier).get_json()["total"] == 1
+
+
+# -- a patient named by no local id ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        {"identifier": {"system": MRN, "value": "B-0001"}},
+        {"type": "Patient", "identifier": {"system": MRN, "value": "B-0001"}, "display": "B"},
+        {"reference": "https://elsewhere.example/fhir-like/patients/B-0001"},
+    ],
+    ids=["identifier", "typed-identifier", "foreign-url"],
+)
+def test_an_unlabelled_resource_about_a_patient_named_only_by_identifier_is_never_shown_to_a_partner(
+    client: FlaskClient, attacker: FlaskClient, program: dict[str, Any], subject: dict[str, Any]
+) -> None:
+    res_id = create(client, "Observation", {**observation("Patient/x"), "subject": subject})
+    assert security(read(client, f"Observation/{res_id}")) == set()  # stored with no label
+    assert attacker.get(f"/fhir/Observation/{res_id}").status_code == 404
+    assert attacker.get(f"/fhir/Observation/{res_id}/_history/1").status_code == 404
+    for query in (
+        f"Observation?_id={res_id}&_total=accurate",
+        "Observation?subject:missing=false&code:text=craving&_count=100",
+        f"Observation/{res_id}/_history",
+        "Observation/_history?_count=100",
+        "_history?_count=100",
+    ):
+        bundle = attacker.get(f"/fhir/{query}").get_json()
+        assert f"Observation/{res_id}" not in references(bundle), query
+        assert all(e["fullUrl"].rsplit("/", 1)[-1] != res_id for e in bundle.get("entry", [])), query
+    assert attacker.get(f"/fhir/Observation?_id={res_id}&_total=accurate").get_json()["total"] == 0
+    assert total(client, f"Observation?_id={res_id}") == 1  # the program's client sees it

@@ -106,3 +106,68 @@ def test_a_resource_of_two_patients_or_of_a_patient_named_only_elsewhere_needs_e
     assert "of-nowhere" not in visible(repository, "Observation", every)
     assert visible(repository, "Group", Restriction(frozenset({"a"}))) == set()
     assert visible(repository, "Group", every) == {"pair"}
+
+
+SSN = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "000-00-0001"}
+
+
+@pytest.mark.parametrize(
+    ("case", "extra"),
+    [
+        ("subject by identifier only", {"subject": {"identifier": SSN}}),
+        ("subject by identifier, typed Patient", {"subject": {"type": "Patient", "identifier": SSN}}),
+        ("performer by identifier, typed Patient", {"performer": [{"type": "Patient", "identifier": SSN}]}),
+        ("subject typed Patient by display", {"subject": {"type": "Patient", "display": "J. Doe"}}),
+        ("subject an unresolved urn:uuid", {"subject": {"reference": "urn:uuid:0b0a6b8e-0e55-4a39-9a67-2f4f1f4b5c01"}}),
+        ("subject another server's URL", {"subject": {"reference": "https://elsewhere.example/people/77"}}),
+        (
+            "subject a contained Patient",
+            {"contained": [{"resourceType": "Patient", "id": "p1"}], "subject": {"reference": "#p1"}},
+        ),
+        (
+            "subject by identifier beside a permitted one",
+            {"subject": {"identifier": SSN}, "performer": [{"reference": "Patient/a"}]},
+        ),
+    ],
+)
+def test_an_unlabelled_resource_of_a_patient_named_by_no_local_id_is_hidden_from_every_partner(
+    repository: Repository, case: str, extra: dict[str, Any]
+) -> None:
+    body = {"resourceType": "Observation", "id": "of-someone", "status": "final", "code": {"text": "x"}, **extra}
+    with repository.store.write() as tx:
+        repository.update_in(tx, "Observation", "of-someone", body)
+    for permitted in (Restriction(), Restriction(frozenset({"a", "b"}))):
+        assert "of-someone" not in visible(repository, "Observation", permitted), case
+    assert "of-someone" in {r.res_id for r in repository.store.search(parse("Observation", [])).matches}
+
+
+@pytest.mark.parametrize(
+    ("case", "extra"),
+    [
+        ("performer by display only", {"performer": [{"display": "Dr. Example"}]}),
+        (
+            "performer a contained Practitioner",
+            {
+                "contained": [{"resourceType": "Practitioner", "id": "pr1"}],
+                "performer": [{"reference": "#pr1"}],
+            },
+        ),
+        ("focus by identifier only (not a Patient compartment parameter)", {"focus": [{"identifier": SSN}]}),
+        ("device by identifier, typed Device", {"device": {"type": "Device", "identifier": SSN}}),
+    ],
+)
+def test_a_reference_that_cannot_be_to_a_patient_leaves_the_resource_to_its_own_patient(
+    repository: Repository, case: str, extra: dict[str, Any]
+) -> None:
+    body = {
+        "resourceType": "Observation",
+        "id": "of-a-too",
+        "status": "final",
+        "code": {"text": "x"},
+        "subject": {"reference": "Patient/a"},
+        **extra,
+    }
+    with repository.store.write() as tx:
+        repository.update_in(tx, "Observation", "of-a-too", body)
+    assert "of-a-too" in visible(repository, "Observation", Restriction(frozenset({"a"}))), case
+    assert "of-a-too" not in visible(repository, "Observation", Restriction(frozenset({"b"}))), case

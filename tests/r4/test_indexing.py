@@ -412,9 +412,14 @@ def test_reference_type_alone_decides_resolve_is_patient() -> None:
     assert _rows(on_group, "reference", "subject") == [_ref("Group", "g1", None, "subject")]
 
 
-def test_references_by_identifier_or_display_only_give_no_row() -> None:
+def test_a_reference_by_identifier_gives_a_row_with_its_type_and_no_target_and_one_by_display_only_none() -> None:
     obs = {"resourceType": "Observation", "subject": {"identifier": {"value": "x"}, "display": "Someone"}}
-    assert _rows(obs, "reference", "subject") == []
+    assert _rows(obs, "reference", "subject") == [_ref(None, None, None, "subject")]
+    typed = {"resourceType": "Observation", "subject": {"type": "Patient", "identifier": {"value": "x"}}}
+    assert _rows(typed, "reference", "subject") == [_ref("Patient", None, None, "subject")]
+    assert _rows(typed, "reference", "patient") == [_ref("Patient", None, None, "patient")]
+    named = {"resourceType": "Observation", "subject": {"display": "Someone"}}
+    assert _rows(named, "reference", "subject") == []
 
 
 def test_canonical_reference_keeps_the_url_with_and_without_version() -> None:

@@ -42,7 +42,7 @@ def _save(tx: SqlWriteTx, resource: dict[str, Any]) -> None:
     index = indexing.extract(resource)
     tx.reserve("Observation", res_id)
     version = StoredResource("Observation", res_id, 1, LAST_UPDATED, False, orjson.dumps(resource), "POST")
-    tx.save(version, index, visibility.facts_of("Observation", res_id, index))
+    tx.save(version, index, visibility.facts_of(resource, index))
 
 
 def _index_rows(store: SqlStore) -> set[tuple[str, tuple[tuple[str, Any], ...]]]:

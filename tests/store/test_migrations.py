@@ -180,6 +180,7 @@ def test_0009_fills_in_the_patients_and_labels_of_every_stored_version_and_a_del
 
         patients = _rows(engine, schema.version_patients, "res_id", "version_id")
         assert [(p["res_id"], p["version_id"], p["patient_id"]) for p in patients] == [
+            ("elsewhere", 1, None),  # a subject that names no local resource may be a Patient: an unknown one
             ("gone", 1, "c"),
             ("gone", 2, "c"),
             ("moved", 1, "b"),
@@ -369,5 +370,90 @@ def test_0017_keeps_per_value_counts_for_a_thousand_reference_targets_on_postgre
                 " WHERE attrelid = 'idx_reference'::regclass AND attname = 'target_id'"
             ).scalar_one()
         assert found == 1000
+    finally:
+        engine.dispose()
+
+
+# -- 0018: a version that refers to a Patient by no local id belongs to an unknown Patient
+
+_BY_IDENTIFIER = {"identifier": {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "000-00-0001"}}
+
+
+def test_0018_gives_every_version_naming_a_patient_by_no_local_id_the_unknown_patient_and_the_current_row_many(
+    unmigrated_url: str,
+) -> None:
+    body = {"status": "final", "code": {"text": "x"}}
+    # (res_id, current version, deleted, {version: (content, patients kept before 0018)})
+    stored: list[tuple[str, int, bool, dict[int, tuple[dict[str, Any] | None, list[str | None]]]]] = [
+        ("by-identifier", 1, False, {1: ({**body, "subject": _BY_IDENTIFIER}, [])}),
+        (
+            "beside-a",
+            1,
+            False,
+            {1: ({**body, "subject": {"reference": "Patient/a"}, "performer": [_BY_IDENTIFIER]}, ["a"])},
+        ),
+        (
+            "was-by-identifier",
+            2,
+            False,
+            {1: ({**body, "subject": _BY_IDENTIFIER}, []), 2: ({**body, "subject": {"reference": "Patient/a"}}, ["a"])},
+        ),
+        ("deleted", 2, True, {1: ({**body, "subject": {"reference": "urn:uuid:1"}}, []), 2: (None, [])}),
+        ("already", 1, False, {1: ({**body, "subject": {"reference": "Patient?identifier=x|1"}}, [None])}),
+        ("of-a", 1, False, {1: ({**body, "subject": {"reference": "Patient/a", "display": "A"}}, ["a"])}),
+        ("by-display", 1, False, {1: ({**body, "performer": [{"display": "Dr. Example"}]}, [])}),
+    ]
+    engine = create_engine(unmigrated_url)
+    try:
+        migrate_to(engine, "0017")
+        with engine.begin() as conn:
+            for res_id, current, deleted, versions in stored:
+                owners = versions[current][1]
+                conn.execute(
+                    insert(schema.resources).values(
+                        res_type="Observation",
+                        res_id=res_id,
+                        version_id=current,
+                        last_updated=current * 1_000,
+                        deleted=deleted,
+                        content=None if deleted else b"{}",
+                        owner=(owners[0] if len(owners) == 1 and owners[0] else "*") if owners else None,
+                    )
+                )
+                for version, (content, patients) in versions.items():
+                    conn.execute(insert(schema.history).values(**_version(res_id, version, content)))
+                    for patient in patients:
+                        conn.execute(
+                            insert(schema.version_patients).values(
+                                res_type="Observation", res_id=res_id, version_id=version, patient_id=patient
+                            )
+                        )
+
+        migrate_to(engine, "0018")
+
+        patients = _rows(engine, schema.version_patients, "res_id", "version_id", "patient_id")
+        found: dict[tuple[str, int], list[str | None]] = {}
+        for row in patients:
+            found.setdefault((row["res_id"], row["version_id"]), []).append(row["patient_id"])
+        assert {key: sorted(p, key=lambda x: x or "") for key, p in found.items()} == {
+            ("by-identifier", 1): [None],
+            ("beside-a", 1): [None, "a"],
+            ("was-by-identifier", 1): [None],
+            ("was-by-identifier", 2): ["a"],
+            ("deleted", 1): [None],
+            ("deleted", 2): [None],
+            ("already", 1): [None],
+            ("of-a", 1): ["a"],
+        }
+        owners = {r["res_id"]: r["owner"] for r in _rows(engine, schema.resources, "res_id")}
+        assert owners == {
+            "by-identifier": "*",
+            "beside-a": "*",
+            "was-by-identifier": "a",
+            "deleted": "*",
+            "already": "*",
+            "of-a": "a",
+            "by-display": None,
+        }
     finally:
         engine.dispose()

@@ -52,7 +52,7 @@ def _load(engine: Engine) -> None:
     for n, resource in enumerate(everything):
         key = {"res_type": resource["resourceType"], "res_id": resource["id"]}
         extracted = indexing.extract(resource)
-        facts = facts_of(resource["resourceType"], resource["id"], extracted)
+        facts = facts_of(resource, extracted)
         visibility = {"owner": facts.owner, "protected": facts.protected, "note": facts.note}
         resources.append({**key, "version_id": 1, "last_updated": T0 + n, "deleted": False, **visibility})
         resources[-1]["content"] = orjson.dumps(resource)
