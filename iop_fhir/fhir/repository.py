@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ from iop_fhir.errors import (
 )
 from iop_fhir.privacy import visibility
 from iop_fhir.r4 import compartment, definitions, indexing, search, validation
+from iop_fhir.r4.ids import time_ordered_id
 from iop_fhir.r4.indexing import IndexRows
 from iop_fhir.r4.instants import http_date, instant, now_us
 from iop_fhir.r4.profiles import ProfileRegistry
@@ -480,7 +480,7 @@ class Repository:
             if matches:
                 return WriteResult(matches[0], unchanged=True)
         if res_id is None or fresh:
-            res_id = res_id or str(uuid.uuid4())
+            res_id = res_id or time_ordered_id()
             tx.reserve(res_type, res_id)
         elif tx.current(res_type, res_id) is not None:
             raise Conflict(f"{res_type}/{res_id} already exists")

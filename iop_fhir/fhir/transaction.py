@@ -31,6 +31,7 @@ from iop_fhir.errors import (
 from iop_fhir.fhir import searchset
 from iop_fhir.fhir.repository import Repository, WriteResult, check_type, parse_conditional, version_from_etag
 from iop_fhir.r4 import definitions, validation
+from iop_fhir.r4.ids import time_ordered_id
 from iop_fhir.r4.instants import instant
 from iop_fhir.store.base import AuditRow, StoredResource, WriteTx
 
@@ -278,7 +279,7 @@ def _link(entries: list[_Entry], base_url: str) -> None:
     owners: dict[str, int] = {}
     for entry in entries:
         if entry.method == "POST" or (entry.method == "PUT" and entry.res_id is None):
-            entry.new_id = str(uuid.uuid4())
+            entry.new_id = time_ordered_id()
             target = f"{entry.res_type}/{entry.new_id}"
             if entry.method == "PUT" or entry.if_none_exist is not None:
                 provisional.add(target)
@@ -738,7 +739,7 @@ def _prepare_batch_entry(repo: Repository, index: int, raw: Any, base_url: str) 
     """One entry of a batch, parsed, authorized and validated; a batch does not link its entries."""
     entry = _parse_entry(index, raw, base_url)
     if entry.method == "POST" or (entry.method == "PUT" and entry.res_id is None):
-        entry.new_id = str(uuid.uuid4())
+        entry.new_id = time_ordered_id()
     if entry.resource is not None:
         found: set[str] = set()
         entry.resource = _rewrite_entry(entry, {}, {}, set(), found, [])

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import base64
 import copy
-import os
 import re
 from collections.abc import Sequence
 from typing import Any, NotRequired, TypedDict
 
 from iop_fhir.mapping import ids
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.r4.ids import time_ordered_id
 from iop_fhir.r4.instants import instant
 from iop_fhir.store.base import AuditRow
 
@@ -114,15 +114,6 @@ def new_row(
         entities=references,
         query=query,
     )
-
-
-def time_ordered_id(recorded: int) -> str:
-    """A UUID whose first 48 bits are the millisecond of ``recorded`` (the layout of RFC 9562's version 7), the rest
-    random: rows are appended at the end of the id index, and ids sort about as the events happened."""
-    random = int.from_bytes(os.urandom(10), "big")
-    value = (recorded // 1000 & (1 << 48) - 1) << 80 | 0x7 << 76 | (random >> 62 & 0xFFF) << 64 | 0b10 << 62
-    text = f"{value | random & (1 << 62) - 1:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def agent_of(row: AuditRow) -> Agent:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Float,
     Index,
     Integer,
@@ -25,6 +26,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    literal_column,
+    or_,
     true,
 )
 
@@ -159,6 +162,43 @@ idx_date = _index_table(
     Column("high", BigInteger, nullable=False),  # last microsecond of the value's range
     value_index=("low", "high"),
     sort=("low", "high"),
+)
+# A date range (both a lower and an upper bound on one parameter) is found from where its rows start
+# (store/search_sql.py _Query.date_range): a row at most SHORT_DATE long that ends in or after the range starts at
+# most SHORT_DATE before it, so ix_idx_date_value reads the range and a week before it. Longer rows (open periods, a
+# year or a month as a date) have their own partial index, and so have the rows of a resource with several values of
+# the parameter, whose bounds may each hold on another row. Both conditions are written as the search writes them,
+# with the constant in the SQL (SQLite uses a partial index only when the query repeats its condition).
+SHORT_DATE = 7 * 24 * 3600 * 1_000_000  # a week, in microseconds
+
+
+def long_date(table: Table) -> ColumnElement[bool]:
+    """Whether a date index row spans more than SHORT_DATE."""
+    return table.c.high - table.c.low > literal_column(str(SHORT_DATE))
+
+
+def one_of_several(table: Table) -> ColumnElement[bool]:
+    """Whether an index row is not the only row of its resource and param: only one row holds both sort flags."""
+    return or_(table.c.sort_asc == false(), table.c.sort_desc == false())
+
+
+Index(
+    "ix_idx_date_long",
+    idx_date.c.res_type,
+    idx_date.c.param,
+    idx_date.c.low,
+    idx_date.c.high,
+    idx_date.c.res_id,
+    postgresql_where=long_date(idx_date),
+    sqlite_where=long_date(idx_date),
+)
+Index(
+    "ix_idx_date_several",
+    idx_date.c.res_type,
+    idx_date.c.param,
+    idx_date.c.res_id,
+    postgresql_where=one_of_several(idx_date),
+    sqlite_where=one_of_several(idx_date),
 )
 idx_number = _index_table(
     "idx_number",

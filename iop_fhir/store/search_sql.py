@@ -28,6 +28,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
 )
 
 from iop_fhir.errors import BadRequest
@@ -75,16 +76,15 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     r = _R
     where = [r.c.res_type == request.res_type, r.c.deleted == false()]
     # Each filter's ids from the index alone, when it has them (read once: a chain runs its inner search to build
-    # them); the others are conditions on the resource row.
-    sets = [query.matching(request.res_type, f) for f in request.filters]
-    found = [m for m in sets if m is not None]
+    # them), the bounds of a date range as one set; the other filters are conditions on the resource row.
+    found, conditions = query.sets(request.res_type, request.filters)
     # Several such filters meet in one intersection of their ids, computed from the indexes before any resource row
     # is read (a date range: the rows of each bound, tens of thousands, meet in a few).
     if len(found) > 1:
         where.append(r.c.res_id.in_(intersect(*found)))
     else:
         where += [r.c.res_id.in_(m) for m in found]
-    where += [query.condition(request.res_type, f, r) for f, m in zip(request.filters, sets, strict=True) if m is None]
+    where += [query.condition(request.res_type, f, r) for f in conditions]
     if request.compartment:
         where.append(or_(*[query.condition(request.res_type, f, r) for f in request.compartment]))
     if request.restriction is not None:
@@ -93,7 +93,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     exact = request.total == "accurate" or request.summary == "count" or request.count == 0
     if request.wants_total or request.total != "none":
         # Counted before the page: how many match decides how the page is best read (_Pager, ``few``).
-        counted = _matches(request, where, sets, query.sqlite)
+        counted = _matches(request, where, found, bool(conditions), query.sqlite)
         result.total = count_matches(conn, counted, None if exact else search_rules.COUNT_LIMIT)
     if request.summary == "count" or request.count == 0:
         return result
@@ -107,14 +107,13 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
 
 
 def _matches(
-    request: SearchRequest, where: list[ColumnElement[bool]], sets: list[Select[Any] | None], sqlite: bool
+    request: SearchRequest, where: list[ColumnElement[bool]], found: list[Select[Any]], conditions: bool, sqlite: bool
 ) -> Select[Any]:
-    """The ids a search's total counts, once each: when every filter has its ids from the index (``sets``) and
-    nothing else narrows it (no restriction, no compartment), from the one index its filter reads or the
-    intersection of several, so that counting reads indexes and not every matching row; otherwise the matching
-    rows of resources."""
-    found = [m for m in sets if m is not None]
-    if not found or len(found) < len(sets) or request.restriction is not None or request.compartment:
+    """The ids a search's total counts, once each: when every filter has its ids from the index (``found``; no
+    ``conditions`` on the resource row) and nothing else narrows it (no restriction, no compartment), from the one
+    index its filter reads or the intersection of several, so that counting reads indexes and not every matching
+    row; otherwise the matching rows of resources."""
+    if not found or conditions or request.restriction is not None or request.compartment:
         return select(_R.c.res_id).where(*where)
     if len(found) > 1:
         return select(intersect(*found).subquery().c.res_id)
@@ -193,6 +192,49 @@ class _Query:
             return ~exists(scope.where(table.c.res_id == r.c.res_id))
         matching = scope.where(or_(*[self._value(f, table, v) for v in f.values]))  # :not
         return ~exists(matching.where(table.c.res_id == r.c.res_id))
+
+    def sets(self, res_type: str, filters: Sequence[Filter]) -> tuple[list[Select[Any]], list[Filter]]:
+        """The id sets of ``filters`` that have theirs from the index alone (``matching``; the bounds of a date range
+        as one, ``date_range``), and the filters that have none (conditions on the resource row)."""
+        found: list[Select[Any]] = []
+        conditions: list[Filter] = []
+        ranges = _date_ranges(filters)
+        for n, f in enumerate(filters):
+            bounds = ranges.get(n)
+            if bounds is not None:
+                if bounds:  # the range's first bound stands for all of them
+                    found.append(self.date_range(res_type, bounds))
+                continue
+            matched = self.matching(res_type, f)
+            if matched is None:
+                conditions.append(f)
+            else:
+                found.append(matched)
+        return found, conditions
+
+    def date_range(self, res_type: str, bounds: Sequence[Filter]) -> Select[Any]:
+        """The ids of the resources satisfying every one of ``bounds`` (one date parameter's, at least one lower and
+        one upper): a row satisfying them all, found where it starts (it starts at most SHORT_DATE before the
+        highest lower bound, or is a long row); and a resource with several rows whose bounds each hold on one."""
+        t = schema.idx_date
+        scope = (t.c.res_type == res_type, t.c.param == bounds[0].param)
+        values = [_only_date(f) for f in bounds]
+        every = [_date(v, t.c.low, t.c.high) for v in values]
+        starts = max(v.low for v in values if v.prefix in _LOWER) - schema.SHORT_DATE
+        short = select(t.c.res_id).where(*scope, t.c.low >= starts, *every)
+        long = select(t.c.res_id).where(*scope, schema.long_date(t), *every)
+        other = t.alias("other")
+        each = [
+            exists().where(
+                other.c.res_type == res_type,
+                other.c.res_id == t.c.res_id,
+                other.c.param == bounds[0].param,
+                _date(v, other.c.low, other.c.high),
+            )
+            for v in values
+        ]
+        several = select(t.c.res_id).where(*scope, schema.one_of_several(t), *each)
+        return select(union_all(short, long, several).subquery().c.res_id)
 
     def matching(self, res_type: str, f: Filter) -> Select[Any] | None:
         """The ids of the live resources satisfying ``f``, read from the index alone, when ``f`` is such a filter
@@ -282,6 +324,42 @@ class _Query:
         following = ord(prefix[-1]) + 1
         upper = prefix[:-1] + chr(0xE000 if 0xD800 <= following <= 0xDFFF else following)
         return and_(column >= prefix, column < upper, like)
+
+
+_LOWER = frozenset({"gt", "ge", "sa"})  # a date prefix that bounds from below
+_UPPER = frozenset({"lt", "le", "eb"})
+
+
+def _only_date(f: Filter) -> DateValue:
+    [value] = f.values
+    assert isinstance(value, DateValue)
+    return value
+
+
+def _date_ranges(filters: Sequence[Filter]) -> dict[int, list[Filter]]:
+    """The date ranges among ``filters``: for each date parameter bounded from below and from above by filters of one
+    value each (no modifier), its bounds, by the position of each bound; the first bound maps to them all, the others
+    to an empty list."""
+    by_param: dict[str, list[int]] = defaultdict(list)
+    for n, f in enumerate(filters):
+        if (
+            f.kind == "date"
+            and f.param != "_lastUpdated"
+            and f.modifier is None
+            and f.missing is None
+            and f.chain is None
+            and len(f.values) == 1
+            and isinstance(f.values[0], DateValue)
+            and f.values[0].prefix in _LOWER | _UPPER
+        ):
+            by_param[f.param].append(n)
+    ranges: dict[int, list[Filter]] = {}
+    for positions in by_param.values():
+        prefixes = {_only_date(filters[n]).prefix for n in positions}
+        if prefixes & _LOWER and prefixes & _UPPER:
+            ranges[positions[0]] = [filters[n] for n in positions]
+            ranges.update((n, []) for n in positions[1:])
+    return ranges
 
 
 def _date(v: DateValue, low: Any, high: Any) -> ColumnElement[bool]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -57,6 +59,26 @@ def test_create_ignores_a_client_id(client: FlaskClient) -> None:
     response = post(client, patient(id="chosen-by-client"))
     assert response.status_code == 201
     assert response.get_json()["id"] != "chosen-by-client"
+
+
+def test_a_created_resource_gets_a_version_7_uuid_of_the_moment_it_was_created(client: FlaskClient) -> None:
+    made = [post(client, patient()).get_json() for _ in range(3)]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": patient(), "request": {"method": "POST", "url": "Patient"}}],
+    }
+    answer = client.post("/fhir", data=orjson.dumps(bundle), headers={"Content-Type": FHIR})
+    made.append(answer.get_json()["entry"][0]["response"])
+    for found in made:
+        res_id = found["id"] if "id" in found else found["location"].split("/")[1]
+        assert uuid.UUID(res_id).version == 7 and str(uuid.UUID(res_id)) == res_id
+        stored = client.get(f"/fhir/Patient/{res_id}").get_json()
+        updated = datetime.fromisoformat(stored["meta"]["lastUpdated"].replace("Z", "+00:00"))
+        made_at = uuid.UUID(res_id).int >> 80  # the millisecond the id was made, just before the resource was stored
+        assert 0 <= int(updated.timestamp() * 1000) - made_at < 60_000
+    ids = [f["id"] for f in made[:3]]
+    assert ids == sorted(ids) or len({i[:13] for i in ids}) < 3  # in order unless made in the same millisecond
 
 
 def test_read_returns_exactly_the_stored_resource(client: FlaskClient) -> None:

@@ -6,6 +6,7 @@ store/search_sql.py runs, after ANALYZE, on a database migrated by migrations/, 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,3 +255,17 @@ def test_a_history_page_after_a_cursor_walks_the_history_index_from_the_cursor(
         assert "TEMP B-TREE FOR ORDER BY" not in plan, plan
     else:  # in last_updated order from the cursor: at most the entries of one instant are sorted among themselves
         assert "Seq Scan" not in plan and ("Sort Key" not in plan or "Presorted Key: last_updated" in plan), plan
+
+
+def test_a_date_range_is_read_from_where_its_rows_start_in_one_range_of_the_date_index(engine: Engine) -> None:
+    # Both bounds on one parameter: the rows that start from a week before the range to its end, one range of
+    # ix_idx_date_value, not two sets of every row before and after it, intersected.
+    params = [("date", "ge2015-03-01"), ("date", "lt2015-05-01"), ("_summary", "count")]
+    result, plan = _planned(engine, dataclasses.replace(parse("Observation", params), total="accurate"), counting=True)
+    expected = [o["id"] for o in _all("Observation") if "2015-03-01" <= o["effectiveDateTime"] < "2015-05-01"]
+    assert result.total == len(expected) > 0
+    assert "INTERSECT" not in plan.upper() and "HashSetOp" not in plan, plan
+    if engine.dialect.name == "sqlite":
+        assert "ix_idx_date_value (res_type=? AND param=? AND low>? AND low<?)" in plan, plan
+    else:
+        assert re.search(r"ix_idx_date_value.*\n.*Index Cond: .*low >= .*low < ", plan), plan

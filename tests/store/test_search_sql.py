@@ -110,6 +110,14 @@ def _hand_rows() -> list[tuple[str, str, dict[str, list[dict[str, Any]]], bool]]
         ("Appointment", "d-instant", date("date", "2022-03-04T10:00:00Z"), False),
         ("Appointment", "d-open", date("date", ("2021-06", None)), False),
         ("Appointment", "d-two", date("date", "2019-05-05", "2023-07-07"), False),
+        # Date ranges: around a week long (below that a range finds a row from where it starts), longer, several.
+        ("Schedule", "w-day", date("date", "2021-01-01"), False),
+        ("Schedule", "w-week", date("date", ("2020-12-26", "2021-01-01")), False),
+        ("Schedule", "w-eight-days", date("date", ("2020-12-25", "2021-01-01")), False),
+        ("Schedule", "w-long", date("date", ("2020-11-01", "2021-01-02")), False),
+        ("Schedule", "w-open", date("date", ("2021-01", None)), False),
+        ("Schedule", "w-two", date("date", "2019-05-05", "2023-07-07"), False),
+        ("Schedule", "w-three", date("date", "2020-12-01", "2021-02-01", "2021-03-01"), False),
         ("Appointment", "d-none", {}, False),
         ("Appointment", "d-deleted", date("date", "2021-01-01"), True),
         ("RiskAssessment", "n-100", number("100"), False),
@@ -367,6 +375,51 @@ def test_date_prefixes_compare_ranges(engine: Engine, value: str, expected: set[
 def test_date_range_by_two_parameters(engine: Engine) -> None:
     params = [("date", "ge2021-01-01"), ("date", "le2021-12-31")]
     assert ids(engine, "Appointment", params) == {"d-day", "d-year", "d-span", "d-open", "d-two"}
+
+
+BOUNDS = [
+    f"{prefix}{value}"
+    for prefix in ("gt", "ge", "sa", "lt", "le", "eb")
+    for value in ("2019", "2020-12-31", "2021-01-01", "2021-01-02T00:00:00Z", "2021-02", "2023-07-07", "2099")
+]
+
+
+@pytest.mark.parametrize(
+    ("res_type", "param"),
+    [("Schedule", "date"), ("Appointment", "date"), ("Condition", "onset-date"), ("Immunization", "date")],
+)
+@pytest.mark.parametrize("lower", [b for b in BOUNDS if b[:2] in ("gt", "ge", "sa")])
+def test_a_date_range_matches_exactly_what_each_of_its_bounds_matches(
+    engine: Engine, res_type: str, param: str, lower: str
+) -> None:
+    # A range is read as one set (search_sql.date_range); each bound alone is read by itself: they must agree, for
+    # short rows, rows longer than a week, and resources whose bounds hold on different rows (w-two, w-three).
+    by_itself = {b: ids(engine, res_type, [(param, b)]) for b in [*BOUNDS, "ne2021"]}
+    for upper in (b for b in BOUNDS if b[:2] in ("lt", "le", "eb")):
+        expected = by_itself[lower] & by_itself[upper]
+        assert ids(engine, res_type, [(param, lower), (param, upper)]) == expected, (lower, upper)
+        third = ids(engine, res_type, [(param, upper), (param, lower), (param, "ne2021")])
+        assert third == expected & by_itself["ne2021"], (lower, upper)
+    assert any(by_itself[b] for b in BOUNDS), "the data must hold dates to compare"
+
+
+def test_a_date_range_matches_a_resource_whose_bounds_hold_on_different_values(engine: Engine) -> None:
+    # Each bound of a search is its own parameter (https://hl7.org/fhir/R4/search.html#combining): a resource with
+    # values on either side of the range matches, though none of its values lies in it.
+    assert ids(engine, "Schedule", [("date", "ge2021-01-15"), ("date", "lt2021-01-20")]) == {
+        "w-two",
+        "w-three",
+        "w-open",
+    }
+    assert ids(engine, "Schedule", [("date", "sa2021-01-15"), ("date", "eb2021-01-20")]) == {"w-two", "w-three"}
+    # and a row longer than a week that starts long before the range and ends in it
+    assert ids(engine, "Schedule", [("date", "ge2021-01-01"), ("date", "lt2021-01-03")]) == {
+        "w-day",
+        "w-long",
+        "w-open",
+        "w-two",
+        "w-three",
+    }
 
 
 def test_date_missing(engine: Engine) -> None:
