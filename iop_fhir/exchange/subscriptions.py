@@ -338,7 +338,7 @@ class Subscriptions:
         # references stay relative.
         self.base = base
         self._lock = threading.Lock()
-        self._cached: tuple[tuple[int, int | None], dict[str, list[Rule]]] | None = None
+        self._cached: tuple[tuple[int, int], dict[str, list[Rule]]] | None = None
         # Per transaction: the rules it uses; a transaction that wrote a Subscription reads its own view.
         self._per_tx: weakref.WeakKeyDictionary[Any, dict[str, list[Rule]]] = weakref.WeakKeyDictionary()
         self._wrote: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -392,7 +392,7 @@ class Subscriptions:
         if tx in self._wrote:  # not committed yet: neither from nor into the shared cache
             rules = _load(tx)
         else:
-            token = tx.type_state("Subscription")
+            token = tx.type_versions("Subscription")
             with self._lock:
                 cached = self._cached
             if cached is not None and cached[0] == token:

@@ -210,9 +210,9 @@ class ResourceTx(Protocol):
     def version_visible(self, res_type: str, res_id: str, version_id: int, restriction: Any) -> bool:
         """ResourceStore.version_visible, seeing this transaction's own writes."""
 
-    def type_state(self, res_type: str) -> tuple[int, int | None]:
-        """How many versions of resources of a type were ever stored, and when the newest was: it changes with every
-        create, update and delete of that type (a cheap check that a cache of them still holds)."""
+    def type_versions(self, res_type: str) -> tuple[int, int]:
+        """ResourceStore.type_versions, seeing this transaction's own writes: a cheap check that a cache of the
+        type's resources still holds."""
 
 
 class ResourceStore(Protocol):

@@ -94,8 +94,10 @@ _SE = schema.subscription_events
 _AC = schema.auth_clients
 _AJ = schema.auth_jtis
 # Answered from the index on (res_type, last_updated) of the history; built once (a write pays ~15 µs for it).
-_TYPE_STATE = (
-    select(func.count(), func.max(_H.c.last_updated)).select_from(_H).where(_H.c.res_type == bindparam("res_type"))
+# The number of resources of a type and the sum of their current version ids: every create, update and delete of
+# the type changes it, whichever process's clock stamped the write (ResourceStore.type_versions).
+_TYPE_VERSIONS = select(func.count(), func.coalesce(func.sum(_R.c.version_id), 0)).where(
+    _R.c.res_type == bindparam("res_type")
 )
 _O_COLUMNS = tuple(_O.c)
 # One statement: the CTE locks the due rows no other transaction holds (SKIP LOCKED), the UPDATE leases them. A row
@@ -628,10 +630,10 @@ class SqlWriteTx(SqlAuditLogTx):
         changed = self.conn.execute(update(_O).where(_O.c.id == id, _O.c.status.in_(expected)).values(**values))
         return bool(changed.rowcount == 1)
 
-    def type_state(self, res_type: str) -> tuple[int, int | None]:
+    def type_versions(self, res_type: str) -> tuple[int, int]:
         self.flush()
-        count, newest = self.conn.execute(_TYPE_STATE, {"res_type": res_type}).one()
-        return int(count), None if newest is None else int(newest)
+        rows, versions = self.conn.execute(_TYPE_VERSIONS, {"res_type": res_type}).one()
+        return int(rows), int(versions)
 
     def save_sync_cursor(self, partner_id: str, patient_id: str, res_type: str, last_updated: str, now: int) -> None:
         key = (_SC.c.partner_id == partner_id, _SC.c.patient_id == patient_id, _SC.c.res_type == res_type)
@@ -962,9 +964,8 @@ class SqlStore(SqlAuditLog):
         return found
 
     def type_versions(self, res_type: str) -> tuple[int, int]:
-        query = select(func.count(), func.coalesce(func.sum(_R.c.version_id), 0)).where(_R.c.res_type == res_type)
         with self.reading() as conn:
-            rows, versions = conn.execute(query).one()
+            rows, versions = conn.execute(_TYPE_VERSIONS, {"res_type": res_type}).one()
         return int(rows), int(versions)
 
     def search(self, request: Any) -> SearchResult:
