@@ -988,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated query names, and ingest to time it (else no ingest)")
     parser.add_argument("--fresh", action="store_true", help="generate the database again even if cached")
     parser.add_argument("--template", type=int, default=25, help="demo patients in the template (default 25)")
-    parser.add_argument("--ingest", type=int, default=3, help="transactions of 1,000 to time (0: none)")
+    parser.add_argument("--ingest", type=int, default=5, help="transactions of 1,000 to time (0: none)")
     parser.add_argument(
         "--budget", type=float, default=20.0, help="a query whose warm-up takes longer is timed on that run alone"
     )

@@ -20,9 +20,11 @@ def facts_of(resource: dict[str, Any], index: IndexRows) -> VersionFacts:
     as an unknown Patient (None), which no partner is permitted: a reference typed Patient that names no local id
     (by identifier only, conditional, ``urn:uuid:``), and, in a parameter that puts the type in the Patient
     compartment, one that names no resource of a known type (untyped by identifier only, ``urn:uuid:``, another
-    server's URL, a contained Patient)."""
+    server's URL, a contained Patient). A reference to a Patient that no parameter indexes counts too (in an
+    extension, in a contained resource: ``named_patients``)."""
     res_type, res_id = resource.get("resourceType"), resource.get("id")
     patients: set[str | None] = {res_id} if res_type == "Patient" and isinstance(res_id, str) else set()
+    patients |= named_patients(resource)
     in_compartment = set(patient_compartment().get(res_type, ())) if isinstance(res_type, str) else set()
     contained = _contained_types(resource)
     for row in index.get("reference", ()):
@@ -37,6 +39,32 @@ def facts_of(resource: dict[str, Any], index: IndexRows) -> VersionFacts:
         protected=bool(labels & PROTECTED_LABELS),
         note=bool(labels & NOTE_LABELS),
     )
+
+
+_REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
+
+
+def named_patients(resource: dict[str, Any]) -> set[str | None]:
+    """The Patients a resource names anywhere in it, indexed or not (extensions, contained resources, elements no
+    search parameter reads): the id of every reference to ``Patient/id`` (relative or absolute), and None (an unknown
+    Patient) for a reference typed Patient that names no id and for a Patient resource held inside it."""
+    found: set[str | None] = set()
+    stack: list[Any] = [v for k, v in resource.items() if k != "resourceType"]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            target, target_id = indexing.split_reference(ref)[:2] if isinstance(ref, str) else (None, None)
+            if target == "Patient":
+                found.add(target_id)
+            elif value.get("type") == "Patient" and target is None and value.keys() <= _REFERENCE_KEYS:
+                found.add(None)
+            if value.get("resourceType") == "Patient":
+                found.add(None)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return found
 
 
 def _contained_types(resource: dict[str, Any]) -> dict[str, Any]:

@@ -929,3 +929,22 @@ def test_an_unlabelled_resource_about_a_patient_named_only_by_identifier_is_neve
         assert all(e["fullUrl"].rsplit("/", 1)[-1] != res_id for e in bundle.get("entry", [])), query
     assert attacker.get(f"/fhir/Observation?_id={res_id}&_total=accurate").get_json()["total"] == 0
     assert total(client, f"Observation?_id={res_id}") == 1  # the program's client sees it
+
+
+@pytest.mark.parametrize("where", ["extension", "contained"])
+def test_a_consented_patients_resource_that_names_a_hidden_patient_where_no_parameter_reads_is_hidden(
+    client: FlaskClient, attacker: FlaskClient, program: dict[str, Any], where: str
+) -> None:
+    a, b = program["a"]["patient"], program["b"]["patient"]
+    naming_b: dict[str, Any] = (
+        {"extension": [{"url": "https://example.org/fhir/witness", "valueReference": {"reference": b}}]}
+        if where == "extension"
+        else {"contained": [observation(b, id="inner")], "hasMember": [{"reference": "#inner"}]}
+    )
+    res_id = create(client, "Observation", observation(a, **naming_b))
+    plain = create(client, "Observation", observation(a))
+    assert attacker.get(f"/fhir/Observation/{plain}").status_code == 200  # A's own resources show
+    assert attacker.get(f"/fhir/Observation/{res_id}").status_code == 404
+    bundle = attacker.get(f"/fhir/Observation?subject={a}&_count=100").get_json()
+    assert f"Observation/{res_id}" not in references(bundle)
+    assert b.split("/")[1] not in orjson.dumps(bundle).decode()

@@ -171,3 +171,47 @@ def test_a_reference_that_cannot_be_to_a_patient_leaves_the_resource_to_its_own_
         repository.update_in(tx, "Observation", "of-a-too", body)
     assert "of-a-too" in visible(repository, "Observation", Restriction(frozenset({"a"}))), case
     assert "of-a-too" not in visible(repository, "Observation", Restriction(frozenset({"b"}))), case
+
+
+@pytest.mark.parametrize(
+    ("case", "extra"),
+    [
+        (
+            "an extension naming Patient/b",
+            {"extension": [{"url": "https://example.org/fhir/witness", "valueReference": {"reference": "Patient/b"}}]},
+        ),
+        (
+            "a contained Observation about Patient/b",
+            {
+                "contained": [
+                    {
+                        "resourceType": "Observation",
+                        "id": "inner",
+                        "status": "final",
+                        "code": {"text": "x"},
+                        "subject": {"reference": "Patient/b"},
+                    }
+                ],
+                "hasMember": [{"reference": "#inner"}],
+            },
+        ),
+        ("a contained Patient referred to by no parameter", {"contained": [{"resourceType": "Patient", "id": "p9"}]}),
+    ],
+)
+def test_a_patient_named_where_no_parameter_indexes_counts_as_one_the_resource_belongs_to(
+    repository: Repository, case: str, extra: dict[str, Any]
+) -> None:
+    body = {
+        "resourceType": "Observation",
+        "id": "of-a-naming-another",
+        "status": "final",
+        "code": {"text": "x"},
+        "subject": {"reference": "Patient/a"},
+        **extra,
+    }
+    with repository.store.write() as tx:
+        repository.update_in(tx, "Observation", "of-a-naming-another", body)
+    assert "of-a-naming-another" not in visible(repository, "Observation", Restriction(frozenset({"a"}))), case
+    named_b = "Patient/b" in str(extra)
+    both = "of-a-naming-another" in visible(repository, "Observation", Restriction(frozenset({"a", "b"})))
+    assert both is named_b, case  # with b permitted too it shows, unless it holds a Patient of no local id

@@ -376,10 +376,11 @@ def test_0017_keeps_per_value_counts_for_a_thousand_reference_targets_on_postgre
 
 # -- 0018: a version that refers to a Patient by no local id belongs to an unknown Patient
 
+_NAMING_B = {"url": "https://example.org/fhir/witness", "valueReference": {"reference": "Patient/b"}}
 _BY_IDENTIFIER = {"identifier": {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "000-00-0001"}}
 
 
-def test_0018_gives_every_version_naming_a_patient_by_no_local_id_the_unknown_patient_and_the_current_row_many(
+def test_0018_gives_every_version_the_patients_it_names_anywhere_or_by_no_local_id_and_the_current_row_its_owner(
     unmigrated_url: str,
 ) -> None:
     body = {"status": "final", "code": {"text": "x"}}
@@ -402,6 +403,13 @@ def test_0018_gives_every_version_naming_a_patient_by_no_local_id_the_unknown_pa
         ("already", 1, False, {1: ({**body, "subject": {"reference": "Patient?identifier=x|1"}}, [None])}),
         ("of-a", 1, False, {1: ({**body, "subject": {"reference": "Patient/a", "display": "A"}}, ["a"])}),
         ("by-display", 1, False, {1: ({**body, "performer": [{"display": "Dr. Example"}]}, [])}),
+        (
+            "names-b-too",
+            1,
+            False,
+            {1: ({**body, "subject": {"reference": "Patient/a"}, "extension": [_NAMING_B]}, ["a"])},
+        ),
+        ("names-only-b", 1, False, {1: ({**body, "extension": [_NAMING_B]}, [])}),
     ]
     engine = create_engine(unmigrated_url)
     try:
@@ -444,6 +452,8 @@ def test_0018_gives_every_version_naming_a_patient_by_no_local_id_the_unknown_pa
             ("deleted", 2): [None],
             ("already", 1): [None],
             ("of-a", 1): ["a"],
+            ("names-b-too", 1): ["a", "b"],
+            ("names-only-b", 1): ["b"],
         }
         owners = {r["res_id"]: r["owner"] for r in _rows(engine, schema.resources, "res_id")}
         assert owners == {
@@ -454,6 +464,8 @@ def test_0018_gives_every_version_naming_a_patient_by_no_local_id_the_unknown_pa
             "already": "*",
             "of-a": "a",
             "by-display": None,
+            "names-b-too": "*",
+            "names-only-b": "b",
         }
     finally:
         engine.dispose()
