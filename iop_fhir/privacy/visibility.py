@@ -15,8 +15,8 @@ from iop_fhir.store.base import VersionFacts
 
 
 def facts_of(resource: dict[str, Any], index: IndexRows) -> VersionFacts:
-    """The facts of a version from its search index: a resource belongs to every Patient it refers to through an
-    indexed reference, and a Patient to itself. A reference that may be to a Patient but names no local one counts
+    """The facts of a version from its JSON and search index: a resource belongs to every Patient it names
+    (``named_patients``), and a Patient to itself. A reference that may be to a Patient but names no local one counts
     as an unknown Patient (None), which no partner is permitted: a reference typed Patient that names no local id
     (by identifier only, conditional, ``urn:uuid:``), and, in a parameter that puts the type in the Patient
     compartment, one that names no resource of a known type (untyped by identifier only, ``urn:uuid:``, another
@@ -24,14 +24,13 @@ def facts_of(resource: dict[str, Any], index: IndexRows) -> VersionFacts:
     extension, in a contained resource: ``named_patients``)."""
     res_type, res_id = resource.get("resourceType"), resource.get("id")
     patients: set[str | None] = {res_id} if res_type == "Patient" and isinstance(res_id, str) else set()
-    patients |= named_patients(resource)
+    patients |= named_patients(resource)  # every reference typed Patient, indexed or not
+    # An untyped reference that names no local resource, where the type's Patient compartment reads, may be to a
+    # Patient: unless it points to a resource held inside (a held Patient is one of named_patients already).
     in_compartment = set(patient_compartment().get(res_type, ())) if isinstance(res_type, str) else set()
-    contained = _contained_types(resource)
+    held = {f"#{item.get('id')}" for item in resource.get("contained") or () if isinstance(item, dict)}
     for row in index.get("reference", ()):
-        target, target_id = row.get("target_type"), row.get("target_id")
-        if target == "Patient":
-            patients.add(target_id)
-        elif target is None and row.get("param") in in_compartment and _may_be_a_patient(row.get("url"), contained):
+        if row.get("target_type") is None and row.get("param") in in_compartment and row.get("url") not in held:
             patients.add(None)
     labels = {(row.get("system"), row.get("code")) for row in index.get("token", ()) if row.get("param") == "_security"}
     return VersionFacts(
@@ -41,7 +40,8 @@ def facts_of(resource: dict[str, Any], index: IndexRows) -> VersionFacts:
     )
 
 
-_REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
+# The elements of a Reference (https://hl7.org/fhir/R4/references.html#Reference).
+REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
 
 
 def named_patients(resource: dict[str, Any]) -> set[str | None]:
@@ -57,7 +57,7 @@ def named_patients(resource: dict[str, Any]) -> set[str | None]:
             target, target_id = indexing.split_reference(ref)[:2] if isinstance(ref, str) else (None, None)
             if target == "Patient":
                 found.add(target_id)
-            elif value.get("type") == "Patient" and target is None and value.keys() <= _REFERENCE_KEYS:
+            elif value.get("type") == "Patient" and target is None and value.keys() <= REFERENCE_KEYS:
                 found.add(None)
             if value.get("resourceType") == "Patient":
                 found.add(None)
@@ -65,23 +65,6 @@ def named_patients(resource: dict[str, Any]) -> set[str | None]:
         elif isinstance(value, list):
             stack.extend(value)
     return found
-
-
-def _contained_types(resource: dict[str, Any]) -> dict[str, Any]:
-    """``#id`` of each contained resource → its resourceType."""
-    found: dict[str, Any] = {}
-    for item in resource.get("contained") or ():
-        if isinstance(item, dict) and isinstance(item.get("id"), str):
-            found[f"#{item['id']}"] = item.get("resourceType")
-    return found
-
-
-def _may_be_a_patient(url: Any, contained: dict[str, Any]) -> bool:
-    """Whether an untyped reference row that names no local resource may be to a Patient: a canonical or a
-    reference to a contained resource that is not a Patient is not."""
-    if isinstance(url, str) and url.startswith("#"):
-        return url not in contained or contained[url] == "Patient"
-    return True
 
 
 def version_facts(resource: dict[str, Any]) -> VersionFacts:

@@ -18,12 +18,14 @@ Revises: 0017
 Create Date: 2026-12-06
 """
 
-import re
 from typing import Any
 
 import orjson
 import sqlalchemy as sa
 from alembic import op
+
+from iop_fhir.privacy.visibility import REFERENCE_KEYS, named_patients, version_facts
+from iop_fhir.r4.indexing import split_reference
 
 revision = "0018"
 down_revision = "0017"
@@ -55,20 +57,17 @@ version_patients = sa.table(
     sa.column("patient_id", sa.String),
 )
 
-_LOCAL = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?")
-_REFERENCE_KEYS = frozenset({"id", "extension", "reference", "type", "identifier", "display"})
-
-
 def _names_no_local_resource(value: Any) -> bool:
-    """Whether any Reference in a resource's JSON may name no local resource: one without a relative reference that
-    carries an identifier or a type, or one whose reference is not ``Type/id``. A superset of what may gain an
+    """Whether any Reference in a resource's JSON may name no local resource: one without a reference string that
+    carries an identifier or a type, or one whose reference is not a relative ``Type/id``. A superset of what may gain an
     unknown Patient, cheap enough to run on every stored version."""
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str):
-            if not _LOCAL.fullmatch(ref):
+            target, target_id, url = split_reference(ref)
+            if target is None or target_id is None or url is not None:
                 return True
-        elif value.keys() <= _REFERENCE_KEYS and ("identifier" in value or isinstance(value.get("type"), str)):
+        elif value.keys() <= REFERENCE_KEYS and ("identifier" in value or isinstance(value.get("type"), str)):
             return True
         return any(_names_no_local_resource(v) for v in value.values())
     if isinstance(value, list):
@@ -78,8 +77,6 @@ def _names_no_local_resource(value: Any) -> bool:
 
 def upgrade() -> None:
     conn = op.get_bind()
-    from iop_fhir.privacy.visibility import named_patients, version_facts
-
     h, vp = history.c, version_patients.c
     of_version = (vp.res_type == h.res_type, vp.res_id == h.res_id, vp.version_id == h.version_id)
     kept = [  # what version_patients holds for the version: all rows, named ones, the lowest and highest id

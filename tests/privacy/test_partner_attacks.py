@@ -948,3 +948,32 @@ def test_a_consented_patients_resource_that_names_a_hidden_patient_where_no_para
     bundle = attacker.get(f"/fhir/Observation?subject={a}&_count=100").get_json()
     assert f"Observation/{res_id}" not in references(bundle)
     assert b.split("/")[1] not in orjson.dumps(bundle).decode()
+
+
+def test_every_stage_a_partner_reaches_leaves_out_a_resource_that_names_a_hidden_patient_in_an_extension(
+    client: FlaskClient, attacker: FlaskClient, program: dict[str, Any]
+) -> None:
+    a, b = program["a"]["patient"], program["b"]["patient"]
+    witness = {"extension": [{"url": "https://example.org/fhir/witness", "valueReference": {"reference": b}}]}
+    res_id = create(client, "Observation", observation(a, **witness))
+    hidden = f"Observation/{res_id}"
+    a_id = a.split("/")[1]
+    for query in (
+        f"Patient?_id={a_id}&_revinclude=Observation:subject&_count=100",
+        f"Patient/{a_id}/Observation?_count=100",
+        f"Observation?subject={a}&_count=100&_sort=-_lastUpdated",
+        "Observation/_history?_count=100",
+        "_history?_count=100",
+    ):
+        response = attacker.get(f"/fhir/{query}")
+        assert response.status_code == 200, (query, response.get_json())
+        assert hidden not in references(response.get_json()), query
+    assert total(attacker, f"Observation?subject={a}") == total(client, f"Observation?subject={a}") - 1
+    batch = transaction(
+        "batch",
+        {"request": {"method": "GET", "url": hidden}},
+        {"request": {"method": "GET", "url": f"Observation?_id={res_id}"}},
+    )
+    answer = send(attacker, "POST", "/fhir", batch).get_json()
+    assert answer["entry"][0]["response"]["status"].startswith("404"), answer
+    assert references(answer["entry"][1]["resource"]) == set(), answer
