@@ -28,6 +28,8 @@ from iop_fhir.config import Settings
 CHANNEL_TIMEOUT = 30  # seconds a connection may send nothing (no request begun, or a request stalled) before closing
 CONNECTION_LIMIT = 1000  # open connections per process; beyond it, new ones wait in the listen backlog
 BACKLOG = 2048
+GC_YOUNGEST = 50_000  # allocations between collections of the youngest generation (Python: 700)
+GC_OLDER = 20  # collections of one generation between collections of the next (Python: 10)
 _FAILED = 3  # exit status of a worker whose app raised (failed to build, or waitress failed)
 MAX_HEADER_BYTES = 65536  # request line and headers; the app's own limit on the target (limits.py) is far below
 
@@ -38,9 +40,15 @@ def settled(app: Any) -> Any:
     """``app``, built in a worker process that serves it until it exits, with what building it allocated (the FHIR
     definitions, profiles, terminology: hundreds of thousands of objects that live as long as the process) moved out
     of the garbage collector's reach. Otherwise every full collection walks them all, a pause of 100-200 ms that
-    falls on whichever request triggers it."""
+    falls on whichever request triggers it.
+
+    The youngest generation is then collected after GC_YOUNGEST allocations instead of Python's 700: a request's
+    objects are freed by their reference counts when it ends, and the collector, run less often, no longer finds
+    them alive mid-request and carries them into the older generations, whose collections then came every few
+    requests (the outcomes report at a million resources: p50 67 -> 58 ms, slowest of 30 124 -> 67 ms)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(GC_YOUNGEST, GC_OLDER, GC_OLDER)
     return app
 
 
