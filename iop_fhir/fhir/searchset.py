@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from iop_fhir.errors import Issue, operation_outcome
+from iop_fhir.r4 import search as search_rules
 from iop_fhir.r4.search import SearchRequest
 from iop_fhir.store.base import SearchResult, StoredResource
 
@@ -34,8 +35,19 @@ def searchset_bundle(request: SearchRequest, result: SearchResult, base_url: str
     if request.summary != "count":
         entries += [_entry(base, res, "match", request, match=True) for res in result.matches if res.content]
         entries += [_entry(base, res, "include", request, match=False) for res in result.included if res.content]
-    if request.ignored:
-        issues = [Issue("not-supported", f"Parameter '{n}' was ignored", n, "warning") for n in request.ignored]
+    issues = [Issue("not-supported", f"Parameter '{n}' was ignored", n, "warning") for n in request.ignored]
+    if result.included_cut and request.summary != "count":
+        issues += [
+            Issue(
+                "too-costly",
+                f"{name} found more resources than one page includes ({search_rules.MAX_INCLUDED:,}): the first "
+                "by type and id are included; search their type directly to page through them all",
+                name,
+                "warning",
+            )
+            for name in sorted({"_revinclude" if rule.reverse else "_include" for rule in request.includes})
+        ]
+    if issues:
         entries.append(orjson.dumps({"resource": operation_outcome(issues), "search": {"mode": "outcome"}}))
     head = orjson.dumps(envelope)
     if not entries:

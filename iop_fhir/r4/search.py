@@ -77,6 +77,7 @@ _ESCAPE = re.compile(r"\\([,|$\\])")
 MAX_FILTERS = 32  # search parameters (AND-ed filters), those dropped as lenient included
 MAX_VALUES = 100  # comma-separated values of one parameter (OR-ed)
 MAX_INCLUDES = 16  # _include and _revinclude parameters
+MAX_INCLUDED = 1000  # resources _include and _revinclude add to one page, the first by type and id
 MAX_VALUE_LENGTH = 8192  # characters of one parameter's value
 MAX_OFFSET = 2**31 - 1  # _offset: deeper pages are not served
 

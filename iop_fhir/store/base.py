@@ -156,6 +156,7 @@ class SearchResult:
 
     matches: list[StoredResource] = field(default_factory=list)
     included: list[StoredResource] = field(default_factory=list)
+    included_cut: bool = False  # _include/_revinclude found more than a page includes (r4/search.py MAX_INCLUDED)
     total: int | None = None
     has_more: bool = False
     next_cursor: Cursor | None = None  # where the next page starts, when the store pages by cursor

@@ -60,7 +60,6 @@ FEW_MATCHES = 10_000
 # A chain whose inner search finds at most this many targets names them in the statement (_Query._chain).
 CHAIN_TARGETS = 1000
 MAX_INCLUDE_ROUNDS = 4  # the first round plus three rounds of :iterate
-MAX_INCLUDED = 1000
 
 _R = schema.resources
 _H = schema.history
@@ -102,7 +101,7 @@ def run(conn: Connection, request: SearchRequest) -> SearchResult:
     result.has_more = result.next_cursor is not None
     result.matches = [_stored(row) for row in rows]
     if request.includes and result.matches:
-        result.included = _include(conn, request.includes, result.matches, request.restriction)
+        result.included, result.included_cut = _include(conn, request.includes, result.matches, request.restriction)
     return result
 
 
@@ -136,22 +135,6 @@ def count_matches(conn: Connection, matching: Select[Any], limit: int | None) ->
 
 
 # -- Part 2 visibility: the condition comes from the request's restriction (privacy/restriction.py) ---------------
-
-
-def _only_visible(conn: Connection, found: list[StoredResource], restriction: Visibility) -> list[StoredResource]:
-    """``found`` less what ``restriction`` hides (included resources: they count in no total)."""
-    if not found:
-        return found
-    by_type: dict[str, list[str]] = defaultdict(list)
-    for res in found:
-        by_type[res.res_type].append(res.res_id)
-    shown: set[tuple[str, str]] = set()
-    for res_type, ids in by_type.items():
-        query = select(_R.c.res_type, _R.c.res_id).where(
-            _R.c.res_type == res_type, _R.c.res_id.in_(ids), restriction.clause(_R)
-        )
-        shown.update((row.res_type, row.res_id) for row in conn.execute(query))
-    return [res for res in found if (res.res_type, res.res_id) in shown]
 
 
 def _stored(row: Any) -> StoredResource:
@@ -755,14 +738,17 @@ def _after(keys: list[_SortKey], values: Sequence[Any], res_id: Any, last_id: st
 
 def _include(
     conn: Connection, rules: Sequence[Include], matches: list[StoredResource], restriction: Visibility | None
-) -> list[StoredResource]:
+) -> tuple[list[StoredResource], bool]:
     """Apply every rule to the matches, then the ``:iterate`` rules to what the previous round added, until
     nothing new comes or a bound is reached; nothing is returned twice, nor a match again
-    (https://hl7.org/fhir/R4/search.html#include). Under a restriction each round keeps only what may be seen,
-    so that no round iterates from a hidden resource."""
+    (https://hl7.org/fhir/R4/search.html#include). Under a restriction each rule reads only what may be seen, so
+    that no round iterates from a hidden resource. Also whether the bound (r4/search.py MAX_INCLUDED) left out
+    resources a rule found (the first ones by type and id are kept); under a restriction only visible ones count,
+    so that the answer tells nothing of hidden ones."""
     seen = {(m.res_type, m.res_id) for m in matches}
     included: list[StoredResource] = []
     frontier = matches
+    cut = False
     for round_ in range(MAX_INCLUDE_ROUNDS):
         active = [rule for rule in rules if round_ == 0 or rule.iterate]
         if not active or not frontier:
@@ -772,24 +758,43 @@ def _include(
             by_type[res.res_type].append(res.res_id)
         added: list[StoredResource] = []
         for rule in active:
-            found = _reverse(conn, rule, by_type) if rule.reverse else _forward(conn, rule, by_type)
-            if restriction is not None:
-                found = _only_visible(conn, found, restriction)
+            follow = _reverse if rule.reverse else _forward
+            found, more = follow(conn, rule, by_type, restriction)
+            cut |= more
             for res in found:
-                if (res.res_type, res.res_id) not in seen and len(included) + len(added) < MAX_INCLUDED:
-                    seen.add((res.res_type, res.res_id))
-                    added.append(res)
+                if (res.res_type, res.res_id) in seen:
+                    continue
+                if len(included) + len(added) >= search_rules.MAX_INCLUDED:
+                    cut = True
+                    break
+                seen.add((res.res_type, res.res_id))
+                added.append(res)
         included.extend(added)
         frontier = added
-    return included
+    return included, cut
 
 
 _COLUMNS = (_R.c.res_type, _R.c.res_id, _R.c.version_id, _R.c.last_updated, _R.c.content)
 
 
-def _forward(conn: Connection, rule: Include, by_type: dict[str, list[str]]) -> list[StoredResource]:
-    """``_include``: the live resources the given resources refer to through ``rule.param``."""
+def _visible(restriction: Visibility | None) -> list[ColumnElement[bool]]:
+    return [] if restriction is None else [restriction.clause(_R)]
+
+
+def _bounded(conn: Connection, query: Select[Any]) -> tuple[list[StoredResource], bool]:
+    """The rows of ``query`` (which asks for one more than MAX_INCLUDED), at most MAX_INCLUDED of them, and
+    whether there were more."""
+    rows = [_stored(row) for row in conn.execute(query)]
+    return rows[: search_rules.MAX_INCLUDED], len(rows) > search_rules.MAX_INCLUDED
+
+
+def _forward(
+    conn: Connection, rule: Include, by_type: dict[str, list[str]], restriction: Visibility | None
+) -> tuple[list[StoredResource], bool]:
+    """``_include``: the live resources the given resources refer to through ``rule.param`` (that ``restriction``
+    lets be seen)."""
     found: list[StoredResource] = []
+    more = False
     for source in [rule.source_type] if rule.source_type else sorted(by_type):
         ids = by_type.get(source)
         if not ids:
@@ -803,17 +808,26 @@ def _forward(conn: Connection, rule: Include, by_type: dict[str, list[str]]) -> 
         query = (
             select(*_COLUMNS)
             .join(targets, and_(_R.c.res_type == targets.c.target_type, _R.c.res_id == targets.c.target_id))
-            .where(_R.c.deleted == false())
+            .where(_R.c.deleted == false(), *_visible(restriction))
             .order_by(_R.c.res_type, _R.c.res_id)
-            .limit(MAX_INCLUDED)
+            .limit(search_rules.MAX_INCLUDED + 1)
         )
-        found.extend(_stored(row) for row in conn.execute(query))
-    return found
+        rows, cut = _bounded(conn, query)
+        found.extend(rows)
+        more |= cut
+    return found, more
 
 
-def _reverse(conn: Connection, rule: Include, by_type: dict[str, list[str]]) -> list[StoredResource]:
-    """``_revinclude``: the live ``rule.source_type`` resources that refer to the given ones."""
+def _reverse(
+    conn: Connection, rule: Include, by_type: dict[str, list[str]], restriction: Visibility | None
+) -> tuple[list[StoredResource], bool]:
+    """``_revinclude``: the live ``rule.source_type`` resources that refer to the given ones (that ``restriction``
+    lets be seen). Unrestricted, their ids are bounded in the index before any row is read: only a live resource
+    has search index rows (a deletion drops them), so the first MAX_INCLUDED ids there are the first live ones,
+    and a patient's thousands of Observations cost the reading of a thousand. Restricted, the bound counts only
+    the rows that may be seen."""
     found: list[StoredResource] = []
+    more = False
     assert rule.source_type is not None
     for target_type, ids in sorted(by_type.items()):
         if rule.target_type is not None and rule.target_type != target_type:
@@ -825,15 +839,28 @@ def _reverse(conn: Connection, rule: Include, by_type: dict[str, list[str]]) -> 
         ]
         if rule.param is not None:
             conditions.append(_REF.c.param == rule.param)
-        query = (
-            select(*_COLUMNS)
-            .where(
-                _R.c.res_type == rule.source_type,
-                _R.c.deleted == false(),
-                _R.c.res_id.in_(select(_REF.c.res_id).where(*conditions)),
+        referring = select(_REF.c.res_id).where(*conditions)
+        if restriction is None:
+            first = referring.distinct().order_by(_REF.c.res_id).limit(search_rules.MAX_INCLUDED + 1).subquery()
+            query = (
+                select(*_COLUMNS)
+                .join(first, _R.c.res_id == first.c.res_id)
+                .where(_R.c.res_type == rule.source_type, _R.c.deleted == false())
+                .order_by(_R.c.res_id)
             )
-            .order_by(_R.c.res_id)
-            .limit(MAX_INCLUDED)
-        )
-        found.extend(_stored(row) for row in conn.execute(query))
-    return found
+        else:
+            query = (
+                select(*_COLUMNS)
+                .where(
+                    _R.c.res_type == rule.source_type,
+                    _R.c.deleted == false(),
+                    _R.c.res_id.in_(referring),
+                    restriction.clause(_R),
+                )
+                .order_by(_R.c.res_id)
+                .limit(search_rules.MAX_INCLUDED + 1)
+            )
+        rows, cut = _bounded(conn, query)
+        found.extend(rows)
+        more |= cut
+    return found, more

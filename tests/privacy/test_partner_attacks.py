@@ -21,6 +21,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from iop_fhir.mapping.engine import PART2_LABELS
+from iop_fhir.r4 import search as search_rules
 from tests.auth import mint
 from tests.privacy.scenario import CONTRACT, FHIR, PARTNER, as_client, contract, issue
 
@@ -977,3 +978,38 @@ def test_every_stage_a_partner_reaches_leaves_out_a_resource_that_names_a_hidden
     answer = send(attacker, "POST", "/fhir", batch).get_json()
     assert answer["entry"][0]["response"]["status"].startswith("404"), answer
     assert references(answer["entry"][1]["resource"]) == set(), answer
+
+
+def test_a_partners_revinclude_is_bounded_on_what_it_may_see_and_its_warning_tells_nothing_of_hidden_resources(
+    client: FlaskClient, attacker: FlaskClient, program: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = program["a"]["patient"], program["b"]["patient"]
+    witness = {"extension": [{"url": "https://example.org/fhir/witness", "valueReference": {"reference": b}}]}
+    hidden = {f"Observation/{create(client, 'Observation', observation(a, **witness))}" for _ in range(3)}
+    for _ in range(3):
+        create(client, "Observation", observation(a))
+    query = f"/fhir/Patient?_id={a.split('/')[1]}&_revinclude=Observation:subject"
+
+    def included(who: FlaskClient) -> tuple[list[str], list[Any]]:
+        bundle = who.get(query).get_json()
+        entries = bundle["entry"]
+        found = [f"Observation/{e['resource']['id']}" for e in entries if e["search"]["mode"] == "include"]
+        outcomes = [i for e in entries if e["search"]["mode"] == "outcome" for i in e["resource"]["issue"]]
+        return found, outcomes
+
+    everything, _ = included(client)
+    visible, _ = included(attacker)
+    assert hidden <= set(everything) and not hidden & set(visible)
+    assert len(visible) >= 3
+
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(visible))
+    found, outcomes = included(attacker)
+    assert sorted(found) == sorted(visible) and outcomes == []  # all it may see: nothing said of the hidden ones
+    found, outcomes = included(client)  # the program's client sees more than fit
+    assert sorted(found) == sorted(everything)[: len(visible)]
+    assert [(i["code"], i["expression"]) for i in outcomes] == [("too-costly", ["_revinclude"])]
+
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(visible) - 1)
+    found, outcomes = included(attacker)
+    assert sorted(found) == sorted(visible)[:-1]
+    assert [(i["code"], i["expression"]) for i in outcomes] == [("too-costly", ["_revinclude"])]

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, insert, text
 
 from iop_fhir.fhir.searchset import SUBSETTED, searchset_bundle
 from iop_fhir.r4 import indexing
+from iop_fhir.r4 import search as search_rules
 from iop_fhir.r4.indexing import date_range, normalize_string, number_range
 from iop_fhir.r4.search import SearchRequest, parse
 from iop_fhir.store import schema
@@ -750,6 +751,52 @@ def test_revinclude_adds_the_resources_that_refer_to_the_matches(engine: Engine)
     included = [(r.res_type, r.res_id) for r in result.included]
     assert len(included) == len(set(included)) and set(included) == expected
     assert all(r.content and orjson.loads(r.content)["resourceType"] == "Observation" for r in result.included)
+    assert not result.included_cut
+
+
+def test_revinclude_beyond_its_bound_includes_the_first_by_id_and_says_some_were_left_out(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    everyone = sorted(
+        o["id"] for o in of_type("Observation") if o.get("subject", {}).get("reference") == "Patient/example"
+    )
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", 7)
+    _, result = search(engine, "Patient", [("_id", "example"), ("_revinclude", "Observation:patient")])
+    assert [(r.res_type, r.res_id) for r in result.included] == [("Observation", i) for i in everyone[:7]]
+    assert result.included_cut
+
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(everyone))  # exactly as many as there are: none left out
+    _, result = search(engine, "Patient", [("_id", "example"), ("_revinclude", "Observation:patient")])
+    assert sorted(r.res_id for r in result.included) == everyone
+    assert not result.included_cut
+
+
+def test_include_beyond_its_bound_includes_the_first_by_type_and_id_and_says_some_were_left_out(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = BY_KEY[("DiagnosticReport", "cardiology-report")]
+    expected = sorted(r for r in _refs(report, "result") if r in BY_KEY)
+    assert len(expected) >= 2
+    params = [("_id", "cardiology-report"), ("_include", "DiagnosticReport:result")]
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(expected) - 1)
+    request, result = search(engine, "DiagnosticReport", params)
+    assert [(r.res_type, r.res_id) for r in result.included] == expected[:-1]
+    assert result.included_cut
+    bundle = orjson.loads(searchset_bundle(request, result, "http://x/fhir"))
+    outcome = bundle["entry"][-1]
+    assert outcome["search"] == {"mode": "outcome"}
+    assert [(i["severity"], i["code"], i["expression"]) for i in outcome["resource"]["issue"]] == [
+        ("warning", "too-costly", ["_include"])
+    ]
+    assert sum(e["search"]["mode"] == "include" for e in bundle["entry"]) == len(expected) - 1
+
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(expected))
+    request, result = search(engine, "DiagnosticReport", params)
+    assert not result.included_cut
+    assert all(
+        e["search"]["mode"] != "outcome"
+        for e in orjson.loads(searchset_bundle(request, result, "http://x/fhir"))["entry"]
+    )
 
 
 def test_include_wildcard_follows_every_reference_parameter(engine: Engine) -> None:
