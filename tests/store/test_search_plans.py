@@ -269,3 +269,33 @@ def test_a_date_range_is_read_from_where_its_rows_start_in_one_range_of_the_date
         assert "ix_idx_date_value (res_type=? AND param=? AND low>? AND low<?)" in plan, plan
     else:
         assert re.search(r"ix_idx_date_value.*\n.*Index Cond: .*low >= .*low < ", plan), plan
+
+
+def test_a_revinclude_bounds_the_ids_it_reads_in_the_search_index_before_reading_any_resource(engine: Engine) -> None:
+    # A patient's thousands of Observations: only the first MAX_INCLUDED (+1) ids are taken from the index, in order,
+    # and only their rows are read; not every referring row read and sorted to keep a thousand.
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        statements.append((statement, parameters))
+
+    request = _request("Patient", "_id=p13&_revinclude=Observation:subject")
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with engine.connect() as conn:
+            result = run(conn, request)
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert [m.res_id for m in result.matches] == ["p13"]
+    assert [(r.res_type, r.res_id) for r in result.included] == [("Observation", "o1")]  # the one with subject p13
+    [(statement, parameters)] = [(s, p) for s, p in statements if "idx_reference" in s]
+    explain = "EXPLAIN QUERY PLAN " if engine.dialect.name == "sqlite" else "EXPLAIN "
+    with engine.connect() as conn:
+        plan = "\n".join(str(row[-1]) for row in conn.exec_driver_sql(explain + statement, parameters).all())
+    assert "ix_idx_reference_value" in plan, plan
+    if engine.dialect.name == "sqlite":
+        assert re.search(r"CO-ROUTINE|MATERIALIZE", plan), plan  # the bounded ids, as a subquery of their own
+    else:
+        # the LIMIT sits on the index's ids, below the join that reads resources
+        limit = plan.index("Limit")
+        assert plan.index("ix_idx_reference_value") > limit and "Sort Key: resources" not in plan, plan
