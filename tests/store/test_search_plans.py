@@ -86,9 +86,8 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield engine
 
 
-def _planned(engine: Engine, request: SearchRequest, counting: bool = False) -> tuple[SearchResult, str]:
-    """What the search found, and the plan of the statement that read its page (the one with a LIMIT) or, when
-    ``counting``, that counted its total, as text."""
+def _run(engine: Engine, request: SearchRequest) -> tuple[SearchResult, list[tuple[str, Any]]]:
+    """What the search found, and the statements it sent (with their parameters)."""
     statements: list[tuple[str, Any]] = []
 
     def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
@@ -100,6 +99,13 @@ def _planned(engine: Engine, request: SearchRequest, counting: bool = False) -> 
             result = run(conn, request)
     finally:
         event.remove(engine, "before_cursor_execute", capture)
+    return result, statements
+
+
+def _planned(engine: Engine, request: SearchRequest, counting: bool = False) -> tuple[SearchResult, str]:
+    """What the search found, and the plan of the statement that read its page (the one with a LIMIT) or, when
+    ``counting``, that counted its total, as text."""
+    result, statements = _run(engine, request)
     counts = [s.startswith("SELECT count(") for s, _ in statements]
     if counting:
         chosen = [(s, p) for (s, p), count in zip(statements, counts, strict=True) if count]
@@ -274,18 +280,7 @@ def test_a_date_range_is_read_from_where_its_rows_start_in_one_range_of_the_date
 def test_a_revinclude_bounds_the_ids_it_reads_in_the_search_index_before_reading_any_resource(engine: Engine) -> None:
     # A patient's thousands of Observations: only the first MAX_INCLUDED (+1) ids are taken from the index, in order,
     # and only their rows are read; not every referring row read and sorted to keep a thousand.
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        statements.append((statement, parameters))
-
-    request = _request("Patient", "_id=p13&_revinclude=Observation:subject")
-    event.listen(engine, "before_cursor_execute", capture)
-    try:
-        with engine.connect() as conn:
-            result = run(conn, request)
-    finally:
-        event.remove(engine, "before_cursor_execute", capture)
+    result, statements = _run(engine, _request("Patient", "_id=p13&_revinclude=Observation:subject"))
     assert [m.res_id for m in result.matches] == ["p13"]
     assert [(r.res_type, r.res_id) for r in result.included] == [("Observation", "o1")]  # the one with subject p13
     [(statement, parameters)] = [(s, p) for s, p in statements if "idx_reference" in s]
