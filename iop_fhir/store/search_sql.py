@@ -839,27 +839,17 @@ def _reverse(
         ]
         if rule.param is not None:
             conditions.append(_REF.c.param == rule.param)
-        referring = select(_REF.c.res_id).where(*conditions)
-        if restriction is None:
-            first = referring.distinct().order_by(_REF.c.res_id).limit(search_rules.MAX_INCLUDED + 1).subquery()
-            query = (
-                select(*_COLUMNS)
-                .join(first, _R.c.res_id == first.c.res_id)
-                .where(_R.c.res_type == rule.source_type, _R.c.deleted == false())
-                .order_by(_R.c.res_id)
-            )
-        else:
-            query = (
-                select(*_COLUMNS)
-                .where(
-                    _R.c.res_type == rule.source_type,
-                    _R.c.deleted == false(),
-                    _R.c.res_id.in_(referring),
-                    restriction.clause(_R),
-                )
-                .order_by(_R.c.res_id)
-                .limit(search_rules.MAX_INCLUDED + 1)
-            )
+        referring = select(_REF.c.res_id).where(*conditions).distinct()
+        if restriction is None:  # every indexed id is a live resource's: the bound can be taken here
+            referring = referring.order_by(_REF.c.res_id).limit(search_rules.MAX_INCLUDED + 1)
+        first = referring.subquery()
+        query = (
+            select(*_COLUMNS)
+            .join(first, _R.c.res_id == first.c.res_id)
+            .where(_R.c.res_type == rule.source_type, _R.c.deleted == false(), *_visible(restriction))
+            .order_by(_R.c.res_id)
+            .limit(search_rules.MAX_INCLUDED + 1)
+        )
         rows, cut = _bounded(conn, query)
         found.extend(rows)
         more |= cut

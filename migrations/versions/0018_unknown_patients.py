@@ -59,8 +59,8 @@ version_patients = sa.table(
 
 def _names_no_local_resource(value: Any) -> bool:
     """Whether any Reference in a resource's JSON may name no local resource: one without a reference string that
-    carries an identifier or a type, or one whose reference is not a relative ``Type/id``. A superset of what may gain an
-    unknown Patient, cheap enough to run on every stored version."""
+    carries an identifier or a type, or one whose reference is not a relative ``Type/id``. A superset of what may
+    gain an unknown Patient, cheap enough to run on every stored version."""
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str):

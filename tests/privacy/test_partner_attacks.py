@@ -990,8 +990,14 @@ def test_a_partners_revinclude_is_bounded_on_what_it_may_see_and_its_warning_tel
         create(client, "Observation", observation(a))
     query = f"/fhir/Patient?_id={a.split('/')[1]}&_revinclude=Observation:subject"
 
-    def included(who: FlaskClient) -> tuple[list[str], list[Any]]:
-        bundle = who.get(query).get_json()
+    def included(who: FlaskClient, via: str = "GET") -> tuple[list[str], list[Any]]:
+        if via == "GET":
+            bundle = who.get(query).get_json()
+        else:  # the same search as an entry of a batch
+            answer = send(who, "POST", "/fhir", transaction("batch", {"request": {"method": "GET", "url": query[6:]}}))
+            [entry] = answer.get_json()["entry"]
+            assert entry["response"]["status"].startswith("200"), entry
+            bundle = entry["resource"]
         entries = bundle["entry"]
         found = [f"Observation/{e['resource']['id']}" for e in entries if e["search"]["mode"] == "include"]
         outcomes = [i for e in entries if e["search"]["mode"] == "outcome" for i in e["resource"]["issue"]]
@@ -1003,13 +1009,37 @@ def test_a_partners_revinclude_is_bounded_on_what_it_may_see_and_its_warning_tel
     assert len(visible) >= 3
 
     monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(visible))
-    found, outcomes = included(attacker)
-    assert sorted(found) == sorted(visible) and outcomes == []  # all it may see: nothing said of the hidden ones
+    for via in ("GET", "batch"):
+        found, outcomes = included(attacker, via)
+        assert sorted(found) == sorted(visible) and outcomes == [], via  # nothing said of the hidden ones
     found, outcomes = included(client)  # the program's client sees more than fit
     assert sorted(found) == sorted(everything)[: len(visible)]
     assert [(i["code"], i["expression"]) for i in outcomes] == [("too-costly", ["_revinclude"])]
 
     monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(visible) - 1)
-    found, outcomes = included(attacker)
-    assert sorted(found) == sorted(visible)[:-1]
-    assert [(i["code"], i["expression"]) for i in outcomes] == [("too-costly", ["_revinclude"])]
+    for via in ("GET", "batch"):
+        found, outcomes = included(attacker, via)
+        assert sorted(found) == sorted(visible)[:-1], via
+        assert [(i["code"], i["expression"]) for i in outcomes] == [("too-costly", ["_revinclude"])], via
+
+
+def test_a_partners_include_is_bounded_on_what_it_may_see_and_its_warning_tells_nothing_of_hidden_targets(
+    client: FlaskClient, attacker: FlaskClient, program: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = program["a"]["patient"], program["b"]["patient"]
+    of_b = [f"Observation/{create(client, 'Observation', observation(b))}" for _ in range(3)]
+    of_a = [f"Observation/{create(client, 'Observation', observation(a))}" for _ in range(2)]
+    panel = create(client, "Observation", observation(a, hasMember=[{"reference": r} for r in of_b + of_a]))
+    query = f"/fhir/Observation?_id={panel}&_include=Observation:has-member"
+
+    def included(who: FlaskClient) -> tuple[set[str], list[Any]]:
+        entries = who.get(query).get_json()["entry"]
+        found = {f"Observation/{e['resource']['id']}" for e in entries if e["search"]["mode"] == "include"}
+        return found, [i for e in entries if e["search"]["mode"] == "outcome" for i in e["resource"]["issue"]]
+
+    monkeypatch.setattr(search_rules, "MAX_INCLUDED", len(of_a))
+    assert included(attacker) == (set(of_a), [])  # B's Observations neither shown nor counted against the bound
+    found, outcomes = included(client)
+    assert len(found) == len(of_a) and [(i["code"], i["expression"]) for i in outcomes] == [
+        ("too-costly", ["_include"])
+    ]
